@@ -1,0 +1,112 @@
+# mcp-policy-engine — `make run` serves, `make test` checks everything.
+# Both install what they need: a virtualenv with the package, and the pinned OPA, Regal
+# and buf (built with `go install` into .tools/bin unless the same version is on PATH).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+BIN := $(CURDIR)/.tools/bin
+export PATH := $(BIN):$(VENV)/bin:$(PATH)
+
+OPA_VERSION := 1.22.2
+BUF_VERSION := 1.75.0
+OPA := $(BIN)/opa
+REGAL := $(BIN)/regal
+BUF := $(BIN)/buf
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PROTOS := $(wildcard proto/mcppolicy/v1/*.proto)
+GENERATED := mcppolicy/v1/decision_pb2.py
+
+.PHONY: help setup tools run test check fmt lint lint-rego lint-proto lint-python \
+        test-rego test-python bench clean
+
+help:
+	@echo "make run    - install what is missing, then serve (gRPC :50051, HTTP :8080)"
+	@echo "make test   - install what is missing, then lint and test policies, proto and Python"
+	@echo "make bench  - decision throughput and latency vs raw OPA"
+	@echo "make fmt    - format Rego and Python"
+
+setup: $(STAMP) $(GENERATED) tools
+
+tools: $(OPA) $(REGAL) $(BUF)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+
+# Generated protobuf code is built here, never edited or committed.
+$(GENERATED): $(PROTOS) $(VENV)/bin/python
+	$(VENV)/bin/pip install --quiet "grpcio-tools==1.85.1"
+	rm -rf mcppolicy
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. $(PROTOS)
+	touch mcppolicy/__init__.py mcppolicy/v1/__init__.py
+
+$(STAMP): pyproject.toml $(GENERATED)
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+# OPA: reuse an `opa` of the pinned version on PATH, else build it with go install.
+$(OPA):
+	@mkdir -p $(BIN)
+	@found=$$(PATH=$${PATH#$(BIN):} command -v opa || true); \
+	if [ -n "$$found" ] && "$$found" version | grep -qx "Version: $(OPA_VERSION)"; then \
+	  ln -sf "$$found" $@; echo "using $$found"; \
+	else \
+	  echo "building opa v$(OPA_VERSION) with go install"; \
+	  GOBIN=$(BIN) go install github.com/open-policy-agent/opa@v$(OPA_VERSION); \
+	fi
+
+# Regal through a wrapper module (tools/regal/go.mod pins it).
+$(REGAL): tools/regal/go.mod
+	@mkdir -p $(BIN)
+	cd tools/regal && GOBIN=$(BIN) go install -buildvcs=false tool
+
+$(BUF):
+	@mkdir -p $(BIN)
+	GOBIN=$(BIN) go install github.com/bufbuild/buf/cmd/buf@v$(BUF_VERSION)
+
+run: setup
+	$(VENV)/bin/mcp-policy serve
+
+test: setup lint test-rego test-python
+
+check: test
+
+lint: lint-rego lint-proto lint-python
+
+lint-rego:
+	opa fmt --list --fail rego
+	opa check --strict rego policies
+	regal lint rego
+
+lint-proto:
+	buf lint
+
+lint-python:
+	ruff check engine tests bench
+	ruff format --check engine tests bench
+	mypy
+
+test-rego:
+	opa test rego policies
+	opa test rego policies --coverage --threshold 90 > .tools/coverage.json \
+	  || { echo "Rego coverage below 90%"; grep -o '"coverage": *[0-9.]*' .tools/coverage.json | tail -1; exit 1; }
+	@echo "Rego coverage: $$(grep -o '"coverage": *[0-9.]*' .tools/coverage.json | tail -1 | grep -o '[0-9.]*$$')%"
+
+test-python:
+	pytest
+
+bench: setup
+	$(PY) -m bench.decide
+
+fmt: setup
+	opa fmt --write rego
+	ruff format engine tests bench
+	ruff check --fix engine tests bench
+
+clean:
+	rm -rf $(VENV) .tools mcppolicy .pytest_cache .mypy_cache .ruff_cache

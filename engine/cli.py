@@ -1,0 +1,159 @@
+"""`mcp-policy`: serve the decision service, or decide one call from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from engine import jsonstrict
+from engine.errors import EngineError, InvalidRequest, PolicyRejected
+from engine.models import DecideRequest
+from engine.runtime import Runtime
+from engine.server import start_servers
+from engine.settings import Settings
+
+EXIT_POLICY_REJECTED = 2
+EXIT_INVALID = 3
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for name in (
+        "host",
+        "http_port",
+        "grpc_port",
+        "state_dir",
+        "opa_url",
+        "opa_binary",
+        "opa_timeout_ms",
+        "decision_log",
+        "log_level",
+    ):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    if getattr(args, "policy", None):
+        overrides["policy_paths"] = args.policy
+    return Settings(**overrides)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", type=Path, help="state directory (MCP_POLICY_STATE_DIR)")
+    parser.add_argument(
+        "--opa-url", help="use this OPA instead of starting one (MCP_POLICY_OPA_URL)"
+    )
+    parser.add_argument("--opa-binary", help="OPA binary to start (MCP_POLICY_OPA_BINARY)")
+    parser.add_argument("--opa-timeout-ms", type=int, help="policy evaluation deadline")
+    parser.add_argument(
+        "--policy",
+        type=Path,
+        action="append",
+        help="a directory of Rego and YAML to load; repeat for several "
+        "(default: the shipped rego/ and policies/)",
+    )
+    parser.add_argument("--decision-log", help='decision log file, "-" for stderr, "off"')
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcp-policy", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the decision service (gRPC and HTTP)")
+    serve.add_argument("--host", help="address to bind (MCP_POLICY_HOST, default 127.0.0.1)")
+    serve.add_argument("--http-port", type=int, help="MCP_POLICY_HTTP_PORT, default 8080")
+    serve.add_argument("--grpc-port", type=int, help="MCP_POLICY_GRPC_PORT, default 50051")
+    _common(serve)
+    decide = commands.add_parser(
+        "decide",
+        help="decide one call: a DecideRequest as JSON on stdin (or a file), "
+        "the decision as JSON on stdout",
+    )
+    decide.add_argument("file", nargs="?", type=Path, help="read the request from this file")
+    _common(decide)
+    return parser
+
+
+async def _serve(settings: Settings) -> int:
+    servers = await start_servers(settings)
+    runtime = servers.runtime
+    print(
+        f"mcp-policy: gRPC on {servers.grpc_target}, HTTP on {servers.http_url} "
+        f"(policy {runtime.policy.revision}, OPA {runtime.opa.url})",
+        flush=True,
+    )
+    if runtime.generated_token:
+        print(
+            "mcp-policy: no MCP_POLICY_APPROVER_TOKEN set; approver token for this run "
+            f"(shown once): {runtime.approver_token}",
+            flush=True,
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("mcp-policy: stopping", flush=True)
+    await servers.stop()
+    return 0
+
+
+async def _decide(settings: Settings, text: str) -> int:
+    try:
+        raw = jsonstrict.loads(text, max_depth=settings.max_json_depth)
+        request = DecideRequest.model_validate(raw)
+    except InvalidRequest as exc:
+        print(json.dumps({"error": {"message": exc.message}}), file=sys.stderr)
+        return EXIT_INVALID
+    except ValidationError as exc:
+        print(json.dumps({"error": {"message": str(exc)}}), file=sys.stderr)
+        return EXIT_INVALID
+    runtime = Runtime(settings)
+    try:
+        await runtime.start()
+        decision = await runtime.service.decide(request, transport="cli")
+    except EngineError as exc:
+        print(
+            json.dumps({"error": {"code": type(exc).__name__, "message": exc.message}}),
+            file=sys.stderr,
+        )
+        return EXIT_INVALID if isinstance(exc, InvalidRequest) else EXIT_POLICY_REJECTED
+    finally:
+        await runtime.stop()
+    print(decision.model_dump_json(exclude_none=True, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except ValidationError as exc:
+        print(f"mcp-policy: invalid settings: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "serve":
+            return asyncio.run(_serve(settings))
+        text = args.file.read_text("utf-8") if args.file else sys.stdin.read()
+        if args.decision_log is None:
+            settings.decision_log = "off"
+        return asyncio.run(_decide(settings, text))
+    except PolicyRejected as exc:
+        print(f"mcp-policy: policy rejected: {exc.message}", file=sys.stderr)
+        for line in exc.errors:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_POLICY_REJECTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

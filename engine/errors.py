@@ -1,0 +1,66 @@
+"""The engine's one exception tree.
+
+Failures of OPA, the state stores and the caller's input are mapped to these once, where
+they happen; the transports map these to gRPC status codes and HTTP statuses in one place
+each (`grpc_server.status_for`, `http_app.status_for`). None of them ever becomes an allow.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base of every error the engine raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequest(EngineError):
+    """The caller sent something the service cannot decide on.
+
+    `field` names the offending part of the request (dotted path), when there is one.
+    `syntax` is true for problems with the JSON text itself (HTTP 400) rather than with
+    the value of a field (HTTP 422).
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, syntax: bool = False) -> None:
+        super().__init__(message)
+        self.field = field
+        self.syntax = syntax
+
+
+class RequestTooLarge(InvalidRequest):
+    """The request body is over the configured limit."""
+
+
+class PolicyUnavailable(EngineError):
+    """The policy could not be evaluated: OPA down, slow, or its result unusable."""
+
+
+class PolicyRejected(EngineError):
+    """OPA's compiler refused a policy; the running policy was left in place."""
+
+    def __init__(self, message: str, errors: list[str]) -> None:
+        super().__init__(message)
+        self.errors = errors
+
+
+class StateUnavailable(EngineError):
+    """A state store (rate limits, approvals) could not be read or written."""
+
+
+class NotFound(EngineError):
+    """The named object (an approval) does not exist."""
+
+
+class Conflict(EngineError):
+    """The object is not in a state that allows the operation."""
+
+
+class Unauthenticated(EngineError):
+    """No approver credential was presented."""
+
+
+class PermissionDenied(EngineError):
+    """The credential presented is not the approver credential."""

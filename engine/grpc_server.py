@@ -1,0 +1,283 @@
+"""gRPC transport: converts protobuf messages to the domain and back, decides nothing.
+
+Also serves grpc.health.v1 (SERVING only while OPA answers and the policy is loaded)
+and server reflection, so `grpcurl -plaintext localhost:50051 list` works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+from pydantic import ValidationError
+
+from engine import jsonstrict
+from engine.errors import (
+    Conflict,
+    EngineError,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    PolicyRejected,
+    PolicyUnavailable,
+    StateUnavailable,
+    Unauthenticated,
+)
+from engine.models import Approval, ApprovalStatus, DecideRequest, Decision, Verdict
+from engine.runtime import Runtime
+from mcppolicy.v1 import approval_pb2, approval_pb2_grpc, decision_pb2, decision_pb2_grpc
+
+T = TypeVar("T")
+
+VERDICTS = {
+    Verdict.ALLOW: decision_pb2.VERDICT_ALLOW,
+    Verdict.DENY: decision_pb2.VERDICT_DENY,
+    Verdict.RATE_LIMITED: decision_pb2.VERDICT_RATE_LIMITED,
+    Verdict.APPROVAL_REQUIRED: decision_pb2.VERDICT_APPROVAL_REQUIRED,
+}
+APPROVAL_STATUSES = {
+    ApprovalStatus.PENDING: decision_pb2.APPROVAL_STATUS_PENDING,
+    ApprovalStatus.APPROVED: decision_pb2.APPROVAL_STATUS_APPROVED,
+    ApprovalStatus.DENIED: decision_pb2.APPROVAL_STATUS_DENIED,
+    ApprovalStatus.USED: decision_pb2.APPROVAL_STATUS_USED,
+    ApprovalStatus.EXPIRED: decision_pb2.APPROVAL_STATUS_EXPIRED,
+}
+STATUS_FROM_PROTO = {value: key for key, value in APPROVAL_STATUSES.items()}
+SERVICE_NAMES = (
+    decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name,
+    approval_pb2.DESCRIPTOR.services_by_name["ApprovalService"].full_name,
+)
+
+
+def status_for(exc: EngineError) -> grpc.StatusCode:
+    """The one mapping from engine errors to gRPC status codes."""
+    if isinstance(exc, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED
+    if isinstance(exc, PermissionDenied):
+        return grpc.StatusCode.PERMISSION_DENIED
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, Conflict | PolicyRejected):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, PolicyUnavailable | StateUnavailable):
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
+
+
+async def _answer(context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
+    try:
+        return await work
+    except EngineError as exc:
+        code = status_for(exc)
+        status = status_pb2.Status(code=getattr(code_pb2, code.name), message=exc.message)
+        if isinstance(exc, InvalidRequest):
+            detail = error_details_pb2.BadRequest()
+            detail.field_violations.add(field=exc.field or "", description=exc.message)
+            status.details.add().Pack(detail)
+        await context.abort_with_status(rpc_status.to_status(status))
+        raise  # abort_with_status raises; this line is never reached
+
+
+def _struct_to_dict(message: struct_pb2.Struct, max_depth: int, what: str) -> dict[str, Any]:
+    value = jsonstrict.normalise_numbers(json_format.MessageToDict(message))
+    jsonstrict.check_depth(value, max_depth=max_depth, what=what)
+    assert isinstance(value, dict)
+    return value
+
+
+def _dict_to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(value)
+    return struct
+
+
+def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def decide_request(message: Any, max_depth: int) -> DecideRequest:
+    fields: dict[str, Any] = {"server": message.server}
+    if message.HasField("tool"):
+        fields["tool"] = message.tool
+    if message.HasField("arguments"):
+        fields["arguments"] = _struct_to_dict(message.arguments, max_depth, "arguments")
+    if message.HasField("message"):
+        fields["message"] = message.message
+    if message.HasField("approval_id"):
+        fields["approval_id"] = message.approval_id
+    if message.HasField("context"):
+        fields["context"] = _struct_to_dict(message.context, max_depth, "context")
+    p = message.principal
+    fields["principal"] = {
+        "session_id": p.session_id,
+        "agent_id": p.agent_id or None,
+        "user_id": p.user_id or None,
+        "roles": list(p.roles),
+    }
+    try:
+        return DecideRequest.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise InvalidRequest(f"{field}: {first['msg']}", field=field) from exc
+
+
+def decide_response(decision: Decision) -> Any:
+    response = decision_pb2.DecideResponse(
+        decision_id=decision.decision_id,
+        verdict=VERDICTS[decision.verdict],
+        reason=decision.reason,
+        rule=decision.rule,
+        policy_revision=decision.policy_revision,
+    )
+    if decision.rate_limit is not None:
+        response.rate_limit.CopyFrom(
+            decision_pb2.RateLimitStatus(**decision.rate_limit.model_dump())
+        )
+    if decision.approval is not None:
+        response.approval.CopyFrom(
+            decision_pb2.ApprovalRef(
+                id=decision.approval.id,
+                status=APPROVAL_STATUSES[decision.approval.status],
+                expires_at=_timestamp(decision.approval.expires_at),
+            )
+        )
+    if decision.mcp_result is not None:
+        response.mcp_result.CopyFrom(_dict_to_struct(decision.mcp_result))
+    return response
+
+
+def approval_message(approval: Approval) -> Any:
+    return approval_pb2.Approval(
+        id=approval.id,
+        status=APPROVAL_STATUSES[approval.status],
+        server=approval.server,
+        tool=approval.tool,
+        arguments=_dict_to_struct(approval.arguments),
+        principal=decision_pb2.Principal(
+            session_id=approval.principal.session_id,
+            agent_id=approval.principal.agent_id or "",
+            user_id=approval.principal.user_id or "",
+            roles=approval.principal.roles,
+        ),
+        rule=approval.rule,
+        reason=approval.reason,
+        decision_id=approval.decision_id,
+        created_at=_timestamp(approval.created_at),
+        expires_at=_timestamp(approval.expires_at),
+        decided_at=_timestamp(approval.decided_at),
+        approver=approval.approver or "",
+        comment=approval.comment or "",
+        fingerprint=approval.fingerprint,
+    )
+
+
+class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):  # type: ignore[misc]
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+
+    async def Decide(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        async def work() -> Any:
+            parsed = decide_request(request, self._runtime.settings.max_json_depth)
+            decision = await self._runtime.service.decide(parsed, transport="grpc")
+            return decide_response(decision)
+
+        return await _answer(context, work())
+
+
+class ApprovalServicer(approval_pb2_grpc.ApprovalServiceServicer):  # type: ignore[misc]
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+
+    async def _as_approver(
+        self, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]
+    ) -> T:
+        async def checked() -> T:
+            metadata = dict(context.invocation_metadata() or ())
+            self._runtime.check_approver(metadata.get("authorization"))
+            return await work()
+
+        return await _answer(context, checked())
+
+    async def ListApprovals(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        async def work() -> Any:
+            status = STATUS_FROM_PROTO.get(request.status)
+            approvals = await self._runtime.service.list_approvals(status, request.limit or 100)
+            return approval_pb2.ListApprovalsResponse(
+                approvals=[approval_message(a) for a in approvals]
+            )
+
+        return await self._as_approver(context, work)
+
+    async def GetApproval(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        async def work() -> Any:
+            approval = await self._runtime.service.get_approval(request.id)
+            return approval_pb2.GetApprovalResponse(approval=approval_message(approval))
+
+        return await self._as_approver(context, work)
+
+    async def _act(self, request: Any, context: grpc.aio.ServicerContext, approve: bool) -> Any:
+        async def work() -> Any:
+            if not request.approver:
+                raise InvalidRequest("approver: must name who decides", field="approver")
+            approval = await self._runtime.service.decide_approval(
+                request.id, approve=approve, approver=request.approver, comment=request.comment
+            )
+            return approval_message(approval)
+
+        return await self._as_approver(context, work)
+
+    async def Approve(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return approval_pb2.ApproveResponse(approval=await self._act(request, context, True))
+
+    async def Deny(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return approval_pb2.DenyResponse(approval=await self._act(request, context, False))
+
+
+def create_server(runtime: Runtime, address: str) -> tuple[grpc.aio.Server, int]:
+    """Build the gRPC server bound to `address` ("host:port", port 0 for any)."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", runtime.settings.max_body_bytes),
+        ]
+    )
+    decision_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(runtime), server)
+    approval_pb2_grpc.add_ApprovalServiceServicer_to_server(ApprovalServicer(runtime), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+
+    async def on_ready(ready: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await health_servicer.set(name, status)
+
+    runtime.add_readiness_listener(on_ready)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind gRPC to {address}")
+    return server, port

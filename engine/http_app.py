@@ -1,0 +1,197 @@
+"""HTTP transport (FastAPI): converts requests and responses, decides nothing itself.
+
+The decide body is read and parsed here by the strict parser (duplicate keys, NaN and
+deep nesting are refused; size is capped) before pydantic validates its shape.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from engine import jsonstrict
+from engine.errors import (
+    Conflict,
+    EngineError,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    PolicyRejected,
+    PolicyUnavailable,
+    RequestTooLarge,
+    StateUnavailable,
+    Unauthenticated,
+)
+from engine.models import Approval, ApprovalAction, ApprovalStatus, DecideRequest, Decision
+from engine.runtime import Runtime
+
+
+def status_for(exc: EngineError) -> int:
+    """The one mapping from engine errors to HTTP statuses."""
+    if isinstance(exc, RequestTooLarge):
+        return 413
+    if isinstance(exc, InvalidRequest):
+        return 400 if exc.syntax else 422
+    if isinstance(exc, Unauthenticated):
+        return 401
+    if isinstance(exc, PermissionDenied):
+        return 403
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, Conflict | PolicyRejected):
+        return 409
+    if isinstance(exc, PolicyUnavailable | StateUnavailable):
+        return 503
+    return 500
+
+
+def _error_body(exc: EngineError) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": type(exc).__name__, "message": exc.message}
+    if isinstance(exc, InvalidRequest) and exc.field:
+        error["field"] = exc.field
+    if isinstance(exc, PolicyRejected):
+        error["errors"] = exc.errors
+    return {"error": error}
+
+
+def validation_error(exc: ValidationError, what: str = "") -> InvalidRequest:
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first["loc"])
+    return InvalidRequest(f"{what}{field}: {first['msg']}", field=field or None)
+
+
+async def read_json(request: Request, limit: int, max_depth: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"request body is {declared} bytes; the limit is {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestTooLarge(f"request body is over the limit of {limit} bytes")
+    return jsonstrict.loads(bytes(body), max_depth=max_depth)
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    settings = runtime.settings
+    service = runtime.service
+    app = FastAPI(
+        title="mcp-policy-engine",
+        version="0.1.0",
+        description="Policy decisions for MCP tool calls, evaluated by OPA.",
+    )
+
+    @app.exception_handler(EngineError)
+    async def engine_error(_: Request, exc: EngineError) -> JSONResponse:
+        return JSONResponse(_error_body(exc), status_code=status_for(exc))
+
+    async def approver(request: Request) -> None:
+        runtime.check_approver(request.headers.get("authorization"))
+
+    Approver = Annotated[None, Depends(approver)]
+
+    @app.post(
+        "/v1/decide",
+        response_model=Decision,
+        response_model_exclude_none=True,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/DecideRequest"}}
+                },
+            }
+        },
+        summary="Decide one MCP tools/call",
+    )
+    async def decide(request: Request) -> Decision:
+        raw = await read_json(request, settings.max_body_bytes, settings.max_json_depth)
+        if not isinstance(raw, dict):
+            raise InvalidRequest("request body must be a JSON object")
+        try:
+            parsed = DecideRequest.model_validate(raw)
+        except ValidationError as exc:
+            raise validation_error(exc) from exc
+        return await service.decide(parsed, transport="http")
+
+    @app.get("/v1/approvals", response_model=list[Approval], summary="List approvals")
+    async def list_approvals(
+        _: Approver,
+        status: ApprovalStatus | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[Approval]:
+        return await service.list_approvals(status, limit)
+
+    @app.get("/v1/approvals/{approval_id}", response_model=Approval, summary="Get an approval")
+    async def get_approval(approval_id: str, _: Approver) -> Approval:
+        return await service.get_approval(approval_id)
+
+    async def act(request: Request, approval_id: str, approve: bool) -> Approval:
+        raw = await read_json(request, settings.max_body_bytes, settings.max_json_depth)
+        try:
+            body = ApprovalAction.model_validate(raw)
+        except ValidationError as exc:
+            raise validation_error(exc) from exc
+        return await service.decide_approval(
+            approval_id, approve=approve, approver=body.approver, comment=body.comment
+        )
+
+    body_schema = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ApprovalAction"}}
+            },
+        }
+    }
+
+    @app.post(
+        "/v1/approvals/{approval_id}/approve",
+        response_model=Approval,
+        openapi_extra=body_schema,
+        summary="Approve a pending approval",
+    )
+    async def approve(approval_id: str, request: Request, _: Approver) -> Approval:
+        return await act(request, approval_id, True)
+
+    @app.post(
+        "/v1/approvals/{approval_id}/deny",
+        response_model=Approval,
+        openapi_extra=body_schema,
+        summary="Deny a pending approval",
+    )
+    async def deny(approval_id: str, request: Request, _: Approver) -> Approval:
+        return await act(request, approval_id, False)
+
+    @app.get("/healthz", summary="Liveness: the process answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: OPA answers and the policy is loaded")
+    async def readyz() -> JSONResponse:
+        ready = await runtime.ready()
+        body = {
+            "status": "ready" if ready else "not ready",
+            "policy_revision": runtime.policy.revision,
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (DecideRequest, ApprovalAction):
+                model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(model_schema.pop("$defs", {}))
+                components[model.__name__] = model_schema
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

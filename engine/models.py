@@ -1,0 +1,163 @@
+"""Typed domain of the engine: requests, policy results, decisions, approvals.
+
+These are what `service.decide()` takes and returns. The HTTP API exposes them as they
+are (so its OpenAPI schema is this file); the gRPC edge converts them to and from the
+generated protobuf messages.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Id = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class Verdict(StrEnum):
+    ALLOW = "allow"
+    DENY = "deny"
+    RATE_LIMITED = "rate_limited"
+    APPROVAL_REQUIRED = "approval_required"
+
+
+class ApprovalStatus(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    DENIED = "denied"
+    USED = "used"
+    EXPIRED = "expired"
+
+
+class Principal(BaseModel):
+    """Who makes the call. Limits are kept per session unless the policy scopes them wider."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agent_id: Id | None = None
+    session_id: Id
+    user_id: Id | None = None
+    roles: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=64)
+
+
+class DecideRequest(BaseModel):
+    """One tool call to decide: `tool` + `arguments`, or the raw JSON-RPC `message`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    server: Annotated[str, Field(min_length=1, max_length=256)] = Field(
+        description="The MCP server the call is addressed to."
+    )
+    tool: str | None = Field(default=None, description="Tool name (with `arguments`).")
+    arguments: Any = Field(default=None, description="Tool arguments, a JSON object.")
+    message: Any = Field(
+        default=None,
+        description="The raw MCP JSON-RPC 2.0 `tools/call` request (object or its JSON text).",
+    )
+    principal: Principal
+    approval_id: Id | None = None
+    context: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolCall(BaseModel):
+    """A validated call: what the policy sees under `input.tool`."""
+
+    server: str
+    name: str
+    arguments: dict[str, Any]
+    jsonrpc_id: str | int | None = None
+
+
+class RateLimitSpec(BaseModel):
+    """One limit from the policy result: at most `max` calls in any `window_seconds`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    rule: str
+    max: Annotated[int, Field(ge=1)]
+    window_seconds: Annotated[float, Field(gt=0)]
+    scope: Literal["session", "agent", "user", "global"] = "session"
+    reason: str = ""
+
+
+class ApprovalSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    rule: str
+    reason: str = ""
+    ttl_seconds: Annotated[float, Field(gt=0)] | None = None
+
+
+class PolicyResult(BaseModel):
+    """What `data.mcp.decision` must look like; anything else is a malformed result."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    action: Literal["allow", "deny", "rate_limit", "require_approval"]
+    rule: Annotated[str, Field(min_length=1)]
+    reason: str = ""
+    rate_limits: list[RateLimitSpec] = Field(default_factory=list)
+    approval: ApprovalSpec | None = None
+    matched: list[str] = Field(default_factory=list)
+
+
+class RateLimitInfo(BaseModel):
+    limit: int
+    remaining: int
+    window_seconds: float
+    retry_after_seconds: float
+    rule: str
+    scope: str
+
+
+class ApprovalRef(BaseModel):
+    id: str
+    status: ApprovalStatus
+    expires_at: datetime
+
+
+class Decision(BaseModel):
+    """The structured answer to a proxy."""
+
+    decision_id: str
+    verdict: Verdict
+    reason: str
+    rule: str
+    policy_revision: str
+    rate_limit: RateLimitInfo | None = None
+    approval: ApprovalRef | None = None
+    mcp_result: dict[str, Any] | None = Field(
+        default=None,
+        description="For every non-allow verdict: an MCP CallToolResult to hand to the agent.",
+    )
+
+
+class Approval(BaseModel):
+    """A request for a human to let one exact call through, once."""
+
+    id: str
+    status: ApprovalStatus
+    server: str
+    tool: str
+    arguments: dict[str, Any]
+    principal: Principal
+    rule: str
+    reason: str
+    decision_id: str
+    fingerprint: str
+    created_at: datetime
+    expires_at: datetime
+    decided_at: datetime | None = None
+    approver: str | None = None
+    comment: str | None = None
+
+
+class ApprovalAction(BaseModel):
+    """Body of approve / deny."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    approver: Annotated[str, Field(min_length=1, max_length=256)]
+    comment: Annotated[str, Field(max_length=4096)] = ""

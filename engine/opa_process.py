@@ -1,0 +1,132 @@
+"""Start, watch and stop the `opa run --server` process the service owns.
+
+OPA listens on a free loopback port. When it dies, the supervisor starts it again on the
+same port and calls `on_restart`, which reloads the last good policy; until then every
+decision fails closed (OPA unreachable, or no decision defined).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import socket
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+
+log = logging.getLogger(__name__)
+
+RestartHook = Callable[[], Awaitable[None]]
+
+
+def free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class OpaProcess:
+    """A supervised local OPA server."""
+
+    def __init__(self, binary: str = "opa", *, start_timeout: float = 15.0) -> None:
+        path = shutil.which(binary)
+        if path is None:
+            raise FileNotFoundError(
+                f"OPA binary {binary!r} not found; run `make opa` or set MCP_POLICY_OPA_BINARY"
+            )
+        self.binary = path
+        self.port = free_loopback_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.on_restart: RestartHook | None = None
+        self.restarts = 0
+        self._start_timeout = start_timeout
+        self._proc: asyncio.subprocess.Process | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def start(self) -> None:
+        await self._spawn()
+        self._watch = asyncio.create_task(self._supervise(), name="opa-supervisor")
+
+    async def _spawn(self) -> None:
+        self._proc = await asyncio.create_subprocess_exec(
+            self.binary,
+            "run",
+            "--server",
+            "--addr",
+            f"127.0.0.1:{self.port}",
+            "--disable-telemetry",
+            "--log-level",
+            "error",
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        await self._wait_healthy()
+        log.info("OPA %s listening on %s (pid %s)", self.binary, self.url, self._proc.pid)
+
+    async def _wait_healthy(self) -> None:
+        deadline = asyncio.get_running_loop().time() + self._start_timeout
+        timeout = aiohttp.ClientTimeout(total=1.0)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                if self._proc is not None and self._proc.returncode is not None:
+                    raise RuntimeError(f"OPA exited at start with status {self._proc.returncode}")
+                with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+                    async with session.get(f"{self.url}/health") as response:
+                        if response.status == 200:
+                            return
+                if asyncio.get_running_loop().time() > deadline:
+                    raise RuntimeError(f"OPA did not become healthy on {self.url}")
+                await asyncio.sleep(0.05)
+
+    async def _supervise(self) -> None:
+        backoff = 0.1
+        while not self._stopping:
+            assert self._proc is not None
+            status = await self._proc.wait()
+            if self._stopping:
+                return
+            log.error("OPA exited with status %s; restarting", status)
+            while not self._stopping:
+                try:
+                    await self._spawn()
+                except (OSError, RuntimeError):
+                    log.exception("OPA restart failed; retrying in %.1f s", backoff)
+                    await self._kill()
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                self.restarts += 1
+                backoff = 0.1
+                if self.on_restart is not None:
+                    try:
+                        await self.on_restart()
+                    except Exception:
+                        log.exception("reloading the policy after an OPA restart failed")
+                break
+
+    async def _kill(self) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 5.0)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        await self._kill()

@@ -1,0 +1,122 @@
+"""Wire the parts together from Settings, and take them down again.
+
+A Runtime owns OPA (a supervised local process, or a client of an external one), the
+running policy, the state stores, the decision log and the core service. The servers
+(`grpc_server.create_server`, `http_app.create_app`) take a Runtime and only translate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+
+from engine.approvals import SqliteApprovalStore
+from engine.decision_log import DecisionLog
+from engine.errors import PermissionDenied, Unauthenticated
+from engine.opa import Opa
+from engine.opa_process import OpaProcess
+from engine.policy import Policy
+from engine.ratelimit import MemoryRateLimitStore
+from engine.service import DecisionService, Limits
+from engine.settings import Settings
+
+log = logging.getLogger(__name__)
+
+WATCH_INTERVAL = 1.0
+
+
+class Runtime:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        token = settings.approver_token.get_secret_value() if settings.approver_token else None
+        self.generated_token = token is None
+        self._approver_token = token or secrets.token_urlsafe(32)
+        self.opa_process: OpaProcess | None = None
+        opa_url = settings.opa_url
+        if opa_url is None:
+            self.opa_process = OpaProcess(settings.opa_binary)
+            opa_url = self.opa_process.url
+        opa_token = settings.opa_token.get_secret_value() if settings.opa_token else None
+        self.opa = Opa(opa_url, timeout=settings.opa_timeout_ms / 1000, token=opa_token)
+        self.policy = Policy(self.opa, settings.policy_paths)
+        self.rate_limits = MemoryRateLimitStore()
+        self.approvals = SqliteApprovalStore(settings.approvals_db)
+        self.decision_log = DecisionLog(settings.decision_log)
+        self.service = DecisionService(
+            self.policy,
+            self.rate_limits,
+            self.approvals,
+            self.decision_log,
+            Limits(
+                approval_ttl=settings.approval_ttl_seconds,
+                grant_ttl=settings.grant_ttl_seconds,
+                max_json_depth=settings.max_json_depth,
+            ),
+        )
+        self._readiness_listeners: list[Callable[[bool], Awaitable[None]]] = []
+        self._watch: asyncio.Task[None] | None = None
+        self._last_ready: bool | None = None
+
+    @property
+    def approver_token(self) -> str:
+        return self._approver_token
+
+    async def start(self) -> None:
+        """Start OPA (unless external), load the policy, open the stores.
+
+        Raises PolicyRejected when the policy on disk does not compile.
+        """
+        await self.approvals.open()
+        if self.opa_process is not None:
+            await self.opa_process.start()
+            self.opa_process.on_restart = self._after_opa_restart
+        await self.opa.open()
+        await self.policy.load()
+        self._watch = asyncio.create_task(self._watch_readiness(), name="readiness")
+
+    async def _after_opa_restart(self) -> None:
+        self.policy.mark_stale()
+        await self.policy.ensure_loaded()
+
+    async def ready(self) -> bool:
+        return self.policy.loaded and await self.opa.healthy()
+
+    async def _watch_readiness(self) -> None:
+        while True:
+            await self.policy.ensure_loaded()
+            ready = await self.ready()
+            if ready != self._last_ready:
+                self._last_ready = ready
+                for listener in self._readiness_listeners:
+                    await listener(ready)
+            await asyncio.sleep(WATCH_INTERVAL)
+
+    def add_readiness_listener(self, listener: Callable[[bool], Awaitable[None]]) -> None:
+        """Call `listener(ready)` now and whenever readiness changes."""
+        self._readiness_listeners.append(listener)
+        self._last_ready = None
+
+    def check_approver(self, authorization: str | None) -> None:
+        """Raise unless `authorization` is `Bearer <approver token>`."""
+        if not authorization:
+            raise Unauthenticated("the approval API needs Authorization: Bearer <approver token>")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("the approval API needs Authorization: Bearer <approver token>")
+        if not hmac.compare_digest(token.strip().encode(), self._approver_token.encode()):
+            raise PermissionDenied("the credential presented is not the approver credential")
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        await self.opa.close()
+        if self.opa_process is not None:
+            await self.opa_process.stop()
+        await self.approvals.close()
+        self.decision_log.close()

@@ -1,0 +1,47 @@
+"""All settings in one object: flags override environment (MCP_POLICY_*), which overrides
+the defaults here. Secrets are SecretStr and never printed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "mcp-policy"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MCP_POLICY_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address both listeners bind to.")
+    http_port: int = Field(8080, ge=0, le=65535)
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    approver_token: SecretStr | None = Field(
+        None, description="Bearer token for the approval API; a random one is made if unset."
+    )
+    opa_url: str | None = Field(None, description="Use this OPA instead of starting one.")
+    opa_token: SecretStr | None = Field(None, description="Bearer token for an external OPA.")
+    opa_binary: str = Field("opa", description="OPA binary to run when no opa_url is given.")
+    opa_timeout_ms: int = Field(250, ge=1, description="Deadline of one policy evaluation.")
+    policy_paths: list[Path] = Field(
+        default_factory=lambda: [PROJECT_ROOT / "rego", PROJECT_ROOT / "policies"],
+        description="Directories of Rego modules and YAML/JSON data loaded into OPA.",
+    )
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    max_json_depth: int = Field(64, ge=2, le=512)
+    approval_ttl_seconds: float = Field(900, gt=0, description="How long a pending approval waits.")
+    grant_ttl_seconds: float = Field(900, gt=0, description="How long an approved grant lasts.")
+    decision_log: str = Field("-", description='Decision log file, "-" for stderr, "off".')
+    log_level: str = Field("INFO")
+
+    @property
+    def approvals_db(self) -> Path:
+        return self.state_dir / "approvals.sqlite3"

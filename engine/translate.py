@@ -1,0 +1,120 @@
+"""Turn a decide request into a tool call and the OPA input document.
+
+This is the only place that reads MCP's JSON-RPC shape. It checks structure (what must
+be there, of which type) and never policy: an unknown or odd tool name is a call the
+policy denies, not a malformed request.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from engine import jsonstrict
+from engine.errors import InvalidRequest
+from engine.models import DecideRequest, ToolCall
+
+TOOLS_CALL = "tools/call"
+
+
+def tool_call(request: DecideRequest, *, max_depth: int) -> ToolCall:
+    """Validate the call part of `request`: exactly one of `tool` or `message`."""
+    jsonstrict.check_finite(request.context, what="context")
+    has_tool = request.tool is not None
+    has_message = request.message is not None
+    if has_tool == has_message:
+        raise InvalidRequest(
+            "give exactly one of `tool` (with `arguments`) or `message`, not "
+            + ("both" if has_tool else "neither"),
+            field="tool" if has_tool else "message",
+        )
+    if request.tool is not None:
+        if request.tool == "":
+            raise InvalidRequest("`tool` must not be empty", field="tool")
+        arguments = {} if request.arguments is None else request.arguments
+        if not isinstance(arguments, dict):
+            raise InvalidRequest("`arguments` must be a JSON object", field="arguments")
+        jsonstrict.check_finite(arguments, what="arguments")
+        return ToolCall(server=request.server, name=request.tool, arguments=arguments)
+    if request.arguments is not None:
+        raise InvalidRequest(
+            "`arguments` goes with `tool`; with `message` the "
+            "arguments are message.params.arguments",
+            field="arguments",
+        )
+    message = request.message
+    if isinstance(message, str | bytes):
+        message = jsonstrict.loads(message, max_depth=max_depth, what="message")
+    return parse_tools_call(message, server=request.server)
+
+
+def parse_tools_call(message: Any, *, server: str) -> ToolCall:
+    """Read a JSON-RPC 2.0 `tools/call` request; raise InvalidRequest naming what is wrong."""
+    if isinstance(message, list):
+        raise InvalidRequest(
+            "`message` is a JSON-RPC batch; MCP removed batches (2025-06-18), send one request",
+            field="message",
+        )
+    if not isinstance(message, dict):
+        raise InvalidRequest("`message` must be a JSON-RPC 2.0 request object", field="message")
+    if message.get("jsonrpc") != "2.0":
+        raise InvalidRequest('`message.jsonrpc` must be "2.0"', field="message.jsonrpc")
+    method = message.get("method")
+    if method != TOOLS_CALL:
+        raise InvalidRequest(
+            f'`message.method` must be exactly "{TOOLS_CALL}", got {method!r}',
+            field="message.method",
+        )
+    if "id" not in message or message["id"] is None:
+        raise InvalidRequest(
+            "`message.id` is missing or null: a tools/call is a request, not a notification",
+            field="message.id",
+        )
+    jsonrpc_id = message["id"]
+    if isinstance(jsonrpc_id, bool) or not isinstance(jsonrpc_id, str | int):
+        raise InvalidRequest("`message.id` must be a string or an integer", field="message.id")
+    params = message.get("params")
+    if not isinstance(params, dict):
+        raise InvalidRequest("`message.params` must be an object", field="message.params")
+    name = params.get("name")
+    if not isinstance(name, str) or name == "":
+        raise InvalidRequest(
+            "`message.params.name` must be a non-empty string", field="message.params.name"
+        )
+    arguments = params.get("arguments", {})
+    if arguments is None:
+        arguments = {}
+    if not isinstance(arguments, dict):
+        raise InvalidRequest(
+            "`message.params.arguments` must be an object", field="message.params.arguments"
+        )
+    jsonstrict.check_finite(arguments, what="message.params.arguments")
+    return ToolCall(server=server, name=name, arguments=arguments, jsonrpc_id=jsonrpc_id)
+
+
+def input_document(
+    call: ToolCall,
+    request: DecideRequest,
+    *,
+    decision_id: str,
+    now: datetime,
+    transport: str,
+) -> dict[str, Any]:
+    """The OPA input document; its shape is a stable contract (see DESIGN.md)."""
+    principal = request.principal
+    return {
+        "tool": {"server": call.server, "name": call.name, "arguments": call.arguments},
+        "principal": {
+            "agent_id": principal.agent_id,
+            "session_id": principal.session_id,
+            "user_id": principal.user_id,
+            "roles": list(principal.roles),
+        },
+        "request": {
+            "id": decision_id,
+            "time": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "transport": transport,
+            "jsonrpc_id": call.jsonrpc_id,
+        },
+        "context": request.context,
+    }
