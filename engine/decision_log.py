@@ -41,6 +41,7 @@ class DecisionLog:
         records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
         self._handler = logging.handlers.QueueHandler(records)
         self._logger.addHandler(self._handler)
+        self._sink = sink
         self._listener = logging.handlers.QueueListener(records, sink)
         self._listener.start()
 
@@ -48,7 +49,14 @@ class DecisionLog:
         if self._listener is not None:
             self._listener.stop()
             self._logger.removeHandler(self._handler)
+            self._sink.close()
             self._listener = None
+
+    def flush(self) -> None:
+        """Wait until every record so far is written."""
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener.start()
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:

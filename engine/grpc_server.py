@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -88,7 +89,10 @@ async def _answer(context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
 
 
 def _struct_to_dict(message: struct_pb2.Struct, max_depth: int, what: str) -> dict[str, Any]:
-    value = jsonstrict.normalise_numbers(json_format.MessageToDict(message))
+    try:
+        value = jsonstrict.normalise_numbers(json_format.MessageToDict(message))
+    except ValueError as exc:  # NaN or Infinity in a number_value
+        raise InvalidRequest(f"{what} contains a non-finite number", field=what) from exc
     jsonstrict.check_depth(value, max_depth=max_depth, what=what)
     assert isinstance(value, dict)
     return value
@@ -109,6 +113,16 @@ def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
 
 
 def decide_request(message: Any, max_depth: int) -> DecideRequest:
+    try:
+        return _decide_request(message, max_depth)
+    except DecodeError as exc:  # protobuf's own nesting limit, met while reading a Struct
+        raise InvalidRequest(
+            f"request could not be decoded (nests deeper than {max_depth} levels?): {exc}",
+            syntax=True,
+        ) from exc
+
+
+def _decide_request(message: Any, max_depth: int) -> DecideRequest:
     fields: dict[str, Any] = {"server": message.server}
     if message.HasField("tool"):
         fields["tool"] = message.tool

@@ -4,8 +4,6 @@ The decide body is read and parsed here by the strict parser (duplicate keys, Na
 deep nesting are refused; size is capped) before pydantic validates its shape.
 """
 
-from __future__ import annotations
-
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request

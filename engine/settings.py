@@ -36,7 +36,7 @@ class Settings(BaseSettings):
         description="Directories of Rego modules and YAML/JSON data loaded into OPA.",
     )
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
-    max_json_depth: int = Field(64, ge=2, le=512)
+    max_json_depth: int = Field(24, ge=2, le=30)
     approval_ttl_seconds: float = Field(900, gt=0, description="How long a pending approval waits.")
     grant_ttl_seconds: float = Field(900, gt=0, description="How long an approved grant lasts.")
     decision_log: str = Field("-", description='Decision log file, "-" for stderr, "off".')

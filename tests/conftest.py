@@ -1,0 +1,102 @@
+"""Fixtures: a real OPA (supervised by the service) and the real servers on loopback.
+
+Nothing here is mocked: the service runs in-process on the test event loop with its own
+`opa run --server`, bound to free ports, and is stopped after the session.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+
+from engine.server import Servers, start_servers
+from engine.settings import PROJECT_ROOT, Settings
+from tests.clients import GrpcClient, HttpClient
+
+APPROVER_TOKEN = "test-approver-token"
+HEALTHIMAGING = "awslabs.healthimaging-mcp-server"
+VALKEY = "awslabs.valkey-mcp-server"
+DATASTORE = "0123456789abcdef0123456789abcdef"
+DATASTORE_2 = "fedcba9876543210fedcba9876543210"
+IMAGE_SET = "00112233445566778899aabbccddeeff"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if shutil.which("opa") is None:
+        raise pytest.UsageError("no `opa` on PATH: run the tests with `make test`")
+
+
+def settings_for(tmp: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "http_port": 0,
+        "grpc_port": 0,
+        "state_dir": tmp / "state",
+        "approver_token": APPROVER_TOKEN,
+        "decision_log": str(tmp / "decisions.jsonl"),
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def copy_policy(tmp: Path) -> tuple[Path, Path]:
+    """A private copy of the shipped rego/ and policies/ that a test may edit."""
+    rego = tmp / "rego"
+    data = tmp / "policies"
+    shutil.copytree(PROJECT_ROOT / "rego", rego)
+    shutil.copytree(PROJECT_ROOT / "policies", data)
+    return rego, data
+
+
+def session() -> str:
+    """A fresh agent session, so tests never share a rate-limit counter by accident."""
+    return "s-" + uuid.uuid4().hex[:12]
+
+
+def copy_call(session_id: str | None = None, **arguments: Any) -> dict[str, Any]:
+    args: dict[str, Any] = {"datastore_id": DATASTORE, "source_image_set_id": IMAGE_SET}
+    args.update(arguments)
+    return {
+        "server": HEALTHIMAGING,
+        "tool": "copy_image_set",
+        "arguments": {k: v for k, v in args.items() if v is not None},
+        "principal": {
+            "agent_id": "agent-1",
+            "session_id": session_id or session(),
+            "user_id": "user-1",
+        },
+    }
+
+
+@pytest.fixture(scope="session")
+async def servers(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Servers]:
+    running = await start_servers(settings_for(tmp_path_factory.mktemp("service")))
+    yield running
+    await running.stop()
+
+
+@pytest.fixture(scope="session")
+async def http(servers: Servers) -> AsyncIterator[HttpClient]:
+    async with httpx.AsyncClient(base_url=servers.http_url, timeout=10) as client:
+        yield HttpClient(client)
+
+
+@pytest.fixture(scope="session")
+async def grpc_client(servers: Servers) -> AsyncIterator[GrpcClient]:
+    async with grpc.aio.insecure_channel(servers.grpc_target) as channel:
+        yield GrpcClient(channel)
+
+
+@pytest.fixture(params=["http", "grpc"])
+def client(
+    request: pytest.FixtureRequest, http: HttpClient, grpc_client: GrpcClient
+) -> HttpClient | GrpcClient:
+    """The same test through both transports."""
+    return http if request.param == "http" else grpc_client
