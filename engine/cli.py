@@ -99,10 +99,31 @@ async def _serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(_reload(runtime))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     print("mcp-policy: stopping", flush=True)
     await servers.stop()
     return 0
+
+
+async def _reload(runtime: Runtime) -> None:
+    """SIGHUP: read the policy again; a policy OPA rejects leaves the running one in place."""
+    try:
+        revision = await runtime.policy.load()
+    except EngineError as exc:
+        print(f"mcp-policy: reload rejected, still running {runtime.policy.revision}: "
+              f"{exc.message}", flush=True)
+        for line in getattr(exc, "errors", []):
+            print(f"  {line}", flush=True)
+        return
+    print(f"mcp-policy: policy {revision} loaded", flush=True)
 
 
 async def _decide(settings: Settings, text: str) -> int:
