@@ -1,0 +1,131 @@
+"""The console script as a user runs it: `mcp-policy decide` and `mcp-policy serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from engine.opa_process import free_loopback_port
+from tests.conftest import copy_call, copy_policy
+
+CLI = [sys.executable, "-m", "engine.cli"]
+
+
+def run_decide(body: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, "decide", *args], input=json.dumps(body), text=True,
+                          capture_output=True, timeout=60, check=False)
+
+
+def test_decide_reads_json_and_prints_the_decision(tmp_path: Path) -> None:
+    result = run_decide(copy_call(), "--state-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    decision = json.loads(result.stdout)
+    assert decision["verdict"] == "allow"
+    assert decision["rule"] == "catalog.rule.copy_image_set"
+    denied = json.loads(run_decide(copy_call(datastore_id="x"), "--state-dir",
+                                   str(tmp_path)).stdout)
+    assert denied["verdict"] == "deny"
+    assert "datastore_id" in denied["reason"]
+
+
+def test_decide_rejects_bad_input_with_a_message(tmp_path: Path) -> None:
+    result = run_decide({"server": "x"}, "--state-dir", str(tmp_path))
+    assert result.returncode == 3
+    assert "principal" in result.stderr
+
+
+class Serve:
+    def __init__(self, tmp: Path, policy: list[Path], env: dict[str, str]) -> None:
+        self.http_port = free_loopback_port()
+        self.grpc_port = free_loopback_port()
+        args = [*CLI, "serve", "--http-port", str(self.http_port), "--grpc-port",
+                str(self.grpc_port), "--state-dir", str(tmp / "state"),
+                "--decision-log", str(tmp / "decisions.jsonl")]
+        for path in policy:
+            args += ["--policy", str(path)]
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("MCP_POLICY_")}
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env={**environment, **env})
+        self.lines: list[str] = []
+        self.wait_for("HTTP on")
+        self.url = f"http://127.0.0.1:{self.http_port}"
+
+    def wait_for(self, words: str, timeout: float = 30) -> str:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line and self.proc.poll() is not None:
+                raise AssertionError(f"serve exited: {''.join(self.lines)}")
+            self.lines.append(line)
+            if words in line:
+                return line
+        raise AssertionError(f"no {words!r} in {''.join(self.lines)}")
+
+    def decide(self, body: dict[str, Any]) -> dict[str, Any]:
+        response = httpx.post(f"{self.url}/v1/decide", json=body, timeout=10)
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    def stop(self) -> int:
+        """SIGTERM, then collect the rest of the output."""
+        self.proc.send_signal(signal.SIGTERM)
+        status = self.proc.wait(timeout=20)
+        if self.proc.stdout is not None:
+            self.lines.append(self.proc.stdout.read())
+            self.proc.stdout.close()
+        return status
+
+
+def test_serve_reloads_on_sighup_and_stops_cleanly(tmp_path: Path) -> None:
+    rego, data = copy_policy(tmp_path)
+    server = Serve(tmp_path, [rego, data], {})
+    try:
+        token_line = server.wait_for("approver token")
+        token = token_line.rsplit(" ", 1)[1].strip()
+        pending = server.decide(copy_call(force=True))["approval"]["id"]
+        listed = httpx.get(f"{server.url}/v1/approvals", params={"status": "pending"},
+                           headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert pending in [a["id"] for a in listed.json()]
+        before = server.decide(copy_call())["policy_revision"]
+
+        rules = data / "rules.yaml"
+        rules.write_text(rules.read_text().replace("max: 10", "max: 2"))
+        server.proc.send_signal(signal.SIGHUP)
+        loaded = server.wait_for("loaded")
+        after = server.decide(copy_call())
+        assert after["policy_revision"] != before
+        assert after["policy_revision"] in loaded
+        assert after["rate_limit"]["limit"] == 2
+
+        (rego / "mcp" / "decision.rego").write_text("package mcp\n\ndecision := {\n")
+        server.proc.send_signal(signal.SIGHUP)
+        rejected = server.wait_for("reload rejected")
+        assert after["policy_revision"] in rejected
+        still = server.decide(copy_call())
+        assert still["policy_revision"] == after["policy_revision"]
+        assert still["verdict"] == "allow"
+    finally:
+        assert server.stop() == 0
+    assert "mcp-policy: stopping" in "".join(server.lines)
+
+
+def test_serve_exits_with_opas_message_on_a_broken_policy(tmp_path: Path) -> None:
+    rego, data = copy_policy(tmp_path)
+    (rego / "mcp" / "decision.rego").write_text("package mcp\n\ndecision := {\n")
+    result = subprocess.run(
+        [*CLI, "serve", "--http-port", "0", "--grpc-port", "0", "--state-dir",
+         str(tmp_path / "state"), "--policy", str(rego), "--policy", str(data)],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert "policy rejected" in result.stderr
+    assert "decision.rego" in result.stderr
