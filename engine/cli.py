@@ -118,8 +118,10 @@ async def _reload(runtime: Runtime) -> None:
     try:
         revision = await runtime.policy.load()
     except EngineError as exc:
-        print(f"mcp-policy: reload rejected, still running {runtime.policy.revision}: "
-              f"{exc.message}", flush=True)
+        print(
+            f"mcp-policy: reload rejected, still running {runtime.policy.revision}: {exc.message}",
+            flush=True,
+        )
         for line in getattr(exc, "errors", []):
             print(f"  {line}", flush=True)
         return

@@ -62,7 +62,7 @@ class OpaProcess:
             "--server",
             "--addr",
             f"127.0.0.1:{self.port}",
-            "--disable-telemetry",
+            "--skip-version-check",
             "--log-level",
             "error",
             stdin=asyncio.subprocess.DEVNULL,

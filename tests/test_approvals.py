@@ -46,8 +46,10 @@ async def test_approval_flow(client: Client) -> None:
     assert approved["approver"] == "dr-ops"
 
     # A different call cannot ride on the grant...
-    other = {**force_call(call["principal"]["session_id"], source_image_set_id="f" * 32),
-             "approval_id": approval_id}
+    other = {
+        **force_call(call["principal"]["session_id"], source_image_set_id="f" * 32),
+        "approval_id": approval_id,
+    }
     mismatch = await client.decide(other)
     assert mismatch["verdict"] == "deny"
     assert "different call" in mismatch["reason"]
@@ -91,10 +93,16 @@ async def test_unknown_approval_id_is_denied(client: Client) -> None:
 @pytest.mark.parametrize("token", [None, "wrong-token", ""])
 async def test_agent_side_cannot_approve(client: Client, token: str | None) -> None:
     approval_id = (await client.decide(force_call()))["approval"]["id"]
-    expected = {None: (401, "UNAUTHENTICATED"), "": (401, "UNAUTHENTICATED"),
-                "wrong-token": (403, "PERMISSION_DENIED")}[token]
-    for attempt in (client.act(token, approval_id, "approve", "agent"),
-                    client.approvals(token), client.get_approval(token, approval_id)):
+    expected = {
+        None: (401, "UNAUTHENTICATED"),
+        "": (401, "UNAUTHENTICATED"),
+        "wrong-token": (403, "PERMISSION_DENIED"),
+    }[token]
+    for attempt in (
+        client.act(token, approval_id, "approve", "agent"),
+        client.approvals(token),
+        client.get_approval(token, approval_id),
+    ):
         with pytest.raises(ApiError) as caught:
             await attempt
         assert caught.value.status == expected[0 if client.name == "http" else 1]
@@ -126,15 +134,17 @@ async def test_concurrent_use_of_one_grant_lets_one_call_through(http: HttpClien
     approval_id = (await http.decide(call))["approval"]["id"]
     await http.act(APPROVER_TOKEN, approval_id, "approve", "dr-ops")
     decisions = await asyncio.gather(
-        *[http.decide({**call, "approval_id": approval_id}) for _ in range(8)])
+        *[http.decide({**call, "approval_id": approval_id}) for _ in range(8)]
+    )
     verdicts = [d["verdict"] for d in decisions]
     assert verdicts.count("allow") == 1
     assert verdicts.count("deny") == 7
 
 
 async def test_expired_approvals(tmp_path: Path) -> None:
-    servers = await start_servers(settings_for(tmp_path, approval_ttl_seconds=0.3,
-                                               grant_ttl_seconds=0.3))
+    servers = await start_servers(
+        settings_for(tmp_path, approval_ttl_seconds=0.3, grant_ttl_seconds=0.3)
+    )
     try:
         async with httpx.AsyncClient(base_url=servers.http_url) as raw:
             client = HttpClient(raw)
@@ -172,8 +182,7 @@ async def test_approvals_survive_a_restart(tmp_path: Path) -> None:
                 ids[name] = (await client.decide(call))["approval"]["id"]
             for name in ("granted", "used"):
                 await client.act(APPROVER_TOKEN, ids[name], "approve", "dr-ops")
-            assert (await client.decide({**used, "approval_id": ids["used"]}))["verdict"] == \
-                "allow"
+            assert (await client.decide({**used, "approval_id": ids["used"]}))["verdict"] == "allow"
     finally:
         await servers.stop()
 
@@ -184,7 +193,8 @@ async def test_approvals_survive_a_restart(tmp_path: Path) -> None:
             again = await client.decide(pending)
             assert again["approval"]["id"] == ids["pending"]
             assert (await client.decide({**granted, "approval_id": ids["granted"]}))[
-                "verdict"] == "allow"
+                "verdict"
+            ] == "allow"
             replay = await client.decide({**used, "approval_id": ids["used"]})
             assert replay["verdict"] == "deny"
             assert "already used" in replay["reason"]

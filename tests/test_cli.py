@@ -20,8 +20,14 @@ CLI = [sys.executable, "-m", "engine.cli"]
 
 
 def run_decide(body: Any, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, "decide", *args], input=json.dumps(body), text=True,
-                          capture_output=True, timeout=60, check=False)
+    return subprocess.run(
+        [*CLI, "decide", *args],
+        input=json.dumps(body),
+        text=True,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_decide_reads_json_and_prints_the_decision(tmp_path: Path) -> None:
@@ -30,8 +36,9 @@ def test_decide_reads_json_and_prints_the_decision(tmp_path: Path) -> None:
     decision = json.loads(result.stdout)
     assert decision["verdict"] == "allow"
     assert decision["rule"] == "catalog.rule.copy_image_set"
-    denied = json.loads(run_decide(copy_call(datastore_id="x"), "--state-dir",
-                                   str(tmp_path)).stdout)
+    denied = json.loads(
+        run_decide(copy_call(datastore_id="x"), "--state-dir", str(tmp_path)).stdout
+    )
     assert denied["verdict"] == "deny"
     assert "datastore_id" in denied["reason"]
 
@@ -46,14 +53,28 @@ class Serve:
     def __init__(self, tmp: Path, policy: list[Path], env: dict[str, str]) -> None:
         self.http_port = free_loopback_port()
         self.grpc_port = free_loopback_port()
-        args = [*CLI, "serve", "--http-port", str(self.http_port), "--grpc-port",
-                str(self.grpc_port), "--state-dir", str(tmp / "state"),
-                "--decision-log", str(tmp / "decisions.jsonl")]
+        args = [
+            *CLI,
+            "serve",
+            "--http-port",
+            str(self.http_port),
+            "--grpc-port",
+            str(self.grpc_port),
+            "--state-dir",
+            str(tmp / "state"),
+            "--decision-log",
+            str(tmp / "decisions.jsonl"),
+        ]
         for path in policy:
             args += ["--policy", str(path)]
         environment = {k: v for k, v in os.environ.items() if not k.startswith("MCP_POLICY_")}
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env={**environment, **env})
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**environment, **env},
+        )
         self.lines: list[str] = []
         self.wait_for("HTTP on")
         self.url = f"http://127.0.0.1:{self.http_port}"
@@ -93,8 +114,12 @@ def test_serve_reloads_on_sighup_and_stops_cleanly(tmp_path: Path) -> None:
         token_line = server.wait_for("approver token")
         token = token_line.rsplit(" ", 1)[1].strip()
         pending = server.decide(copy_call(force=True))["approval"]["id"]
-        listed = httpx.get(f"{server.url}/v1/approvals", params={"status": "pending"},
-                           headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        listed = httpx.get(
+            f"{server.url}/v1/approvals",
+            params={"status": "pending"},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
         assert pending in [a["id"] for a in listed.json()]
         before = server.decide(copy_call())["policy_revision"]
 
@@ -123,9 +148,25 @@ def test_serve_exits_with_opas_message_on_a_broken_policy(tmp_path: Path) -> Non
     rego, data = copy_policy(tmp_path)
     (rego / "mcp" / "decision.rego").write_text("package mcp\n\ndecision := {\n")
     result = subprocess.run(
-        [*CLI, "serve", "--http-port", "0", "--grpc-port", "0", "--state-dir",
-         str(tmp_path / "state"), "--policy", str(rego), "--policy", str(data)],
-        capture_output=True, text=True, timeout=60, check=False)
+        [
+            *CLI,
+            "serve",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--policy",
+            str(rego),
+            "--policy",
+            str(data),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 2
     assert "policy rejected" in result.stderr
     assert "decision.rego" in result.stderr

@@ -77,10 +77,12 @@ async def external_opa() -> OpaProcess:
         await process.stop()
 
 
-async def _service_on(tmp: Path, opa: OpaProcess, rego: Path, data: Path,
-                      **overrides: object) -> Servers:
-    return await start_servers(settings_for(tmp, opa_url=opa.url, policy_paths=[rego, data],
-                                            **overrides))
+async def _service_on(
+    tmp: Path, opa: OpaProcess, rego: Path, data: Path, **overrides: object
+) -> Servers:
+    return await start_servers(
+        settings_for(tmp, opa_url=opa.url, policy_paths=[rego, data], **overrides)
+    )
 
 
 async def test_slow_policy_times_out_to_deny(tmp_path: Path, external_opa: OpaProcess) -> None:
@@ -103,14 +105,18 @@ async def test_slow_policy_times_out_to_deny(tmp_path: Path, external_opa: OpaPr
         await servers.stop()
 
 
-@pytest.mark.parametrize(("module", "words"), [
-    ('package mcp\n\ndecision := {"action": "maybe", "rule": "x"}\n', "malformed"),
-    ('package mcp\n\ndecision := "allow"\n', "malformed"),
-    ('package mcp\n\ndecision := {"action": "allow"}\n', "malformed"),
-    ('package mcp\n\nsomething_else := 1\n', "undefined"),
-])
-async def test_bad_policy_result_is_denied(tmp_path: Path, external_opa: OpaProcess,
-                                           module: str, words: str) -> None:
+@pytest.mark.parametrize(
+    ("module", "words"),
+    [
+        ('package mcp\n\ndecision := {"action": "maybe", "rule": "x"}\n', "malformed"),
+        ('package mcp\n\ndecision := "allow"\n', "malformed"),
+        ('package mcp\n\ndecision := {"action": "allow"}\n', "malformed"),
+        ("package mcp\n\nsomething_else := 1\n", "undefined"),
+    ],
+)
+async def test_bad_policy_result_is_denied(
+    tmp_path: Path, external_opa: OpaProcess, module: str, words: str
+) -> None:
     rego = tmp_path / "rego"
     rego.mkdir()
     (rego / "decision.rego").write_text(module)
@@ -181,7 +187,8 @@ async def test_partial_policy_update_is_rolled_back(
     before = policy.revision
     (rego / "mcp" / "rules" / "extra").mkdir()
     (rego / "mcp" / "rules" / "extra" / "extra.rego").write_text(
-        'package mcp.rules.extra\n\ndeny contains {"rule": "extra.all", "reason": "no"} if true\n')
+        'package mcp.rules.extra\n\ndeny contains {"rule": "extra.all", "reason": "no"} if true\n'
+    )
     (rego / "mcp" / "rules" / "zzz").mkdir()
     (rego / "mcp" / "rules" / "zzz" / "zzz.rego").write_text("package mcp.rules.zzz\n\nx := \n")
     with pytest.raises(PolicyRejected):
@@ -191,8 +198,9 @@ async def test_partial_policy_update_is_rolled_back(
     assert policy.revision == before
 
 
-async def test_new_policy_changes_the_revision(tmp_path: Path, servers: Servers,
-                                               http: HttpClient) -> None:
+async def test_new_policy_changes_the_revision(
+    tmp_path: Path, servers: Servers, http: HttpClient
+) -> None:
     rego, data = copy_policy(tmp_path)
     policy = servers.runtime.policy
     original = policy.bundle
@@ -200,7 +208,8 @@ async def test_new_policy_changes_the_revision(tmp_path: Path, servers: Servers,
     (rego / "mcp" / "rules" / "extra").mkdir()
     (rego / "mcp" / "rules" / "extra" / "extra.rego").write_text(
         'package mcp.rules.extra\n\ndeny contains {"rule": "extra.all", "reason": "frozen"} '
-        'if input.context.freeze == true\n')
+        "if input.context.freeze == true\n"
+    )
     try:
         new_revision = await policy.load(read_bundle([rego, data]))
         assert new_revision != original.revision
@@ -210,8 +219,7 @@ async def test_new_policy_changes_the_revision(tmp_path: Path, servers: Servers,
         assert frozen["policy_revision"] == new_revision
     finally:
         await policy.load(original)
-    assert (await http.decide({**copy_call(), "context": {"freeze": True}}))["verdict"] == \
-        "allow"
+    assert (await http.decide({**copy_call(), "context": {"freeze": True}}))["verdict"] == "allow"
 
 
 async def test_service_refuses_to_start_on_a_broken_policy(tmp_path: Path) -> None:

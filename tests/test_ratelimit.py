@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -19,8 +17,9 @@ from tests.clients import GrpcClient, HttpClient
 from tests.conftest import copy_call, copy_policy, session, settings_for
 
 
-async def test_limit_is_exact_under_concurrent_calls(http: HttpClient,
-                                                     grpc_client: GrpcClient) -> None:
+async def test_limit_is_exact_under_concurrent_calls(
+    http: HttpClient, grpc_client: GrpcClient
+) -> None:
     sid = session()
     calls = [(http if i % 2 else grpc_client).decide(copy_call(sid)) for i in range(60)]
     decisions = await asyncio.gather(*calls)
@@ -61,7 +60,10 @@ async def short_window(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
     rules_file = data / "rules.yaml"
     rules = yaml.safe_load(rules_file.read_text())
     rules["mcp_policy"]["rules"]["copy_image_set"]["rate_limit"] = {
-        "max": 3, "window": 1, "scope": "agent"}
+        "max": 3,
+        "window": 1,
+        "scope": "agent",
+    }
     rules_file.write_text(yaml.safe_dump(rules))
     running = await start_servers(settings_for(tmp, policy_paths=[rego, data]))
     yield running
@@ -116,8 +118,7 @@ class Clock:
     window=st.floats(min_value=0.5, max_value=10),
     gaps=st.lists(st.floats(min_value=0, max_value=4), min_size=1, max_size=60),
 )
-def test_sliding_window_matches_reference(max_calls: int, window: float,
-                                          gaps: list[float]) -> None:
+def test_sliding_window_matches_reference(max_calls: int, window: float, gaps: list[float]) -> None:
     clock = Clock()
     store = MemoryRateLimitStore(clock=clock, sweep_every=7)
     limit = Limit(key=("k",), max=max_calls, window=window)
@@ -170,5 +171,3 @@ def test_idle_keys_are_swept() -> None:
     clock.now += 6
     store.sweep()
     assert len(store) == 0
-
-

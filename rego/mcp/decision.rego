@@ -1,0 +1,184 @@
+# METADATA
+# title: MCP tool-call decision
+# description: |
+#   Folds the contributions of every rule package directly under data.mcp.rules
+#   (the shipped ones and any a user adds) into one decision for an MCP
+#   tools/call. A rule package may define any of four partial sets:
+#     deny              {"rule", "reason"}
+#     require_approval  {"rule", "reason", "ttl_seconds"?}
+#     rate_limit        {"rule", "reason", "max", "window_seconds", "scope"}
+#     allow             {"rule", "reason"?}
+#   The most restrictive level with a contribution wins:
+#   deny > require_approval > rate_limit > allow. No contribution at all is a deny.
+package mcp
+
+import data.mcp.catalog
+
+_levels := ["deny", "require_approval", "rate_limit", "allow"]
+
+_is_rule_id(c) if {
+	is_string(c.rule)
+	c.rule != ""
+}
+
+_has_reason(c) if {
+	_is_rule_id(c)
+	is_string(c.reason)
+}
+
+_is_positive(x) if {
+	is_number(x)
+	x > 0
+}
+
+_well_formed("deny", c) if _has_reason(c)
+
+_well_formed("require_approval", c) if {
+	_has_reason(c)
+	_is_positive(object.get(c, "ttl_seconds", 1))
+}
+
+_well_formed("rate_limit", c) if {
+	_has_reason(c)
+	is_number(c.max)
+	floor(c.max) == c.max
+	c.max >= 1
+	_is_positive(c.window_seconds)
+	c.scope in {"session", "agent", "user", "global"}
+}
+
+_well_formed("allow", c) if {
+	_is_rule_id(c)
+	is_string(object.get(c, "reason", ""))
+}
+
+# The contribution sets of every rule package directly under data.mcp.rules.
+# One body per level so that only those four rules of each package are evaluated.
+_sets contains {"package": name, "level": "deny", "value": value} if {
+	some name
+	value := data.mcp.rules[name].deny
+}
+
+_sets contains {"package": name, "level": "require_approval", "value": value} if {
+	some name
+	value := data.mcp.rules[name].require_approval
+}
+
+_sets contains {"package": name, "level": "rate_limit", "value": value} if {
+	some name
+	value := data.mcp.rules[name].rate_limit
+}
+
+_sets contains {"package": name, "level": "allow", "value": value} if {
+	some name
+	value := data.mcp.rules[name].allow
+}
+
+# Every entry of every contribution set, with the package that made it.
+_entries contains {"package": s.package, "level": s.level, "entry": entry} if {
+	some s in _sets
+	some entry in s.value
+}
+
+_invalid(name, level) := {
+	"rule": "decision.invalid_contribution",
+	"reason": sprintf("policy package mcp.rules.%s produced a malformed %s contribution", [name, level]),
+}
+
+# METADATA
+# title: Contributions
+# description: |
+#   {"level", "entry"} for every well-formed contribution. A malformed entry, or
+#   a contribution rule that is not a set, becomes a deny
+#   (decision.invalid_contribution): a broken policy never allows.
+# scope: document
+contributions contains {"level": e.level, "entry": e.entry} if {
+	some e in _entries
+	_well_formed(e.level, e.entry)
+}
+
+contributions contains {"level": "deny", "entry": _invalid(e.package, e.level)} if {
+	some e in _entries
+	not _well_formed(e.level, e.entry)
+}
+
+contributions contains {"level": "deny", "entry": _invalid(s.package, s.level)} if {
+	some s in _sets
+	not is_set(s.value)
+	not is_array(s.value)
+}
+
+_at[level] := {c.entry | some c in contributions; c.level == level} if some level in _levels
+
+_active := [level | some level in _levels; count(_at[level]) > 0]
+
+# Sorted by rule id (ties in value order, which is deterministic).
+_by_rule_id(cs) := [c | some id in sort({x.rule | some x in cs}); some c in cs; c.rule == id]
+
+_unique(xs) := [x | some i, x in xs; not x in array.slice(xs, 0, i)]
+
+default _action := "deny"
+
+_action := _active[0]
+
+_winners := _by_rule_id(_at[_action])
+
+default _rule := "default.no_match"
+
+_rule := _winners[0].rule
+
+default _reason := "no policy rule matched this call"
+
+_reason := joined if {
+	joined := concat("; ", _unique([c.reason | some c in _winners; is_string(c.reason); c.reason != ""]))
+	joined != ""
+} else := sprintf("%s by rule %s", [_action, _rule]) if {
+	count(_winners) > 0
+}
+
+default _rate_limits := []
+
+_rate_limits := [object.filter(c, ["rule", "max", "window_seconds", "scope", "reason"]) |
+	some c in _by_rule_id(_at.rate_limit)
+] if {
+	_action != "deny"
+}
+
+_ttls := [c.ttl_seconds | some c in _at.require_approval; is_number(c.ttl_seconds)]
+
+default _ttl := {}
+
+_ttl := {"ttl_seconds": min(_ttls)} if count(_ttls) > 0
+
+default _approval := {}
+
+_approval := {"approval": object.union({"rule": _rule, "reason": _reason}, _ttl)} if {
+	_action == "require_approval"
+}
+
+# METADATA
+# title: Decision
+# description: |
+#   The answer for one MCP tools/call; always defined. Fields:
+#     action       allow | deny | rate_limit | require_approval
+#     rule         id of the first (sorted) contribution at the winning level,
+#                  or default.no_match when nothing matched
+#     reason       reasons of the winning level, in rule-id order, de-duplicated,
+#                  joined by "; "
+#     rate_limits  every rate_limit contribution sorted by rule id; [] on deny
+#     approval     only for require_approval: {rule, reason, ttl_seconds?}
+#                  (ttl_seconds is the smallest one given)
+#     matched      sorted ids of every contribution that matched
+#     tool         {known, category?, risk?} from the catalog
+# entrypoint: true
+decision := object.union(
+	{
+		"action": _action,
+		"rule": _rule,
+		"reason": _reason,
+		"rate_limits": _rate_limits,
+		"matched": sort({c.entry.rule | some c in contributions}),
+		"tool": catalog.tool,
+	},
+	_approval,
+)

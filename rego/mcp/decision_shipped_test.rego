@@ -1,0 +1,278 @@
+package mcp_test
+
+import data.mcp
+
+# End to end: the shipped rule packages and the shipped policies/*.yaml, as
+# `opa test rego/ policies/` loads them.
+
+_hi := "awslabs.healthimaging-mcp-server"
+
+_valkey := "awslabs.valkey-mcp-server"
+
+_dest := "0123456789abcdef0123456789abcdef"
+
+_other_store := "fedcba9876543210fedcba9876543210"
+
+_image_set := "00112233445566778899aabbccddeeff"
+
+_args := {"datastore_id": _dest, "source_image_set_id": _image_set}
+
+_request(server, name, args) := {
+	"tool": {"server": server, "name": name, "arguments": args},
+	"principal": {"agent_id": "a-1", "session_id": "s-1", "user_id": "u-1", "roles": []},
+	"request": {"id": "d-1", "time": "2025-06-18T12:00:00Z", "transport": "grpc", "jsonrpc_id": 7},
+	"context": {},
+}
+
+_copy(extra) := _request(_hi, "copy_image_set", object.union(_args, extra))
+
+_shipped_limit := {
+	"rule": "catalog.rule.copy_image_set",
+	"max": 10,
+	"window_seconds": 60,
+	"scope": "session",
+	"reason": "at most 10 calls per 60 seconds per session",
+}
+
+_copy_tool := {"known": true, "category": "write", "risk": "medium"}
+
+test_shipped_rate_limit_when_valid_copy_on_either_server if {
+	every server in [_hi, _valkey] {
+		d := mcp.decision with input as _request(server, "copy_image_set", _args)
+		d == {
+			"action": "rate_limit",
+			"rule": "catalog.rule.copy_image_set",
+			"reason": "at most 10 calls per 60 seconds per session",
+			"rate_limits": [_shipped_limit],
+			"matched": ["catalog.rule.copy_image_set"],
+			"tool": _copy_tool,
+		}
+	}
+}
+
+test_shipped_deny_when_copy_on_unknown_server if {
+	d := mcp.decision with input as _request("awslabs.s3-mcp-server", "copy_image_set", _args)
+	d == {
+		"action": "deny",
+		"rule": "catalog.default",
+		"reason": `tool "copy_image_set" on server "awslabs.s3-mcp-server" is denied (not in the policy catalog)`,
+		"rate_limits": [],
+		"matched": ["catalog.default"],
+		"tool": {"known": false},
+	}
+}
+
+test_shipped_deny_as_unknown_when_name_is_a_lookalike if {
+	every name in [
+		"Copy_Image_Set",
+		"COPY_IMAGE_SET",
+		"ｃｏｐｙ_image_set", # fullwidth letters
+		"copy\u200d_image_set", # zero-width joiner
+		"copy_image_set\u200b", # trailing zero-width space
+	] {
+		d := mcp.decision with input as _request(_hi, name, _args)
+		d.action == "deny"
+		d.tool == {"known": false}
+		"catalog.default" in d.matched
+		d.rate_limits == []
+	}
+}
+
+test_shipped_deny_as_unknown_when_server_is_a_lookalike if {
+	lookalikes := [
+		"Awslabs.healthimaging-mcp-server",
+		"awslabs.healthimaging-mcp-server ",
+		"awslabs.healthimaging\u200d-mcp-server",
+	]
+	every server in lookalikes {
+		d := mcp.decision with input as _request(server, "copy_image_set", _args)
+		d.action == "deny"
+		d.rule == "catalog.default"
+		d.tool == {"known": false}
+	}
+}
+
+test_shipped_tool_name_invalid_when_name_not_ascii if {
+	d := mcp.decision with input as _request(_hi, "ｃｏｐｙ_image_set", _args)
+	d.matched == ["catalog.default", "input.tool_name_invalid"]
+}
+
+test_shipped_require_approval_with_limit_when_force_true if {
+	d := mcp.decision with input as _copy({"force": true})
+	d == {
+		"action": "require_approval",
+		"rule": "copy_image_set.force_overwrite",
+		"reason": "copy_image_set with force=true overwrites a destination image set that has changed",
+		"rate_limits": [_shipped_limit],
+		"approval": {
+			"rule": "copy_image_set.force_overwrite",
+			"reason": "copy_image_set with force=true overwrites a destination image set that has changed",
+		},
+		"matched": ["catalog.rule.copy_image_set", "copy_image_set.force_overwrite"],
+		"tool": _copy_tool,
+	}
+}
+
+test_shipped_rate_limit_when_force_false if {
+	d := mcp.decision with input as _copy({"force": false})
+	d.action == "rate_limit"
+	d.rate_limits == [_shipped_limit]
+}
+
+test_shipped_deny_when_force_not_boolean if {
+	d := mcp.decision with input as _copy({"force": "yes"})
+	d.action == "deny"
+	d.rule == "copy_image_set.force_invalid"
+	d.rate_limits == []
+}
+
+test_shipped_require_approval_when_cross_datastore if {
+	d := mcp.decision with input as _copy({"source_datastore_id": _other_store})
+	d.action == "require_approval"
+	d.rule == "copy_image_set.cross_datastore"
+	d.approval.rule == "copy_image_set.cross_datastore"
+	d.rate_limits == [_shipped_limit]
+}
+
+test_shipped_rate_limit_when_source_datastore_is_destination if {
+	d := mcp.decision with input as _copy({"source_datastore_id": _dest})
+	d.action == "rate_limit"
+	d.matched == ["catalog.rule.copy_image_set"]
+}
+
+test_shipped_approval_lists_both_reasons_when_force_and_cross_datastore if {
+	d := mcp.decision with input as _copy({"force": true, "source_datastore_id": _other_store})
+	d.action == "require_approval"
+	d.rule == "copy_image_set.cross_datastore"
+	d.reason == concat("; ", [
+		sprintf("copy_image_set copies an image set from datastore %s into another datastore, %s", [_other_store, _dest]),
+		"copy_image_set with force=true overwrites a destination image set that has changed",
+	])
+	d.approval == {"rule": "copy_image_set.cross_datastore", "reason": d.reason}
+}
+
+test_shipped_deny_when_required_arguments_invalid if {
+	d := mcp.decision with input as _request(_hi, "copy_image_set", {"datastore_id": "DS-1"})
+	d.action == "deny"
+	d.rule == "copy_image_set.datastore_id_invalid"
+	d.reason == concat("; ", [
+		`copy_image_set: argument "datastore_id" must be a 32-character lowercase hex id`,
+		`copy_image_set: argument "source_image_set_id" is required`,
+	])
+	d.rate_limits == []
+	d.tool == _copy_tool
+}
+
+test_shipped_deny_beats_approval_when_force_and_bad_source_datastore if {
+	d := mcp.decision with input as _copy({"force": true, "source_datastore_id": "nope"})
+	d.action == "deny"
+	d.rule == "copy_image_set.source_datastore_id_invalid"
+	not d.approval
+}
+
+test_shipped_limits_stack_when_user_package_adds_limit if {
+	per_user := {
+		"rule": "extra.per_user",
+		"max": 100,
+		"window_seconds": 3600,
+		"scope": "user",
+		"reason": "at most 100 copies per hour per user",
+	}
+
+	# mcp.rules.extra stands for a package a user adds; it does not exist in this repository.
+	# regal ignore:unresolved-reference
+	d := mcp.decision with input as _copy({}) with mcp.rules.extra.rate_limit as {per_user}
+	d.action == "rate_limit"
+	d.rule == "catalog.rule.copy_image_set"
+	d.rate_limits == [_shipped_limit, per_user]
+	d.reason == "at most 10 calls per 60 seconds per session; at most 100 copies per hour per user"
+	d.matched == ["catalog.rule.copy_image_set", "extra.per_user"]
+}
+
+test_shipped_user_package_deny_wins_when_added if {
+	night := {"rule": "extra.no_copies_at_night", "reason": "no copies between 22:00 and 06:00"}
+
+	# mcp.rules.extra stands for a package a user adds; it does not exist in this repository.
+	# regal ignore:unresolved-reference
+	d := mcp.decision with input as _copy({}) with mcp.rules.extra.deny as {night}
+	d.action == "deny"
+	d.rule == "extra.no_copies_at_night"
+	d.rate_limits == []
+}
+
+test_shipped_user_package_allow_loses_when_catalog_denies if {
+	yes := {"rule": "extra.allow_everything", "reason": "yes"}
+
+	# mcp.rules.extra stands for a package a user adds; it does not exist in this repository.
+	# regal ignore:unresolved-reference
+	d := mcp.decision with input as _request(_hi, "delete_datastore", {}) with mcp.rules.extra.allow as {yes}
+	d.action == "deny"
+	d.rule == "catalog.default"
+}
+
+test_shipped_risk_defaults_when_catalogued_tool_has_no_rule if {
+	entries := [
+		{"server": _hi, "tool": "search_image_sets", "category": "read", "risk": "low"},
+		{"server": _hi, "tool": "update_image_set_metadata", "category": "write", "risk": "high"},
+		{"server": _hi, "tool": "delete_datastore", "category": "delete", "risk": "critical"},
+	]
+	want := {
+		"search_image_sets": ["allow", "catalog.risk_default.low"],
+		"update_image_set_metadata": ["require_approval", "catalog.risk_default.high"],
+		"delete_datastore": ["deny", "catalog.risk_default.critical"],
+	}
+	every name, expected in want {
+		d := mcp.decision with input as _request(_hi, name, {}) with data.mcp_policy.catalog as entries
+		[d.action, d.rule] == expected
+	}
+}
+
+test_shipped_deny_when_input_missing if {
+	d := mcp.decision
+	d.action == "deny"
+	d.rule == "catalog.default"
+	d.rate_limits == []
+	d.tool == {"known": false}
+	d.matched == [
+		"catalog.default",
+		"input.arguments_invalid",
+		"input.server_invalid",
+		"input.session_id_invalid",
+		"input.tool_name_invalid",
+	]
+}
+
+test_shipped_deny_when_input_ill_typed if {
+	every bad in [
+		{},
+		[],
+		"tools/call",
+		{"tool": "copy_image_set"},
+		{"tool": {"server": _hi, "name": "copy_image_set", "arguments": "{}"}, "principal": {"session_id": "s-1"}},
+		{"tool": {"server": _hi, "name": "copy_image_set", "arguments": _args}, "principal": {"session_id": 1}},
+		{"tool": {"server": _hi, "name": "copy_image_set", "arguments": _args}},
+		{"tool": {"server": 1, "name": "copy_image_set", "arguments": _args}, "principal": {"session_id": "s"}},
+		{"tool": {"server": _hi, "name": ["copy_image_set"], "arguments": _args}, "principal": {"session_id": "s"}},
+	] {
+		d := mcp.decision with input as bad
+		d.action == "deny"
+		d.rate_limits == []
+	}
+}
+
+test_shipped_deny_when_session_missing_on_valid_copy if {
+	d := mcp.decision with input as json.remove(_copy({}), ["principal/session_id"])
+	d.action == "deny"
+	d.rule == "input.session_id_invalid"
+	d.tool == _copy_tool
+}
+
+test_shipped_decision_always_has_required_fields if {
+	every request in [_copy({}), _copy({"force": true}), {}, _request("x", "y", {})] {
+		d := mcp.decision with input as request
+		every key in ["action", "rule", "reason", "rate_limits", "matched", "tool"] {
+			key in object.keys(d)
+		}
+		d.action in {"allow", "deny", "rate_limit", "require_approval"}
+	}
+}
