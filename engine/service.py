@@ -335,6 +335,7 @@ class DecisionService:
         self.log.write(
             {
                 "event": "approval",
+                "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
                 "approval_id": approval_id,
                 "status": approval.status.value,
                 "approver": approver,
