@@ -67,6 +67,9 @@ class OpaProcess:
             "error",
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
+            # Its own session: a Ctrl-C at the terminal reaches the service, which then
+            # stops OPA itself, instead of OPA dying first and being restarted.
+            start_new_session=True,
         )
         await self._wait_healthy()
         log.info("OPA %s listening on %s (pid %s)", self.binary, self.url, self._proc.pid)

@@ -75,6 +75,12 @@ def read_bundle(roots: list[Path]) -> PolicyBundle:
                 for part in relative.parent.parts:
                     node = node.setdefault(part, {})
                 _merge(node, doc, "data" + "".join(f".{p}" for p in relative.parent.parts))
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            raise PolicyRejected(
+                f"data.{key} must be an object (each top-level data key is loaded on its own)",
+                [f"data.{key}: {type(value).__name__}"],
+            )
     return PolicyBundle(modules=modules, data=data)
 
 

@@ -44,7 +44,10 @@ def tool_call(request: DecideRequest, *, max_depth: int) -> ToolCall:
         )
     message = request.message
     if isinstance(message, str | bytes):
-        message = jsonstrict.loads(message, max_depth=max_depth, what="message")
+        try:
+            message = jsonstrict.loads(message, max_depth=max_depth, what="message")
+        except InvalidRequest as exc:
+            raise InvalidRequest(exc.message, field="message", syntax=True) from exc
     return parse_tools_call(message, server=request.server)
 
 
