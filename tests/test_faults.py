@@ -19,14 +19,19 @@ from engine.server import Servers, start_servers
 from tests.clients import HttpClient
 from tests.conftest import copy_call, copy_policy, settings_for
 
-SLOW_MODULE = """package mcp.rules.slow
-
-# Burns far more than the 250 ms evaluation deadline when the caller asks for it.
+SLOW_RULE = """# Burns far more than the 250 ms evaluation deadline when the caller asks for it.
 deny contains {"rule": "slow.never", "reason": "unreachable"} if {
 	input.context.slow == true
 	count([x | some x in numbers.range(1, 20000000)]) < 0
 }
 """
+
+
+def add_rule_package(rego: Path, name: str, body: str) -> None:
+    """A user-style rule package rego/mcp/rules/<name>/<name>.rego."""
+    folder = rego / "mcp" / "rules" / name
+    folder.mkdir()
+    (folder / f"{name}.rego").write_text(f"package mcp.rules.{name}\n\n{body}\n")
 
 
 async def _wait_for(predicate: object, timeout: float = 15.0) -> None:
@@ -87,8 +92,7 @@ async def _service_on(
 
 async def test_slow_policy_times_out_to_deny(tmp_path: Path, external_opa: OpaProcess) -> None:
     rego, data = copy_policy(tmp_path)
-    (rego / "mcp" / "rules" / "slow").mkdir()
-    (rego / "mcp" / "rules" / "slow" / "slow.rego").write_text(SLOW_MODULE)
+    add_rule_package(rego, "slow", SLOW_RULE)
     servers = await _service_on(tmp_path, external_opa, rego, data)
     try:
         async with httpx.AsyncClient(base_url=servers.http_url) as raw:
@@ -185,12 +189,8 @@ async def test_partial_policy_update_is_rolled_back(
     rego, data = copy_policy(tmp_path)
     policy = servers.runtime.policy
     before = policy.revision
-    (rego / "mcp" / "rules" / "extra").mkdir()
-    (rego / "mcp" / "rules" / "extra" / "extra.rego").write_text(
-        'package mcp.rules.extra\n\ndeny contains {"rule": "extra.all", "reason": "no"} if true\n'
-    )
-    (rego / "mcp" / "rules" / "zzz").mkdir()
-    (rego / "mcp" / "rules" / "zzz" / "zzz.rego").write_text("package mcp.rules.zzz\n\nx := \n")
+    add_rule_package(rego, "extra", 'deny contains {"rule": "extra.all", "reason": "no"} if true')
+    add_rule_package(rego, "zzz", "x := ")
     with pytest.raises(PolicyRejected):
         await policy.load(read_bundle([rego, data]))
     decision = await http.decide(copy_call())
@@ -205,10 +205,10 @@ async def test_new_policy_changes_the_revision(
     policy = servers.runtime.policy
     original = policy.bundle
     assert original is not None
-    (rego / "mcp" / "rules" / "extra").mkdir()
-    (rego / "mcp" / "rules" / "extra" / "extra.rego").write_text(
-        'package mcp.rules.extra\n\ndeny contains {"rule": "extra.all", "reason": "frozen"} '
-        "if input.context.freeze == true\n"
+    add_rule_package(
+        rego,
+        "extra",
+        'deny contains {"rule": "extra.all", "reason": "frozen"} if input.context.freeze == true',
     )
     try:
         new_revision = await policy.load(read_bundle([rego, data]))
