@@ -211,6 +211,19 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):  # type: igno
 
         return await _answer(context, work())
 
+    async def ReportOutcome(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        async def work() -> Any:
+            if not request.decision_id:
+                raise InvalidRequest("decision_id: required", field="decision_id")
+            released = await self._runtime.service.report_outcome(
+                request.decision_id, succeeded=request.succeeded
+            )
+            return decision_pb2.ReportOutcomeResponse(
+                decision_id=request.decision_id, released=released
+            )
+
+        return await _answer(context, work())
+
 
 class ApprovalServicer(approval_pb2_grpc.ApprovalServiceServicer):  # type: ignore[misc]
     def __init__(self, runtime: Runtime) -> None:

@@ -4,12 +4,12 @@ The decide body is read and parsed here by the strict parser (duplicate keys, Na
 deep nesting are refused; size is capped) before pydantic validates its shape.
 """
 
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from engine import jsonstrict
 from engine.errors import (
@@ -24,7 +24,15 @@ from engine.errors import (
     StateUnavailable,
     Unauthenticated,
 )
-from engine.models import Approval, ApprovalAction, ApprovalStatus, DecideRequest, Decision
+from engine.models import (
+    Approval,
+    ApprovalAction,
+    ApprovalStatus,
+    DecideRequest,
+    Decision,
+    OutcomeAck,
+    OutcomeReport,
+)
 from engine.runtime import Runtime
 
 
@@ -74,6 +82,17 @@ async def read_json(request: Request, limit: int, max_depth: int) -> Any:
     return jsonstrict.loads(bytes(body), max_depth=max_depth)
 
 
+# Bodies that are read by the strict parser rather than by FastAPI; their schemas are added
+# to the OpenAPI document by hand.
+BODY_MODELS: tuple[type[BaseModel], ...] = (DecideRequest, OutcomeReport, ApprovalAction)
+M = TypeVar("M", bound=BaseModel)
+
+
+def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
 def create_app(runtime: Runtime) -> FastAPI:
     settings = runtime.settings
     service = runtime.service
@@ -92,29 +111,35 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     Approver = Annotated[None, Depends(approver)]
 
-    @app.post(
-        "/v1/decide",
-        response_model=Decision,
-        response_model_exclude_none=True,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/DecideRequest"}}
-                },
-            }
-        },
-        summary="Decide one MCP tools/call",
-    )
-    async def decide(request: Request) -> Decision:
+    async def read_model(request: Request, model: type[M]) -> M:
         raw = await read_json(request, settings.max_body_bytes, settings.max_json_depth)
         if not isinstance(raw, dict):
             raise InvalidRequest("request body must be a JSON object")
         try:
-            parsed = DecideRequest.model_validate(raw)
+            return model.model_validate(raw)
         except ValidationError as exc:
             raise validation_error(exc) from exc
-        return await service.decide(parsed, transport="http")
+
+    @app.post(
+        "/v1/decide",
+        response_model=Decision,
+        response_model_exclude_none=True,
+        openapi_extra=_body_schema(DecideRequest),
+        summary="Decide one MCP tools/call",
+    )
+    async def decide(request: Request) -> Decision:
+        return await service.decide(await read_model(request, DecideRequest), transport="http")
+
+    @app.post(
+        "/v1/decisions/{decision_id}/outcome",
+        response_model=OutcomeAck,
+        openapi_extra=_body_schema(OutcomeReport),
+        summary="Report how the upstream call of an allowed decision went",
+    )
+    async def outcome(decision_id: str, request: Request) -> OutcomeAck:
+        report = await read_model(request, OutcomeReport)
+        released = await service.report_outcome(decision_id, succeeded=report.succeeded)
+        return OutcomeAck(decision_id=decision_id, released=released)
 
     @app.get("/v1/approvals", response_model=list[Approval], summary="List approvals")
     async def list_approvals(
@@ -129,28 +154,15 @@ def create_app(runtime: Runtime) -> FastAPI:
         return await service.get_approval(approval_id)
 
     async def act(request: Request, approval_id: str, approve: bool) -> Approval:
-        raw = await read_json(request, settings.max_body_bytes, settings.max_json_depth)
-        try:
-            body = ApprovalAction.model_validate(raw)
-        except ValidationError as exc:
-            raise validation_error(exc) from exc
+        body = await read_model(request, ApprovalAction)
         return await service.decide_approval(
             approval_id, approve=approve, approver=body.approver, comment=body.comment
         )
 
-    body_schema = {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/ApprovalAction"}}
-            },
-        }
-    }
-
     @app.post(
         "/v1/approvals/{approval_id}/approve",
         response_model=Approval,
-        openapi_extra=body_schema,
+        openapi_extra=_body_schema(ApprovalAction),
         summary="Approve a pending approval",
     )
     async def approve(approval_id: str, request: Request, _: Approver) -> Approval:
@@ -159,7 +171,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.post(
         "/v1/approvals/{approval_id}/deny",
         response_model=Approval,
-        openapi_extra=body_schema,
+        openapi_extra=_body_schema(ApprovalAction),
         summary="Deny a pending approval",
     )
     async def deny(approval_id: str, request: Request, _: Approver) -> Approval:
@@ -184,7 +196,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (DecideRequest, ApprovalAction):
+            for model in BODY_MODELS:
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(model_schema.pop("$defs", {}))
                 components[model.__name__] = model_schema

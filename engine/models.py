@@ -76,10 +76,11 @@ class RateLimitSpec(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     rule: str
-    max: Annotated[int, Field(ge=1)]
+    max: Annotated[float, Field(gt=0)]
     window_seconds: Annotated[float, Field(gt=0)]
     scope: Literal["session", "agent", "user", "global"] = "session"
     reason: str = ""
+    cost: Annotated[float, Field(ge=0)] = 1
 
 
 class ApprovalSpec(BaseModel):
@@ -104,8 +105,8 @@ class PolicyResult(BaseModel):
 
 
 class RateLimitInfo(BaseModel):
-    limit: int
-    remaining: int
+    limit: int | float
+    remaining: int | float
     window_seconds: float
     retry_after_seconds: float
     rule: str
@@ -152,6 +153,19 @@ class Approval(BaseModel):
     decided_at: datetime | None = None
     approver: str | None = None
     comment: str | None = None
+
+
+class OutcomeReport(BaseModel):
+    """Body of POST /v1/decisions/{id}/outcome: how the upstream call went."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    succeeded: bool
+
+
+class OutcomeAck(BaseModel):
+    decision_id: str
+    released: bool = Field(description="Whether the call's rate-limit slots were given back.")
 
 
 class ApprovalAction(BaseModel):

@@ -1,54 +1,59 @@
-"""Exact sliding-window rate limits.
+"""Exact sliding-window rate limits, with three stores: memory, SQLite and Redis.
 
-No more than `max` calls are allowed in any interval of `window_seconds`: every allowed
-call's time is kept (at most `max` per key) and a call passes only if fewer than `max`
-lie inside the window ending now. Several limits on one call are checked together and
-recorded together, so a call blocked by one limit consumes none of the others.
+No more than `max` (cost units; 1 per call unless the policy weights calls) are allowed in
+any interval of `window` seconds: every allowed call's time and cost are kept, and a call
+passes only if what lies inside the window ending now, plus its own cost, stays within
+`max`. Several limits on one call are checked together and recorded together, so a call
+blocked by one limit consumes none of the others. Each store does the whole
+check-and-record atomically: memory without awaiting, SQLite in one IMMEDIATE
+transaction, Redis in one Lua script that reads the Redis server's clock, so limits
+hold exactly across processes and replicas sharing the store.
 
-The store is a small Protocol so further backends (SQLite, Redis) can stand beside the
-in-memory one. The memory store does its whole check-and-record without awaiting, so on
-one event loop it is exact under any number of concurrent decisions.
+An allowed call's slots are held under its decision id; `release(decision_id)` gives them
+back (the upstream call failed), `forget(decision_id)` makes them final.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
+from engine.errors import StateUnavailable
+
+T = TypeVar("T")
 LimitKey = tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class Limit:
-    """One limit on one key: at most `max` calls in any `window` seconds."""
+    """One limit on one key: at most `max` cost units in any `window` seconds."""
 
     key: LimitKey
-    max: int
+    max: float
     window: float
+    cost: float = 1
 
 
 @dataclass(frozen=True)
 class LimitState:
     limit: Limit
-    remaining: int
+    remaining: float
     retry_after: float
-
-
-@dataclass(frozen=True)
-class Reservation:
-    """The slots an allowed call took; `release` gives them back."""
-
-    slots: tuple[tuple[LimitKey, float], ...]
+    ok: bool
 
 
 @dataclass(frozen=True)
 class Outcome:
     allowed: bool
     states: tuple[LimitState, ...]
-    reservation: Reservation | None
 
     def reported(self) -> LimitState | None:
         """The limit to report: the one blocking longest, or the tightest when allowed."""
@@ -60,78 +65,399 @@ class Outcome:
 
 
 class RateLimitStore(Protocol):
-    async def acquire(self, limits: Sequence[Limit]) -> Outcome: ...
+    async def open(self) -> None: ...
 
-    async def release(self, reservation: Reservation) -> None: ...
+    async def acquire(self, limits: Sequence[Limit], token: str) -> Outcome: ...
+
+    async def release(self, token: str) -> bool: ...
+
+    async def forget(self, token: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def _check(limit: Limit, hits: Sequence[tuple[float, float]], now: float) -> LimitState:
+    """Judge `limit` given the (time, cost) hits inside its window, oldest first."""
+    used = sum(cost for _, cost in hits)
+    if used + limit.cost <= limit.max:
+        return LimitState(limit, limit.max - used - limit.cost, 0.0, True)
+    retry = limit.window  # a cost above `max` never passes; waiting a window is the answer
+    freed = 0.0
+    for at, cost in hits:
+        freed += cost
+        if used - freed + limit.cost <= limit.max:
+            retry = max(at + limit.window - now, 0.0)
+            break
+    return LimitState(limit, 0, retry, False)
+
+
+def _settle(states: list[LimitState]) -> Outcome:
+    return Outcome(all(state.ok for state in states), tuple(states))
 
 
 class MemoryRateLimitStore:
-    """Per-process limits, kept in memory; keys vanish once their window has passed."""
+    """Per-process limits in memory; keys vanish once their window has passed."""
 
     def __init__(
         self, clock: Callable[[], float] = time.monotonic, sweep_every: int = 4096
     ) -> None:
         self._clock = clock
-        self._hits: dict[LimitKey, tuple[deque[float], float]] = {}
+        # key -> (hits as [time, cost, token], window)
+        self._hits: dict[LimitKey, tuple[deque[tuple[float, float, str]], float]] = {}
+        self._held: dict[str, tuple[float, list[LimitKey]]] = {}
         self._sweep_every = sweep_every
         self._since_sweep = 0
 
     def __len__(self) -> int:
         return len(self._hits)
 
-    async def acquire(self, limits: Sequence[Limit]) -> Outcome:
-        return self.acquire_now(limits)
+    async def open(self) -> None:
+        return None
 
-    def acquire_now(self, limits: Sequence[Limit]) -> Outcome:
+    async def close(self) -> None:
+        return None
+
+    async def acquire(self, limits: Sequence[Limit], token: str) -> Outcome:
+        return self.acquire_now(limits, token)
+
+    def acquire_now(self, limits: Sequence[Limit], token: str = "") -> Outcome:
         now = self._clock()
         self._since_sweep += 1
         if self._since_sweep >= self._sweep_every:
             self.sweep(now)
         states = []
-        blocked = False
         for limit in limits:
             hits = self._window(limit, now)
-            count = len(hits)
-            if count >= limit.max:
-                blocked = True
-                retry_after = hits[count - limit.max] + limit.window - now
-                states.append(LimitState(limit, 0, max(retry_after, 0.0)))
-            else:
-                states.append(LimitState(limit, limit.max - count - 1, 0.0))
-        if blocked:
-            return Outcome(False, tuple(states), None)
-        for limit in limits:
-            self._hits[limit.key][0].append(now)
-        return Outcome(True, tuple(states), Reservation(tuple((lim.key, now) for lim in limits)))
+            states.append(_check(limit, [(at, cost) for at, cost, _ in hits], now))
+        outcome = _settle(states)
+        if outcome.allowed:
+            for limit in limits:
+                self._hits[limit.key][0].append((now, limit.cost, token))
+            if token and limits:
+                self._held[token] = (
+                    now + max(lim.window for lim in limits),
+                    [lim.key for lim in limits],
+                )
+        return outcome
 
-    def _window(self, limit: Limit, now: float) -> deque[float]:
+    def _window(self, limit: Limit, now: float) -> deque[tuple[float, float, str]]:
         entry = self._hits.get(limit.key)
         if entry is None:
-            hits: deque[float] = deque()
+            hits: deque[tuple[float, float, str]] = deque()
             self._hits[limit.key] = (hits, limit.window)
             return hits
         hits = entry[0]
         if entry[1] != limit.window:
             self._hits[limit.key] = (hits, limit.window)
         start = now - limit.window
-        while hits and hits[0] <= start:
+        while hits and hits[0][0] <= start:
             hits.popleft()
         return hits
 
-    async def release(self, reservation: Reservation) -> None:
-        for key, at in reservation.slots:
+    async def release(self, token: str) -> bool:
+        held = self._held.pop(token, None)
+        if held is None:
+            return False
+        for key in held[1]:
             entry = self._hits.get(key)
-            if entry is not None and at in entry[0]:
-                entry[0].remove(at)
+            if entry is not None:
+                for hit in entry[0]:
+                    if hit[2] == token:
+                        entry[0].remove(hit)
+                        break
+        return True
+
+    async def forget(self, token: str) -> None:
+        self._held.pop(token, None)
 
     def sweep(self, now: float | None = None) -> None:
-        """Drop every key with no call inside its window."""
+        """Drop every key with no call inside its window, and lapsed reservations."""
         now = self._clock() if now is None else now
         self._since_sweep = 0
         stale = [
             key
             for key, (hits, window) in self._hits.items()
-            if not hits or hits[-1] <= now - window
+            if not hits or hits[-1][0] <= now - window
         ]
         for key in stale:
             del self._hits[key]
+        for token in [t for t, (until, _) in self._held.items() if until <= now]:
+            del self._held[token]
+
+
+def _key_text(key: LimitKey) -> str:
+    return json.dumps(list(key), separators=(",", ":"), ensure_ascii=False)
+
+
+SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rate_hits (
+    key TEXT NOT NULL,
+    at REAL NOT NULL,
+    cost REAL NOT NULL,
+    token TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rate_hits_key_at ON rate_hits (key, at);
+CREATE INDEX IF NOT EXISTS rate_hits_token ON rate_hits (token);
+CREATE INDEX IF NOT EXISTS rate_hits_expires ON rate_hits (expires_at);
+"""
+
+
+class SqliteDb:
+    """One SQLite file used from one dedicated thread, so the event loop never blocks."""
+
+    def __init__(
+        self,
+        path: Path,
+        schema: str,
+        *,
+        busy_timeout_ms: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.clock = clock
+        self._schema = schema
+        self._busy_timeout = busy_timeout_ms / 1000
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{path.stem}")
+        self._db: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        await self.run(self._open)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(
+            self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(self._schema)
+        except sqlite3.Error:
+            db.close()
+            raise
+        self._db = db
+
+    async def close(self) -> None:
+        def _close() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await self.run(_close)
+        self._executor.shutdown(wait=True)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except sqlite3.Error as exc:
+            raise StateUnavailable(f"SQLite store {self.path}: {exc}") from exc
+
+    async def transaction(self, work: Callable[[sqlite3.Connection, float], T]) -> T:
+        """Run `work(db, now)` in one IMMEDIATE transaction on the store's thread."""
+        return await self.run(self._tx, work)
+
+    def _tx(self, work: Callable[[sqlite3.Connection, float], T]) -> T:
+        db = self._db
+        if db is None:
+            raise sqlite3.ProgrammingError("store is not open")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(db, self.clock())
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return result
+
+
+class SqliteRateLimitStore:
+    """Limits in a SQLite file: exact across the processes of one host."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout_ms: int = 500,
+        clock: Callable[[], float] = time.time,
+        sweep_every: int = 1024,
+    ) -> None:
+        self.db = SqliteDb(path, SQLITE_SCHEMA, busy_timeout_ms=busy_timeout_ms, clock=clock)
+        self._sweep_every = sweep_every
+        self._since_sweep = 0
+
+    async def open(self) -> None:
+        await self.db.open()
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def acquire(self, limits: Sequence[Limit], token: str) -> Outcome:
+        self._since_sweep += 1
+        sweep = self._since_sweep >= self._sweep_every
+        if sweep:
+            self._since_sweep = 0
+
+        def work(db: sqlite3.Connection, now: float) -> Outcome:
+            if sweep:
+                db.execute("DELETE FROM rate_hits WHERE expires_at <= ?", (now,))
+            states = []
+            for limit in limits:
+                key = _key_text(limit.key)
+                rows = db.execute(
+                    "SELECT at, cost FROM rate_hits WHERE key = ? AND at > ? ORDER BY at",
+                    (key, now - limit.window),
+                ).fetchall()
+                states.append(_check(limit, [(row[0], row[1]) for row in rows], now))
+            outcome = _settle(states)
+            if outcome.allowed:
+                db.executemany(
+                    "INSERT INTO rate_hits (key, at, cost, token, expires_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [
+                        (_key_text(lim.key), now, lim.cost, token, now + lim.window)
+                        for lim in limits
+                    ],
+                )
+            return outcome
+
+        return await self.db.transaction(work)
+
+    async def release(self, token: str) -> bool:
+        def work(db: sqlite3.Connection, now: float) -> bool:
+            cursor = db.execute(
+                "DELETE FROM rate_hits WHERE token = ? AND expires_at > ?", (token, now)
+            )
+            return cursor.rowcount > 0
+
+        return await self.db.transaction(work)
+
+    async def forget(self, token: str) -> None:
+        def work(db: sqlite3.Connection, now: float) -> None:
+            db.execute("UPDATE rate_hits SET token = '' WHERE token = ?", (token,))
+
+        await self.db.transaction(work)
+
+
+# KEYS: the limit keys, then the reservation key. ARGV: token, then max, window_ms, cost
+# for each limit key. Time is the Redis server's, so every replica judges by one clock.
+# Each hit is a sorted-set member "<token>|<cost>" scored by its time in milliseconds.
+REDIS_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = #KEYS - 1
+local token = ARGV[1]
+local out = {1}
+local longest = 0
+for i = 1, n do
+  local max = tonumber(ARGV[3 * i - 1])
+  local window = tonumber(ARGV[3 * i])
+  local cost = tonumber(ARGV[3 * i + 1])
+  if window > longest then longest = window end
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  local hits = redis.call('ZRANGE', KEYS[i], 0, -1, 'WITHSCORES')
+  local used = 0
+  for j = 1, #hits, 2 do
+    used = used + tonumber(string.match(hits[j], '|([^|]*)$'))
+  end
+  local remaining = max - used - cost
+  local retry = 0
+  if remaining < 0 then
+    out[1] = 0
+    remaining = 0
+    if cost > max then
+      retry = window
+    else
+      local freed = 0
+      for j = 1, #hits, 2 do
+        freed = freed + tonumber(string.match(hits[j], '|([^|]*)$'))
+        if used - freed + cost <= max then
+          retry = tonumber(hits[j + 1]) + window - now
+          break
+        end
+      end
+    end
+  end
+  out[#out + 1] = tostring(remaining)
+  out[#out + 1] = tostring(retry)
+end
+if out[1] == 1 then
+  for i = 1, n do
+    local member = token .. '|' .. ARGV[3 * i + 1]
+    redis.call('ZADD', KEYS[i], now, member)
+    redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[3 * i]))
+    redis.call('HSET', KEYS[n + 1], KEYS[i], member)
+  end
+  if n > 0 then redis.call('PEXPIRE', KEYS[n + 1], longest) end
+end
+return out
+"""
+
+# KEYS: the reservation key. Removes the hits it lists; returns how many it removed.
+REDIS_RELEASE = """
+local held = redis.call('HGETALL', KEYS[1])
+local removed = 0
+for i = 1, #held, 2 do
+  removed = removed + redis.call('ZREM', held[i], held[i + 1])
+end
+redis.call('DEL', KEYS[1])
+return removed
+"""
+
+
+class RedisRateLimitStore:
+    """Limits in Redis (or Valkey): exact across every replica sharing the server."""
+
+    def __init__(self, client: Any, prefix: str) -> None:
+        self._client = client
+        self._prefix = prefix
+        self._acquire = client.register_script(REDIS_ACQUIRE)
+        self._release = client.register_script(REDIS_RELEASE)
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _held_key(self, token: str) -> str:
+        return f"{self._prefix}held:{token}"
+
+    async def acquire(self, limits: Sequence[Limit], token: str) -> Outcome:
+        keys = [f"{self._prefix}rl:{_key_text(limit.key)}" for limit in limits]
+        keys.append(self._held_key(token))
+        args: list[Any] = [token]
+        for limit in limits:
+            args += [
+                repr(float(limit.max)),
+                max(1, round(limit.window * 1000)),
+                repr(float(limit.cost)),
+            ]
+        reply = await redis_call(self._acquire(keys=keys, args=args))
+        states = []
+        for i, limit in enumerate(limits):
+            remaining = float(reply[1 + 2 * i])
+            retry_ms = float(reply[2 + 2 * i])
+            states.append(
+                LimitState(limit, remaining, retry_ms / 1000, remaining >= 0 and retry_ms == 0)
+            )
+        return Outcome(bool(int(reply[0])), tuple(states))
+
+    async def release(self, token: str) -> bool:
+        removed = await redis_call(self._release(keys=[self._held_key(token)]))
+        return int(removed) > 0
+
+    async def forget(self, token: str) -> None:
+        await redis_call(self._client.delete(self._held_key(token)))
+
+
+async def redis_call(call: Any) -> Any:
+    """Await a Redis command; every Redis failure becomes StateUnavailable."""
+    import redis.exceptions
+
+    try:
+        return await call
+    except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+        raise StateUnavailable(f"Redis: {type(exc).__name__}: {exc}") from exc

@@ -13,14 +13,25 @@ import hmac
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
+from typing import Any
 
-from engine.approvals import SqliteApprovalStore
+from engine.approvals import (
+    ApprovalStore,
+    MemoryApprovalStore,
+    RedisApprovalStore,
+    SqliteApprovalStore,
+)
 from engine.decision_log import DecisionLog
 from engine.errors import PermissionDenied, Unauthenticated
 from engine.opa import Opa
 from engine.opa_process import OpaProcess
 from engine.policy import Policy
-from engine.ratelimit import MemoryRateLimitStore
+from engine.ratelimit import (
+    MemoryRateLimitStore,
+    RateLimitStore,
+    RedisRateLimitStore,
+    SqliteRateLimitStore,
+)
 from engine.service import DecisionService, Limits
 from engine.settings import Settings
 
@@ -43,8 +54,8 @@ class Runtime:
         opa_token = settings.opa_token.get_secret_value() if settings.opa_token else None
         self.opa = Opa(opa_url, timeout=settings.opa_timeout_ms / 1000, token=opa_token)
         self.policy = Policy(self.opa, settings.policy_paths)
-        self.rate_limits = MemoryRateLimitStore()
-        self.approvals = SqliteApprovalStore(settings.approvals_db)
+        self._redis: Any = None
+        self.rate_limits, self.approvals = self._stores(settings)
         self.decision_log = DecisionLog(settings.decision_log)
         self.service = DecisionService(
             self.policy,
@@ -55,11 +66,38 @@ class Runtime:
                 approval_ttl=settings.approval_ttl_seconds,
                 grant_ttl=settings.grant_ttl_seconds,
                 max_json_depth=settings.max_json_depth,
+                rate_limit_fail_open=settings.rate_limit_fail_mode == "open",
             ),
         )
         self._readiness_listeners: list[Callable[[bool], Awaitable[None]]] = []
         self._watch: asyncio.Task[None] | None = None
         self._last_ready: bool | None = None
+
+    def _stores(self, settings: Settings) -> tuple[RateLimitStore, ApprovalStore]:
+        if settings.store == "memory":
+            return MemoryRateLimitStore(), MemoryApprovalStore()
+        if settings.store == "sqlite":
+            busy = settings.sqlite_busy_timeout_ms
+            return (
+                SqliteRateLimitStore(settings.rate_limits_db, busy_timeout_ms=busy),
+                SqliteApprovalStore(settings.approvals_db, busy_timeout_ms=busy),
+            )
+        if settings.redis_url is None:
+            raise ValueError("state_store redis needs MCP_POLICY_REDIS_URL")
+        import redis.asyncio
+
+        timeout = settings.redis_timeout_ms / 1000
+        self._redis = redis.asyncio.Redis.from_url(
+            settings.redis_url.get_secret_value(),
+            decode_responses=True,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=10,
+        )
+        return (
+            RedisRateLimitStore(self._redis, settings.redis_prefix),
+            RedisApprovalStore(self._redis, settings.redis_prefix),
+        )
 
     @property
     def approver_token(self) -> str:
@@ -70,6 +108,7 @@ class Runtime:
 
         Raises PolicyRejected when the policy on disk does not compile.
         """
+        await self.rate_limits.open()
         await self.approvals.open()
         if self.opa_process is not None:
             await self.opa_process.start()
@@ -118,5 +157,8 @@ class Runtime:
         await self.opa.close()
         if self.opa_process is not None:
             await self.opa_process.stop()
+        await self.rate_limits.close()
         await self.approvals.close()
+        if self._redis is not None:
+            await self._redis.aclose()
         self.decision_log.close()

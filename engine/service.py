@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 RULE_ENGINE_UNAVAILABLE = "engine.unavailable"
 RULE_STATE_UNAVAILABLE = "engine.state_unavailable"
-RULE_LIMIT_SCOPE = "engine.rate_limit_scope"
+RULE_LIMIT_UNUSABLE = "engine.rate_limit"
 RULE_APPROVAL = "engine.approval"
 
 
@@ -45,6 +45,11 @@ class Limits:
     approval_ttl: float
     grant_ttl: float
     max_json_depth: int
+    rate_limit_fail_open: bool = False
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
 
 
 class DecisionService:
@@ -131,10 +136,10 @@ class DecisionService:
             return self._refuse(decision_id, revision, Verdict.DENY, result.rule, result.reason)
         limits, problem = self._limits(call, request, result.rate_limits)
         if problem is not None:
-            return self._refuse(decision_id, revision, Verdict.DENY, RULE_LIMIT_SCOPE, problem)
+            return self._refuse(decision_id, revision, Verdict.DENY, RULE_LIMIT_UNUSABLE, problem)
         if result.action == "require_approval":
             return await self._approval(decision_id, revision, call, request, result, limits)
-        outcome = await self.rate_limits.acquire([limit for limit, _ in limits])
+        outcome = await self._take(decision_id, limits)
         if not outcome.allowed:
             return self._rate_limited(decision_id, revision, outcome, limits)
         return Decision(
@@ -170,7 +175,7 @@ class DecisionService:
             )
             return self._approval_required(decision_id, revision, rule, reason, opened)
         # Take the rate-limit slot first so a blocked call does not burn its grant.
-        outcome = await self.rate_limits.acquire([limit for limit, _ in limits])
+        outcome = await self._take(decision_id, limits)
         if not outcome.allowed:
             return self._rate_limited(decision_id, revision, outcome, limits)
         try:
@@ -180,11 +185,10 @@ class DecisionService:
                 decision_id=decision_id,
             )
         except BaseException:
-            if outcome.reservation is not None:
-                await self.rate_limits.release(outcome.reservation)
+            await self._give_back(decision_id, limits)
             raise
-        if used.use is not Use.GRANTED and outcome.reservation is not None:
-            await self.rate_limits.release(outcome.reservation)
+        if used.use is not Use.GRANTED:
+            await self._give_back(decision_id, limits)
         approval = used.approval
         if used.use is Use.GRANTED and approval is not None:
             return Decision(
@@ -228,9 +232,52 @@ class DecisionService:
                     f"rate limit {spec.rule} is kept per {spec.scope}, but the request "
                     f"has no principal.{spec.scope}_id"
                 )
+            if spec.cost > spec.max:
+                return [], (
+                    f"this call costs {spec.cost:g} against rate limit {spec.rule}, more than "
+                    f"the {spec.max:g} it allows in any {spec.window_seconds:g} s"
+                )
             key = (spec.rule, spec.scope, subject, call.server, call.name)
-            out.append((Limit(key=key, max=spec.max, window=spec.window_seconds), spec))
+            limit = Limit(key=key, max=spec.max, window=spec.window_seconds, cost=spec.cost)
+            out.append((limit, spec))
         return out, None
+
+    async def _take(self, decision_id: str, limits: list[tuple[Limit, RateLimitSpec]]) -> Outcome:
+        """Reserve the call's slots under its decision id (all limits or none)."""
+        if not limits:
+            return Outcome(True, ())
+        try:
+            return await self.rate_limits.acquire([limit for limit, _ in limits], decision_id)
+        except StateUnavailable as exc:
+            if not self.limits.rate_limit_fail_open:
+                raise
+            log.warning("rate limits not enforced (fail-open): %s", exc)
+            return Outcome(True, ())
+
+    async def _give_back(self, decision_id: str, limits: list[tuple[Limit, RateLimitSpec]]) -> None:
+        if limits:
+            await self.rate_limits.release(decision_id)
+
+    async def report_outcome(self, decision_id: str, *, succeeded: bool) -> bool:
+        """The proxy reports how the upstream call went; a failure gives the slots back.
+
+        Returns whether slots were given back. Reports are idempotent; a report for a
+        decision that holds no reservation (denied, unknown, lapsed) changes nothing.
+        """
+        if succeeded:
+            await self.rate_limits.forget(decision_id)
+            released = False
+        else:
+            released = await self.rate_limits.release(decision_id)
+        self.log.write(
+            {
+                "event": "outcome",
+                "decision_id": decision_id,
+                "succeeded": succeeded,
+                "released": released,
+            }
+        )
+        return released
 
     @staticmethod
     def _limit_info(
@@ -241,8 +288,8 @@ class DecisionService:
             return None
         spec = next(spec for limit, spec in limits if limit is state.limit)
         return RateLimitInfo(
-            limit=spec.max,
-            remaining=state.remaining,
+            limit=_number(spec.max),
+            remaining=_number(state.remaining),
             window_seconds=spec.window_seconds,
             retry_after_seconds=round(state.retry_after, 3),
             rule=spec.rule,
@@ -259,7 +306,7 @@ class DecisionService:
         info = self._limit_info(outcome, limits)
         assert info is not None
         spec = next(spec for _, spec in limits if spec.rule == info.rule)
-        what = spec.reason or f"at most {spec.max} calls per {spec.window_seconds:g} s"
+        what = spec.reason or f"at most {spec.max:g} per {spec.window_seconds:g} s"
         reason = f"rate limit exceeded ({what}); retry in {info.retry_after_seconds:g} s"
         return self._refuse(
             decision_id, revision, Verdict.RATE_LIMITED, info.rule, reason, rate_limit=info

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,9 +40,36 @@ class Settings(BaseSettings):
     max_json_depth: int = Field(24, ge=2, le=30)
     approval_ttl_seconds: float = Field(900, gt=0, description="How long a pending approval waits.")
     grant_ttl_seconds: float = Field(900, gt=0, description="How long an approved grant lasts.")
+    state_store: Literal["memory", "sqlite", "redis"] | None = Field(
+        None,
+        description="Where rate-limit counters and approvals live: memory (one process, "
+        "forgotten on restart), sqlite (files under state_dir; several processes on one "
+        "host) or redis (shared by replicas). Default: redis when redis_url is set, else "
+        "sqlite.",
+    )
+    redis_url: SecretStr | None = Field(None, description="e.g. redis://127.0.0.1:6379/0")
+    redis_prefix: str = Field("mcp-policy:", description="Key prefix in a shared Redis.")
+    redis_timeout_ms: int = Field(250, ge=1, description="Deadline of one Redis operation.")
+    sqlite_busy_timeout_ms: int = Field(500, ge=0, description="Wait for a locked SQLite file.")
+    rate_limit_fail_mode: Literal["closed", "open"] = Field(
+        "closed",
+        description="When the rate-limit store is unreachable: closed denies calls that "
+        "have a limit; open lets them through unlimited (and logs it). Approvals and OPA "
+        "always fail closed.",
+    )
     decision_log: str = Field("-", description='Decision log file, "-" for stderr, "off".')
     log_level: str = Field("INFO")
 
     @property
+    def store(self) -> str:
+        if self.state_store is not None:
+            return self.state_store
+        return "redis" if self.redis_url is not None else "sqlite"
+
+    @property
     def approvals_db(self) -> Path:
         return self.state_dir / "approvals.sqlite3"
+
+    @property
+    def rate_limits_db(self) -> Path:
+        return self.state_dir / "ratelimits.sqlite3"

@@ -155,11 +155,11 @@ def test_blocked_call_consumes_no_other_limit() -> None:
 async def test_release_gives_the_slot_back() -> None:
     store = MemoryRateLimitStore(clock=Clock())
     limit = Limit(key=("k",), max=1, window=60)
-    outcome = store.acquire_now([limit])
-    assert outcome.reservation is not None
-    assert not store.acquire_now([limit]).allowed
-    await store.release(outcome.reservation)
-    assert store.acquire_now([limit]).allowed
+    assert store.acquire_now([limit], "d1").allowed
+    assert not store.acquire_now([limit], "d2").allowed
+    assert await store.release("d1")
+    assert not await store.release("d1"), "a slot is given back once"
+    assert store.acquire_now([limit], "d3").allowed
 
 
 def test_idle_keys_are_swept() -> None:
