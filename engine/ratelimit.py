@@ -459,5 +459,7 @@ async def redis_call(call: Any) -> Any:
 
     try:
         return await call
+    except redis.exceptions.WatchError:
+        raise  # an optimistic transaction lost a race; the caller retries
     except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
         raise StateUnavailable(f"Redis: {type(exc).__name__}: {exc}") from exc

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import pytest
 from engine.server import Servers, start_servers
 from engine.settings import PROJECT_ROOT, Settings
 from tests.clients import GrpcClient, HttpClient
+from tests.kv import KvPool, KvServer
 
 APPROVER_TOKEN = "test-approver-token"
 HEALTHIMAGING = "awslabs.healthimaging-mcp-server"
@@ -73,6 +74,19 @@ def copy_call(session_id: str | None = None, **arguments: Any) -> dict[str, Any]
             "user_id": "user-1",
         },
     }
+
+
+@pytest.fixture(scope="session")
+def kv_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KvPool]:
+    pool = KvPool(tmp_path_factory.mktemp("kv"))
+    yield pool
+    pool.stop()
+
+
+@pytest.fixture(params=["redis", "valkey"])
+def kv_server(request: pytest.FixtureRequest, kv_pool: KvPool) -> KvServer:
+    """A private Redis and a private Valkey: every test using this runs against both."""
+    return kv_pool.get(request.param)
 
 
 @pytest.fixture(scope="session")

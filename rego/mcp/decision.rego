@@ -6,7 +6,9 @@
 #   tools/call. A rule package may define any of four partial sets:
 #     deny              {"rule", "reason"}
 #     require_approval  {"rule", "reason", "ttl_seconds"?}
-#     rate_limit        {"rule", "reason", "max", "window_seconds", "scope"}
+#     rate_limit        {"rule", "reason", "max", "window_seconds", "scope", "cost"?}
+#                       (cost: a number >= 0 this call counts against the
+#                       limit; the engine counts 1 when it is absent)
 #     allow             {"rule", "reason"?}
 #   The most restrictive level with a contribution wins:
 #   deny > require_approval > rate_limit > allow. No contribution at all is a deny.
@@ -31,6 +33,11 @@ _is_positive(x) if {
 	x > 0
 }
 
+_is_cost(x) if {
+	is_number(x)
+	x >= 0
+}
+
 _well_formed("deny", c) if _has_reason(c)
 
 _well_formed("require_approval", c) if {
@@ -45,6 +52,7 @@ _well_formed("rate_limit", c) if {
 	c.max >= 1
 	_is_positive(c.window_seconds)
 	c.scope in {"session", "agent", "user", "global"}
+	_is_cost(object.get(c, "cost", 1))
 }
 
 _well_formed("allow", c) if {
@@ -138,7 +146,7 @@ _reason := joined if {
 
 default _rate_limits := []
 
-_rate_limits := [object.filter(c, ["rule", "max", "window_seconds", "scope", "reason"]) |
+_rate_limits := [object.filter(c, ["rule", "max", "window_seconds", "scope", "reason", "cost"]) |
 	some c in _by_rule_id(_at.rate_limit)
 ] if {
 	_action != "deny"
@@ -165,7 +173,9 @@ _approval := {"approval": object.union({"rule": _rule, "reason": _reason}, _ttl)
 #                  or default.no_match when nothing matched
 #     reason       reasons of the winning level, in rule-id order, de-duplicated,
 #                  joined by "; "
-#     rate_limits  every rate_limit contribution sorted by rule id; [] on deny
+#     rate_limits  every rate_limit contribution sorted by rule id; [] on deny;
+#                  each {rule, max, window_seconds, scope, reason, cost?}
+#                  (cost only when the contribution gave one)
 #     approval     only for require_approval: {rule, reason, ttl_seconds?}
 #                  (ttl_seconds is the smallest one given)
 #     matched      sorted ids of every contribution that matched

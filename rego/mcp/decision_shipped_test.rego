@@ -189,6 +189,47 @@ test_shipped_limits_stack_when_user_package_adds_limit if {
 	d.matched == ["catalog.rule.copy_image_set", "extra.per_user"]
 }
 
+test_shipped_user_package_limit_carries_cost_when_given if {
+	images := {
+		"rule": "extra.images_per_hour",
+		"max": 500,
+		"window_seconds": 3600,
+		"scope": "user",
+		"reason": "at most 500 images per hour per user",
+		"cost": 12,
+	}
+
+	# mcp.rules.extra stands for a package a user adds; it does not exist in this repository.
+	# regal ignore:unresolved-reference
+	d := mcp.decision with input as _copy({}) with mcp.rules.extra.rate_limit as {images}
+	d.action == "rate_limit"
+	d.rule == "catalog.rule.copy_image_set"
+	d.rate_limits == [_shipped_limit, images]
+	d.matched == ["catalog.rule.copy_image_set", "extra.images_per_hour"]
+}
+
+test_shipped_user_package_limit_invalid_when_cost_malformed if {
+	every cost in [-1, "3"] {
+		images := {
+			"rule": "extra.images_per_hour",
+			"max": 500,
+			"window_seconds": 3600,
+			"scope": "user",
+			"reason": "at most 500 images per hour per user",
+			"cost": cost,
+		}
+
+		# mcp.rules.extra stands for a package a user adds; it does not exist in this repository.
+		# regal ignore:unresolved-reference
+		d := mcp.decision with input as _copy({}) with mcp.rules.extra.rate_limit as {images}
+		d.action == "deny"
+		d.rule == "decision.invalid_contribution"
+		d.reason == "policy package mcp.rules.extra produced a malformed rate_limit contribution"
+		d.rate_limits == []
+		d.matched == ["catalog.rule.copy_image_set", "decision.invalid_contribution"]
+	}
+}
+
 test_shipped_user_package_deny_wins_when_added if {
 	night := {"rule": "extra.no_copies_at_night", "reason": "no copies between 22:00 and 06:00"}
 

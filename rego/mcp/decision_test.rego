@@ -207,6 +207,30 @@ test_rate_limits_carry_only_limit_fields_when_extra_fields if {
 	d.rate_limits == [_limit("l.one", 5)]
 }
 
+test_rate_limits_carry_cost_when_given if {
+	every cost in [3, 2.5, 0, 0.0, 1000000] {
+		limit := object.union(_limit("l.weighted", 5), {"cost": cost})
+		d := mcp.decision with mcp.rules as {"p": {"rate_limit": {limit}}}
+		d.action == "rate_limit"
+		d.rule == "l.weighted"
+		d.rate_limits == [limit]
+	}
+}
+
+test_rate_limits_without_cost_when_not_given if {
+	d := mcp.decision with mcp.rules as _rules(["rate_limit"])
+	every limit in d.rate_limits {
+		not "cost" in object.keys(limit)
+	}
+}
+
+test_rate_limits_keep_each_cost_when_weighted_and_unweighted_stack if {
+	weighted := object.union(_limit("a.spend", 1000), {"cost": 250})
+	rules := {"p1": {"rate_limit": {weighted}}, "p2": {"rate_limit": {_limit("b.calls", 10)}}}
+	d := mcp.decision with mcp.rules as rules
+	d.rate_limits == [weighted, _limit("b.calls", 10)]
+}
+
 test_approval_ttl_smallest_when_several_approvals if {
 	rules := {"p": {"require_approval": {
 		object.union(_approval("r.b"), {"ttl_seconds": 900}),
@@ -262,6 +286,12 @@ test_deny_invalid_contribution_when_entry_malformed if {
 		["rate_limit", object.union(_limit("l.x", 1), {"window_seconds": 0})],
 		["rate_limit", object.union(_limit("l.x", 1), {"window_seconds": "60"})],
 		["rate_limit", object.union(_limit("l.x", 1), {"scope": "tenant"})],
+		["rate_limit", object.union(_limit("l.x", 1), {"cost": -1})],
+		["rate_limit", object.union(_limit("l.x", 1), {"cost": -0.5})],
+		["rate_limit", object.union(_limit("l.x", 1), {"cost": "3"})],
+		["rate_limit", object.union(_limit("l.x", 1), {"cost": null})],
+		["rate_limit", object.union(_limit("l.x", 1), {"cost": true})],
+		["rate_limit", object.union(_limit("l.x", 1), {"cost": [3]})],
 		["allow", {"rule": 7}],
 		["allow", {"rule": "a.x", "reason": 7}],
 		["allow", true],

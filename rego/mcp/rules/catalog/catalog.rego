@@ -11,7 +11,10 @@
 #     - default                     when the tool is not in the catalog
 #                                   (id catalog.default)
 #   A rule that is missing or invalid yields a deny (fail closed) whose reason
-#   names the tool and what is wrong.
+#   names the tool and what is wrong. A weighted rate limit (rate_limit
+#   {..., increment_from: <argument>}) costs the value of that tool argument per
+#   call; a call whose argument is not a number >= 0 is denied
+#   (catalog.rate_limit_cost_invalid).
 package mcp.rules.catalog
 
 import data.mcp.catalog
@@ -22,7 +25,7 @@ _scopes := {"session", "agent", "user", "global"}
 
 _rule_keys := {"action", "reason", "rate_limit", "approval"}
 
-_limit_keys := {"max", "window", "scope"}
+_limit_keys := {"max", "window", "scope", "increment_from"}
 
 _approval_keys := {"ttl"}
 
@@ -108,6 +111,11 @@ _is_positive(x) if {
 	x > 0
 }
 
+_is_name(x) if {
+	is_string(x)
+	x != ""
+}
+
 # METADATA
 # title: Rate limit of the applied rule
 # description: |
@@ -134,6 +142,37 @@ limit := {
 		_rule.rate_limit, 1,
 	)
 }
+
+# The limit is weighted: the object form of rate_limit has increment_from (the
+# string form never has). _increment_from is the value as written.
+_weighted if {
+	is_object(_rule.rate_limit)
+	_has(_rule.rate_limit, "increment_from")
+}
+
+_increment_from := _rule.rate_limit.increment_from if _weighted
+
+# METADATA
+# title: Cost of this call under a weighted rate limit
+# description: |
+#   The value of the tool argument named by rate_limit.increment_from, when it
+#   is a number >= 0. Undefined when the limit is not weighted, or when the
+#   argument is missing, not a number or negative (see
+#   catalog.rate_limit_cost_invalid).
+# scope: document
+cost := value if {
+	_is_name(_increment_from)
+	value := input.tool.arguments[_increment_from]
+	is_number(value)
+	value >= 0
+}
+
+# What the rate_limit contribution adds for the cost: nothing for an unweighted
+# limit (the engine counts 1), {"cost": <argument>} for a weighted one, and
+# undefined (no contribution) when the argument is unusable.
+_cost_field := {} if not _weighted
+
+_cost_field := {"cost": cost} if _weighted
 
 # METADATA
 # title: Problems with the applied rule
@@ -208,7 +247,16 @@ errors contains msg if {
 errors contains msg if {
 	keys := sort(object.keys(_rule.rate_limit) - _limit_keys)
 	count(keys) > 0
-	msg := sprintf("rate_limit has unknown key(s) %s; allowed: max, window, scope", [concat(", ", keys)])
+	msg := sprintf("rate_limit has unknown key(s) %s; allowed: max, window, scope, increment_from", [concat(", ", keys)])
+}
+
+errors contains msg if {
+	_weighted
+	not _is_name(_increment_from)
+	msg := sprintf(
+		"rate_limit increment_from must be the name of a tool argument (a non-empty string), got %s",
+		[_show(_increment_from)],
+	)
 }
 
 errors contains msg if {
@@ -264,11 +312,16 @@ _per_window(1) := "per second"
 
 _per_window(w) := sprintf("per %v seconds", [w]) if w != 1
 
+# How much the limit allows: calls, or a total of the counted argument.
+_allowance(max_calls) := sprintf("a total %q of %d", [_increment_from, max_calls]) if {
+	_weighted
+} else := _calls(max_calls)
+
 _limit_reason := _rule.reason if {
 	_rule.action == "rate_limit"
 	_has(_rule, "reason")
 } else := reason if {
-	phrases := [_calls(floor(limit.max)), _per_window(limit.window_seconds), _per_scope[limit.scope]]
+	phrases := [_allowance(floor(limit.max)), _per_window(limit.window_seconds), _per_scope[limit.scope]]
 	reason := sprintf("at most %s %s %s", phrases)
 }
 
@@ -281,11 +334,22 @@ _ttl := {"ttl_seconds": _rule.approval.ttl} if _has(_rule.approval, "ttl")
 # description: |
 #   The applied rule when its action is deny; catalog.invalid_rule for each
 #   problem in the applied rule; catalog.missing_rule when no rule applies;
-#   catalog.invalid_data when a part of the policy data has the wrong type.
+#   catalog.invalid_data when a part of the policy data has the wrong type;
+#   catalog.rate_limit_cost_invalid when a weighted rate limit's argument is
+#   missing, not a number or negative.
 # scope: document
 deny contains {"rule": applied.id, "reason": _reason} if {
 	_valid
 	_rule.action == "deny"
+}
+
+deny contains {
+	"rule": "catalog.rate_limit_cost_invalid",
+	"reason": sprintf("%s: rate limit counts argument %q, which must be a number >= 0", [_subject, _increment_from]),
+} if {
+	_valid
+	_weighted
+	not cost
 }
 
 deny contains {
@@ -336,9 +400,15 @@ require_approval contains object.union({"rule": applied.id, "reason": _reason}, 
 # title: Rate-limit contributions
 # description: |
 #   The limit of the applied rule, whatever its (non-deny) action; max is
-#   written as an integer (10.0 in YAML becomes 10).
+#   written as an integer (10.0 in YAML becomes 10). A weighted limit adds
+#   "cost" (the counted argument); an unweighted one has no cost (counts 1).
+#   None when the counted argument is unusable (that call is denied instead).
 # scope: document
-rate_limit contains object.union(limit, {"rule": applied.id, "max": floor(limit.max), "reason": _limit_reason}) if {
+rate_limit contains object.union_n([
+	limit,
+	{"rule": applied.id, "max": floor(limit.max), "reason": _limit_reason},
+	_cost_field, # undefined for an unusable argument: no contribution
+]) if {
 	_valid
 	limit
 }

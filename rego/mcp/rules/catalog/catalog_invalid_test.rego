@@ -123,7 +123,7 @@ test_invalid_rule_when_rate_limit_string_max_zero if {
 test_invalid_rule_when_rate_limit_unknown_key if {
 	rule := _rl({"max": 1, "window": 1, "scpoe": "agent"})
 	problems := _reported with data.mcp_policy as _with_rule(rule) with input as _copy
-	problems == {"rate_limit has unknown key(s) scpoe; allowed: max, window, scope"}
+	problems == {"rate_limit has unknown key(s) scpoe; allowed: max, window, scope, increment_from"}
 }
 
 test_invalid_rule_when_max_invalid if {
