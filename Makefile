@@ -17,12 +17,13 @@ OPA := $(BIN)/opa
 REGAL := $(BIN)/regal
 BUF := $(BIN)/buf
 PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed-stamp
 PROTOS := $(wildcard proto/mcppolicy/v1/*.proto)
 GENERATED := mcppolicy/v1/decision_pb2.py
 
-.PHONY: help setup tools run test check fmt lint lint-rego lint-proto lint-python \
-        test-rego test-python bench clean
+.PHONY: help setup tools redis-server run test check fmt lint lint-rego lint-proto \
+        lint-python test-rego test-python bench clean
 
 help:
 	@echo "make run    - install what is missing, then serve (gRPC :50051, HTTP :8080)"
@@ -69,10 +70,17 @@ $(BUF):
 	@mkdir -p $(BIN)
 	GOBIN=$(BIN) go install github.com/bufbuild/buf/cmd/buf@v$(BUF_VERSION)
 
+# The tests start private Redis servers; Debian's redis-server is installed when missing.
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing redis-server with apt-get"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+
 run: setup
 	$(VENV)/bin/mcp-policy serve
 
-test: setup lint test-rego test-python
+test: setup redis-server lint test-rego test-python
 
 check: test
 
@@ -100,8 +108,9 @@ test-rego:
 test-python:
 	pytest
 
-bench: setup
+bench: setup redis-server
 	$(PY) -m bench.decide
+	$(PY) -m bench.stores
 
 fmt: setup
 	opa fmt --write rego

@@ -11,7 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 Id = Annotated[str, Field(min_length=1, max_length=256)]
 
@@ -160,7 +160,7 @@ class OutcomeReport(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    succeeded: bool
+    succeeded: StrictBool
 
 
 class OutcomeAck(BaseModel):

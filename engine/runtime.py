@@ -87,13 +87,18 @@ class Runtime:
         import redis.asyncio
 
         timeout = settings.redis_timeout_ms / 1000
-        self._redis = redis.asyncio.Redis.from_url(
+        # A bounded pool: a burst of decisions waits briefly for a connection instead of
+        # opening hundreds (or failing with "too many connections").
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
             settings.redis_url.get_secret_value(),
             decode_responses=True,
+            max_connections=settings.redis_max_connections,
+            timeout=1.0,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             health_check_interval=10,
         )
+        self._redis = redis.asyncio.Redis(connection_pool=pool)
         return (
             RedisRateLimitStore(self._redis, settings.redis_prefix),
             RedisApprovalStore(self._redis, settings.redis_prefix),
@@ -160,5 +165,5 @@ class Runtime:
         await self.rate_limits.close()
         await self.approvals.close()
         if self._redis is not None:
-            await self._redis.aclose()
+            await self._redis.aclose(close_connection_pool=True)
         self.decision_log.close()

@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = Field(None, description="e.g. redis://127.0.0.1:6379/0")
     redis_prefix: str = Field("mcp-policy:", description="Key prefix in a shared Redis.")
     redis_timeout_ms: int = Field(250, ge=1, description="Deadline of one Redis operation.")
+    redis_max_connections: int = Field(32, ge=1, description="Connections per process.")
     sqlite_busy_timeout_ms: int = Field(500, ge=0, description="Wait for a locked SQLite file.")
     rate_limit_fail_mode: Literal["closed", "open"] = Field(
         "closed",

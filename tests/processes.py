@@ -1,0 +1,76 @@
+"""`mcp-policy serve` as a separate process, the way users and replicas run it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from engine.opa_process import free_loopback_port
+
+CLI = [sys.executable, "-m", "engine.cli"]
+
+
+class Serve:
+    def __init__(self, tmp: Path, policy: list[Path], env: dict[str, str], *extra: str) -> None:
+        self.http_port = free_loopback_port()
+        self.grpc_port = free_loopback_port()
+        args = [
+            *CLI,
+            "serve",
+            "--http-port",
+            str(self.http_port),
+            "--grpc-port",
+            str(self.grpc_port),
+            "--state-dir",
+            str(tmp / "state"),
+            "--decision-log",
+            str(tmp / "decisions.jsonl"),
+        ]
+        for path in policy:
+            args += ["--policy", str(path)]
+        args += extra
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("MCP_POLICY_")}
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**environment, **env},
+        )
+        self.lines: list[str] = []
+        self.wait_for("HTTP on")
+        self.url = f"http://127.0.0.1:{self.http_port}"
+
+    def wait_for(self, words: str, timeout: float = 30) -> str:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line and self.proc.poll() is not None:
+                raise AssertionError(f"serve exited: {''.join(self.lines)}")
+            self.lines.append(line)
+            if words in line:
+                return line
+        raise AssertionError(f"no {words!r} in {''.join(self.lines)}")
+
+    def decide(self, body: dict[str, Any]) -> dict[str, Any]:
+        response = httpx.post(f"{self.url}/v1/decide", json=body, timeout=10)
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    def stop(self) -> int:
+        """SIGTERM, then collect the rest of the output."""
+        self.proc.send_signal(signal.SIGTERM)
+        status = self.proc.wait(timeout=20)
+        if self.proc.stdout is not None:
+            self.lines.append(self.proc.stdout.read())
+            self.proc.stdout.close()
+        return status
