@@ -111,6 +111,7 @@ test-python:
 bench: setup redis-server
 	$(PY) -m bench.decide
 	$(PY) -m bench.stores
+	$(PY) -m bench.redis_limiter
 
 fmt: setup
 	opa fmt --write rego
