@@ -7,7 +7,7 @@ and server reflection, so `grpcurl -plaintext localhost:50051 list` works.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -20,6 +20,7 @@ from grpc_status import rpc_status
 from pydantic import ValidationError
 
 from engine import jsonstrict
+from engine.decision_log import DecisionQuery
 from engine.errors import (
     Conflict,
     EngineError,
@@ -53,6 +54,7 @@ APPROVAL_STATUSES = {
 STATUS_FROM_PROTO = {value: key for key, value in APPROVAL_STATUSES.items()}
 SERVICE_NAMES = (
     decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name,
+    decision_pb2.DESCRIPTOR.services_by_name["DecisionLogService"].full_name,
     approval_pb2.DESCRIPTOR.services_by_name["ApprovalService"].full_name,
 )
 
@@ -274,6 +276,40 @@ class ApprovalServicer(approval_pb2_grpc.ApprovalServiceServicer):  # type: igno
         return approval_pb2.DenyResponse(approval=await self._act(request, context, False))
 
 
+class DecisionLogServicer(decision_pb2_grpc.DecisionLogServiceServicer):  # type: ignore[misc]
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+
+    async def ListDecisions(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        async def checked() -> Any:
+            metadata = dict(context.invocation_metadata() or ())
+            self._runtime.check_approver(metadata.get("authorization"))
+            cursor = None
+            if request.page_token:
+                if not request.page_token.isdigit():
+                    raise InvalidRequest(
+                        "page_token: not a token from a previous page", field="page_token"
+                    )
+                cursor = int(request.page_token)
+            query = DecisionQuery(
+                session_id=request.session_id or None,
+                agent_id=request.agent_id or None,
+                tool=request.tool or None,
+                verdict=request.verdict or None,
+                since=request.since.ToDatetime(UTC) if request.HasField("since") else None,
+                until=request.until.ToDatetime(UTC) if request.HasField("until") else None,
+                limit=max(1, min(request.page_size or 100, 1000)),
+                cursor=cursor,
+            )
+            records, next_cursor = await self._runtime.service.list_decisions(query)
+            return decision_pb2.ListDecisionsResponse(
+                decisions=[_dict_to_struct(r) for r in records],
+                next_page_token="" if next_cursor is None else str(next_cursor),
+            )
+
+        return await _answer(context, checked())
+
+
 def create_server(runtime: Runtime, address: str) -> tuple[grpc.aio.Server, int]:
     """Build the gRPC server bound to `address` ("host:port", port 0 for any)."""
     server = grpc.aio.server(
@@ -283,6 +319,7 @@ def create_server(runtime: Runtime, address: str) -> tuple[grpc.aio.Server, int]
     )
     decision_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(runtime), server)
     approval_pb2_grpc.add_ApprovalServiceServicer_to_server(ApprovalServicer(runtime), server)
+    decision_pb2_grpc.add_DecisionLogServiceServicer_to_server(DecisionLogServicer(runtime), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -4,6 +4,7 @@ The decide body is read and parsed here by the strict parser (duplicate keys, Na
 deep nesting are refused; size is capped) before pydantic validates its shape.
 """
 
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from engine import jsonstrict
+from engine.decision_log import DecisionQuery
 from engine.errors import (
     Conflict,
     EngineError,
@@ -32,6 +34,7 @@ from engine.models import (
     Decision,
     OutcomeAck,
     OutcomeReport,
+    Verdict,
 )
 from engine.runtime import Runtime
 
@@ -176,6 +179,38 @@ def create_app(runtime: Runtime) -> FastAPI:
     )
     async def deny(approval_id: str, request: Request, _: Approver) -> Approval:
         return await act(request, approval_id, False)
+
+    @app.get("/v1/decisions", summary="List logged decisions, newest first (operator)")
+    async def list_decisions(
+        _: Approver,
+        session_id: str | None = None,
+        agent_id: str | None = None,
+        tool: str | None = None,
+        verdict: Verdict | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        cursor: int | None = None,
+    ) -> dict[str, Any]:
+        records, next_cursor = await service.list_decisions(
+            DecisionQuery(
+                session_id=session_id,
+                agent_id=agent_id,
+                tool=tool,
+                verdict=verdict.value if verdict else None,
+                since=since,
+                until=until,
+                limit=limit,
+                cursor=cursor,
+            )
+        )
+        return {"decisions": records, "next_cursor": next_cursor}
+
+    @app.get("/v1/status", summary="Summary: calls, denials by rule, top tools, approvals")
+    async def status(
+        _: Approver, hours: Annotated[float, Query(gt=0, le=24 * 365)] = 24
+    ) -> dict[str, Any]:
+        return await service.status(datetime.now(UTC) - timedelta(hours=hours))
 
     @app.get("/healthz", summary="Liveness: the process answers")
     async def healthz() -> dict[str, str]:

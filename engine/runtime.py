@@ -56,7 +56,7 @@ class Runtime:
         self.policy = Policy(self.opa, settings.policy_paths)
         self._redis: Any = None
         self.rate_limits, self.approvals = self._stores(settings)
-        self.decision_log = DecisionLog(settings.decision_log)
+        self.decision_log = DecisionLog(settings.decision_log_settings)
         self.service = DecisionService(
             self.policy,
             self.rate_limits,
@@ -113,6 +113,7 @@ class Runtime:
 
         Raises PolicyRejected when the policy on disk does not compile.
         """
+        self.decision_log.open()
         await self.rate_limits.open()
         await self.approvals.open()
         if self.opa_process is not None:

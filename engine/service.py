@@ -15,7 +15,7 @@ from typing import Any
 
 from engine import translate
 from engine.approvals import ApprovalStore, Use, fingerprint
-from engine.decision_log import DecisionLog
+from engine.decision_log import DecisionLog, DecisionQuery
 from engine.errors import EngineError, PolicyUnavailable, StateUnavailable
 from engine.models import (
     Approval,
@@ -361,7 +361,16 @@ class DecisionService:
         decision.mcp_result = mcp_result(decision)
         return decision
 
-    # Approver operations (the transports check the approver credential first).
+    # Operator operations (the transports check the approver credential first).
+
+    async def list_decisions(self, query: DecisionQuery) -> tuple[list[dict[str, Any]], int | None]:
+        return await self.log.query(query)
+
+    async def status(self, since: datetime) -> dict[str, Any]:
+        summary = await self.log.summary(since)
+        pending = await self.approvals.list(ApprovalStatus.PENDING, 50)
+        summary["pending_approvals"] = [a.model_dump(mode="json") for a in pending]
+        return summary
 
     async def list_approvals(self, status: ApprovalStatus | None, limit: int) -> list[Approval]:
         return await self.approvals.list(status, max(1, min(limit, 1000)))

@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.decision_log import LogSettings
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -58,7 +60,25 @@ class Settings(BaseSettings):
         "have a limit; open lets them through unlimited (and logs it). Approvals and OPA "
         "always fail closed.",
     )
-    decision_log: str = Field("-", description='Decision log file, "-" for stderr, "off".')
+    decision_log: str | None = Field(
+        None,
+        description='Decision log JSONL file (default: decisions.jsonl in state_dir), "-" for '
+        'stderr, "off".',
+    )
+    decision_db: bool = Field(
+        True,
+        description="Also keep decisions in decisions.sqlite3 in "
+        "state_dir (needed by GET /v1/decisions and status).",
+    )
+    decision_log_arguments: Literal["hash", "raw", "redacted"] = Field(
+        "hash",
+        description="Tool arguments in the log: only their SHA-256, raw, or raw with "
+        "the decision_log_redact fields' values replaced.",
+    )
+    decision_log_redact: list[str] = Field(default_factory=list)
+    decision_log_max_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    decision_log_backups: int = Field(5, ge=0, description="Rotated JSONL files kept.")
+    decision_log_retention_days: float = Field(30, gt=0, description="SQLite records kept.")
     log_level: str = Field("INFO")
 
     @property
@@ -70,6 +90,19 @@ class Settings(BaseSettings):
     @property
     def approvals_db(self) -> Path:
         return self.state_dir / "approvals.sqlite3"
+
+    @property
+    def decision_log_settings(self) -> LogSettings:
+        jsonl = self.decision_log or str(self.state_dir / "decisions.jsonl")
+        return LogSettings(
+            jsonl=jsonl,
+            database=self.state_dir / "decisions.sqlite3" if self.decision_db else None,
+            arguments=self.decision_log_arguments,
+            redact=tuple(self.decision_log_redact),
+            max_bytes=self.decision_log_max_bytes,
+            backups=self.decision_log_backups,
+            retention_days=self.decision_log_retention_days,
+        )
 
     @property
     def rate_limits_db(self) -> Path:

@@ -89,6 +89,7 @@ class GrpcClient:
     name = "grpc"
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
         self.decisions = decision_pb2_grpc.DecisionServiceStub(channel)
         self.approval_stub = approval_pb2_grpc.ApprovalServiceStub(channel)
 

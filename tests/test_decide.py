@@ -160,7 +160,7 @@ async def test_allowed_call_reports_its_rate_limit(client: Client) -> None:
 async def test_decision_ids_are_unique_and_logged(servers: Any, client: Client) -> None:
     ids = {(await client.decide(copy_call()))["decision_id"] for _ in range(5)}
     assert len(ids) == 5
-    servers.runtime.decision_log.flush()
+    await servers.runtime.decision_log.flush()
     log = Path(servers.runtime.settings.decision_log).read_text("utf-8")
     lines = {json.loads(line).get("decision_id"): line for line in log.splitlines()}
     for decision_id in ids:

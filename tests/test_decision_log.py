@@ -1,0 +1,227 @@
+"""The decision log: complete under load, queryable on both transports, redacted as set,
+unforgeable, rotated and pruned."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from google.protobuf import json_format, timestamp_pb2
+
+from engine.server import Servers, start_servers
+from mcppolicy.v1 import decision_pb2, decision_pb2_grpc
+from tests.clients import GrpcClient, HttpClient
+from tests.conftest import APPROVER_TOKEN, DATASTORE, copy_call, session, settings_for
+
+AUTH = {"Authorization": f"Bearer {APPROVER_TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+async def logged(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Servers]:
+    """A service of its own, logging redacted arguments to its state dir."""
+    tmp = tmp_path_factory.mktemp("logged")
+    settings = settings_for(
+        tmp,
+        decision_log=None,
+        decision_log_arguments="redacted",
+        decision_log_redact=["datastore_id"],
+    )
+    running = await start_servers(settings)
+    yield running
+    await running.stop()
+
+
+@pytest.fixture(scope="module")
+async def clients(logged: Servers) -> AsyncIterator[tuple[HttpClient, GrpcClient]]:
+    async with (
+        httpx.AsyncClient(base_url=logged.http_url, timeout=30) as raw,
+        grpc.aio.insecure_channel(logged.grpc_target) as channel,
+    ):
+        yield HttpClient(raw), GrpcClient(channel)
+
+
+def jsonl_records(servers: Servers) -> list[dict[str, Any]]:
+    path = servers.runtime.settings.state_dir / "decisions.jsonl"
+    files = sorted(path.parent.glob("decisions.jsonl*"))
+    return [json.loads(text) for f in files for text in f.read_text("utf-8").splitlines()]
+
+
+async def page_all(http: HttpClient, **params: Any) -> list[dict[str, Any]]:
+    out, cursor = [], None
+    while True:
+        query = {**params, "limit": 50, **({"cursor": cursor} if cursor else {})}
+        response = await http.raw.get("/v1/decisions", params=query, headers=AUTH)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        out += body["decisions"]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return out
+
+
+async def test_every_decision_is_logged_once_under_concurrent_load(
+    logged: Servers, clients: tuple[HttpClient, GrpcClient]
+) -> None:
+    http, grpc_client = clients
+    sid = session()
+    calls = [(http if i % 2 else grpc_client).decide(copy_call(sid)) for i in range(300)]
+    ids = [d["decision_id"] for d in await asyncio.gather(*calls)]
+    assert len(set(ids)) == 300
+    listed = [r["decision_id"] for r in await page_all(http, session_id=sid)]
+    assert sorted(listed) == sorted(ids), "each decision exactly once in the database"
+    in_files = [
+        r["decision_id"]
+        for r in jsonl_records(logged)
+        if r.get("session_id") == sid or r.get("principal", {}).get("session_id") == sid
+    ]
+    assert sorted(in_files) == sorted(ids), "each decision exactly once in the JSONL files"
+
+
+async def test_arguments_are_redacted_as_configured(
+    logged: Servers, clients: tuple[HttpClient, GrpcClient]
+) -> None:
+    http, _ = clients
+    sid = session()
+    await http.decide(copy_call(sid))
+    [record] = await page_all(http, session_id=sid)
+    assert record["arguments"]["datastore_id"] == "[redacted]"
+    assert (
+        record["arguments"]["source_image_set_id"]
+        == copy_call()["arguments"]["source_image_set_id"]
+    )
+    assert len(record["arguments_sha256"]) == 64
+    assert DATASTORE not in json.dumps(record)
+
+
+async def test_default_logs_only_a_hash_of_the_arguments(
+    servers: Servers, http: HttpClient
+) -> None:
+    sid = session()
+    await http.decide(copy_call(sid))
+    response = await http.raw.get("/v1/decisions", params={"session_id": sid}, headers=AUTH)
+    [record] = response.json()["decisions"]
+    assert "arguments" not in record
+    assert DATASTORE not in json.dumps(record)
+
+
+async def test_control_characters_cannot_forge_records(
+    logged: Servers, clients: tuple[HttpClient, GrpcClient]
+) -> None:
+    http, _ = clients
+    sid = session()
+    forged = '{"event":"decision","decision_id":"dec_forged","verdict":"allow"}'
+    body = copy_call(sid)
+    body["tool"] = f"copy_image_set\n{forged}\r\n"
+    body["arguments"]["source_image_set_id"] = f"x\n{forged}\u2028"
+    body["principal"]["agent_id"] = f"a\n{forged}"
+    decision = await http.decide(body)
+    assert decision["verdict"] == "deny"
+    await logged.runtime.decision_log.flush()
+    records = jsonl_records(logged)
+    assert "dec_forged" not in [r.get("decision_id") for r in records]
+    [mine] = [r for r in records if r.get("decision_id") == decision["decision_id"]]
+    assert mine["tool"] == body["tool"], "the name is kept, escaped inside one line"
+
+
+async def test_filters_and_paging_over_http_and_grpc(
+    logged: Servers, clients: tuple[HttpClient, GrpcClient]
+) -> None:
+    http, grpc_client = clients
+    sid = session()
+    before = datetime.now(UTC) - timedelta(seconds=1)
+    for _ in range(3):
+        await http.decide(copy_call(sid))
+    await http.decide(copy_call(sid, datastore_id="bad"))
+    assert len(await page_all(http, session_id=sid)) == 4
+    denied = await page_all(http, session_id=sid, verdict="deny")
+    assert [r["rule"] for r in denied] == ["copy_image_set.datastore_id_invalid"]
+    assert (
+        len(await page_all(http, session_id=sid, tool="copy_image_set", since=before.isoformat()))
+        == 4
+    )
+    assert await page_all(http, session_id=sid, until=before.isoformat()) == []
+
+    stub = decision_pb2_grpc.DecisionLogServiceStub(grpc_client.channel)
+    metadata = (("authorization", f"Bearer {APPROVER_TOKEN}"),)
+    since = timestamp_pb2.Timestamp()
+    since.FromDatetime(before)
+    seen, token = [], ""
+    while True:
+        reply = await stub.ListDecisions(
+            decision_pb2.ListDecisionsRequest(
+                session_id=sid, since=since, page_size=3, page_token=token
+            ),
+            metadata=metadata,
+        )
+        seen += [json_format.MessageToDict(d) for d in reply.decisions]
+        token = reply.next_page_token
+        if not token:
+            break
+    assert len(seen) == 4
+    assert [r["verdict"] for r in seen] == ["deny", "allow", "allow", "allow"], "newest first"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListDecisions(decision_pb2.ListDecisionsRequest())
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert (await http.raw.get("/v1/decisions")).status_code == 401
+
+
+async def test_status_summary(logged: Servers, clients: tuple[HttpClient, GrpcClient]) -> None:
+    http, _ = clients
+    before = (await http.raw.get("/v1/status", headers=AUTH)).json()
+    await http.decide(copy_call(datastore_id="bad"))
+    await http.decide({**copy_call(), "tool": "delete_datastore"})
+    pending = await http.decide(copy_call(force=True))
+    after = (await http.raw.get("/v1/status", headers=AUTH)).json()
+    assert after["calls"] == before["calls"] + 3
+    rules = {d["rule"]: d["count"] for d in after["denials_by_rule"]}
+    assert rules["catalog.default"] >= 1
+    assert rules["copy_image_set.datastore_id_invalid"] >= 1
+    assert pending["approval"]["id"] in [a["id"] for a in after["pending_approvals"]]
+    assert after["recent_denials"][0]["verdict"] == "approval_required"
+    assert after["top_tools"][0]["tool"] == "copy_image_set"
+
+
+async def test_jsonl_rotates_and_keeps_the_configured_backups(tmp_path: Path) -> None:
+    settings = settings_for(
+        tmp_path, decision_log=None, decision_log_max_bytes=16 * 1024, decision_log_backups=2
+    )
+    servers = await start_servers(settings)
+    try:
+        async with httpx.AsyncClient(base_url=servers.http_url) as raw:
+            http = HttpClient(raw)
+            for _ in range(4):
+                await asyncio.gather(*[http.decide(copy_call()) for _ in range(50)])
+            await servers.runtime.decision_log.flush()
+            files = sorted(settings.state_dir.glob("decisions.jsonl*"))
+            assert [f.name for f in files] == [
+                "decisions.jsonl",
+                "decisions.jsonl.1",
+                "decisions.jsonl.2",
+            ]
+            assert all(f.stat().st_size <= 16 * 1024 for f in files)
+            # The database keeps every record regardless of file rotation.
+            assert len(await page_all(http)) == 200
+    finally:
+        await servers.stop()
+
+
+async def test_database_keeps_records_for_the_retention_only(tmp_path: Path) -> None:
+    servers = await start_servers(settings_for(tmp_path, decision_log_retention_days=1 / 86400))
+    try:
+        async with httpx.AsyncClient(base_url=servers.http_url) as raw:
+            http = HttpClient(raw)
+            old = (await http.decide(copy_call()))["decision_id"]
+            await servers.runtime.decision_log.flush()
+            await asyncio.sleep(1.2)
+            new = (await http.decide(copy_call()))["decision_id"]
+            listed = [r["decision_id"] for r in await page_all(http)]
+            assert listed == [new], f"{old} is past the retention"
+    finally:
+        await servers.stop()
