@@ -219,11 +219,19 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.get("/readyz", summary="Readiness: OPA answers and the policy is loaded")
     async def readyz() -> JSONResponse:
         ready = await runtime.ready()
+        last = runtime.policy.last_reload
         body = {
             "status": "ready" if ready else "not ready",
             "policy_revision": runtime.policy.revision,
+            "last_reload": last.as_dict() if last else None,
         }
         return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.post("/v1/policy/reload", summary="Read rego/ and policies/ again and apply (operator)")
+    async def reload(_: Approver) -> dict[str, Any]:
+        previous = runtime.policy.revision
+        revision = await runtime.policy.load()
+        return {"policy_revision": revision, "changed": revision != previous}
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -1,12 +1,24 @@
-"""The running policy: which bundle OPA holds, its revision, and loading a new one."""
+"""The running policy: which bundle OPA holds, its revision, loading and reloading.
+
+A new bundle replaces the running one only when its data matches the policy schema and
+OPA accepted all of its modules; otherwise `PolicyRejected` (with the schema's or OPA's
+messages) is raised, recorded as the last reload, and the running policy keeps serving.
+Counters and approvals live in the state stores and are never touched by a reload.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from engine.errors import PolicyUnavailable
+import jsonschema
+
+from engine.errors import PolicyRejected, PolicyUnavailable
 from engine.opa import Opa
 from engine.policy_source import PolicyBundle, read_bundle
 
@@ -15,35 +27,111 @@ log = logging.getLogger(__name__)
 NO_REVISION = "none"
 
 
+@dataclass
+class ReloadStatus:
+    """What the last load or reload did; shown in /readyz."""
+
+    time: str
+    ok: bool
+    revision: str
+    changed: bool
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "time": self.time,
+            "ok": self.ok,
+            "revision": self.revision,
+            "changed": self.changed,
+            "errors": self.errors,
+        }
+
+
+def _files_state(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    """A cheap fingerprint of the policy files: path, mtime and size of each."""
+    out = []
+    for root in paths:
+        if not root.is_dir():
+            continue
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                stat = path.stat()
+                out.append((str(path), stat.st_mtime_ns, stat.st_size))
+    return tuple(out)
+
+
 class Policy:
-    """Keeps OPA loaded with the last good bundle.
+    """Keeps OPA loaded with the last good bundle."""
 
-    A new bundle replaces the running one only when OPA accepted all of it; otherwise
-    `PolicyRejected` (with OPA's messages) is raised and the running one stays.
-    """
-
-    def __init__(self, opa: Opa, paths: list[Path]) -> None:
+    def __init__(self, opa: Opa, paths: list[Path], schema_path: Path | None = None) -> None:
         self.opa = opa
         self.paths = paths
         self.bundle: PolicyBundle | None = None
         self.loaded = False
+        self.last_reload: ReloadStatus | None = None
+        self.reloads = {"applied": 0, "unchanged": 0, "rejected": 0}
+        self._schema: dict[str, Any] | None = (
+            json.loads(schema_path.read_text("utf-8")) if schema_path is not None else None
+        )
         self._lock = asyncio.Lock()
+        self._seen_files: tuple[tuple[str, int, int], ...] | None = None
 
     @property
     def revision(self) -> str:
         return self.bundle.revision if self.bundle is not None else NO_REVISION
 
+    def validate(self, bundle: PolicyBundle) -> None:
+        """Check the policy data against the schema; raise PolicyRejected listing problems."""
+        if self._schema is None:
+            return
+        validator = jsonschema.Draft202012Validator(self._schema)
+        problems = sorted(validator.iter_errors(bundle.data), key=lambda e: list(e.path))
+        if problems:
+            messages = [
+                "data." + ".".join(str(p) for p in problem.absolute_path) + f": {problem.message}"
+                for problem in problems
+            ]
+            raise PolicyRejected(
+                "the policy data does not match the schema: " + "; ".join(messages[:5]), messages
+            )
+
     async def load(self, bundle: PolicyBundle | None = None) -> str:
         """Load `bundle` (default: read from `paths`); return the revision now running."""
         async with self._lock:
-            if bundle is None:
-                bundle = read_bundle(self.paths)
-            await self.opa.load(bundle)
-            if self.bundle is None or bundle.revision != self.bundle.revision:
+            now = datetime.now(UTC).isoformat(timespec="seconds")
+            try:
+                if bundle is None:
+                    self._seen_files = await asyncio.to_thread(_files_state, self.paths)
+                    bundle = await asyncio.to_thread(read_bundle, self.paths)
+                changed = self.bundle is None or bundle.revision != self.bundle.revision
+                if changed or not self.loaded:
+                    self.validate(bundle)
+                    await self.opa.load(bundle)
+            except PolicyRejected as exc:
+                self.reloads["rejected"] += 1
+                self.last_reload = ReloadStatus(now, False, self.revision, False, exc.errors)
+                log.error("policy rejected, still serving %s: %s", self.revision, exc.message)
+                raise
+            self.reloads["applied" if changed else "unchanged"] += 1
+            if changed:
                 log.info("policy %s loaded (%d modules)", bundle.revision, len(bundle.modules))
             self.bundle = bundle
             self.loaded = True
+            self.last_reload = ReloadStatus(now, True, bundle.revision, changed)
             return bundle.revision
+
+    async def reload_if_changed(self) -> None:
+        """Reload when a file under `paths` changed since the last read (the watcher)."""
+        state = await asyncio.to_thread(_files_state, self.paths)
+        if state == self._seen_files:
+            return
+        try:
+            await self.load()
+        except PolicyRejected:
+            self._seen_files = state  # reported once; wait for the next edit
+        except PolicyUnavailable as exc:
+            log.warning("policy reload could not reach OPA: %s", exc)
+            self._seen_files = None  # try again at the next tick
 
     def mark_stale(self) -> None:
         """OPA seems to have lost the policy (a restart): reload at the next chance."""

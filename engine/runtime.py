@@ -53,7 +53,7 @@ class Runtime:
             opa_url = self.opa_process.url
         opa_token = settings.opa_token.get_secret_value() if settings.opa_token else None
         self.opa = Opa(opa_url, timeout=settings.opa_timeout_ms / 1000, token=opa_token)
-        self.policy = Policy(self.opa, settings.policy_paths)
+        self.policy = Policy(self.opa, settings.policy_paths, settings.policy_schema)
         self._redis: Any = None
         self.rate_limits, self.approvals = self._stores(settings)
         self.decision_log = DecisionLog(settings.decision_log_settings)
@@ -71,6 +71,7 @@ class Runtime:
         )
         self._readiness_listeners: list[Callable[[bool], Awaitable[None]]] = []
         self._watch: asyncio.Task[None] | None = None
+        self._reloader: asyncio.Task[None] | None = None
         self._last_ready: bool | None = None
 
     def _stores(self, settings: Settings) -> tuple[RateLimitStore, ApprovalStore]:
@@ -122,6 +123,17 @@ class Runtime:
         await self.opa.open()
         await self.policy.load()
         self._watch = asyncio.create_task(self._watch_readiness(), name="readiness")
+        if self.settings.reload_interval_seconds > 0:
+            self._reloader = asyncio.create_task(self._watch_files(), name="policy-watch")
+
+    async def _watch_files(self) -> None:
+        """Hot reload: apply edits of the policy files; a broken edit is rejected and logged."""
+        while True:
+            await asyncio.sleep(self.settings.reload_interval_seconds)
+            try:
+                await self.policy.reload_if_changed()
+            except Exception:
+                log.exception("policy watch failed")
 
     async def _after_opa_restart(self) -> None:
         self.policy.mark_stale()
@@ -156,10 +168,11 @@ class Runtime:
             raise PermissionDenied("the credential presented is not the approver credential")
 
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
+        for task in (self._watch, self._reloader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.opa.close()
         if self.opa_process is not None:
             await self.opa_process.stop()

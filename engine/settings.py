@@ -38,6 +38,13 @@ class Settings(BaseSettings):
         default_factory=lambda: [PROJECT_ROOT / "rego", PROJECT_ROOT / "policies"],
         description="Directories of Rego modules and YAML/JSON data loaded into OPA.",
     )
+    policy_schema: Path | None = Field(
+        PROJECT_ROOT / "schema" / "mcp_policy.schema.json",
+        description="JSON Schema the policy data must match to be loaded.",
+    )
+    reload_interval_seconds: float = Field(
+        1.0, ge=0, description="How often the policy files are checked for changes; 0: never."
+    )
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     max_json_depth: int = Field(24, ge=2, le=30)
     approval_ttl_seconds: float = Field(900, gt=0, description="How long a pending approval waits.")

@@ -42,6 +42,7 @@ def settings_for(tmp: Path, **overrides: Any) -> Settings:
         "state_dir": tmp / "state",
         "approver_token": APPROVER_TOKEN,
         "decision_log": str(tmp / "decisions.jsonl"),
+        "reload_interval_seconds": 0,  # tests that watch files turn it on
     }
     values.update(overrides)
     return Settings(**values)

@@ -1,0 +1,127 @@
+"""Hot reload: edits to rego/ and policies/ apply by themselves, broken ones are rejected
+while decisions go on without a single error, and counters stay as they were."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from engine.server import Servers, start_servers
+from tests.clients import HttpClient
+from tests.conftest import APPROVER_TOKEN, copy_call, copy_policy, session, settings_for
+
+AUTH = {"Authorization": f"Bearer {APPROVER_TOKEN}"}
+
+
+class Watched:
+    def __init__(self, servers: Servers, rego: Path, data: Path, http: HttpClient) -> None:
+        self.servers, self.rego, self.data, self.http = servers, rego, data, http
+
+    @property
+    def revision(self) -> str:
+        return self.servers.runtime.policy.revision
+
+    async def readyz(self) -> dict[str, Any]:
+        body: dict[str, Any] = (await self.http.raw.get("/readyz")).json()
+        return body
+
+
+@pytest.fixture
+async def watched(tmp_path: Path) -> AsyncIterator[Watched]:
+    rego, data = copy_policy(tmp_path)
+    settings = settings_for(tmp_path, policy_paths=[rego, data], reload_interval_seconds=0.1)
+    servers = await start_servers(settings)
+    async with httpx.AsyncClient(base_url=servers.http_url) as raw:
+        yield Watched(servers, rego, data, HttpClient(raw))
+    await servers.stop()
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, "not reached in time"
+        await asyncio.sleep(0.05)
+
+
+async def decide_continuously(http: HttpClient, stop: asyncio.Event) -> list[dict[str, Any]]:
+    """Decisions one after another until `stop`; each must be a 200 answer."""
+    seen = []
+    while not stop.is_set():
+        seen.append(await http.decide(copy_call()))
+    return seen
+
+
+async def test_valid_edit_applies_and_keeps_counters(watched: Watched) -> None:
+    sid = session()
+    for _ in range(2):
+        await watched.http.decide(copy_call(sid))
+    before = watched.revision
+    rules = watched.data / "rules.yaml"
+    rules.write_text(rules.read_text().replace("max: 10", "max: 4"))
+
+    async def applied() -> bool:
+        return watched.revision != before
+
+    await until(applied)
+    decision = await watched.http.decide(copy_call(sid))
+    assert decision["policy_revision"] == watched.revision
+    assert decision["rate_limit"]["limit"] == 4
+    assert decision["rate_limit"]["remaining"] == 4 - 3, "counters survive the reload"
+    last = (await watched.readyz())["last_reload"]
+    assert last["ok"] is True and last["changed"] is True
+
+
+@pytest.mark.parametrize(
+    ("path", "edit", "words"),
+    [
+        ("rego/mcp/decision.rego", lambda text: text + "\nbroken := {\n", "decision.rego"),
+        (
+            "policies/rules.yaml",
+            lambda text: text.replace("action: rate_limit", "action: maybe"),
+            "data.mcp_policy.rules.copy_image_set",
+        ),
+        ("policies/rules.yaml", lambda text: text + "\n  : [\n", "rules.yaml"),
+    ],
+)
+async def test_broken_edit_is_rejected_while_decisions_continue(
+    watched: Watched, path: str, edit: Callable[[str], str], words: str
+) -> None:
+    before = watched.revision
+    stop = asyncio.Event()
+    traffic = asyncio.create_task(decide_continuously(watched.http, stop))
+    await asyncio.sleep(0.2)
+    target = watched.rego.parent / path
+    target.write_text(edit(target.read_text()))
+
+    async def rejected() -> bool:
+        last = (await watched.readyz())["last_reload"]
+        return last is not None and last["ok"] is False
+
+    await until(rejected)
+    await asyncio.sleep(0.3)
+    stop.set()
+    decisions = await traffic
+    assert len(decisions) > 5
+    assert all(d["verdict"] == "allow" for d in decisions), "not a single error"
+    assert {d["policy_revision"] for d in decisions} == {before}
+    body = await watched.readyz()
+    assert body["status"] == "ready"
+    assert body["policy_revision"] == before
+    assert any(words in error for error in body["last_reload"]["errors"])
+
+
+async def test_reload_endpoint(watched: Watched) -> None:
+    response = await watched.http.raw.post("/v1/policy/reload", headers=AUTH)
+    assert response.json() == {"policy_revision": watched.revision, "changed": False}
+    assert (await watched.http.raw.post("/v1/policy/reload")).status_code == 401
+    decision_rego = watched.rego / "mcp" / "decision.rego"
+    decision_rego.write_text(decision_rego.read_text() + "\nbroken := {\n")
+    rejected = await watched.http.raw.post("/v1/policy/reload", headers=AUTH)
+    assert rejected.status_code == 409
+    assert any("decision.rego" in e for e in rejected.json()["error"]["errors"])
