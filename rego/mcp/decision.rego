@@ -10,8 +10,12 @@
 #                       (cost: a number >= 0 this call counts against the
 #                       limit; the engine counts 1 when it is absent)
 #     allow             {"rule", "reason"?}
-#   The most restrictive level with a contribution wins:
-#   deny > require_approval > rate_limit > allow. No contribution at all is a deny.
+#   Any entry may also carry "shadow": a boolean, false when absent. A shadow
+#   entry (true) is tried, not enforced: it never changes the decision and is
+#   listed in decision.shadow instead ("would deny", "would rate-limit", ...).
+#   The most restrictive level with an enforced contribution wins:
+#   deny > require_approval > rate_limit > allow. No enforced contribution at
+#   all is a deny.
 package mcp
 
 import data.mcp.catalog
@@ -60,6 +64,14 @@ _well_formed("allow", c) if {
 	is_string(object.get(c, "reason", ""))
 }
 
+# Well formed for its level, with a boolean "shadow" when there is one.
+_valid(level, c) if {
+	_well_formed(level, c)
+	is_boolean(object.get(c, "shadow", false))
+}
+
+_is_shadow(c) if c.shadow == true
+
 # The contribution sets of every rule package directly under data.mcp.rules.
 # One body per level so that only those four rules of each package are evaluated.
 _sets contains {"package": name, "level": "deny", "value": value} if {
@@ -96,24 +108,38 @@ _invalid(name, level) := {
 # METADATA
 # title: Contributions
 # description: |
-#   {"level", "entry"} for every well-formed contribution. A malformed entry, or
-#   a contribution rule that is not a set, becomes a deny
-#   (decision.invalid_contribution): a broken policy never allows.
+#   {"level", "entry"} for every well-formed enforced (not shadow) contribution.
+#   A malformed entry (shadow or not, including a "shadow" that is not a
+#   boolean), or a contribution rule that is not a set, becomes an enforced
+#   deny (decision.invalid_contribution): a broken policy never allows.
 # scope: document
 contributions contains {"level": e.level, "entry": e.entry} if {
 	some e in _entries
-	_well_formed(e.level, e.entry)
+	_valid(e.level, e.entry)
+	not _is_shadow(e.entry)
 }
 
 contributions contains {"level": "deny", "entry": _invalid(e.package, e.level)} if {
 	some e in _entries
-	not _well_formed(e.level, e.entry)
+	not _valid(e.level, e.entry)
 }
 
 contributions contains {"level": "deny", "entry": _invalid(s.package, s.level)} if {
 	some s in _sets
 	not is_set(s.value)
 	not is_array(s.value)
+}
+
+# METADATA
+# title: Shadow contributions
+# description: |
+#   {"level", "entry"} for every well-formed contribution with "shadow": true.
+#   They decide nothing; decision.shadow lists them.
+# scope: document
+shadow_contributions contains {"level": e.level, "entry": e.entry} if {
+	some e in _entries
+	_valid(e.level, e.entry)
+	_is_shadow(e.entry)
 }
 
 _at[level] := {c.entry | some c in contributions; c.level == level} if some level in _levels
@@ -164,6 +190,30 @@ _approval := {"approval": object.union({"rule": _rule, "reason": _reason}, _ttl)
 	_action == "require_approval"
 }
 
+_rank[level] := i if some i, level in _levels
+
+# What decision.shadow shows of one shadow contribution: its level, rule and
+# reason (generated like the decision's when the entry has none), and for a
+# rate limit the limit itself.
+_shadow_reason(level, c) := c.reason if {
+	is_string(c.reason)
+	c.reason != ""
+} else := sprintf("%s by rule %s", [level, c.rule])
+
+_shadow_limit("rate_limit", c) := object.filter(c, ["max", "window_seconds", "scope", "cost"])
+
+_shadow_limit(level, _) := {} if level != "rate_limit"
+
+_shadow_view(level, c) := object.union(
+	_shadow_limit(level, c),
+	{"level": level, "rule": c.rule, "reason": _shadow_reason(level, c)},
+)
+
+# Sorted by rule id, then level in precedence order (ties in value order).
+_shadow := [x[2] |
+	some x in sort({[c.entry.rule, _rank[c.level], _shadow_view(c.level, c.entry)] | some c in shadow_contributions})
+]
+
 # METADATA
 # title: Decision
 # description: |
@@ -178,7 +228,12 @@ _approval := {"approval": object.union({"rule": _rule, "reason": _reason}, _ttl)
 #                  (cost only when the contribution gave one)
 #     approval     only for require_approval: {rule, reason, ttl_seconds?}
 #                  (ttl_seconds is the smallest one given)
-#     matched      sorted ids of every contribution that matched
+#     matched      sorted ids of every enforced contribution that matched
+#     shadow       every shadow contribution (tried, not enforced), sorted by
+#                  rule id then level (deny, require_approval, rate_limit,
+#                  allow); each {level, rule, reason} and, for a rate_limit,
+#                  {max, window_seconds, scope, cost?}; [] when none. Listed
+#                  whatever the action (also on deny).
 #     tool         {known, category?, risk?} from the catalog
 # entrypoint: true
 decision := object.union(
@@ -188,6 +243,7 @@ decision := object.union(
 		"reason": _reason,
 		"rate_limits": _rate_limits,
 		"matched": sort({c.entry.rule | some c in contributions}),
+		"shadow": _shadow,
 		"tool": catalog.tool,
 	},
 	_approval,

@@ -45,6 +45,7 @@ test_shipped_rate_limit_when_valid_copy_on_either_server if {
 			"reason": "at most 10 calls per 60 seconds per session",
 			"rate_limits": [_shipped_limit],
 			"matched": ["catalog.rule.copy_image_set"],
+			"shadow": [],
 			"tool": _copy_tool,
 		}
 	}
@@ -58,6 +59,7 @@ test_shipped_deny_when_copy_on_unknown_server if {
 		"reason": `tool "copy_image_set" on server "awslabs.s3-mcp-server" is denied (not in the policy catalog)`,
 		"rate_limits": [],
 		"matched": ["catalog.default"],
+		"shadow": [],
 		"tool": {"known": false},
 	}
 }
@@ -109,6 +111,7 @@ test_shipped_require_approval_with_limit_when_force_true if {
 			"reason": "copy_image_set with force=true overwrites a destination image set that has changed",
 		},
 		"matched": ["catalog.rule.copy_image_set", "copy_image_set.force_overwrite"],
+		"shadow": [],
 		"tool": _copy_tool,
 	}
 }
@@ -311,9 +314,40 @@ test_shipped_deny_when_session_missing_on_valid_copy if {
 test_shipped_decision_always_has_required_fields if {
 	every request in [_copy({}), _copy({"force": true}), {}, _request("x", "y", {})] {
 		d := mcp.decision with input as request
-		every key in ["action", "rule", "reason", "rate_limits", "matched", "tool"] {
+		every key in ["action", "rule", "reason", "rate_limits", "matched", "shadow", "tool"] {
 			key in object.keys(d)
 		}
 		d.action in {"allow", "deny", "rate_limit", "require_approval"}
+	}
+}
+
+test_shipped_shadow_empty_when_shipped_policy if {
+	every request in [_copy({}), _copy({"force": true}), _copy({"force": "yes"}), {}, _request("x", "y", {})] {
+		d := mcp.decision with input as request
+		d.shadow == []
+	}
+}
+
+test_shipped_limit_enforced_and_trial_limit_listed_when_user_package_adds_shadow_limit if {
+	trial := {
+		"rule": "extra.copies_per_user",
+		"max": 50,
+		"window_seconds": 3600,
+		"scope": "user",
+		"reason": "at most 50 copies per hour per user",
+		"shadow": true,
+	}
+
+	# mcp.rules.extra stands for a package a user adds; it does not exist in this repository.
+	# regal ignore:unresolved-reference
+	d := mcp.decision with input as _copy({}) with mcp.rules.extra.rate_limit as {trial}
+	d == {
+		"action": "rate_limit",
+		"rule": "catalog.rule.copy_image_set",
+		"reason": "at most 10 calls per 60 seconds per session",
+		"rate_limits": [_shipped_limit],
+		"matched": ["catalog.rule.copy_image_set"],
+		"shadow": [object.union(object.remove(trial, ["shadow"]), {"level": "rate_limit"})],
+		"tool": _copy_tool,
 	}
 }

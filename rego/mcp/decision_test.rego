@@ -41,6 +41,7 @@ test_allow_when_only_allow if {
 		"reason": "a.one says yes",
 		"rate_limits": [],
 		"matched": ["a.one"],
+		"shadow": [],
 		"tool": _unknown_tool,
 	}
 }
@@ -53,6 +54,7 @@ test_rate_limit_when_only_rate_limit if {
 		"reason": "l.one: 5 per minute",
 		"rate_limits": [_limit("l.one", 5)],
 		"matched": ["l.one"],
+		"shadow": [],
 		"tool": _unknown_tool,
 	}
 }
@@ -66,6 +68,7 @@ test_require_approval_when_only_require_approval if {
 		"rate_limits": [],
 		"approval": {"rule": "r.one", "reason": "r.one wants a human"},
 		"matched": ["r.one"],
+		"shadow": [],
 		"tool": _unknown_tool,
 	}
 }
@@ -78,6 +81,7 @@ test_deny_when_only_deny if {
 		"reason": "d.one says no",
 		"rate_limits": [],
 		"matched": ["d.one"],
+		"shadow": [],
 		"tool": _unknown_tool,
 	}
 }
@@ -90,6 +94,7 @@ test_deny_no_match_when_no_contribution if {
 		"reason": "no policy rule matched this call",
 		"rate_limits": [],
 		"matched": [],
+		"shadow": [],
 		"tool": _unknown_tool,
 	}
 }

@@ -14,7 +14,10 @@
 #   names the tool and what is wrong. A weighted rate limit (rate_limit
 #   {..., increment_from: <argument>}) costs the value of that tool argument per
 #   call; a call whose argument is not a number >= 0 is denied
-#   (catalog.rate_limit_cost_invalid).
+#   (catalog.rate_limit_cost_invalid). A rule with shadow: true is tried, not
+#   enforced: every contribution made for it (its action and its rate limit)
+#   carries "shadow": true. The denies reporting a problem (invalid or missing
+#   rule, invalid data, invalid cost) are never shadow.
 package mcp.rules.catalog
 
 import data.mcp.catalog
@@ -23,7 +26,7 @@ _actions := {"allow", "deny", "rate_limit", "require_approval"}
 
 _scopes := {"session", "agent", "user", "global"}
 
-_rule_keys := {"action", "reason", "rate_limit", "approval"}
+_rule_keys := {"action", "reason", "rate_limit", "approval", "shadow"}
 
 _limit_keys := {"max", "window", "scope", "increment_from"}
 
@@ -189,7 +192,7 @@ errors contains "must be an object with an action, or just an action name" if {
 errors contains msg if {
 	keys := sort(object.keys(_rule) - _rule_keys)
 	count(keys) > 0
-	msg := sprintf("unknown key(s) %s; allowed: action, reason, rate_limit, approval", [concat(", ", keys)])
+	msg := sprintf("unknown key(s) %s; allowed: action, reason, rate_limit, approval, shadow", [concat(", ", keys)])
 }
 
 errors contains "has no action" if {
@@ -207,6 +210,12 @@ errors contains msg if {
 	reason := _rule.reason
 	not is_string(reason)
 	msg := sprintf("reason must be a string, got %s", [_show(reason)])
+}
+
+errors contains msg if {
+	shadow := _rule.shadow
+	not is_boolean(shadow)
+	msg := sprintf("shadow must be true or false, got %s", [_show(shadow)])
 }
 
 errors contains "action rate_limit needs a rate_limit, e.g. {max: 10, window: 60}" if {
@@ -329,16 +338,23 @@ default _ttl := {}
 
 _ttl := {"ttl_seconds": _rule.approval.ttl} if _has(_rule.approval, "ttl")
 
+# What every contribution made for the applied rule adds: {"shadow": true} for
+# a rule with shadow: true, nothing otherwise (enforced).
+default _shadow := {}
+
+_shadow := {"shadow": true} if _rule.shadow == true
+
 # METADATA
 # title: Deny contributions
 # description: |
-#   The applied rule when its action is deny; catalog.invalid_rule for each
+#   The applied rule when its action is deny (shadow when the rule is);
+#   never shadow: catalog.invalid_rule for each
 #   problem in the applied rule; catalog.missing_rule when no rule applies;
 #   catalog.invalid_data when a part of the policy data has the wrong type;
 #   catalog.rate_limit_cost_invalid when a weighted rate limit's argument is
 #   missing, not a number or negative.
 # scope: document
-deny contains {"rule": applied.id, "reason": _reason} if {
+deny contains object.union({"rule": applied.id, "reason": _reason}, _shadow) if {
 	_valid
 	_rule.action == "deny"
 }
@@ -389,9 +405,11 @@ deny contains {
 
 # METADATA
 # title: Require-approval contributions
-# description: The applied rule when its action is require_approval (with ttl_seconds from approval.ttl).
+# description: |
+#   The applied rule when its action is require_approval (with ttl_seconds from
+#   approval.ttl; shadow when the rule is).
 # scope: document
-require_approval contains object.union({"rule": applied.id, "reason": _reason}, _ttl) if {
+require_approval contains object.union_n([{"rule": applied.id, "reason": _reason}, _ttl, _shadow]) if {
 	_valid
 	_rule.action == "require_approval"
 }
@@ -402,12 +420,14 @@ require_approval contains object.union({"rule": applied.id, "reason": _reason}, 
 #   The limit of the applied rule, whatever its (non-deny) action; max is
 #   written as an integer (10.0 in YAML becomes 10). A weighted limit adds
 #   "cost" (the counted argument); an unweighted one has no cost (counts 1).
-#   None when the counted argument is unusable (that call is denied instead).
+#   None when the counted argument is unusable (that call is denied instead,
+#   even when the rule is shadow). Shadow when the rule is.
 # scope: document
 rate_limit contains object.union_n([
 	limit,
 	{"rule": applied.id, "max": floor(limit.max), "reason": _limit_reason},
 	_cost_field, # undefined for an unusable argument: no contribution
+	_shadow,
 ]) if {
 	_valid
 	limit
@@ -415,9 +435,9 @@ rate_limit contains object.union_n([
 
 # METADATA
 # title: Allow contributions
-# description: The applied rule when its action is allow.
+# description: The applied rule when its action is allow (shadow when the rule is).
 # scope: document
-allow contains {"rule": applied.id, "reason": _reason} if {
+allow contains object.union({"rule": applied.id, "reason": _reason}, _shadow) if {
 	_valid
 	_rule.action == "allow"
 }

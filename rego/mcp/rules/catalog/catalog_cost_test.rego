@@ -213,6 +213,7 @@ test_decision_rate_limit_carries_cost_when_weighted if {
 		"reason": `at most a total "amount" of 1000 per 3600 seconds per user`,
 		"rate_limits": [_spend_limit(12.5)],
 		"matched": ["catalog.rule.pay"],
+		"shadow": [],
 		"tool": {"known": true, "category": "write", "risk": "medium"},
 	}
 }
@@ -225,6 +226,7 @@ test_decision_deny_when_weighted_argument_invalid if {
 		"reason": _cost_invalid.reason,
 		"rate_limits": [],
 		"matched": ["catalog.rate_limit_cost_invalid"],
+		"shadow": [],
 		"tool": {"known": true, "category": "write", "risk": "medium"},
 	}
 }

@@ -34,7 +34,7 @@ test_invalid_rule_one_deny_per_problem_when_several if {
 	catalog.errors == {
 		"has no action",
 		"reason must be a string, got 7",
-		"unknown key(s) colour; allowed: action, reason, rate_limit, approval",
+		"unknown key(s) colour; allowed: action, reason, rate_limit, approval, shadow",
 	} with data.mcp_policy as _with_rule({"reason": 7, "colour": "red"})
 		with input as _copy
 }
@@ -67,7 +67,7 @@ test_invalid_rule_when_action_unknown_or_ill_typed if {
 test_invalid_rule_when_unknown_key if {
 	rule := {"action": "allow", "rate_limits": "1/second"}
 	problems := _reported with data.mcp_policy as _with_rule(rule) with input as _copy
-	problems == {"unknown key(s) rate_limits; allowed: action, reason, rate_limit, approval"}
+	problems == {"unknown key(s) rate_limits; allowed: action, reason, rate_limit, approval, shadow"}
 }
 
 test_invalid_rule_when_reason_not_string if {
