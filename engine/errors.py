@@ -35,7 +35,14 @@ class RequestTooLarge(InvalidRequest):
 
 
 class PolicyUnavailable(EngineError):
-    """The policy could not be evaluated: OPA down, slow, or its result unusable."""
+    """The policy could not be evaluated: OPA down, slow, or its result unusable.
+
+    `kind` says which (timeout, unreachable, http, undefined, malformed, load) for metrics.
+    """
+
+    def __init__(self, message: str, *, kind: str = "unreachable") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class PolicyRejected(EngineError):

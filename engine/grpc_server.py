@@ -136,6 +136,7 @@ def _decide_request(message: Any, max_depth: int) -> DecideRequest:
         fields["approval_id"] = message.approval_id
     if message.HasField("context"):
         fields["context"] = _struct_to_dict(message.context, max_depth, "context")
+    fields["dry_run"] = message.dry_run
     p = message.principal
     fields["principal"] = {
         "session_id": p.session_id,
@@ -158,6 +159,7 @@ def decide_response(decision: Decision) -> Any:
         reason=decision.reason,
         rule=decision.rule,
         policy_revision=decision.policy_revision,
+        dry_run=bool(decision.dry_run),
     )
     if decision.rate_limit is not None:
         response.rate_limit.CopyFrom(

@@ -9,7 +9,8 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 
 from engine import jsonstrict
@@ -211,6 +212,10 @@ def create_app(runtime: Runtime) -> FastAPI:
         _: Approver, hours: Annotated[float, Query(gt=0, le=24 * 365)] = 24
     ) -> dict[str, Any]:
         return await service.status(datetime.now(UTC) - timedelta(hours=hours))
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", summary="Liveness: the process answers")
     async def healthz() -> dict[str, str]:

@@ -59,6 +59,11 @@ class DecideRequest(BaseModel):
     principal: Principal
     approval_id: Id | None = None
     context: dict[str, Any] = Field(default_factory=dict)
+    dry_run: StrictBool = Field(
+        default=False,
+        description="Answer what would happen without consuming quota or creating or using "
+        "approvals.",
+    )
 
 
 class ToolCall(BaseModel):
@@ -91,6 +96,28 @@ class ApprovalSpec(BaseModel):
     ttl_seconds: Annotated[float, Field(gt=0)] | None = None
 
 
+class ShadowSpec(BaseModel):
+    """A shadow rule that matched: reported, never enforced."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    level: Literal["allow", "deny", "rate_limit", "require_approval"]
+    rule: str
+    reason: str = ""
+    max: Annotated[float, Field(gt=0)] | None = None
+    window_seconds: Annotated[float, Field(gt=0)] | None = None
+    scope: Literal["session", "agent", "user", "global"] | None = None
+    cost: Annotated[float, Field(ge=0)] = 1
+
+
+class ToolInfo(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    known: bool = False
+    category: str | None = None
+    risk: str | None = None
+
+
 class PolicyResult(BaseModel):
     """What `data.mcp.decision` must look like; anything else is a malformed result."""
 
@@ -102,6 +129,8 @@ class PolicyResult(BaseModel):
     rate_limits: list[RateLimitSpec] = Field(default_factory=list)
     approval: ApprovalSpec | None = None
     matched: list[str] = Field(default_factory=list)
+    shadow: list[ShadowSpec] = Field(default_factory=list)
+    tool: ToolInfo | None = None
 
 
 class RateLimitInfo(BaseModel):
@@ -133,6 +162,7 @@ class Decision(BaseModel):
         default=None,
         description="For every non-allow verdict: an MCP CallToolResult to hand to the agent.",
     )
+    dry_run: bool | None = Field(default=None, description="True when nothing was changed.")
 
 
 class Approval(BaseModel):

@@ -85,14 +85,16 @@ class Opa:
                 body = await client.query_rule(input_doc, DECISION_PACKAGE, DECISION_RULE)
         except TimeoutError as exc:
             raise PolicyUnavailable(
-                f"OPA did not answer within {self.timeout * 1000:.0f} ms"
+                f"OPA did not answer within {self.timeout * 1000:.0f} ms", kind="timeout"
             ) from exc
         except aiohttp.ClientResponseError as exc:
-            raise PolicyUnavailable(f"OPA answered HTTP {exc.status}") from exc
+            raise PolicyUnavailable(f"OPA answered HTTP {exc.status}", kind="http") from exc
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             raise PolicyUnavailable(f"OPA unreachable: {type(exc).__name__}") from exc
         if not isinstance(body, dict) or "result" not in body:
-            raise PolicyUnavailable("the policy gave no decision (data.mcp.decision is undefined)")
+            raise PolicyUnavailable(
+                "the policy gave no decision (data.mcp.decision is undefined)", kind="undefined"
+            )
         try:
             return PolicyResult.model_validate(body["result"])
         except ValidationError as exc:
@@ -100,7 +102,9 @@ class Opa:
                 f"{'.'.join(str(p) for p in e['loc']) or 'decision'}: {e['msg']}"
                 for e in exc.errors()[:3]
             )
-            raise PolicyUnavailable(f"the policy gave a malformed decision ({problems})") from exc
+            raise PolicyUnavailable(
+                f"the policy gave a malformed decision ({problems})", kind="malformed"
+            ) from exc
 
     async def healthy(self) -> bool:
         client = self._admin
@@ -159,7 +163,9 @@ class Opa:
                     await self._restore(admin, before, applied, data_before=data_before)
                     raise PolicyRejected(f"OPA refused data at data.{key}", [key])
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise PolicyUnavailable(f"could not load the policy into OPA: {exc}") from exc
+            raise PolicyUnavailable(
+                f"could not load the policy into OPA: {exc}", kind="load"
+            ) from exc
 
     @staticmethod
     async def _our_modules(admin: AsyncOpaClient) -> dict[str, str]:

@@ -67,7 +67,9 @@ class Outcome:
 class RateLimitStore(Protocol):
     async def open(self) -> None: ...
 
-    async def acquire(self, limits: Sequence[Limit], token: str) -> Outcome: ...
+    async def acquire(
+        self, limits: Sequence[Limit], token: str, *, record: bool = True
+    ) -> Outcome: ...
 
     async def release(self, token: str) -> bool: ...
 
@@ -117,10 +119,12 @@ class MemoryRateLimitStore:
     async def close(self) -> None:
         return None
 
-    async def acquire(self, limits: Sequence[Limit], token: str) -> Outcome:
-        return self.acquire_now(limits, token)
+    async def acquire(self, limits: Sequence[Limit], token: str, *, record: bool = True) -> Outcome:
+        return self.acquire_now(limits, token, record=record)
 
-    def acquire_now(self, limits: Sequence[Limit], token: str = "") -> Outcome:
+    def acquire_now(
+        self, limits: Sequence[Limit], token: str = "", *, record: bool = True
+    ) -> Outcome:
         now = self._clock()
         self._since_sweep += 1
         if self._since_sweep >= self._sweep_every:
@@ -130,7 +134,7 @@ class MemoryRateLimitStore:
             hits = self._window(limit, now)
             states.append(_check(limit, [(at, cost) for at, cost, _ in hits], now))
         outcome = _settle(states)
-        if outcome.allowed:
+        if outcome.allowed and record:
             for limit in limits:
                 self._hits[limit.key][0].append((now, limit.cost, token))
             if token and limits:
@@ -294,7 +298,7 @@ class SqliteRateLimitStore:
     async def close(self) -> None:
         await self.db.close()
 
-    async def acquire(self, limits: Sequence[Limit], token: str) -> Outcome:
+    async def acquire(self, limits: Sequence[Limit], token: str, *, record: bool = True) -> Outcome:
         self._since_sweep += 1
         sweep = self._since_sweep >= self._sweep_every
         if sweep:
@@ -312,7 +316,7 @@ class SqliteRateLimitStore:
                 ).fetchall()
                 states.append(_check(limit, [(row[0], row[1]) for row in rows], now))
             outcome = _settle(states)
-            if outcome.allowed:
+            if outcome.allowed and record:
                 db.executemany(
                     "INSERT INTO rate_hits (key, at, cost, token, expires_at) "
                     "VALUES (?, ?, ?, ?, ?)",
@@ -341,8 +345,9 @@ class SqliteRateLimitStore:
         await self.db.transaction(work)
 
 
-# KEYS: the limit keys, then the reservation key. ARGV: token, then max, window_ms, cost
-# for each limit key. Time is the Redis server's, so every replica judges by one clock.
+# KEYS: the limit keys, then the reservation key. ARGV: token, "record" or "peek", then
+# max, window_ms, cost for each limit key. Time is the Redis server's, so every replica
+# judges by one clock.
 # Each hit is a sorted-set member "<token>|<cost>" scored by its time in milliseconds.
 REDIS_ACQUIRE = """
 local t = redis.call('TIME')
@@ -352,9 +357,9 @@ local token = ARGV[1]
 local out = {1}
 local longest = 0
 for i = 1, n do
-  local max = tonumber(ARGV[3 * i - 1])
-  local window = tonumber(ARGV[3 * i])
-  local cost = tonumber(ARGV[3 * i + 1])
+  local max = tonumber(ARGV[3 * i])
+  local window = tonumber(ARGV[3 * i + 1])
+  local cost = tonumber(ARGV[3 * i + 2])
   if window > longest then longest = window end
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
   local hits = redis.call('ZRANGE', KEYS[i], 0, -1, 'WITHSCORES')
@@ -383,11 +388,11 @@ for i = 1, n do
   out[#out + 1] = tostring(remaining)
   out[#out + 1] = tostring(retry)
 end
-if out[1] == 1 then
+if out[1] == 1 and ARGV[2] == 'record' then
   for i = 1, n do
-    local member = token .. '|' .. ARGV[3 * i + 1]
+    local member = token .. '|' .. ARGV[3 * i + 2]
     redis.call('ZADD', KEYS[i], now, member)
-    redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[3 * i]))
+    redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[3 * i + 1]))
     redis.call('HSET', KEYS[n + 1], KEYS[i], member)
   end
   if n > 0 then redis.call('PEXPIRE', KEYS[n + 1], longest) end
@@ -425,10 +430,10 @@ class RedisRateLimitStore:
     def _held_key(self, token: str) -> str:
         return f"{self._prefix}held:{token}"
 
-    async def acquire(self, limits: Sequence[Limit], token: str) -> Outcome:
+    async def acquire(self, limits: Sequence[Limit], token: str, *, record: bool = True) -> Outcome:
         keys = [f"{self._prefix}rl:{_key_text(limit.key)}" for limit in limits]
         keys.append(self._held_key(token))
-        args: list[Any] = [token]
+        args: list[Any] = [token, "record" if record else "peek"]
         for limit in limits:
             args += [
                 repr(float(limit.max)),

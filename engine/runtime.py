@@ -15,6 +15,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from engine import tracing
 from engine.approvals import (
     ApprovalStore,
     MemoryApprovalStore,
@@ -23,6 +24,7 @@ from engine.approvals import (
 )
 from engine.decision_log import DecisionLog
 from engine.errors import PermissionDenied, Unauthenticated
+from engine.metrics import Metrics
 from engine.opa import Opa
 from engine.opa_process import OpaProcess
 from engine.policy import Policy
@@ -57,6 +59,9 @@ class Runtime:
         self._redis: Any = None
         self.rate_limits, self.approvals = self._stores(settings)
         self.decision_log = DecisionLog(settings.decision_log_settings)
+        self.metrics = Metrics()
+        self.metrics.watch_policy(self.policy)
+        self.tracer_provider = tracing.provider_for(settings.otel_exporter)
         self.service = DecisionService(
             self.policy,
             self.rate_limits,
@@ -68,6 +73,8 @@ class Runtime:
                 max_json_depth=settings.max_json_depth,
                 rate_limit_fail_open=settings.rate_limit_fail_mode == "open",
             ),
+            metrics=self.metrics,
+            tracer=tracing.tracer_from(self.tracer_provider),
         )
         self._readiness_listeners: list[Callable[[bool], Awaitable[None]]] = []
         self._watch: asyncio.Task[None] | None = None
@@ -181,3 +188,5 @@ class Runtime:
         if self._redis is not None:
             await self._redis.aclose(close_connection_pool=True)
         self.decision_log.close()
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()

@@ -2,6 +2,11 @@
 
 transport → translate → OPA → obligations (rate limit, approval) → decision log → transport.
 Whatever fails on the way is a deny with the reason, never an allow.
+
+Shadow rules (listed by the policy in `shadow`) are reported, logged and counted, never
+enforced: a shadow rate limit counts in a shadow counter of its own, only for calls that
+really go through. A `dry_run` request answers what would happen and changes nothing:
+limits are only looked at, approvals neither created nor used.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from opentelemetry import trace
+
 from engine import translate
-from engine.approvals import ApprovalStore, Use, fingerprint
+from engine.approvals import ApprovalStore, Use, UseResult, fingerprint
 from engine.decision_log import DecisionLog, DecisionQuery
-from engine.errors import EngineError, PolicyUnavailable, StateUnavailable
+from engine.errors import EngineError, NotFound, PolicyUnavailable, StateUnavailable
+from engine.metrics import UNKNOWN_TOOL, Metrics
 from engine.models import (
     Approval,
     ApprovalRef,
@@ -26,6 +34,7 @@ from engine.models import (
     PolicyResult,
     RateLimitInfo,
     RateLimitSpec,
+    ShadowSpec,
     ToolCall,
     Verdict,
 )
@@ -39,6 +48,8 @@ RULE_STATE_UNAVAILABLE = "engine.state_unavailable"
 RULE_LIMIT_UNUSABLE = "engine.rate_limit"
 RULE_APPROVAL = "engine.approval"
 
+Limits_ = list[tuple[Limit, RateLimitSpec]]
+
 
 @dataclass
 class Limits:
@@ -46,6 +57,20 @@ class Limits:
     grant_ttl: float
     max_json_depth: int
     rate_limit_fail_open: bool = False
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What every step of one decision needs to know."""
+
+    decision_id: str
+    revision: str
+    call: ToolCall
+    request: DecideRequest
+
+    @property
+    def dry_run(self) -> bool:
+        return self.request.dry_run
 
 
 def _number(value: float) -> int | float:
@@ -60,148 +85,169 @@ class DecisionService:
         approvals: ApprovalStore,
         log_: DecisionLog,
         limits: Limits,
+        metrics: Metrics | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
         self.policy = policy
         self.rate_limits = rate_limits
         self.approvals = approvals
         self.log = log_
         self.limits = limits
+        self.metrics = metrics or Metrics()
+        self.tracer = tracer or trace.NoOpTracer()
 
     async def decide(self, request: DecideRequest, *, transport: str) -> Decision:
         """Decide one call. Raises InvalidRequest for malformed calls; otherwise answers."""
         started = time.perf_counter()
         decision_id = "dec_" + uuid.uuid4().hex
         now = datetime.now(UTC)
-        try:
-            call = translate.tool_call(request, max_depth=self.limits.max_json_depth)
-        except EngineError as exc:
-            self.log.write(
-                {
-                    "event": "invalid_request",
-                    "decision_id": decision_id,
-                    "transport": transport,
-                    "error": exc.message,
-                }
-            )
-            raise
-        input_doc = translate.input_document(
-            call, request, decision_id=decision_id, now=now, transport=transport
-        )
-        revision = self.policy.revision
-        matched: list[str] = []
-        try:
-            result = await self.policy.opa.evaluate(input_doc)
-        except PolicyUnavailable as exc:
-            if "undefined" in exc.message:
-                self.policy.mark_stale()
-            decision = self._refuse(
-                decision_id,
-                revision,
-                Verdict.DENY,
-                RULE_ENGINE_UNAVAILABLE,
-                f"policy engine unavailable: {exc.message}",
-            )
-        else:
-            matched = result.matched
+        with self.tracer.start_as_current_span("decide") as span:
+            span.set_attribute("mcp_policy.decision_id", decision_id)
             try:
-                decision = await self._enforce(decision_id, revision, call, request, result)
-            except StateUnavailable as exc:
-                decision = self._refuse(
-                    decision_id,
-                    revision,
-                    Verdict.DENY,
-                    RULE_STATE_UNAVAILABLE,
-                    f"state store unavailable: {exc}",
+                call = translate.tool_call(request, max_depth=self.limits.max_json_depth)
+            except EngineError as exc:
+                self.metrics.invalid_requests.labels(transport).inc()
+                self.log.write(
+                    {
+                        "event": "invalid_request",
+                        "decision_id": decision_id,
+                        "transport": transport,
+                        "error": exc.message,
+                    }
                 )
+                raise
+            span.set_attribute("mcp.server", call.server)
+            span.set_attribute("mcp.tool", call.name)
+            input_doc = translate.input_document(
+                call, request, decision_id=decision_id, now=now, transport=transport
+            )
+            ctx = Ctx(decision_id, self.policy.revision, call, request)
+            result: PolicyResult | None = None
+            shadow: list[dict[str, Any]] = []
+            try:
+                result = await self._evaluate(input_doc)
+            except PolicyUnavailable as exc:
+                if exc.kind == "undefined":
+                    self.policy.mark_stale()
+                self.metrics.opa_errors.labels(exc.kind).inc()
+                decision = self._refuse(
+                    ctx,
+                    Verdict.DENY,
+                    RULE_ENGINE_UNAVAILABLE,
+                    f"policy engine unavailable: {exc.message}",
+                )
+            else:
+                try:
+                    decision = await self._enforce(ctx, result)
+                    shadow = await self._shadow(ctx, result, decision)
+                except StateUnavailable as exc:
+                    self.metrics.rate_limits.labels("store_error").inc()
+                    decision = self._refuse(
+                        ctx, Verdict.DENY, RULE_STATE_UNAVAILABLE, f"state store unavailable: {exc}"
+                    )
+            if request.dry_run:
+                decision.dry_run = True
+            span.set_attribute("mcp_policy.verdict", decision.verdict.value)
+            span.set_attribute("mcp_policy.rule", decision.rule)
+        elapsed = time.perf_counter() - started
+        if not request.dry_run:
+            known = result is not None and result.tool is not None and result.tool.known
+            self.metrics.decisions.labels(
+                decision.verdict.value, call.name if known else UNKNOWN_TOOL, decision.rule
+            ).inc()
+            self.metrics.decision_seconds.labels(transport).observe(elapsed)
         self.log.decision(
             decision,
             request,
             call,
             time=input_doc["request"]["time"],
             transport=transport,
-            latency_ms=(time.perf_counter() - started) * 1000,
-            matched=matched,
+            latency_ms=elapsed * 1000,
+            matched=result.matched if result else [],
+            shadow=shadow,
+            dry_run=request.dry_run,
         )
         return decision
 
-    async def _enforce(
-        self,
-        decision_id: str,
-        revision: str,
-        call: ToolCall,
-        request: DecideRequest,
-        result: PolicyResult,
-    ) -> Decision:
+    async def _evaluate(self, input_doc: dict[str, Any]) -> PolicyResult:
+        with self.tracer.start_as_current_span("opa.evaluate"):
+            started = time.perf_counter()
+            result = await self.policy.opa.evaluate(input_doc)
+            self.metrics.opa_seconds.observe(time.perf_counter() - started)
+            return result
+
+    async def _enforce(self, ctx: Ctx, result: PolicyResult) -> Decision:
         if result.action == "deny":
-            return self._refuse(decision_id, revision, Verdict.DENY, result.rule, result.reason)
-        limits, problem = self._limits(call, request, result.rate_limits)
+            return self._refuse(ctx, Verdict.DENY, result.rule, result.reason)
+        limits, problem = self._limits(ctx, result.rate_limits)
         if problem is not None:
-            return self._refuse(decision_id, revision, Verdict.DENY, RULE_LIMIT_UNUSABLE, problem)
+            return self._refuse(ctx, Verdict.DENY, RULE_LIMIT_UNUSABLE, problem)
         if result.action == "require_approval":
-            return await self._approval(decision_id, revision, call, request, result, limits)
-        outcome = await self._take(decision_id, limits)
+            return await self._approval(ctx, result, limits)
+        outcome = await self._take(ctx, limits)
         if not outcome.allowed:
-            return self._rate_limited(decision_id, revision, outcome, limits)
+            return self._rate_limited(ctx, outcome, limits)
         return Decision(
-            decision_id=decision_id,
+            decision_id=ctx.decision_id,
             verdict=Verdict.ALLOW,
             reason=result.reason,
             rule=result.rule,
-            policy_revision=revision,
+            policy_revision=ctx.revision,
             rate_limit=self._limit_info(outcome, limits),
         )
 
-    async def _approval(
-        self,
-        decision_id: str,
-        revision: str,
-        call: ToolCall,
-        request: DecideRequest,
-        result: PolicyResult,
-        limits: list[tuple[Limit, RateLimitSpec]],
-    ) -> Decision:
+    async def _approval(self, ctx: Ctx, result: PolicyResult, limits: Limits_) -> Decision:
         spec = result.approval
         rule = spec.rule if spec else result.rule
         reason = (spec.reason if spec and spec.reason else result.reason) or "approval required"
+        request = ctx.request
         if request.approval_id is None:
+            if ctx.dry_run:
+                return self._refuse(
+                    ctx,
+                    Verdict.APPROVAL_REQUIRED,
+                    rule,
+                    f"{reason}; a human approval would be required",
+                )
             ttl = spec.ttl_seconds if spec and spec.ttl_seconds else self.limits.approval_ttl
-            opened = await self.approvals.open_or_get(
-                call,
-                request.principal,
-                rule=rule,
-                reason=reason,
-                decision_id=decision_id,
-                ttl=ttl,
-            )
-            return self._approval_required(decision_id, revision, rule, reason, opened)
+            with self.tracer.start_as_current_span("approvals.open"):
+                opened = await self.approvals.open_or_get(
+                    ctx.call,
+                    request.principal,
+                    rule=rule,
+                    reason=reason,
+                    decision_id=ctx.decision_id,
+                    ttl=ttl,
+                )
+            self.metrics.approvals.labels("requested").inc()
+            return self._approval_required(ctx, rule, reason, opened)
         # Take the rate-limit slot first so a blocked call does not burn its grant.
-        outcome = await self._take(decision_id, limits)
+        outcome = await self._take(ctx, limits)
         if not outcome.allowed:
-            return self._rate_limited(decision_id, revision, outcome, limits)
+            return self._rate_limited(ctx, outcome, limits)
         try:
-            used = await self.approvals.consume(
-                request.approval_id,
-                fingerprint(call, request.principal.session_id),
-                decision_id=decision_id,
-            )
+            used = await self._use(ctx, request.approval_id)
         except BaseException:
-            await self._give_back(decision_id, limits)
+            await self._give_back(ctx, limits)
             raise
         if used.use is not Use.GRANTED:
-            await self._give_back(decision_id, limits)
+            await self._give_back(ctx, limits)
+        self.metrics.approvals.labels(
+            "granted_use" if used.use is Use.GRANTED else "refused_use"
+        ).inc()
         approval = used.approval
         if used.use is Use.GRANTED and approval is not None:
             return Decision(
-                decision_id=decision_id,
+                decision_id=ctx.decision_id,
                 verdict=Verdict.ALLOW,
                 reason=f"approved by {approval.approver}: {reason}",
                 rule=rule,
-                policy_revision=revision,
+                policy_revision=ctx.revision,
                 rate_limit=self._limit_info(outcome, limits),
                 approval=self._ref(approval),
             )
         if used.use is Use.PENDING and approval is not None:
-            return self._approval_required(decision_id, revision, rule, reason, approval)
+            return self._approval_required(ctx, rule, reason, approval)
         why = {
             Use.NOT_FOUND: f"approval {request.approval_id} does not exist",
             Use.MISMATCH: f"approval {request.approval_id} was granted for a different call",
@@ -213,12 +259,26 @@ class DecisionService:
         if approval is not None and used.use is not Use.MISMATCH:
             ref = self._ref(approval)
             why = why.format(approver=approval.approver, comment=approval.comment or "no comment")
-        return self._refuse(decision_id, revision, Verdict.DENY, RULE_APPROVAL, why, approval=ref)
+        return self._refuse(ctx, Verdict.DENY, RULE_APPROVAL, why, approval=ref)
 
-    def _limits(
-        self, call: ToolCall, request: DecideRequest, specs: list[RateLimitSpec]
-    ) -> tuple[list[tuple[Limit, RateLimitSpec]], str | None]:
-        principal = request.principal
+    async def _use(self, ctx: Ctx, approval_id: str) -> UseResult:
+        """Use the grant (or, in a dry run, only look at it)."""
+        fp = fingerprint(ctx.call, ctx.request.principal.session_id)
+        with self.tracer.start_as_current_span("approvals.use"):
+            if not ctx.dry_run:
+                return await self.approvals.consume(approval_id, fp, decision_id=ctx.decision_id)
+            try:
+                approval = await self.approvals.get(approval_id)
+            except NotFound:
+                return UseResult(Use.NOT_FOUND, None)
+            if approval.fingerprint != fp:
+                return UseResult(Use.MISMATCH, approval)
+            if approval.status is ApprovalStatus.APPROVED:
+                return UseResult(Use.GRANTED, approval)
+            return UseResult(Use(approval.status.value), approval)
+
+    def _limits(self, ctx: Ctx, specs: list[RateLimitSpec]) -> tuple[Limits_, str | None]:
+        principal = ctx.request.principal
         out = []
         for spec in specs:
             subject = {
@@ -234,29 +294,82 @@ class DecisionService:
                 )
             if spec.cost > spec.max:
                 return [], (
-                    f"this call costs {spec.cost:g} against rate limit {spec.rule}, more than "
-                    f"the {spec.max:g} it allows in any {spec.window_seconds:g} s"
+                    f"this call costs {spec.cost:g} against rate limit {spec.rule}, more "
+                    f"than the {spec.max:g} it allows in any {spec.window_seconds:g} s"
                 )
-            key = (spec.rule, spec.scope, subject, call.server, call.name)
+            key = (spec.rule, spec.scope, subject, ctx.call.server, ctx.call.name)
             limit = Limit(key=key, max=spec.max, window=spec.window_seconds, cost=spec.cost)
             out.append((limit, spec))
         return out, None
 
-    async def _take(self, decision_id: str, limits: list[tuple[Limit, RateLimitSpec]]) -> Outcome:
-        """Reserve the call's slots under its decision id (all limits or none)."""
+    async def _take(self, ctx: Ctx, limits: Limits_) -> Outcome:
+        """Reserve the call's slots under its decision id (all limits or none); a dry run
+        only looks."""
         if not limits:
             return Outcome(True, ())
         try:
-            return await self.rate_limits.acquire([limit for limit, _ in limits], decision_id)
+            with self.tracer.start_as_current_span("ratelimit.acquire"):
+                outcome = await self.rate_limits.acquire(
+                    [limit for limit, _ in limits], ctx.decision_id, record=not ctx.dry_run
+                )
         except StateUnavailable as exc:
             if not self.limits.rate_limit_fail_open:
                 raise
+            self.metrics.rate_limits.labels("store_error").inc()
             log.warning("rate limits not enforced (fail-open): %s", exc)
             return Outcome(True, ())
+        if not ctx.dry_run:
+            self.metrics.rate_limits.labels("allowed" if outcome.allowed else "limited").inc()
+        return outcome
 
-    async def _give_back(self, decision_id: str, limits: list[tuple[Limit, RateLimitSpec]]) -> None:
-        if limits:
-            await self.rate_limits.release(decision_id)
+    async def _give_back(self, ctx: Ctx, limits: Limits_) -> None:
+        if limits and not ctx.dry_run:
+            await self.rate_limits.release(ctx.decision_id)
+
+    async def _shadow(
+        self, ctx: Ctx, result: PolicyResult, decision: Decision
+    ) -> list[dict[str, Any]]:
+        """What the shadow rules would have done; shadow limits count only real passes."""
+        out = []
+        for spec in result.shadow:
+            would: str = spec.level
+            if spec.level == "rate_limit":
+                would = await self._shadow_limit(ctx, spec, decision)
+            self.metrics.shadow.labels(spec.level, spec.rule).inc()
+            out.append(
+                {"level": spec.level, "rule": spec.rule, "reason": spec.reason, "would": would}
+            )
+        return out
+
+    async def _shadow_limit(self, ctx: Ctx, spec: ShadowSpec, decision: Decision) -> str:
+        if decision.verdict is not Verdict.ALLOW or ctx.dry_run or spec.max is None:
+            return "not_counted"
+        limited = RateLimitSpec(
+            rule=spec.rule,
+            max=spec.max,
+            window_seconds=spec.window_seconds or 1,
+            scope=spec.scope or "session",
+            cost=spec.cost,
+        )
+        limits, problem = self._limits(ctx, [limited])
+        if problem is not None:
+            return "rate_limit"
+        shadow_limits = [
+            (
+                Limit(
+                    key=("shadow", *limit.key), max=limit.max, window=limit.window, cost=limit.cost
+                ),
+                s,
+            )
+            for limit, s in limits
+        ]
+        outcome = await self.rate_limits.acquire(
+            [lim for lim, _ in shadow_limits], f"{ctx.decision_id}:shadow"
+        )
+        self.metrics.rate_limits.labels(
+            "shadow_allowed" if outcome.allowed else "shadow_limited"
+        ).inc()
+        return "pass" if outcome.allowed else "rate_limit"
 
     async def report_outcome(self, decision_id: str, *, succeeded: bool) -> bool:
         """The proxy reports how the upstream call went; a failure gives the slots back.
@@ -269,6 +382,8 @@ class DecisionService:
             released = False
         else:
             released = await self.rate_limits.release(decision_id)
+            if released:
+                self.metrics.rate_limits.labels("released").inc()
         self.log.write(
             {
                 "event": "outcome",
@@ -280,9 +395,7 @@ class DecisionService:
         return released
 
     @staticmethod
-    def _limit_info(
-        outcome: Outcome, limits: list[tuple[Limit, RateLimitSpec]]
-    ) -> RateLimitInfo | None:
+    def _limit_info(outcome: Outcome, limits: Limits_) -> RateLimitInfo | None:
         state = outcome.reported()
         if state is None:
             return None
@@ -296,25 +409,15 @@ class DecisionService:
             scope=spec.scope,
         )
 
-    def _rate_limited(
-        self,
-        decision_id: str,
-        revision: str,
-        outcome: Outcome,
-        limits: list[tuple[Limit, RateLimitSpec]],
-    ) -> Decision:
+    def _rate_limited(self, ctx: Ctx, outcome: Outcome, limits: Limits_) -> Decision:
         info = self._limit_info(outcome, limits)
         assert info is not None
         spec = next(spec for _, spec in limits if spec.rule == info.rule)
         what = spec.reason or f"at most {spec.max:g} per {spec.window_seconds:g} s"
         reason = f"rate limit exceeded ({what}); retry in {info.retry_after_seconds:g} s"
-        return self._refuse(
-            decision_id, revision, Verdict.RATE_LIMITED, info.rule, reason, rate_limit=info
-        )
+        return self._refuse(ctx, Verdict.RATE_LIMITED, info.rule, reason, rate_limit=info)
 
-    def _approval_required(
-        self, decision_id: str, revision: str, rule: str, reason: str, approval: Approval
-    ) -> Decision:
+    def _approval_required(self, ctx: Ctx, rule: str, reason: str, approval: Approval) -> Decision:
         if approval.status is ApprovalStatus.APPROVED:
             next_step = (
                 f"approval {approval.id} is granted; retry the same call with "
@@ -326,8 +429,7 @@ class DecisionService:
                 f"the same call with approval_id {approval.id}"
             )
         return self._refuse(
-            decision_id,
-            revision,
+            ctx,
             Verdict.APPROVAL_REQUIRED,
             rule,
             f"{reason}; {next_step}",
@@ -340,8 +442,7 @@ class DecisionService:
 
     @staticmethod
     def _refuse(
-        decision_id: str,
-        revision: str,
+        ctx: Ctx,
         verdict: Verdict,
         rule: str,
         reason: str,
@@ -350,13 +451,14 @@ class DecisionService:
         approval: ApprovalRef | None = None,
     ) -> Decision:
         decision = Decision(
-            decision_id=decision_id,
+            decision_id=ctx.decision_id,
             verdict=verdict,
             reason=reason,
             rule=rule,
-            policy_revision=revision,
+            policy_revision=ctx.revision,
             rate_limit=rate_limit,
             approval=approval,
+            dry_run=ctx.dry_run or None,
         )
         decision.mcp_result = mcp_result(decision)
         return decision
@@ -388,6 +490,7 @@ class DecisionService:
             comment=comment,
             grant_ttl=self.limits.grant_ttl,
         )
+        self.metrics.approvals.labels("approved" if approve else "denied").inc()
         self.log.write(
             {
                 "event": "approval",

@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     decision_log_max_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     decision_log_backups: int = Field(5, ge=0, description="Rotated JSONL files kept.")
     decision_log_retention_days: float = Field(30, gt=0, description="SQLite records kept.")
+    otel_exporter: Literal["none", "otlp", "console"] = Field(
+        "none",
+        description="Export OpenTelemetry traces: otlp (OTEL_EXPORTER_OTLP_* "
+        "environment variables), console, or none.",
+    )
     log_level: str = Field("INFO")
 
     @property
