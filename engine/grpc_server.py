@@ -32,6 +32,7 @@ from engine.errors import (
     StateUnavailable,
     Unauthenticated,
 )
+from engine.metrics import Metrics
 from engine.models import Approval, ApprovalStatus, DecideRequest, Decision, Verdict
 from engine.runtime import Runtime
 from mcppolicy.v1 import approval_pb2, approval_pb2_grpc, decision_pb2, decision_pb2_grpc
@@ -76,10 +77,14 @@ def status_for(exc: EngineError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-async def _answer(context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
+async def _answer(
+    context: grpc.aio.ServicerContext, work: Awaitable[T], metrics: Metrics | None = None
+) -> T:
     try:
         return await work
     except EngineError as exc:
+        if metrics is not None and isinstance(exc, InvalidRequest):
+            metrics.invalid_requests.labels("grpc").inc()
         code = status_for(exc)
         status = status_pb2.Status(code=getattr(code_pb2, code.name), message=exc.message)
         if isinstance(exc, InvalidRequest):
@@ -213,7 +218,7 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):  # type: igno
             decision = await self._runtime.service.decide(parsed, transport="grpc")
             return decide_response(decision)
 
-        return await _answer(context, work())
+        return await _answer(context, work(), self._runtime.metrics)
 
     async def ReportOutcome(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async def work() -> Any:

@@ -108,6 +108,8 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.exception_handler(EngineError)
     async def engine_error(_: Request, exc: EngineError) -> JSONResponse:
+        if isinstance(exc, InvalidRequest):
+            runtime.metrics.invalid_requests.labels("http").inc()
         return JSONResponse(_error_body(exc), status_code=status_for(exc))
 
     async def approver(request: Request) -> None:

@@ -106,7 +106,6 @@ class DecisionService:
             try:
                 call = translate.tool_call(request, max_depth=self.limits.max_json_depth)
             except EngineError as exc:
-                self.metrics.invalid_requests.labels(transport).inc()
                 self.log.write(
                     {
                         "event": "invalid_request",
