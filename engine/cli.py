@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from engine import jsonstrict
+from engine import status as status_view
 from engine.errors import EngineError, InvalidRequest, PolicyRejected
 from engine.models import DecideRequest
 from engine.runtime import Runtime
@@ -22,6 +24,7 @@ from engine.settings import Settings
 
 EXIT_POLICY_REJECTED = 2
 EXIT_INVALID = 3
+EXIT_UNAVAILABLE = 4
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -78,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     decide.add_argument("file", nargs="?", type=Path, help="read the request from this file")
     _common(decide)
+    status = commands.add_parser(
+        "status",
+        help="summary of a running service: calls, denials by rule, top tools, pending approvals",
+    )
+    status.add_argument("--url", default="http://127.0.0.1:8080", help="the service's HTTP URL")
+    status.add_argument("--hours", type=float, default=24, help="how far back (default 24)")
+    status.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
 
 
@@ -154,8 +164,27 @@ async def _decide(settings: Settings, text: str) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    token = os.environ.get("MCP_POLICY_APPROVER_TOKEN")
+    if not token:
+        print(
+            "mcp-policy status: set MCP_POLICY_APPROVER_TOKEN to the service's approver token",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    try:
+        summary = status_view.fetch(args.url, token, args.hours)
+    except EngineError as exc:
+        print(f"mcp-policy status: {exc.message}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    print(json.dumps(summary, indent=2) if args.json else status_view.render(summary, args.hours))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "status":
+        return _status(args)
     try:
         settings = _settings(args)
     except ValidationError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import copy_call, copy_policy
+from tests.conftest import APPROVER_TOKEN, copy_call, copy_policy
 from tests.processes import CLI, Serve
 
 
@@ -107,3 +108,37 @@ def test_serve_exits_with_opas_message_on_a_broken_policy(tmp_path: Path) -> Non
     assert result.returncode == 2
     assert "policy rejected" in result.stderr
     assert "decision.rego" in result.stderr
+
+
+async def test_status_prints_a_summary_of_a_running_service(servers: Any, http: Any) -> None:
+    import asyncio
+
+    denied = await http.decide(copy_call(datastore_id="nope"))
+    pending = await http.decide(copy_call(force=True))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_POLICY_")}
+    command = [*CLI, "status", "--url", servers.http_url]
+
+    def run(extra_env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*command, *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**env, **extra_env},
+            check=False,
+        )
+
+    result = await asyncio.to_thread(run, {"MCP_POLICY_APPROVER_TOKEN": APPROVER_TOKEN})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "denials by rule" in out
+    assert "copy_image_set.datastore_id_invalid" in out
+    assert pending["approval"]["id"] in out
+    assert denied["reason"][:40] in out
+    as_json = await asyncio.to_thread(run, {"MCP_POLICY_APPROVER_TOKEN": APPROVER_TOKEN}, "--json")
+    assert json.loads(as_json.stdout)["calls"] >= 2
+    wrong = await asyncio.to_thread(run, {"MCP_POLICY_APPROVER_TOKEN": "wrong"})
+    assert wrong.returncode == 4
+    assert "403" in wrong.stderr
+    missing = await asyncio.to_thread(run, {})
+    assert missing.returncode == 3
