@@ -9,8 +9,10 @@ Counters and approvals live in the state stores and are never touched by a reloa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,6 +62,49 @@ def _files_state(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
     return tuple(out)
 
 
+class Gate:
+    """Many evaluations at once, or one policy change alone.
+
+    OPA's REST API replaces modules one at a time; the gate lets every evaluation in
+    flight finish and holds new ones back while a change is pushed (and, if rejected,
+    rolled back), so no decision ever sees half of an old policy and half of a new one.
+    """
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._readers = 0
+        self._writing = False
+
+    @contextlib.asynccontextmanager
+    async def evaluating(self, wait: float) -> AsyncIterator[None]:
+        """Enter as an evaluation; PolicyUnavailable if a change holds the gate > `wait` s."""
+        try:
+            async with asyncio.timeout(wait), self._cond:
+                await self._cond.wait_for(lambda: not self._writing)
+                self._readers += 1
+        except TimeoutError as exc:
+            raise PolicyUnavailable("the policy is being replaced", kind="timeout") from exc
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def changing(self) -> AsyncIterator[None]:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._writing)
+            self._writing = True
+            await self._cond.wait_for(lambda: self._readers == 0)
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
 class Policy:
     """Keeps OPA loaded with the last good bundle."""
 
@@ -74,6 +119,7 @@ class Policy:
             json.loads(schema_path.read_text("utf-8")) if schema_path is not None else None
         )
         self._lock = asyncio.Lock()
+        self.gate = Gate()
         self._seen_files: tuple[tuple[str, int, int], ...] | None = None
 
     @property
@@ -106,7 +152,8 @@ class Policy:
                 changed = self.bundle is None or bundle.revision != self.bundle.revision
                 if changed or not self.loaded:
                     self.validate(bundle)
-                    await self.opa.load(bundle)
+                    async with self.gate.changing():
+                        await self.opa.load(bundle)
             except PolicyRejected as exc:
                 self.reloads["rejected"] += 1
                 self.last_reload = ReloadStatus(now, False, self.revision, False, exc.errors)

@@ -101,9 +101,9 @@ class Runtime:
             settings.redis_url.get_secret_value(),
             decode_responses=True,
             max_connections=settings.redis_max_connections,
-            timeout=1.0,
+            timeout=max(1.0, timeout),
             socket_timeout=timeout,
-            socket_connect_timeout=timeout,
+            socket_connect_timeout=max(1.0, timeout),
             health_check_interval=10,
         )
         self._redis = redis.asyncio.Redis(connection_pool=pool)

@@ -171,7 +171,8 @@ class DecisionService:
     async def _evaluate(self, input_doc: dict[str, Any]) -> PolicyResult:
         with self.tracer.start_as_current_span("opa.evaluate"):
             started = time.perf_counter()
-            result = await self.policy.opa.evaluate(input_doc)
+            async with self.policy.gate.evaluating(wait=self.policy.opa.timeout):
+                result = await self.policy.opa.evaluate(input_doc)
             self.metrics.opa_seconds.observe(time.perf_counter() - started)
             return result
 

@@ -80,8 +80,8 @@ async def shared_opa() -> AsyncIterator[OpaProcess]:
 def replicas(tmp: Path, opa: OpaProcess, env: dict[str, str], count: int = 3) -> list[Serve]:
     """`count` services on one OPA. Their evaluation deadline is raised: 1,000 calls at
     once on two cores would otherwise fail closed on OPA's timeout, which is not what
-    these tests are about."""
-    env = {**env, "MCP_POLICY_OPA_TIMEOUT_MS": "10000"}
+    these tests are about (the same for Redis operations)."""
+    env = {**env, "MCP_POLICY_OPA_TIMEOUT_MS": "10000", "MCP_POLICY_REDIS_TIMEOUT_MS": "10000"}
     rego, data = edit_policy(tmp, copy_limit=100)
     started = []
     try:
