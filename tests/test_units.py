@@ -146,3 +146,46 @@ def test_data_in_subdirectories_lands_under_their_path(tmp_path: Path) -> None:
     (tmp_path / "x" / "y").mkdir(parents=True)
     (tmp_path / "x" / "y" / "d.json").write_text('{"v": 1}')
     assert read_bundle([tmp_path]).data == {"x": {"y": {"v": 1}}}
+
+
+async def test_policy_gate_never_mixes_evaluations_with_a_change() -> None:
+    import asyncio
+
+    from engine.errors import PolicyUnavailable
+    from engine.policy import Gate
+
+    gate = Gate()
+    events: list[str] = []
+    reader_in = asyncio.Event()
+    release_reader = asyncio.Event()
+
+    async def reader(name: str, hold: asyncio.Event | None = None) -> None:
+        async with gate.evaluating(wait=5):
+            events.append(f"{name} in")
+            if hold is not None:
+                reader_in.set()
+                await hold.wait()
+            events.append(f"{name} out")
+
+    async def writer() -> None:
+        async with gate.changing():
+            events.append("change in")
+            await asyncio.sleep(0.05)
+            events.append("change out")
+
+    first = asyncio.create_task(reader("r1", release_reader))
+    await reader_in.wait()
+    change = asyncio.create_task(writer())
+    await asyncio.sleep(0.02)
+    late = asyncio.create_task(reader("r2"))
+    await asyncio.sleep(0.02)
+    assert events == ["r1 in"], "the change waits for r1; r2 waits for the change"
+    release_reader.set()
+    await asyncio.gather(first, change, late)
+    assert events == ["r1 in", "r1 out", "change in", "change out", "r2 in", "r2 out"]
+
+    async with gate.changing():
+        with pytest.raises(PolicyUnavailable) as caught:
+            async with gate.evaluating(wait=0.05):
+                pass
+    assert "being replaced" in caught.value.message
