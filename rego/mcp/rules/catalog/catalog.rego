@@ -3,21 +3,32 @@
 # description: |
 #   Turns the PolicyLayer-style policy data (data.mcp_policy: catalog, rules,
 #   risk_defaults, default; see policies/*.yaml) into contributions for the
-#   decision. Exactly one YAML rule applies to a call:
+#   decision. The rule for a call is picked from a chain:
 #     - rules[<tool>]               when the tool is in the catalog for this server
 #                                   and has a rule  (id catalog.rule.<tool>)
-#     - risk_defaults[<risk>]       when the tool is in the catalog without a rule
+#     - risk_defaults[<risk>]       when the tool is in the catalog and
+#                                   risk_defaults has its risk class
 #                                   (id catalog.risk_default.<risk>)
 #     - default                     when the tool is not in the catalog
 #                                   (id catalog.default)
-#   A rule that is missing or invalid yields a deny (fail closed) whose reason
-#   names the tool and what is wrong. A weighted rate limit (rate_limit
-#   {..., increment_from: <argument>}) costs the value of that tool argument per
-#   call; a call whose argument is not a number >= 0 is denied
-#   (catalog.rate_limit_cost_invalid). A rule with shadow: true is tried, not
-#   enforced: every contribution made for it (its action and its rate limit)
-#   carries "shadow": true. The denies reporting a problem (invalid or missing
-#   rule, invalid data, invalid cost) are never shadow.
+#   (a catalogued tool's chain is rules[<tool>] then risk_defaults[<risk>]; an
+#   uncatalogued tool's chain is default alone). The chain is walked in order:
+#   each rule with shadow: true is tried, not enforced (every contribution made
+#   for it, its action and its rate limit, carries "shadow": true) and the walk
+#   goes on; the first rule that is not shadow is enforced and ends the walk.
+#   Those rules (the shadow ones met first and the enforced one) contribute.
+#   When the chain has no rule that is not shadow, the call is denied
+#   (catalog.missing_rule), as when no rule applies at all (fail closed).
+#   Every contributing rule, shadow or not, is checked: a problem in it yields
+#   a deny (catalog.invalid_rule) whose reason names the tool, the rule and what
+#   is wrong, and the rule contributes nothing else. A weighted rate limit
+#   (rate_limit {..., increment_from: <argument>}) costs the value of that tool
+#   argument per call; a call whose argument is not a number >= 0 is denied
+#   (catalog.rate_limit_cost_invalid), also for a shadow rule. The denies
+#   reporting a problem (invalid or missing rule, invalid data, invalid cost)
+#   are never shadow. This file finds the chain and checks its rules;
+#   contributions.rego makes the contributions (it depends on this file, never
+#   the other way: the service loads modules one by one).
 package mcp.rules.catalog
 
 import data.mcp.catalog
@@ -60,14 +71,10 @@ default _subject := "the called tool"
 
 _subject := sprintf("tool %q on server %q", [input.tool.name, input.tool.server])
 
-# METADATA
-# title: The YAML rule that applies to this call
-# description: |
-#   {"id", "where", "origin", "rule"}: the contribution id, where the rule sits in
-#   the policy data, a note for generated reasons and the rule as written.
-#   Undefined when no rule applies (see catalog.missing_rule).
-# scope: document
-applied := {
+# The chain of rules for this call, in order, each {"id", "where", "origin",
+# "rule"}: rules[<tool>] (0) then risk_defaults[<risk>] (1) for a catalogued
+# tool, default (2) for any other; a link is absent when its rule is.
+_link[0] := {
 	"id": sprintf("catalog.rule.%s", [input.tool.name]),
 	"where": sprintf("rules[%q]", [input.tool.name]),
 	"origin": "policy rule for this tool",
@@ -75,7 +82,9 @@ applied := {
 } if {
 	catalog.known
 	input.tool.name in object.keys(_rules)
-} else := {
+}
+
+_link[1] := {
 	"id": sprintf("catalog.risk_default.%s", [catalog.entry.risk]),
 	"where": sprintf("risk_defaults[%q]", [catalog.entry.risk]),
 	"origin": sprintf("default for %s-risk tools", [catalog.entry.risk]),
@@ -83,7 +92,9 @@ applied := {
 } if {
 	catalog.known
 	catalog.entry.risk in object.keys(_risk_defaults)
-} else := {
+}
+
+_link[2] := {
 	"id": "catalog.default",
 	"where": "default",
 	"origin": "not in the policy catalog",
@@ -93,10 +104,59 @@ applied := {
 	"default" in object.keys(data.mcp_policy)
 }
 
-# The applied rule as an object: a bare action name is shorthand for {action: <name>}.
-_rule := applied.rule if is_object(applied.rule)
+_candidates := [_link[i] | some i in sort(object.keys(_link))]
 
-_rule := {"action": applied.rule} if is_string(applied.rule)
+# A rule written with shadow: true (a bare action name never is).
+default _is_shadow(_) := false
+
+_is_shadow(rule) if rule.shadow == true
+
+# Every rule of the chain before position i is shadow.
+_reached(i) if {
+	every c in array.slice(_candidates, 0, i) {
+		_is_shadow(c.rule)
+	}
+}
+
+# METADATA
+# title: The YAML rules that contribute to this call
+# description: |
+#   The rules of the chain up to and including the first one that is not
+#   shadow, in chain order; each {"id", "where", "origin", "rule", "shadow"}:
+#   the contribution id, where the rule sits in the policy data, a note for
+#   generated reasons, the rule as written and whether it is shadow (tried,
+#   not enforced). Empty when the chain is.
+# scope: document
+chain := [object.union(c, {"shadow": _is_shadow(c.rule)}) |
+	some i, c in _candidates
+	_reached(i)
+]
+
+# METADATA
+# title: The YAML rule enforced for this call
+# description: |
+#   The entry of chain that is not shadow (the last one). Undefined when every
+#   rule of the chain is shadow or there is none (see catalog.missing_rule).
+# scope: document
+applied := c if {
+	some c in chain
+	not c.shadow
+}
+
+# The chain entries by id (the ids in a chain are distinct).
+_entry[c.id] := c if some c in chain
+
+# Each contributing rule as an object, by id: a bare action name is shorthand
+# for {action: <name>}. Absent for a rule that is neither (catalog.invalid_rule).
+_rule[c.id] := c.rule if {
+	some c in chain
+	is_object(c.rule)
+}
+
+_rule[c.id] := {"action": c.rule} if {
+	some c in chain
+	is_string(c.rule)
+}
 
 _has(obj, key) if key in object.keys(obj)
 
@@ -120,324 +180,204 @@ _is_name(x) if {
 }
 
 # METADATA
-# title: Rate limit of the applied rule
+# title: Rate limits of the contributing rules
 # description: |
-#   {"max", "window_seconds", "scope"} from either form of rate_limit:
-#   {max: 10, window: 60, scope: session} or "10/minute" (scope session).
-#   Undefined when the rule has no rate_limit or a malformed string.
+#   By contribution id: {"max", "window_seconds", "scope"} from either form of
+#   rate_limit: {max: 10, window: 60, scope: session} or "10/minute" (scope
+#   session). No entry for a rule without rate_limit or with a malformed string.
 # scope: document
-limit := {
-	"max": object.get(_rule.rate_limit, "max", null),
-	"window_seconds": object.get(_rule.rate_limit, "window", null),
-	"scope": object.get(_rule.rate_limit, "scope", "session"),
+limit[id] := {
+	"max": object.get(rule.rate_limit, "max", null),
+	"window_seconds": object.get(rule.rate_limit, "window", null),
+	"scope": object.get(rule.rate_limit, "scope", "session"),
 } if {
-	is_object(_rule.rate_limit)
+	some id, rule in _rule
+	is_object(rule.rate_limit)
 }
 
-limit := {
+limit[id] := {
 	"max": to_number(parts[1]),
 	"window_seconds": _unit_seconds[parts[2]],
 	"scope": "session",
 } if {
-	is_string(_rule.rate_limit)
+	some id, rule in _rule
+	is_string(rule.rate_limit)
 	some parts in regex.find_all_string_submatch_n(
 		`^\s*([0-9]+)\s*/\s*(second|minute|hour|day)s?\s*$`,
-		_rule.rate_limit, 1,
+		rule.rate_limit, 1,
 	)
 }
 
-# The limit is weighted: the object form of rate_limit has increment_from (the
-# string form never has). _increment_from is the value as written.
-_weighted if {
-	is_object(_rule.rate_limit)
-	_has(_rule.rate_limit, "increment_from")
+# Ids of the rules whose limit is weighted: the object form of rate_limit has
+# increment_from (the string form never has). _increment_from is the value as
+# written.
+_weighted contains id if {
+	some id, rule in _rule
+	is_object(rule.rate_limit)
+	_has(rule.rate_limit, "increment_from")
 }
 
-_increment_from := _rule.rate_limit.increment_from if _weighted
+_increment_from[id] := _rule[id].rate_limit.increment_from if some id in _weighted
 
 # METADATA
-# title: Cost of this call under a weighted rate limit
+# title: Cost of this call under the weighted rate limits
 # description: |
-#   The value of the tool argument named by rate_limit.increment_from, when it
-#   is a number >= 0. Undefined when the limit is not weighted, or when the
-#   argument is missing, not a number or negative (see
-#   catalog.rate_limit_cost_invalid).
+#   By contribution id: the value of the tool argument named by
+#   rate_limit.increment_from, when it is a number >= 0. No entry when the
+#   rule's limit is not weighted, or when the argument is missing, not a number
+#   or negative (see catalog.rate_limit_cost_invalid).
 # scope: document
-cost := value if {
-	_is_name(_increment_from)
-	value := input.tool.arguments[_increment_from]
+cost[id] := value if {
+	some id, name in _increment_from
+	_is_name(name)
+	value := input.tool.arguments[name]
 	is_number(value)
 	value >= 0
 }
 
-# What the rate_limit contribution adds for the cost: nothing for an unweighted
-# limit (the engine counts 1), {"cost": <argument>} for a weighted one, and
-# undefined (no contribution) when the argument is unusable.
-_cost_field := {} if not _weighted
-
-_cost_field := {"cost": cost} if _weighted
-
-# METADATA
-# title: Problems with the applied rule
-# description: |
-#   One message per problem found in the applied rule. Any problem turns the
-#   rule into a catalog.invalid_rule deny.
-# scope: document
-errors contains "must be an object with an action, or just an action name" if {
-	rule := applied.rule
-	not is_object(rule)
-	not is_string(rule)
+# [id, message] per problem found in a contributing rule. Any problem turns the
+# rule into catalog.invalid_rule denies.
+_problems contains [c.id, "must be an object with an action, or just an action name"] if {
+	some c in chain
+	not is_object(c.rule)
+	not is_string(c.rule)
 }
 
-errors contains msg if {
-	keys := sort(object.keys(_rule) - _rule_keys)
+_problems contains [id, msg] if {
+	some id, rule in _rule
+	keys := sort(object.keys(rule) - _rule_keys)
 	count(keys) > 0
 	msg := sprintf("unknown key(s) %s; allowed: action, reason, rate_limit, approval, shadow", [concat(", ", keys)])
 }
 
-errors contains "has no action" if {
-	is_object(_rule)
-	not _has(_rule, "action")
+_problems contains [id, "has no action"] if {
+	some id, rule in _rule
+	not _has(rule, "action")
 }
 
-errors contains msg if {
-	action := _rule.action
-	not action in _actions
-	msg := sprintf("unknown action %s; use one of allow, deny, rate_limit, require_approval", [_show(action)])
+_problems contains [id, msg] if {
+	some id, rule in _rule
+	not rule.action in _actions
+	msg := sprintf("unknown action %s; use one of allow, deny, rate_limit, require_approval", [_show(rule.action)])
 }
 
-errors contains msg if {
-	reason := _rule.reason
-	not is_string(reason)
-	msg := sprintf("reason must be a string, got %s", [_show(reason)])
+_problems contains [id, msg] if {
+	some id, rule in _rule
+	not is_string(rule.reason)
+	msg := sprintf("reason must be a string, got %s", [_show(rule.reason)])
 }
 
-errors contains msg if {
-	shadow := _rule.shadow
-	not is_boolean(shadow)
-	msg := sprintf("shadow must be true or false, got %s", [_show(shadow)])
+_problems contains [id, msg] if {
+	some id, rule in _rule
+	not is_boolean(rule.shadow)
+	msg := sprintf("shadow must be true or false, got %s", [_show(rule.shadow)])
 }
 
-errors contains "action rate_limit needs a rate_limit, e.g. {max: 10, window: 60}" if {
-	_rule.action == "rate_limit"
-	not _has(_rule, "rate_limit")
+_problems contains [id, "action rate_limit needs a rate_limit, e.g. {max: 10, window: 60}"] if {
+	some id, rule in _rule
+	rule.action == "rate_limit"
+	not _has(rule, "rate_limit")
 }
 
-errors contains "rate_limit cannot be combined with action deny" if {
-	_rule.action == "deny"
-	_has(_rule, "rate_limit")
+_problems contains [id, "rate_limit cannot be combined with action deny"] if {
+	some id, rule in _rule
+	rule.action == "deny"
+	_has(rule, "rate_limit")
 }
 
-errors contains "approval is only valid with action require_approval" if {
-	_has(_rule, "approval")
-	_rule.action != "require_approval"
+_problems contains [id, "approval is only valid with action require_approval"] if {
+	some id, rule in _rule
+	_has(rule, "approval")
+	rule.action != "require_approval"
 }
 
-errors contains msg if {
-	rate_limit := _rule.rate_limit
-	not is_object(rate_limit)
-	not is_string(rate_limit)
+_problems contains [id, msg] if {
+	some id, rule in _rule
+	not is_object(rule.rate_limit)
+	not is_string(rule.rate_limit)
 	msg := sprintf(
 		"rate_limit must be an object {max, window, scope} or a string like \"10/minute\", got %s",
-		[_show(rate_limit)],
+		[_show(rule.rate_limit)],
 	)
 }
 
-errors contains msg if {
-	rate_limit := _rule.rate_limit
-	is_string(rate_limit)
-	not limit
+_problems contains [id, msg] if {
+	some id, rule in _rule
+	is_string(rule.rate_limit)
+	not limit[id]
 	msg := sprintf(
 		"rate_limit %q is malformed; write <max>/<unit> with unit second, minute, hour or day, e.g. \"10/minute\"",
-		[rate_limit],
+		[rule.rate_limit],
 	)
 }
 
-errors contains msg if {
-	keys := sort(object.keys(_rule.rate_limit) - _limit_keys)
+_problems contains [id, msg] if {
+	some id, rule in _rule
+	keys := sort(object.keys(rule.rate_limit) - _limit_keys)
 	count(keys) > 0
 	msg := sprintf("rate_limit has unknown key(s) %s; allowed: max, window, scope, increment_from", [concat(", ", keys)])
 }
 
-errors contains msg if {
-	_weighted
-	not _is_name(_increment_from)
+_problems contains [id, msg] if {
+	some id, name in _increment_from
+	not _is_name(name)
 	msg := sprintf(
 		"rate_limit increment_from must be the name of a tool argument (a non-empty string), got %s",
-		[_show(_increment_from)],
+		[_show(name)],
 	)
 }
 
-errors contains msg if {
-	max_calls := limit.max
-	not _is_count(max_calls)
-	msg := sprintf("rate_limit max must be an integer >= 1, got %s", [_show(max_calls)])
+_problems contains [id, msg] if {
+	some id, lim in limit
+	not _is_count(lim.max)
+	msg := sprintf("rate_limit max must be an integer >= 1, got %s", [_show(lim.max)])
 }
 
-errors contains msg if {
-	window := limit.window_seconds
-	not _is_positive(window)
-	msg := sprintf("rate_limit window must be a number of seconds > 0, got %s", [_show(window)])
+_problems contains [id, msg] if {
+	some id, lim in limit
+	not _is_positive(lim.window_seconds)
+	msg := sprintf("rate_limit window must be a number of seconds > 0, got %s", [_show(lim.window_seconds)])
 }
 
-errors contains msg if {
-	scope := limit.scope
-	not scope in _scopes
-	msg := sprintf("rate_limit scope must be one of session, agent, user, global, got %s", [_show(scope)])
+_problems contains [id, msg] if {
+	some id, lim in limit
+	not lim.scope in _scopes
+	msg := sprintf("rate_limit scope must be one of session, agent, user, global, got %s", [_show(lim.scope)])
 }
 
-errors contains msg if {
-	approval := _rule.approval
-	not is_object(approval)
-	msg := sprintf("approval must be an object like {ttl: 900}, got %s", [_show(approval)])
+_problems contains [id, msg] if {
+	some id, rule in _rule
+	not is_object(rule.approval)
+	msg := sprintf("approval must be an object like {ttl: 900}, got %s", [_show(rule.approval)])
 }
 
-errors contains msg if {
-	keys := sort(object.keys(_rule.approval) - _approval_keys)
+_problems contains [id, msg] if {
+	some id, rule in _rule
+	keys := sort(object.keys(rule.approval) - _approval_keys)
 	count(keys) > 0
 	msg := sprintf("approval has unknown key(s) %s; allowed: ttl", [concat(", ", keys)])
 }
 
-errors contains msg if {
-	ttl := _rule.approval.ttl
-	not _is_positive(ttl)
-	msg := sprintf("approval ttl must be a number of seconds > 0, got %s", [_show(ttl)])
+_problems contains [id, msg] if {
+	some id, rule in _rule
+	not _is_positive(rule.approval.ttl)
+	msg := sprintf("approval ttl must be a number of seconds > 0, got %s", [_show(rule.approval.ttl)])
 }
-
-_valid if {
-	_rule
-	count(errors) == 0
-}
-
-_reason := _rule.reason if {
-	_has(_rule, "reason")
-} else := sprintf("%s %s (%s)", [_subject, _verbs[_rule.action], applied.origin])
-
-_calls(1) := "1 call"
-
-_calls(n) := sprintf("%d calls", [n]) if n != 1
-
-_per_window(1) := "per second"
-
-_per_window(w) := sprintf("per %v seconds", [w]) if w != 1
-
-# How much the limit allows: calls, or a total of the counted argument.
-_allowance(max_calls) := sprintf("a total %q of %d", [_increment_from, max_calls]) if {
-	_weighted
-} else := _calls(max_calls)
-
-_limit_reason := _rule.reason if {
-	_rule.action == "rate_limit"
-	_has(_rule, "reason")
-} else := reason if {
-	phrases := [_allowance(floor(limit.max)), _per_window(limit.window_seconds), _per_scope[limit.scope]]
-	reason := sprintf("at most %s %s %s", phrases)
-}
-
-default _ttl := {}
-
-_ttl := {"ttl_seconds": _rule.approval.ttl} if _has(_rule.approval, "ttl")
-
-# What every contribution made for the applied rule adds: {"shadow": true} for
-# a rule with shadow: true, nothing otherwise (enforced).
-default _shadow := {}
-
-_shadow := {"shadow": true} if _rule.shadow == true
 
 # METADATA
-# title: Deny contributions
+# title: Problems with the contributing rules
 # description: |
-#   The applied rule when its action is deny (shadow when the rule is);
-#   never shadow: catalog.invalid_rule for each
-#   problem in the applied rule; catalog.missing_rule when no rule applies;
-#   catalog.invalid_data when a part of the policy data has the wrong type;
-#   catalog.rate_limit_cost_invalid when a weighted rate limit's argument is
-#   missing, not a number or negative.
+#   One message per problem found in the contributing rules (shadow or not).
+#   Any problem turns its rule into a catalog.invalid_rule deny, whose reason
+#   also says which rule it is.
 # scope: document
-deny contains object.union({"rule": applied.id, "reason": _reason}, _shadow) if {
-	_valid
-	_rule.action == "deny"
-}
+errors contains msg if some [_, msg] in _problems
 
-deny contains {
-	"rule": "catalog.rate_limit_cost_invalid",
-	"reason": sprintf("%s: rate limit counts argument %q, which must be a number >= 0", [_subject, _increment_from]),
-} if {
-	_valid
-	_weighted
-	not cost
-}
+_broken contains id if some [id, _] in _problems
 
-deny contains {
-	"rule": "catalog.invalid_rule",
-	"reason": sprintf("invalid policy rule %s for %s: %s", [applied.where, _subject, problem]),
-} if {
-	some problem in errors
-}
-
-deny contains {
-	"rule": "catalog.missing_rule",
-	"reason": sprintf("%s has risk %s in the policy catalog, but risk_defaults has no rule for it", [
-		_subject,
-		_show(object.get(catalog.entry, "risk", null)),
-	]),
-} if {
-	catalog.known
-	not applied
-}
-
-deny contains {
-	"rule": "catalog.missing_rule",
-	"reason": sprintf("%s is not in the policy catalog, and the policy data has no default rule", [_subject]),
-} if {
-	not catalog.known
-	not applied
-}
-
-deny contains {
-	"rule": "catalog.invalid_data",
-	"reason": sprintf("policy data mcp_policy.%s must be %s, got %s", [key, want[1], type_name(value)]),
-} if {
-	some key, want in {"catalog": ["array", "a list"], "rules": ["object", "a map"], "risk_defaults": ["object", "a map"]}
-	value := data.mcp_policy[key]
-	type_name(value) != want[0]
-}
-
-# METADATA
-# title: Require-approval contributions
-# description: |
-#   The applied rule when its action is require_approval (with ttl_seconds from
-#   approval.ttl; shadow when the rule is).
-# scope: document
-require_approval contains object.union_n([{"rule": applied.id, "reason": _reason}, _ttl, _shadow]) if {
-	_valid
-	_rule.action == "require_approval"
-}
-
-# METADATA
-# title: Rate-limit contributions
-# description: |
-#   The limit of the applied rule, whatever its (non-deny) action; max is
-#   written as an integer (10.0 in YAML becomes 10). A weighted limit adds
-#   "cost" (the counted argument); an unweighted one has no cost (counts 1).
-#   None when the counted argument is unusable (that call is denied instead,
-#   even when the rule is shadow). Shadow when the rule is.
-# scope: document
-rate_limit contains object.union_n([
-	limit,
-	{"rule": applied.id, "max": floor(limit.max), "reason": _limit_reason},
-	_cost_field, # undefined for an unusable argument: no contribution
-	_shadow,
-]) if {
-	_valid
-	limit
-}
-
-# METADATA
-# title: Allow contributions
-# description: The applied rule when its action is allow (shadow when the rule is).
-# scope: document
-allow contains object.union({"rule": applied.id, "reason": _reason}, _shadow) if {
-	_valid
-	_rule.action == "allow"
+# Ids of the contributing rules without a problem: only these contribute their
+# action and limit.
+_valid contains id if {
+	some id, _ in _rule
+	not id in _broken
 }

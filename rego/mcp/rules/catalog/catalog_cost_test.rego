@@ -39,7 +39,8 @@ test_cost_is_argument_when_number_at_least_zero if {
 	every amount in [250, 12.5, 0, 0.0, 1000, 5000] {
 		out := _out with data.mcp_policy as _pay_policy(_pay_rule) with input as _pay({"amount": amount})
 		out == _only("rate_limit", _spend_limit(amount))
-		catalog.cost == amount with data.mcp_policy as _pay_policy(_pay_rule) with input as _pay({"amount": amount})
+		cost := catalog.cost with data.mcp_policy as _pay_policy(_pay_rule) with input as _pay({"amount": amount})
+		cost == {"catalog.rule.pay": amount}
 	}
 }
 
@@ -89,7 +90,7 @@ test_no_cost_when_object_form_without_increment_from if {
 		"scope": "user",
 		"reason": "at most 1000 calls per 3600 seconds per user",
 	})
-	not catalog.cost with data.mcp_policy as _pay_policy(rule) with input as _pay({"amount": 250})
+	catalog.cost == {} with data.mcp_policy as _pay_policy(rule) with input as _pay({"amount": 250})
 }
 
 test_no_cost_when_string_form if {
@@ -102,7 +103,7 @@ test_no_cost_when_string_form if {
 		"scope": "session",
 		"reason": "at most 10 calls per 60 seconds per session",
 	})
-	not catalog.cost with data.mcp_policy as _pay_policy(rule) with input as _pay({"amount": 250})
+	catalog.cost == {} with data.mcp_policy as _pay_policy(rule) with input as _pay({"amount": 250})
 }
 
 test_no_cost_when_shipped_copy_image_set if {
