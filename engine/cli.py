@@ -18,6 +18,7 @@ from engine import jsonstrict
 from engine import status as status_view
 from engine.errors import EngineError, InvalidRequest, PolicyRejected
 from engine.models import DecideRequest
+from engine.proxy.cli import PROXY_COMMANDS, add_proxy_commands, run_proxy_command
 from engine.runtime import Runtime
 from engine.server import start_servers
 from engine.settings import Settings
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--url", default="http://127.0.0.1:8080", help="the service's HTTP URL")
     status.add_argument("--hours", type=float, default=24, help="how far back (default 24)")
     status.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_proxy_commands(commands)
     return parser
 
 
@@ -183,6 +185,8 @@ def _status(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in PROXY_COMMANDS:
+        return run_proxy_command(args)
     if args.command == "status":
         return _status(args)
     try:

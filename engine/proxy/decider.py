@@ -113,6 +113,7 @@ def decide_message(request: DecideRequest) -> Any:
         message.approval_id = request.approval_id
     if request.context:
         message.context.update(request.context)
+    message.dry_run = request.dry_run
     return message
 
 
@@ -152,6 +153,7 @@ def decision_from_message(response: Any) -> Decision:
         rate_limit=rate_limit,
         approval=approval,
         mcp_result=mcp_result,
+        dry_run=True if response.dry_run else None,
     )
 
 

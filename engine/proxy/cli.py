@@ -1,0 +1,336 @@
+"""`mcp-policy proxy`, `mcp-policy scan` and `mcp-policy validate`.
+
+`add_proxy_commands(subparsers)` adds the three commands to the `mcp-policy` parser;
+`run_proxy_command(args)` runs whichever was chosen. Until they are wired into
+`engine/cli.py`, `python -m engine.proxy.cli <command> ...` runs them the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from engine.errors import PolicyRejected
+from engine.settings import PROJECT_ROOT, Settings
+
+if TYPE_CHECKING:
+    from engine.proxy.serve import UpstreamSpec
+
+# The commands import the proxy (and the MCP SDK) only when they run, so `mcp-policy
+# serve` and `decide` start as fast as before.
+
+PROXY_COMMANDS = ("proxy", "scan", "validate")
+EXIT_USAGE = 2
+EXIT_POLICY_REJECTED = 2
+EXIT_CANNOT_CONNECT = 1
+
+PROXY_EPILOG = """\
+examples:
+  mcp-policy proxy --embedded -- uvx awslabs.healthimaging-mcp-server@latest
+  mcp-policy proxy --decision-url 127.0.0.1:50051 --listen 127.0.0.1:8000 \\
+      --upstream https://mcp.example.com/mcp --header 'Authorization: Bearer ...'
+
+Point the MCP client at the proxy: run it as the server command (stdio), or use
+http://HOST:PORT/mcp with --listen. To retry a call that needed approval, call it again
+once approved (the proxy uses the granted approval), or pass the approval id in
+params._meta["mcp-policy/approval_id"].
+"""
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected 'Name: value', got {text!r}")
+    return name.strip(), value.strip()
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more seconds")
+    return value
+
+
+def _embedded_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("embedded decision service (--embedded)")
+    group.add_argument(
+        "--policy",
+        type=Path,
+        action="append",
+        help="a directory of Rego and YAML to load; repeat for several "
+        "(default: the shipped rego/ and policies/)",
+    )
+    group.add_argument("--state-dir", type=Path, help="state directory (MCP_POLICY_STATE_DIR)")
+    group.add_argument("--decision-log", help='decision log file, "-" for stderr, "off"')
+    group.add_argument("--opa-url", help="use this OPA instead of starting one")
+    group.add_argument("--opa-binary", help="OPA binary to start (MCP_POLICY_OPA_BINARY)")
+
+
+def _upstream_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--upstream", "--url", dest="url", metavar="URL", help="MCP server URL")
+    parser.add_argument(
+        "--header",
+        type=_header,
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="HTTP header for the upstream URL (e.g. auth); repeat for several",
+    )
+    parser.add_argument(
+        "server_command",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND ...",
+        help="the MCP server to run as a child, after --",
+    )
+
+
+def add_proxy_commands(subparsers: Any) -> None:
+    """Add `proxy`, `scan` and `validate` to the `mcp-policy` subcommands."""
+    proxy = subparsers.add_parser(
+        "proxy",
+        help="enforce decisions in front of an MCP server (stdio or streamable HTTP)",
+        description="Relay MCP between an agent and a server; every tools/call is decided "
+        "first. The agent talks MCP on stdin/stdout, or over streamable HTTP with --listen. "
+        "The server is a command after --, or --upstream URL.",
+        epilog=PROXY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    proxy.add_argument(
+        "--listen", type=_host_port, metavar="HOST:PORT", help="serve streamable HTTP here"
+    )
+    proxy.add_argument("--path", default="/mcp", help="MCP endpoint path with --listen")
+    _upstream_options(proxy)
+    where = proxy.add_mutually_exclusive_group()
+    where.add_argument(
+        "--decision-url", metavar="HOST:PORT", help="the decision service's gRPC address"
+    )
+    where.add_argument(
+        "--embedded", action="store_true", help="run the decision service in this process"
+    )
+    proxy.add_argument(
+        "--decision-timeout", type=_seconds, default=5.0, help="gRPC deadline (default 5 s)"
+    )
+    proxy.add_argument(
+        "--server-name",
+        help="MCP server name in decisions (default: the serverInfo.name the server reports)",
+    )
+    proxy.add_argument("--agent-id", help="principal.agent_id of the decisions")
+    proxy.add_argument("--user-id", help="principal.user_id of the decisions")
+    proxy.add_argument(
+        "--approval-wait",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="on approval_required, wait this long for a human before answering (default 0)",
+    )
+    proxy.add_argument(
+        "--approval-poll", type=_seconds, default=0.5, metavar="SECONDS", help=argparse.SUPPRESS
+    )
+    proxy.add_argument(
+        "--upstream-timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long a tools/call may take upstream (default 60)",
+    )
+    proxy.add_argument(
+        "--show-all-tools",
+        action="store_true",
+        help="do not hide tools the policy always denies from tools/list",
+    )
+    proxy.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default), ERROR")
+    _embedded_options(proxy)
+    proxy.set_defaults(proxy_main=_proxy)
+
+    scanner = subparsers.add_parser(
+        "scan",
+        help="list an MCP server's tools and write a policy scaffold for them",
+        description="Connect to an MCP server (a command after --, or --url URL), list its "
+        "tools and write a policy YAML scaffold (catalog + rules) for them.",
+    )
+    _upstream_options(scanner)
+    scanner.add_argument("--out", type=Path, help="write the scaffold here (default: stdout)")
+    scanner.add_argument("--server-name", help="server name in the catalog (default: reported)")
+    scanner.add_argument("--timeout", type=_seconds, default=60.0, help="give up after (s)")
+    scanner.set_defaults(proxy_main=_scan)
+
+    checker = subparsers.add_parser(
+        "validate",
+        help="check policy YAML and Rego with OPA; print every error with its place",
+        description="Check policy files (directories or files; default: the shipped rego/ "
+        "and policies/) as the service would load them. Exit 0 when valid.",
+    )
+    checker.add_argument("paths", nargs="*", type=Path, help="policy directories or files")
+    checker.add_argument("--opa-binary", default="opa", help="OPA binary to start")
+    checker.set_defaults(proxy_main=_validate)
+
+
+def run_proxy_command(args: argparse.Namespace) -> int:
+    """Run the command `add_proxy_commands` parsed; the process exit status."""
+    result: int = args.proxy_main(args)
+    return result
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    command = list(args.server_command or [])
+    if command and command[0] == "--":
+        command = command[1:]
+    return command
+
+
+def _upstream(args: argparse.Namespace, what: str) -> UpstreamSpec | None:
+    from engine.proxy.serve import UpstreamSpec
+
+    command = _command(args)
+    if bool(command) == bool(args.url):
+        print(
+            f"mcp-policy {what}: give the MCP server as a command after --, or --upstream URL "
+            "(one of the two)",
+            file=sys.stderr,
+        )
+        return None
+    if args.header and not args.url:
+        print(f"mcp-policy {what}: --header goes with --upstream URL", file=sys.stderr)
+        return None
+    return UpstreamSpec(command=command, url=args.url, headers=dict(args.header))
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for name in ("state_dir", "decision_log", "opa_url", "opa_binary", "log_level"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    if args.policy:
+        overrides["policy_paths"] = args.policy
+    return Settings(**overrides)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _proxy(args: argparse.Namespace) -> int:
+    from engine.proxy.core import ProxyOptions
+    from engine.proxy.decider import Decider, EmbeddedDecider, GrpcDecider
+    from engine.proxy.serve import run_http, run_stdio
+
+    upstream = _upstream(args, "proxy")
+    if upstream is None:
+        return EXIT_USAGE
+    if not args.embedded and not args.decision_url:
+        print("mcp-policy proxy: give --decision-url HOST:PORT or --embedded", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        settings = _settings(args) if args.embedded else None
+    except ValidationError as exc:
+        print(f"mcp-policy proxy: invalid settings: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _logging(args.log_level or "WARNING")
+    options = ProxyOptions(
+        server_name=args.server_name,
+        agent_id=args.agent_id,
+        user_id=args.user_id,
+        approval_wait=args.approval_wait,
+        approval_poll=args.approval_poll or 0.5,
+        upstream_timeout=args.upstream_timeout,
+        filter_tools=not args.show_all_tools,
+    )
+
+    async def main() -> int:
+        decider: Decider
+        if settings is not None:
+            decider = await EmbeddedDecider.start(settings)
+        else:
+            decider = GrpcDecider(args.decision_url, timeout=args.decision_timeout)
+        try:
+            if args.listen is not None:
+                host, port = args.listen
+                return await run_http(
+                    decider, options, upstream, host=host, port=port, path=args.path
+                )
+            return await run_stdio(decider, options, upstream)
+        finally:
+            await decider.close()
+
+    try:
+        return asyncio.run(main())
+    except PolicyRejected as exc:
+        print(f"mcp-policy proxy: policy rejected: {exc.message}", file=sys.stderr)
+        for line in exc.errors:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_POLICY_REJECTED
+
+
+def _scan(args: argparse.Namespace) -> int:
+    from engine.proxy.scan import scaffold, scan
+
+    upstream = _upstream(args, "scan")
+    if upstream is None:
+        return EXIT_USAGE
+
+    async def main() -> str:
+        async with asyncio.timeout(args.timeout):
+            scanned = await scan(upstream.command, upstream.url, upstream.headers)
+        return scaffold(scanned, server=args.server_name)
+
+    try:
+        text = asyncio.run(main())
+    except Exception as exc:  # the server could not be started, reached or listed
+        reason = exc.exceptions[0] if isinstance(exc, BaseExceptionGroup) else exc
+        print(f"mcp-policy scan: could not list the server's tools: {reason!r}", file=sys.stderr)
+        return EXIT_CANNOT_CONNECT
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text, "utf-8")
+        print(f"mcp-policy scan: wrote {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from engine.proxy.validate import validate
+
+    paths = args.paths or [PROJECT_ROOT / "rego", PROJECT_ROOT / "policies"]
+    defaults: dict[str, Any] = {}
+    schema = Settings(**defaults).policy_schema  # MCP_POLICY_POLICY_SCHEMA, or the shipped one
+    report = asyncio.run(validate(paths, opa_binary=args.opa_binary, schema=schema))
+    where = ", ".join(str(p) for p in paths)
+    if report.valid:
+        print(
+            f"mcp-policy validate: ok ({report.modules} Rego modules, "
+            f"{report.data_files} data files in {where})"
+        )
+        return 0
+    print(f"mcp-policy validate: {len(report.errors)} error(s) in {where}")
+    for error in report.errors:
+        print(f"  {error}")
+    return EXIT_POLICY_REJECTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mcp-policy", description=__doc__)
+    add_proxy_commands(parser.add_subparsers(dest="command", required=True))
+    return run_proxy_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The agent side over stdio: the agent speaks MCP on the proxy's stdin and stdout.
+
+One JSON-RPC message per line, as the SDK's `stdio_server` frames them. The proxy reads
+stdin with non-blocking pipes instead of `stdio_server`'s worker thread because it must
+be able to stop while the agent still holds stdin open (when the upstream exits, the
+proxy exits with its status), and because a line that is not a JSON-RPC message gets an
+answer naming the problem: -32700 for text that is not JSON, -32600 for a batch (MCP
+removed them) or anything else that is not a message, with the request's id when it has
+one. Like `stdio_server`, fd 1 is pointed at stderr while serving, so stray output can
+never corrupt the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from mcp.shared.message import SessionMessage
+from mcp_types import (
+    INVALID_REQUEST,
+    PARSE_ERROR,
+    ErrorData,
+    jsonrpc_message_adapter,
+)
+
+from engine.proxy.core import MalformedMessage
+
+log = logging.getLogger(__name__)
+
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
+def parse_agent_line(line: bytes) -> SessionMessage | MalformedMessage:
+    """One line from the agent: a message, or the error to answer it with."""
+    try:
+        return SessionMessage(jsonrpc_message_adapter.validate_json(line, by_name=False))
+    except ValueError:
+        pass
+    try:
+        value: Any = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return MalformedMessage(
+            ErrorData(code=PARSE_ERROR, message=f"Parse error: not JSON ({exc})")
+        )
+    if isinstance(value, list):
+        return MalformedMessage(
+            ErrorData(
+                code=INVALID_REQUEST,
+                message="Invalid Request: JSON-RPC batches are not supported "
+                "(MCP removed them in 2025-06-18); send one message per line",
+            )
+        )
+    request_id = value.get("id") if isinstance(value, dict) else None
+    if isinstance(request_id, bool) or not isinstance(request_id, str | int):
+        request_id = None
+    return MalformedMessage(
+        ErrorData(
+            code=INVALID_REQUEST,
+            message="Invalid Request: not a JSON-RPC 2.0 request, notification or response "
+            '(needs "jsonrpc": "2.0" and a "method", or an "id" with a "result" or "error")',
+        ),
+        request_id,
+    )
+
+
+class _Output:
+    """Writes messages to the agent, one line each."""
+
+    def __init__(self, writer: asyncio.StreamWriter | None, fd: int) -> None:
+        self._writer = writer
+        self._fd = fd
+        self._lock = asyncio.Lock()
+
+    async def send(self, item: SessionMessage, /) -> None:
+        data = (item.message.model_dump_json(by_alias=True, exclude_unset=True) + "\n").encode()
+        async with self._lock:
+            try:
+                if self._writer is None:
+                    await anyio.to_thread.run_sync(os.write, self._fd, data)
+                    return
+                self._writer.write(data)
+                await self._writer.drain()
+            except (ConnectionError, OSError) as exc:
+                raise anyio.BrokenResourceError from exc
+
+
+async def _lines(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    while True:
+        try:
+            line = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial.strip():
+                yield exc.partial
+            return
+        except asyncio.LimitOverrunError as exc:
+            await reader.readexactly(exc.consumed)
+            yield b"<message too large>"
+            continue
+        if line.strip():
+            yield line
+
+
+async def _thread_lines(fd: int) -> AsyncIterator[bytes]:
+    """For a stdin that is a regular file (no pipe transport for those)."""
+    with os.fdopen(os.dup(fd), "rb") as source:
+        while line := await anyio.to_thread.run_sync(source.readline, abandon_on_cancel=True):
+            if line.strip():
+                yield line
+
+
+async def _messages(lines: AsyncIterator[bytes]) -> AsyncIterator[SessionMessage | Exception]:
+    async for line in lines:
+        yield parse_agent_line(line)
+
+
+@contextlib.asynccontextmanager
+async def stdio_agent() -> AsyncIterator[tuple[AsyncIterator[SessionMessage | Exception], _Output]]:
+    """The agent's messages from stdin, and a writer to stdout."""
+    loop = asyncio.get_running_loop()
+    sys.stdout.flush()
+    wire_fd = os.dup(1)
+    os.dup2(2, 1)
+    stdin_blocking = os.get_blocking(0)
+    closers: list[Any] = []
+    try:
+        reader = asyncio.StreamReader(limit=MAX_LINE_BYTES)
+        lines: AsyncIterator[bytes]
+        try:
+            read_transport, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(os.dup(0), "rb", 0)
+            )
+            closers.append(read_transport)
+            lines = _lines(reader)
+        except ValueError:
+            lines = _thread_lines(0)
+        writer: asyncio.StreamWriter | None = None
+        try:
+            write_transport, protocol = await loop.connect_write_pipe(
+                asyncio.streams.FlowControlMixin, os.fdopen(os.dup(wire_fd), "wb", 0)
+            )
+            writer = asyncio.StreamWriter(write_transport, protocol, None, loop)
+            closers.append(write_transport)
+        except ValueError:
+            writer = None
+        yield _messages(lines), _Output(writer, wire_fd)
+    finally:
+        for transport in closers:
+            transport.close()
+        await asyncio.sleep(0)
+        with contextlib.suppress(OSError):
+            os.set_blocking(wire_fd, True)
+        os.dup2(wire_fd, 1)
+        os.close(wire_fd)
+        with contextlib.suppress(OSError):
+            os.set_blocking(0, stdin_blocking)
