@@ -112,6 +112,7 @@ bench: setup redis-server
 	$(PY) -m bench.decide
 	$(PY) -m bench.stores
 	$(PY) -m bench.redis_limiter
+	$(PY) -m bench.proxy
 
 fmt: setup
 	opa fmt --write rego
