@@ -16,19 +16,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import grpc
 from google.protobuf import struct_pb2
 
+from bench.common import drive
 from engine.opa import Opa
 from engine.opa_process import OpaProcess, free_loopback_port
 from engine.policy_source import read_bundle
@@ -63,30 +61,6 @@ def decide_body(session_id: str) -> dict[str, Any]:
         "arguments": ARGUMENTS,
         "principal": {"agent_id": "bench", "session_id": session_id},
     }
-
-
-async def drive(
-    call: Callable[[int], Awaitable[None]], requests: int, concurrency: int
-) -> tuple[float, list[float]]:
-    latencies: list[float] = []
-    counter = iter(range(requests))
-
-    async def worker() -> None:
-        for i in counter:
-            started = time.perf_counter()
-            await call(i)
-            latencies.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    await asyncio.gather(*[worker() for _ in range(concurrency)])
-    return time.perf_counter() - started, latencies
-
-
-def row(name: str, elapsed: float, latencies: list[float]) -> tuple[str, float, float, float]:
-    ordered = sorted(latencies)
-    p50 = statistics.median(ordered) * 1000
-    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000
-    return name, len(latencies) / elapsed, p50, p99
 
 
 async def main() -> int:
@@ -181,8 +155,8 @@ async def main() -> int:
                 await drive(lambda i, c=call: c(10_000_000 + i), args.warmup, args.concurrency)
                 for concurrency in (1, args.concurrency):
                     count = args.requests if concurrency > 1 else args.requests // 4
-                    elapsed, latencies = await drive(call, count, concurrency)
-                    results.append((concurrency, *row(name, elapsed, latencies)))
+                    run = await drive(call, count, concurrency)
+                    results.append((concurrency, name, run.rate, run.p50_ms, run.p99_ms))
     finally:
         service.terminate()
         service.wait(timeout=20)

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from typing import Any
 import yaml
 from mcp import ClientSession, StdioServerParameters, stdio_client
 
+from bench.common import percentiles
 from engine.settings import PROJECT_ROOT
 
 SERVER = [sys.executable, "-m", "tests.fixtures.imaging_server"]
@@ -91,13 +91,6 @@ async def measure(
     return out
 
 
-def row(latencies: list[float]) -> tuple[float, float]:
-    ordered = sorted(latencies)
-    p50 = statistics.median(ordered) * 1000
-    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000
-    return p50, p99
-
-
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=2000)
@@ -144,7 +137,7 @@ async def main() -> int:
             straight = await measure(direct, args.calls, args.warmup, errlog, proxied=False)
             through = await measure(proxied, args.calls, args.warmup, errlog, proxied=True)
 
-    base_p50, base_p99 = row(straight["allowed"])
+    base_p50, base_p99 = percentiles(straight["allowed"])
     print(
         f"\nmcp-policy proxy benchmark — {args.calls} sequential tools/call over stdio "
         f"(after {args.warmup} warm-up), embedded decisions ({args.store} store, decision "
@@ -158,9 +151,9 @@ async def main() -> int:
         ("through the proxy, refused (not forwarded)", through["refused"]),
     ]
     for name, latencies in rows:
-        p50, p99 = row(latencies)
+        p50, p99 = percentiles(latencies)
         print(f"{name:<46}{p50:>9.2f}{p99:>9.2f}{p50 / base_p50:>14.2f}x")
-    added = row(through["allowed"])[0] - base_p50
+    added = percentiles(through["allowed"])[0] - base_p50
     print(
         f"\nthe proxy adds {added:.2f} ms at p50 to an allowed call (p99 direct {base_p99:.2f} ms)"
     )

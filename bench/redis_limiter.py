@@ -11,10 +11,8 @@ costs taken from arguments.
 from __future__ import annotations
 
 import asyncio
-import statistics
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -24,6 +22,7 @@ from limits import RateLimitItemPerMinute
 from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
+from bench.common import drive
 from engine.ratelimit import Limit, RedisRateLimitStore
 from tests.kv import KvServer
 
@@ -33,24 +32,8 @@ Hit = Callable[[int, str], Awaitable[bool]]
 async def measure(name: str, hit: Hit) -> str:
     key = uuid.uuid4().hex
     allowed = sum(await asyncio.gather(*[hit(i, key) for i in range(1000)]))
-    numbers = iter(range(5000))
-    latencies: list[float] = []
-
-    async def worker() -> None:
-        for i in numbers:
-            started = time.perf_counter()
-            await hit(i, f"{key}-{i}")
-            latencies.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    await asyncio.gather(*[worker() for _ in range(16)])
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    return (
-        f"{name:<28}{allowed:>9}/1000{5000 / elapsed:>10.0f}"
-        f"{statistics.median(latencies) * 1000:>9.2f}"
-        f"{latencies[int(len(latencies) * 0.99)] * 1000:>9.2f}"
-    )
+    run = await drive(lambda i: hit(i, f"{key}-{i}"), 5000, 16)
+    return f"{name:<28}{allowed:>9}/1000{run.rate:>10.0f}{run.p50_ms:>9.2f}{run.p99_ms:>9.2f}"
 
 
 async def main() -> int:

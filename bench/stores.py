@@ -16,17 +16,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Awaitable, Callable
+from dataclasses import astuple
 from pathlib import Path
-from typing import Any
 
 import redis.asyncio
 
+from bench.common import drive
 from engine.models import DecideRequest
 from engine.opa import Opa
 from engine.opa_process import OpaProcess
@@ -40,29 +38,6 @@ ARGUMENTS = {
     "datastore_id": "0123456789abcdef0123456789abcdef",
     "source_image_set_id": "00112233445566778899aabbccddeeff",
 }
-
-
-async def drive(
-    call: Callable[[int], Awaitable[Any]], count: int, concurrency: int
-) -> tuple[float, float, float]:
-    latencies: list[float] = []
-    numbers = iter(range(count))
-
-    async def worker() -> None:
-        for i in numbers:
-            started = time.perf_counter()
-            await call(i)
-            latencies.append(time.perf_counter() - started)
-
-    started = time.perf_counter()
-    await asyncio.gather(*[worker() for _ in range(concurrency)])
-    elapsed = time.perf_counter() - started
-    ordered = sorted(latencies)
-    return (
-        count / elapsed,
-        statistics.median(ordered) * 1000,
-        ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
-    )
 
 
 async def main() -> int:
@@ -115,13 +90,11 @@ async def main() -> int:
                     assert decision.verdict.value == "allow", decision
 
                 await drive(acquire, 200, args.concurrency)
-                rows.append(
-                    (store, "acquire", *await drive(acquire, args.requests, args.concurrency))
-                )
+                run = await drive(acquire, args.requests, args.concurrency)
+                rows.append((store, "acquire", *astuple(run)))
                 await drive(lambda i: decide(10_000_000 + i), 200, args.concurrency)
-                rows.append(
-                    (store, "decide", *await drive(decide, args.requests, args.concurrency))
-                )
+                run = await drive(decide, args.requests, args.concurrency)
+                rows.append((store, "decide", *astuple(run)))
             finally:
                 await runtime.stop()
         memory = await redis_memory(kv, args.sessions)

@@ -13,6 +13,7 @@ awaiting, SQLite by an IMMEDIATE transaction, Redis by WATCH/MULTI.
 
 from __future__ import annotations
 
+import abc
 import sqlite3
 import time
 import uuid
@@ -197,19 +198,20 @@ class ApprovalStore(Protocol):
     ) -> Approval: ...
 
 
-class _RecordStore:
+class _RecordStore(abc.ABC):
     """The operations every store shares, built on its `_update` and `_records`."""
 
     clock: Callable[[], float]
 
+    @abc.abstractmethod
     async def _update(
         self, approval_id: str, change: Callable[[Stored | None, float], tuple[T, Stored | None]]
     ) -> T:
-        raise NotImplementedError
+        """Apply `change(record, now)` to one record atomically; store what it returns."""
 
+    @abc.abstractmethod
     async def _records(self, limit: int, status: ApprovalStatus | None) -> list[Stored]:
         """Newest first; at most `limit` when no status is asked for."""
-        raise NotImplementedError
 
     async def consume(self, approval_id: str, fp: str, *, decision_id: str) -> UseResult:
         return await self._update(

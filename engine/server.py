@@ -20,8 +20,8 @@ from engine.settings import Settings
 log = logging.getLogger(__name__)
 
 
-class _UvicornServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the service stops both transports."""
+class QuietUvicornServer(uvicorn.Server):
+    """uvicorn without its own signal handling: whoever runs it stops it."""
 
     def capture_signals(self) -> contextlib.nullcontext[None]:  # type: ignore[override]
         return contextlib.nullcontext()
@@ -32,7 +32,7 @@ class Servers:
     runtime: Runtime
     grpc_server: grpc.aio.Server
     grpc_port: int
-    http_server: _UvicornServer
+    http_server: QuietUvicornServer
     http_port: int
     _http_task: asyncio.Task[Any]
 
@@ -67,7 +67,7 @@ async def start_servers(settings: Settings) -> Servers:
         config = uvicorn.Config(
             create_app(runtime), log_level="warning", access_log=False, lifespan="off"
         )
-        http_server = _UvicornServer(config)
+        http_server = QuietUvicornServer(config)
         http_task = asyncio.create_task(http_server.serve(sockets=[sock]), name="http")
         while not http_server.started:
             if http_task.done():

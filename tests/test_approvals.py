@@ -168,35 +168,3 @@ async def test_expired_approvals(tmp_path: Path) -> None:
             assert fresh["approval"]["id"] != pending_id
     finally:
         await servers.stop()
-
-
-async def test_approvals_survive_a_restart(tmp_path: Path) -> None:
-    settings = settings_for(tmp_path)
-    pending, granted, used = force_call(), force_call(), force_call()
-    servers = await start_servers(settings)
-    try:
-        async with httpx.AsyncClient(base_url=servers.http_url) as raw:
-            client = HttpClient(raw)
-            ids = {}
-            for name, call in (("pending", pending), ("granted", granted), ("used", used)):
-                ids[name] = (await client.decide(call))["approval"]["id"]
-            for name in ("granted", "used"):
-                await client.act(APPROVER_TOKEN, ids[name], "approve", "dr-ops")
-            assert (await client.decide({**used, "approval_id": ids["used"]}))["verdict"] == "allow"
-    finally:
-        await servers.stop()
-
-    servers = await start_servers(settings)
-    try:
-        async with httpx.AsyncClient(base_url=servers.http_url) as raw:
-            client = HttpClient(raw)
-            again = await client.decide(pending)
-            assert again["approval"]["id"] == ids["pending"]
-            assert (await client.decide({**granted, "approval_id": ids["granted"]}))[
-                "verdict"
-            ] == "allow"
-            replay = await client.decide({**used, "approval_id": ids["used"]})
-            assert replay["verdict"] == "deny"
-            assert "already used" in replay["reason"]
-    finally:
-        await servers.stop()

@@ -60,6 +60,7 @@ from engine.proxy.core import (
 )
 from engine.proxy.decider import Decider
 from engine.proxy.listing import ToolFilter
+from engine.server import QuietUvicornServer
 
 log = logging.getLogger(__name__)
 
@@ -251,19 +252,12 @@ class ProxyApp:
                 await transport.terminate()
 
 
-class _UvicornServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the proxy's runner stops it."""
-
-    def capture_signals(self) -> contextlib.nullcontext[None]:  # type: ignore[override]
-        return contextlib.nullcontext()
-
-
 @dataclass
 class HttpProxy:
     app: ProxyApp
     host: str
     port: int
-    _server: _UvicornServer
+    _server: QuietUvicornServer
     _serve_task: asyncio.Task[Any]
     _app_task: asyncio.Task[None]
 
@@ -312,7 +306,7 @@ async def start_http_proxy(
             lifespan="off",
             timeout_graceful_shutdown=2,
         )
-        server = _UvicornServer(config)
+        server = QuietUvicornServer(config)
         serve_task = asyncio.create_task(server.serve(sockets=[sock]), name="proxy-http")
         while not server.started:
             if serve_task.done():
