@@ -34,6 +34,7 @@ from engine.errors import StateUnavailable
 from engine.models import DecideRequest, Decision, ToolCall
 
 REDACTED = "[redacted]"
+BATCH_WAIT_SECONDS = 0.01
 ArgumentMode = Literal["hash", "raw", "redacted"]
 
 SCHEMA = """
@@ -223,6 +224,9 @@ class DecisionLog:
     def _drain(self) -> None:
         while True:
             batch = [self._queue.get()]
+            # Let a few more records arrive: one wake-up and one transaction for many
+            # decisions costs the event loop's thread far less than one per decision.
+            time.sleep(BATCH_WAIT_SECONDS)
             while len(batch) < 500:
                 try:
                     batch.append(self._queue.get_nowait())
