@@ -9,6 +9,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+# A valid copy_image_set call: the shipped policy allows it (within its limit).
+ARGUMENTS = {
+    "datastore_id": "0123456789abcdef0123456789abcdef",
+    "source_image_set_id": "00112233445566778899aabbccddeeff",
+}
+
 
 @dataclass(frozen=True)
 class Run:

@@ -26,7 +26,7 @@ import aiohttp
 import grpc
 from google.protobuf import struct_pb2
 
-from bench.common import drive
+from bench.common import ARGUMENTS, drive
 from engine.opa import Opa
 from engine.opa_process import OpaProcess, free_loopback_port
 from engine.policy_source import read_bundle
@@ -34,10 +34,6 @@ from engine.settings import PROJECT_ROOT
 from mcppolicy.v1 import decision_pb2, decision_pb2_grpc
 
 SERVER = "awslabs.healthimaging-mcp-server"
-ARGUMENTS = {
-    "datastore_id": "0123456789abcdef0123456789abcdef",
-    "source_image_set_id": "00112233445566778899aabbccddeeff",
-}
 
 
 def input_document(session_id: str) -> dict[str, Any]:

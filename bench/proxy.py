@@ -32,14 +32,10 @@ from typing import Any
 import yaml
 from mcp import ClientSession, StdioServerParameters, stdio_client
 
-from bench.common import percentiles
+from bench.common import ARGUMENTS, percentiles
 from engine.settings import PROJECT_ROOT
 
 SERVER = [sys.executable, "-m", "tests.fixtures.imaging_server"]
-ARGUMENTS = {
-    "datastore_id": "0123456789abcdef0123456789abcdef",
-    "source_image_set_id": "00112233445566778899aabbccddeeff",
-}
 
 
 def bench_policy(tmp: Path) -> list[Path]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import redis.asyncio
 
-from bench.common import drive
+from bench.common import ARGUMENTS, drive
 from engine.models import DecideRequest
 from engine.opa import Opa
 from engine.opa_process import OpaProcess
@@ -33,11 +33,6 @@ from engine.ratelimit import Limit
 from engine.runtime import Runtime
 from engine.settings import PROJECT_ROOT, Settings
 from tests.kv import KvServer
-
-ARGUMENTS = {
-    "datastore_id": "0123456789abcdef0123456789abcdef",
-    "source_image_set_id": "00112233445566778899aabbccddeeff",
-}
 
 
 async def main() -> int:

@@ -28,6 +28,40 @@ class QuietUvicornServer(uvicorn.Server):
 
 
 @dataclass
+class HttpListener:
+    server: QuietUvicornServer
+    port: int
+    task: asyncio.Task[Any]
+
+
+async def listen_http(app: Any, host: str, port: int, name: str, **config: Any) -> HttpListener:
+    """Serve the ASGI `app` on host:port (0 picks a free port) once it is listening.
+
+    The socket is made here so the port is known before serving; it is created with
+    IPPROTO_TCP explicitly, because asyncio sets TCP_NODELAY only on sockets that say
+    so, and without it every response waits out a delayed ACK (~40 ms).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        bound = sock.getsockname()[1]
+        server = QuietUvicornServer(
+            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", **config)
+        )
+        task = asyncio.create_task(server.serve(sockets=[sock]), name=name)
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.01)
+    except BaseException:
+        sock.close()
+        raise
+    return HttpListener(server, bound, task)
+
+
+@dataclass
 class Servers:
     runtime: Runtime
     grpc_server: grpc.aio.Server
@@ -54,26 +88,15 @@ class Servers:
 async def start_servers(settings: Settings) -> Servers:
     """Start the runtime (OPA, policy, stores) and both listeners; ports 0 pick free ones."""
     runtime = Runtime(settings)
+    grpc_server: grpc.aio.Server | None = None
     try:
         await runtime.start()
         grpc_server, grpc_port = create_server(runtime, f"{settings.host}:{settings.grpc_port}")
         await grpc_server.start()
-        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and
-        # without it every response waits out a delayed ACK (~40 ms).
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((settings.host, settings.http_port))
-        http_port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            create_app(runtime), log_level="warning", access_log=False, lifespan="off"
-        )
-        http_server = QuietUvicornServer(config)
-        http_task = asyncio.create_task(http_server.serve(sockets=[sock]), name="http")
-        while not http_server.started:
-            if http_task.done():
-                http_task.result()
-            await asyncio.sleep(0.01)
+        http = await listen_http(create_app(runtime), settings.host, settings.http_port, "http")
     except BaseException:
+        if grpc_server is not None:
+            await grpc_server.stop(grace=None)
         await runtime.stop()
         raise
-    return Servers(runtime, grpc_server, grpc_port, http_server, http_port, http_task)
+    return Servers(runtime, grpc_server, grpc_port, http.server, http.port, http.task)

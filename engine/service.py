@@ -355,17 +355,14 @@ class DecisionService:
         if problem is not None:
             return "rate_limit"
         shadow_limits = [
-            (
-                Limit(
-                    key=("shadow", *limit.key), max=limit.max, window=limit.window, cost=limit.cost
-                ),
-                s,
-            )
-            for limit, s in limits
+            Limit(key=("shadow", *lim.key), max=lim.max, window=lim.window, cost=lim.cost)
+            for lim, _ in limits
         ]
-        outcome = await self.rate_limits.acquire(
-            [lim for lim, _ in shadow_limits], f"{ctx.decision_id}:shadow"
-        )
+        try:
+            outcome = await self.rate_limits.acquire(shadow_limits, f"{ctx.decision_id}:shadow")
+        except StateUnavailable as exc:  # a shadow rule never changes the verdict
+            log.warning("shadow rate limit %s not counted: %s", spec.rule, exc)
+            return "not_counted"
         self.metrics.rate_limits.labels(
             "shadow_allowed" if outcome.allowed else "shadow_limited"
         ).inc()

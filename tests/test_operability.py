@@ -219,3 +219,31 @@ async def test_traces_cover_decide_opa_and_stores(tmp_path: Path) -> None:
 def test_no_exporter_means_no_tracing() -> None:
     assert tracing.provider_for("none") is None
     assert tracing.provider_for("console") is not None
+
+
+async def test_a_failing_store_for_a_shadow_limit_changes_nothing(
+    trial: Servers, trial_http: HttpClient
+) -> None:
+    """The real limit passes; the shadow counter's store then fails: still allowed."""
+    from engine.errors import StateUnavailable
+
+    store = trial.runtime.service.rate_limits
+    real_acquire = store.acquire
+
+    async def failing_for_shadow(limits: Any, token: str, *, record: bool = True) -> Any:
+        if token.endswith(":shadow"):
+            raise StateUnavailable("shadow store down")
+        return await real_acquire(limits, token, record=record)
+
+    store.acquire = failing_for_shadow  # type: ignore[method-assign]
+    try:
+        body = copy_call()
+        body["principal"]["agent_id"] = "agent-" + session()
+        decision = await trial_http.decide(body)
+    finally:
+        store.acquire = real_acquire  # type: ignore[method-assign]
+    assert decision["verdict"] == "allow"
+    record = await logged(trial, trial_http, decision["decision_id"])
+    assert {s["rule"]: s["would"] for s in record["shadow"]}[
+        "trial.copies_per_agent"
+    ] == "not_counted"

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import uuid
 from collections.abc import AsyncIterable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -30,7 +29,6 @@ from typing import Any
 
 import anyio
 import anyio.abc
-import uvicorn
 from mcp.server.streamable_http import MCP_SESSION_ID_HEADER, StreamableHTTPServerTransport
 from mcp.server.transport_security import (
     DEFAULT_MAX_REQUEST_BODY_SIZE,
@@ -60,7 +58,7 @@ from engine.proxy.core import (
 )
 from engine.proxy.decider import Decider
 from engine.proxy.listing import ToolFilter
-from engine.server import QuietUvicornServer
+from engine.server import QuietUvicornServer, listen_http
 
 log = logging.getLogger(__name__)
 
@@ -293,28 +291,16 @@ async def start_http_proxy(
     )
     app_task = asyncio.create_task(app.run(), name="proxy-sessions")
     await app._ready.wait()
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        bound_port = sock.getsockname()[1]
-        config = uvicorn.Config(
+        http = await listen_http(
             RequestBodyLimitMiddleware(app, DEFAULT_MAX_REQUEST_BODY_SIZE),
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
+            host,
+            port,
+            "proxy-http",
             timeout_graceful_shutdown=2,
         )
-        server = QuietUvicornServer(config)
-        serve_task = asyncio.create_task(server.serve(sockets=[sock]), name="proxy-http")
-        while not server.started:
-            if serve_task.done():
-                serve_task.result()
-            await asyncio.sleep(0.01)
     except BaseException:
-        sock.close()
         await app.close()
         await app_task
         raise
-    return HttpProxy(app, host, bound_port, server, serve_task, app_task)
+    return HttpProxy(app, host, http.port, http.server, http.task, app_task)
