@@ -149,10 +149,12 @@ def _decide(
     now: float,
 ) -> tuple[Approval, Stored]:
     if stored is None:
-        raise NotFound(f"no approval {approval_id!r}")
+        raise NotFound(f"no approval {jsonstrict.quote(approval_id)}")
     current = stored.effective(now)
     if current.status is not ApprovalStatus.PENDING:
-        raise Conflict(f"approval {approval_id} is {current.status.value}, not pending")
+        raise Conflict(
+            f"approval {jsonstrict.quote(approval_id)} is {current.status.value}, not pending"
+        )
     decided = current.model_copy(
         update={
             "status": ApprovalStatus.APPROVED if approve else ApprovalStatus.DENIED,
@@ -240,7 +242,7 @@ class _RecordStore(abc.ABC):
     async def get(self, approval_id: str) -> Approval:
         def read(stored: Stored | None, now: float) -> tuple[Approval, None]:
             if stored is None:
-                raise NotFound(f"no approval {approval_id!r}")
+                raise NotFound(f"no approval {jsonstrict.quote(approval_id)}")
             return stored.effective(now), None
 
         return await self._update(approval_id, read)

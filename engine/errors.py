@@ -7,6 +7,16 @@ each (`grpc_server.status_for`, `http_app.status_for`). None of them ever become
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
+# What an error may carry back to a caller: enough to fix the request, never megabytes
+# of the caller's own input (see `bounded`).
+MAX_MESSAGE_CHARS = 1024
+MAX_FIELD_CHARS = 256
+
 
 class EngineError(Exception):
     """Base of every error the engine raises on purpose."""
@@ -71,3 +81,19 @@ class Unauthenticated(EngineError):
 
 class PermissionDenied(EngineError):
     """The credential presented is not the approver credential."""
+
+
+def bounded(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, saying how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
+
+
+def from_validation(exc: ValidationError, what: str = "") -> InvalidRequest:
+    """The first problem pydantic found, as an InvalidRequest naming the field."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    parts = [str(part) for part in first["loc"]]
+    field = ".".join(p if len(p) <= 64 else p[:64] + "…" for p in parts)
+    field = bounded(field, MAX_FIELD_CHARS)
+    return InvalidRequest(f"{what}{field}: {first['msg']}", field=field or None)

@@ -2,10 +2,15 @@
 
 Also serves grpc.health.v1 (SERVING only while OPA answers and the policy is loaded)
 and server reflection, so `grpcurl -plaintext localhost:50051 list` works.
+
+Bad input is INVALID_ARGUMENT with a google.rpc.BadRequest naming the field, also for
+bytes that do not decode as the request message (`StrictDecoding`); an unexpected fault
+is INTERNAL with a fixed message. No status ever carries an internal exception's text.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -19,9 +24,9 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 from pydantic import ValidationError
 
-from engine import jsonstrict
-from engine.decision_log import DecisionQuery
+from engine import jsonstrict, paging
 from engine.errors import (
+    MAX_MESSAGE_CHARS,
     Conflict,
     EngineError,
     InvalidRequest,
@@ -31,13 +36,24 @@ from engine.errors import (
     PolicyUnavailable,
     StateUnavailable,
     Unauthenticated,
+    bounded,
+    from_validation,
 )
 from engine.metrics import Metrics
-from engine.models import Approval, ApprovalStatus, DecideRequest, Decision, Verdict
+from engine.models import (
+    Approval,
+    ApprovalAction,
+    ApprovalStatus,
+    DecideRequest,
+    Decision,
+    Verdict,
+)
 from engine.runtime import Runtime
 from mcppolicy.v1 import approval_pb2, approval_pb2_grpc, decision_pb2, decision_pb2_grpc
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+MAX_ID_CHARS = 256
 
 VERDICTS = {
     Verdict.ALLOW: decision_pb2.VERDICT_ALLOW,
@@ -77,6 +93,17 @@ def status_for(exc: EngineError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+async def _abort(context: grpc.aio.ServicerContext, exc: EngineError) -> None:
+    code = status_for(exc)
+    message = bounded(exc.message, MAX_MESSAGE_CHARS)
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
+    if isinstance(exc, InvalidRequest):
+        detail = error_details_pb2.BadRequest()
+        detail.field_violations.add(field=bounded(exc.field or "", 256), description=message)
+        status.details.add().Pack(detail)
+    await context.abort_with_status(rpc_status.to_status(status))
+
+
 async def _answer(
     context: grpc.aio.ServicerContext, work: Awaitable[T], metrics: Metrics | None = None
 ) -> T:
@@ -85,14 +112,63 @@ async def _answer(
     except EngineError as exc:
         if metrics is not None and isinstance(exc, InvalidRequest):
             metrics.invalid_requests.labels("grpc").inc()
-        code = status_for(exc)
-        status = status_pb2.Status(code=getattr(code_pb2, code.name), message=exc.message)
-        if isinstance(exc, InvalidRequest):
-            detail = error_details_pb2.BadRequest()
-            detail.field_violations.add(field=exc.field or "", description=exc.message)
-            status.details.add().Pack(detail)
-        await context.abort_with_status(rpc_status.to_status(status))
+        await _abort(context, exc)
         raise  # abort_with_status raises; this line is never reached
+    except Exception:
+        if context.code() is not None:  # already aborted on purpose
+            raise
+        log.exception("internal error in a gRPC call")
+        await context.abort(
+            grpc.StatusCode.INTERNAL, "internal error; the service log has the cause"
+        )
+        raise
+
+
+class _Undecodable:
+    """What StrictDecoding's deserializer yields for bytes that are not the message."""
+
+
+class StrictDecoding(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Answer INVALID_ARGUMENT, not UNKNOWN, for request bytes that do not decode.
+
+    grpc's own deserializer failure (truncated bytes, a string field that is not UTF-8,
+    nesting past protobuf's limit) ends the call with an opaque status carrying the
+    exception; here the deserializer never raises and the handler answers the failure.
+    """
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: Any
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None or not handler.unary_unary or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+        behaviour = handler.unary_unary
+
+        def deserialize(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except Exception:  # noqa: BLE001 - any failure to decode is the caller's
+                return _Undecodable()
+
+        async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                await _abort(
+                    context,
+                    InvalidRequest(
+                        "the request bytes do not decode as "
+                        f"{details.method.rsplit('/', 1)[-1]}Request (truncated, a string "
+                        "that is not UTF-8, or nested too deep)",
+                        syntax=True,
+                    ),
+                )
+            return await behaviour(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            checked,
+            request_deserializer=deserialize,
+            response_serializer=handler.response_serializer,
+        )
 
 
 def _struct_to_dict(message: struct_pb2.Struct, max_depth: int, what: str) -> dict[str, Any]:
@@ -100,8 +176,24 @@ def _struct_to_dict(message: struct_pb2.Struct, max_depth: int, what: str) -> di
         value = jsonstrict.normalise_numbers(json_format.MessageToDict(message))
     except ValueError as exc:  # NaN or Infinity in a number_value
         raise InvalidRequest(f"{what} contains a non-finite number", field=what) from exc
-    jsonstrict.check_depth(value, max_depth=max_depth, what=what)
+    jsonstrict.check_value(value, max_depth=max_depth, what=what)
     assert isinstance(value, dict)
+    return value
+
+
+def _check_id(value: str, field: str) -> None:
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidRequest(f"{field}: at most {MAX_ID_CHARS} characters", field=field)
+
+
+def _instant(message: Any, field: str) -> datetime | None:
+    """A Timestamp field as a datetime; InvalidRequest when it is out of range."""
+    if not message.HasField(field):
+        return None
+    try:
+        value: datetime = getattr(message, field).ToDatetime(UTC)
+    except (ValueError, OverflowError, OSError) as exc:
+        raise InvalidRequest(f"{field}: a time out of range", field=field) from exc
     return value
 
 
@@ -124,7 +216,7 @@ def decide_request(message: Any, max_depth: int) -> DecideRequest:
         return _decide_request(message, max_depth)
     except DecodeError as exc:  # protobuf's own nesting limit, met while reading a Struct
         raise InvalidRequest(
-            f"request could not be decoded (nests deeper than {max_depth} levels?): {exc}",
+            f"request could not be decoded (nests deeper than {max_depth} levels?)",
             syntax=True,
         ) from exc
 
@@ -152,9 +244,7 @@ def _decide_request(message: Any, max_depth: int) -> DecideRequest:
     try:
         return DecideRequest.model_validate(fields)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        raise InvalidRequest(f"{field}: {first['msg']}", field=field) from exc
+        raise from_validation(exc) from exc
 
 
 def decide_response(decision: Decision) -> Any:
@@ -165,6 +255,7 @@ def decide_response(decision: Decision) -> Any:
         rule=decision.rule,
         policy_revision=decision.policy_revision,
         dry_run=bool(decision.dry_run),
+        outcome_token=decision.outcome_token or "",
     )
     if decision.rate_limit is not None:
         response.rate_limit.CopyFrom(
@@ -216,7 +307,11 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):  # type: igno
         async def work() -> Any:
             parsed = decide_request(request, self._runtime.settings.max_json_depth)
             decision = await self._runtime.service.decide(parsed, transport="grpc")
-            return decide_response(decision)
+            try:
+                return decide_response(decision)
+            except BaseException:
+                await self._runtime.service.abandon(decision)  # never delivered
+                raise
 
         return await _answer(context, work(), self._runtime.metrics)
 
@@ -224,8 +319,12 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):  # type: igno
         async def work() -> Any:
             if not request.decision_id:
                 raise InvalidRequest("decision_id: required", field="decision_id")
+            _check_id(request.decision_id, "decision_id")
+            _check_id(request.outcome_token, "outcome_token")
             released = await self._runtime.service.report_outcome(
-                request.decision_id, succeeded=request.succeeded
+                request.decision_id,
+                outcome_token=request.outcome_token,
+                succeeded=request.succeeded,
             )
             return decision_pb2.ReportOutcomeResponse(
                 decision_id=request.decision_id, released=released
@@ -251,7 +350,12 @@ class ApprovalServicer(approval_pb2_grpc.ApprovalServiceServicer):  # type: igno
     async def ListApprovals(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async def work() -> Any:
             status = STATUS_FROM_PROTO.get(request.status)
-            approvals = await self._runtime.service.list_approvals(status, request.limit or 100)
+            if status is None and request.status != decision_pb2.APPROVAL_STATUS_UNSPECIFIED:
+                raise InvalidRequest(
+                    f"status: {request.status} is not an ApprovalStatus", field="status"
+                )
+            limit = paging.page_size(request.limit, field="limit")
+            approvals = await self._runtime.service.list_approvals(status, limit)
             return approval_pb2.ListApprovalsResponse(
                 approvals=[approval_message(a) for a in approvals]
             )
@@ -260,6 +364,7 @@ class ApprovalServicer(approval_pb2_grpc.ApprovalServiceServicer):  # type: igno
 
     async def GetApproval(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async def work() -> Any:
+            _check_id(request.id, "id")
             approval = await self._runtime.service.get_approval(request.id)
             return approval_pb2.GetApprovalResponse(approval=approval_message(approval))
 
@@ -267,10 +372,13 @@ class ApprovalServicer(approval_pb2_grpc.ApprovalServiceServicer):  # type: igno
 
     async def _act(self, request: Any, context: grpc.aio.ServicerContext, approve: bool) -> Any:
         async def work() -> Any:
-            if not request.approver:
-                raise InvalidRequest("approver: must name who decides", field="approver")
+            _check_id(request.id, "id")
+            try:  # the same limits as the HTTP body
+                action = ApprovalAction(approver=request.approver, comment=request.comment)
+            except ValidationError as exc:
+                raise from_validation(exc) from exc
             approval = await self._runtime.service.decide_approval(
-                request.id, approve=approve, approver=request.approver, comment=request.comment
+                request.id, approve=approve, approver=action.approver, comment=action.comment
             )
             return approval_message(approval)
 
@@ -291,27 +399,21 @@ class DecisionLogServicer(decision_pb2_grpc.DecisionLogServiceServicer):  # type
         async def checked() -> Any:
             metadata = dict(context.invocation_metadata() or ())
             self._runtime.check_approver(metadata.get("authorization"))
-            cursor = None
-            if request.page_token:
-                if not request.page_token.isdigit():
-                    raise InvalidRequest(
-                        "page_token: not a token from a previous page", field="page_token"
-                    )
-                cursor = int(request.page_token)
-            query = DecisionQuery(
-                session_id=request.session_id or None,
-                agent_id=request.agent_id or None,
-                tool=request.tool or None,
-                verdict=request.verdict or None,
-                since=request.since.ToDatetime(UTC) if request.HasField("since") else None,
-                until=request.until.ToDatetime(UTC) if request.HasField("until") else None,
-                limit=max(1, min(request.page_size or 100, 1000)),
-                cursor=cursor,
+            query = paging.decision_query(
+                session_id=request.session_id,
+                agent_id=request.agent_id,
+                tool=request.tool,
+                verdict=request.verdict,
+                since=_instant(request, "since"),
+                until=_instant(request, "until"),
+                limit=request.page_size,
+                token=request.page_token,
+                names={"limit": "page_size", "token": "page_token"},
             )
             records, next_cursor = await self._runtime.service.list_decisions(query)
             return decision_pb2.ListDecisionsResponse(
                 decisions=[_dict_to_struct(r) for r in records],
-                next_page_token="" if next_cursor is None else str(next_cursor),
+                next_page_token=next_cursor or "",
             )
 
         return await _answer(context, checked())
@@ -320,9 +422,10 @@ class DecisionLogServicer(decision_pb2_grpc.DecisionLogServiceServicer):  # type
 def create_server(runtime: Runtime, address: str) -> tuple[grpc.aio.Server, int]:
     """Build the gRPC server bound to `address` ("host:port", port 0 for any)."""
     server = grpc.aio.server(
+        interceptors=[StrictDecoding()],
         options=[
             ("grpc.max_receive_message_length", runtime.settings.max_body_bytes),
-        ]
+        ],
     )
     decision_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(runtime), server)
     approval_pb2_grpc.add_ApprovalServiceServicer_to_server(ApprovalServicer(runtime), server)

@@ -1,21 +1,30 @@
 """HTTP transport (FastAPI): converts requests and responses, decides nothing itself.
 
-The decide body is read and parsed here by the strict parser (duplicate keys, NaN and
-deep nesting are refused; size is capped) before pydantic validates its shape.
+Every body is read and parsed here by the strict parser (duplicate keys, NaN, numbers
+out of range, lone surrogates and deep nesting are refused; size is capped) before
+pydantic validates its shape. Every error, whoever raises it (our code, FastAPI's query
+validation, routing, an unexpected fault), answers one shape,
+`{"error": {"code", "message", "field"?}}`, with the caller's input quoted only up to a
+bound and never an internal detail.
 """
 
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from engine import jsonstrict
-from engine.decision_log import DecisionQuery
+from engine import jsonstrict, paging
 from engine.errors import (
+    MAX_FIELD_CHARS,
+    MAX_MESSAGE_CHARS,
     Conflict,
     EngineError,
     InvalidRequest,
@@ -26,6 +35,8 @@ from engine.errors import (
     RequestTooLarge,
     StateUnavailable,
     Unauthenticated,
+    bounded,
+    from_validation,
 )
 from engine.models import (
     Approval,
@@ -59,30 +70,46 @@ def status_for(exc: EngineError) -> int:
     return 500
 
 
-def _error_body(exc: EngineError) -> dict[str, Any]:
-    error: dict[str, Any] = {"code": type(exc).__name__, "message": exc.message}
-    if isinstance(exc, InvalidRequest) and exc.field:
-        error["field"] = exc.field
+log = logging.getLogger(__name__)
+
+
+def error_response(
+    status: int, code: str, message: str, *, field: str | None = None, **extra: Any
+) -> JSONResponse:
+    """The one error shape of this API."""
+    error: dict[str, Any] = {"code": code, "message": bounded(message, MAX_MESSAGE_CHARS)}
+    if field:
+        error["field"] = bounded(field, MAX_FIELD_CHARS)
+    error.update(extra)
+    return JSONResponse({"error": error}, status_code=status)
+
+
+def _engine_error_response(exc: EngineError) -> JSONResponse:
+    extra: dict[str, Any] = {}
     if isinstance(exc, PolicyRejected):
-        error["errors"] = exc.errors
-    return {"error": error}
+        extra["errors"] = [bounded(e, MAX_MESSAGE_CHARS) for e in exc.errors[:50]]
+    field = exc.field if isinstance(exc, InvalidRequest) else None
+    return error_response(status_for(exc), type(exc).__name__, exc.message, field=field, **extra)
 
 
-def validation_error(exc: ValidationError, what: str = "") -> InvalidRequest:
-    first = exc.errors()[0]
-    field = ".".join(str(p) for p in first["loc"])
-    return InvalidRequest(f"{what}{field}: {first['msg']}", field=field or None)
+HTTP_CODES = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed", 413: "RequestTooLarge"}
 
 
 async def read_json(request: Request, limit: int, max_depth: int) -> Any:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestTooLarge(f"request body is {declared} bytes; the limit is {limit}")
+        raise RequestTooLarge(
+            f"request body is {bounded(declared, 24)} bytes; the limit is {limit}"
+        )
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestTooLarge(f"request body is over the limit of {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise RequestTooLarge(f"request body is over the limit of {limit} bytes")
+    except ClientDisconnect as exc:
+        # Nobody is left to answer; nothing was decided or taken.
+        raise InvalidRequest("the client disconnected before the body was complete") from exc
     return jsonstrict.loads(bytes(body), max_depth=max_depth)
 
 
@@ -110,7 +137,25 @@ def create_app(runtime: Runtime) -> FastAPI:
     async def engine_error(_: Request, exc: EngineError) -> JSONResponse:
         if isinstance(exc, InvalidRequest):
             runtime.metrics.invalid_requests.labels("http").inc()
-        return JSONResponse(_error_body(exc), status_code=status_for(exc))
+        return _engine_error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def query_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        runtime.metrics.invalid_requests.labels("http").inc()
+        first: dict[str, Any] = next(iter(exc.errors()), {})
+        where = ".".join(str(part)[:64] for part in first.get("loc", ()))
+        problem = InvalidRequest(f"{where}: {first.get('msg', 'invalid')}", field=where or None)
+        return _engine_error_response(problem)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, "HTTPError")
+        return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error answering %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "Internal", "internal error; the service log has the cause")
 
     async def approver(request: Request) -> None:
         runtime.check_approver(request.headers.get("authorization"))
@@ -124,7 +169,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         try:
             return model.model_validate(raw)
         except ValidationError as exc:
-            raise validation_error(exc) from exc
+            raise from_validation(exc) from exc
 
     @app.post(
         "/v1/decide",
@@ -133,8 +178,13 @@ def create_app(runtime: Runtime) -> FastAPI:
         openapi_extra=_body_schema(DecideRequest),
         summary="Decide one MCP tools/call",
     )
-    async def decide(request: Request) -> Decision:
-        return await service.decide(await read_model(request, DecideRequest), transport="http")
+    async def decide(request: Request) -> Response:
+        decision = await service.decide(await read_model(request, DecideRequest), transport="http")
+        try:
+            return JSONResponse(decision.model_dump(mode="json", exclude_none=True))
+        except BaseException:
+            await service.abandon(decision)  # never delivered: it holds nothing
+            raise
 
     @app.post(
         "/v1/decisions/{decision_id}/outcome",
@@ -144,7 +194,9 @@ def create_app(runtime: Runtime) -> FastAPI:
     )
     async def outcome(decision_id: str, request: Request) -> OutcomeAck:
         report = await read_model(request, OutcomeReport)
-        released = await service.report_outcome(decision_id, succeeded=report.succeeded)
+        released = await service.report_outcome(
+            decision_id, outcome_token=report.outcome_token or "", succeeded=report.succeeded
+        )
         return OutcomeAck(decision_id=decision_id, released=released)
 
     @app.get("/v1/approvals", response_model=list[Approval], summary="List approvals")
@@ -192,11 +244,11 @@ def create_app(runtime: Runtime) -> FastAPI:
         verdict: Verdict | None = None,
         since: datetime | None = None,
         until: datetime | None = None,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-        cursor: int | None = None,
+        limit: Annotated[int, Query(ge=1, le=paging.MAX_PAGE_SIZE)] = paging.DEFAULT_PAGE_SIZE,
+        cursor: Annotated[str | None, Query(max_length=64)] = None,
     ) -> dict[str, Any]:
         records, next_cursor = await service.list_decisions(
-            DecisionQuery(
+            paging.decision_query(
                 session_id=session_id,
                 agent_id=agent_id,
                 tool=tool,
@@ -204,7 +256,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                 since=since,
                 until=until,
                 limit=limit,
-                cursor=cursor,
+                token=cursor,
             )
         )
         return {"decisions": records, "next_cursor": next_cursor}

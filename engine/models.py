@@ -163,6 +163,12 @@ class Decision(BaseModel):
         description="For every non-allow verdict: an MCP CallToolResult to hand to the agent.",
     )
     dry_run: bool | None = Field(default=None, description="True when nothing was changed.")
+    outcome_token: str | None = Field(
+        default=None,
+        description="For an allowed call that holds rate-limit slots: the secret that "
+        "POST /v1/decisions/{id}/outcome needs. Only the caller that asked gets it; the "
+        "decision log never stores it.",
+    )
 
 
 class Approval(BaseModel):
@@ -191,6 +197,11 @@ class OutcomeReport(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     succeeded: StrictBool
+    outcome_token: Annotated[str, Field(max_length=256)] | None = Field(
+        default=None,
+        description="The decision's `outcome_token` (required): only the caller given the "
+        "decision can report its outcome.",
+    )
 
 
 class OutcomeAck(BaseModel):

@@ -11,7 +11,9 @@ limits are only looked at, approvals neither created nor used.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,10 +22,17 @@ from typing import Any
 
 from opentelemetry import trace
 
-from engine import translate
+from engine import paging, translate
 from engine.approvals import ApprovalStore, Use, UseResult, fingerprint
 from engine.decision_log import DecisionLog, DecisionQuery
-from engine.errors import EngineError, NotFound, PolicyUnavailable, StateUnavailable
+from engine.errors import (
+    EngineError,
+    InvalidRequest,
+    NotFound,
+    PolicyUnavailable,
+    StateUnavailable,
+    Unauthenticated,
+)
 from engine.metrics import UNKNOWN_TOOL, Metrics
 from engine.models import (
     Approval,
@@ -59,6 +68,17 @@ class Limits:
     rate_limit_fail_open: bool = False
 
 
+def reservation(decision_id: str, outcome_token: str) -> str:
+    """The key a decision's rate-limit slots are held under in the store.
+
+    It is derived from the decision's secret outcome token, which only the caller that
+    asked for the decision is given: knowing a decision id (it is in the decision log)
+    is not enough to give its slots back.
+    """
+    digest = hashlib.sha256(f"{decision_id}\x00{outcome_token}".encode()).hexdigest()
+    return "rsv_" + digest[:40]
+
+
 @dataclass(frozen=True)
 class Ctx:
     """What every step of one decision needs to know."""
@@ -67,10 +87,15 @@ class Ctx:
     revision: str
     call: ToolCall
     request: DecideRequest
+    outcome_token: str
 
     @property
     def dry_run(self) -> bool:
         return self.request.dry_run
+
+    @property
+    def reservation(self) -> str:
+        return reservation(self.decision_id, self.outcome_token)
 
 
 def _number(value: float) -> int | float:
@@ -97,9 +122,25 @@ class DecisionService:
         self.tracer = tracer or trace.NoOpTracer()
 
     async def decide(self, request: DecideRequest, *, transport: str) -> Decision:
-        """Decide one call. Raises InvalidRequest for malformed calls; otherwise answers."""
-        started = time.perf_counter()
+        """Decide one call. Raises InvalidRequest for malformed calls; otherwise answers.
+
+        A call that gets no decision (an unexpected error or a cancellation on the way)
+        holds nothing: what it reserved is given back before the error leaves."""
         decision_id = "dec_" + uuid.uuid4().hex
+        outcome_token = secrets.token_urlsafe(24)
+        try:
+            return await self._decide(request, transport, decision_id, outcome_token)
+        except InvalidRequest:
+            raise  # refused before anything was taken
+        except BaseException:
+            if not request.dry_run:
+                await self._release_quietly(decision_id, outcome_token)
+            raise
+
+    async def _decide(
+        self, request: DecideRequest, transport: str, decision_id: str, outcome_token: str
+    ) -> Decision:
+        started = time.perf_counter()
         now = datetime.now(UTC)
         with self.tracer.start_as_current_span("decide") as span:
             span.set_attribute("mcp_policy.decision_id", decision_id)
@@ -120,7 +161,7 @@ class DecisionService:
             input_doc = translate.input_document(
                 call, request, decision_id=decision_id, now=now, transport=transport
             )
-            ctx = Ctx(decision_id, self.policy.revision, call, request)
+            ctx = Ctx(decision_id, self.policy.revision, call, request, outcome_token)
             result: PolicyResult | None = None
             shadow: list[dict[str, Any]] = []
             try:
@@ -140,6 +181,8 @@ class DecisionService:
                     decision = await self._enforce(ctx, result)
                     shadow = await self._shadow(ctx, result, decision)
                 except StateUnavailable as exc:
+                    if not ctx.dry_run:
+                        await self._release_quietly(decision_id, outcome_token)
                     self.metrics.rate_limits.labels("store_error").inc()
                     decision = self._refuse(
                         ctx, Verdict.DENY, RULE_STATE_UNAVAILABLE, f"state store unavailable: {exc}"
@@ -194,6 +237,7 @@ class DecisionService:
             rule=result.rule,
             policy_revision=ctx.revision,
             rate_limit=self._limit_info(outcome, limits),
+            outcome_token=self._token_for(ctx, outcome),
         )
 
     async def _approval(self, ctx: Ctx, result: PolicyResult, limits: Limits_) -> Decision:
@@ -245,6 +289,7 @@ class DecisionService:
                 policy_revision=ctx.revision,
                 rate_limit=self._limit_info(outcome, limits),
                 approval=self._ref(approval),
+                outcome_token=self._token_for(ctx, outcome),
             )
         if used.use is Use.PENDING and approval is not None:
             return self._approval_required(ctx, rule, reason, approval)
@@ -310,7 +355,7 @@ class DecisionService:
         try:
             with self.tracer.start_as_current_span("ratelimit.acquire"):
                 outcome = await self.rate_limits.acquire(
-                    [limit for limit, _ in limits], ctx.decision_id, record=not ctx.dry_run
+                    [limit for limit, _ in limits], ctx.reservation, record=not ctx.dry_run
                 )
         except StateUnavailable as exc:
             if not self.limits.rate_limit_fail_open:
@@ -324,7 +369,28 @@ class DecisionService:
 
     async def _give_back(self, ctx: Ctx, limits: Limits_) -> None:
         if limits and not ctx.dry_run:
-            await self.rate_limits.release(ctx.decision_id)
+            await self.rate_limits.release(ctx.reservation)
+
+    async def _release_quietly(self, decision_id: str, outcome_token: str) -> None:
+        """Release whatever a decision holds, on the way out of a failure."""
+        try:
+            await self.rate_limits.release(reservation(decision_id, outcome_token))
+        except Exception as exc:  # noqa: BLE001 - the first failure is the one to report
+            log.warning("could not give back the slots of %s: %s", decision_id, exc)
+
+    @staticmethod
+    def _token_for(ctx: Ctx, outcome: Outcome) -> str | None:
+        """The outcome token, for a decision that holds slots a report could give back."""
+        if ctx.dry_run or not outcome.states:
+            return None
+        return ctx.outcome_token
+
+    async def abandon(self, decision: Decision) -> None:
+        """Give back the slots of a decision that could not be delivered to its caller."""
+        if decision.outcome_token:
+            await self.report_outcome(
+                decision.decision_id, outcome_token=decision.outcome_token, succeeded=False
+            )
 
     async def _shadow(
         self, ctx: Ctx, result: PolicyResult, decision: Decision
@@ -368,17 +434,28 @@ class DecisionService:
         ).inc()
         return "pass" if outcome.allowed else "rate_limit"
 
-    async def report_outcome(self, decision_id: str, *, succeeded: bool) -> bool:
+    async def report_outcome(
+        self, decision_id: str, *, outcome_token: str, succeeded: bool
+    ) -> bool:
         """The proxy reports how the upstream call went; a failure gives the slots back.
 
-        Returns whether slots were given back. Reports are idempotent; a report for a
-        decision that holds no reservation (denied, unknown, lapsed) changes nothing.
+        Only a report that carries the decision's outcome token reaches its slots (they
+        are held under a key derived from it). Returns whether slots were given back:
+        at most once per decision, and never after a success was reported. A report for
+        a decision that holds no reservation (denied, unknown, lapsed, already reported,
+        or a wrong token: these are not told apart) changes nothing.
         """
+        if not outcome_token:
+            raise Unauthenticated(
+                "an outcome report needs the decision's outcome_token (given only to the "
+                "caller that asked for the decision)"
+            )
+        key = reservation(decision_id, outcome_token)
         if succeeded:
-            await self.rate_limits.forget(decision_id)
+            await self.rate_limits.forget(key)
             released = False
         else:
-            released = await self.rate_limits.release(decision_id)
+            released = await self.rate_limits.release(key)
             if released:
                 self.metrics.rate_limits.labels("released").inc()
         self.log.write(
@@ -462,8 +539,10 @@ class DecisionService:
 
     # Operator operations (the transports check the approver credential first).
 
-    async def list_decisions(self, query: DecisionQuery) -> tuple[list[dict[str, Any]], int | None]:
-        return await self.log.query(query)
+    async def list_decisions(self, query: DecisionQuery) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of the decision log, and the opaque token of the next (None at the end)."""
+        records, position = await self.log.query(query)
+        return records, None if position is None else paging.encode_token(position)
 
     async def status(self, since: datetime) -> dict[str, Any]:
         summary = await self.log.summary(since)
@@ -502,7 +581,9 @@ class DecisionService:
 
 def mcp_result(decision: Decision) -> dict[str, Any]:
     """The MCP CallToolResult a proxy hands to the agent instead of calling the tool."""
-    structured = decision.model_dump(mode="json", exclude={"mcp_result"}, exclude_none=True)
+    structured = decision.model_dump(
+        mode="json", exclude={"mcp_result", "outcome_token"}, exclude_none=True
+    )
     return {
         "content": [
             {

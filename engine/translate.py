@@ -18,8 +18,12 @@ TOOLS_CALL = "tools/call"
 
 
 def tool_call(request: DecideRequest, *, max_depth: int) -> ToolCall:
-    """Validate the call part of `request`: exactly one of `tool` or `message`."""
-    jsonstrict.check_finite(request.context, what="context")
+    """Validate the call part of `request`: exactly one of `tool` or `message`.
+
+    Every string that reaches the policy is checked to be valid Unicode here, whichever
+    transport it came by, so the policy evaluates exactly what was sent."""
+    _check_strings(request)
+    jsonstrict.check_value(request.context, max_depth=max_depth, what="context")
     has_tool = request.tool is not None
     has_message = request.message is not None
     if has_tool == has_message:
@@ -34,7 +38,7 @@ def tool_call(request: DecideRequest, *, max_depth: int) -> ToolCall:
         arguments = {} if request.arguments is None else request.arguments
         if not isinstance(arguments, dict):
             raise InvalidRequest("`arguments` must be a JSON object", field="arguments")
-        jsonstrict.check_finite(arguments, what="arguments")
+        jsonstrict.check_value(arguments, max_depth=max_depth, what="arguments")
         return ToolCall(server=request.server, name=request.tool, arguments=arguments)
     if request.arguments is not None:
         raise InvalidRequest(
@@ -48,7 +52,25 @@ def tool_call(request: DecideRequest, *, max_depth: int) -> ToolCall:
             message = jsonstrict.loads(message, max_depth=max_depth, what="message")
         except InvalidRequest as exc:
             raise InvalidRequest(exc.message, field="message", syntax=True) from exc
+    elif message is not None:
+        jsonstrict.check_value(message, max_depth=max_depth, what="message")
     return parse_tools_call(message, server=request.server)
+
+
+def _check_strings(request: DecideRequest) -> None:
+    principal = request.principal
+    for what, text in (
+        ("server", request.server),
+        ("tool", request.tool),
+        ("approval_id", request.approval_id),
+        ("principal.agent_id", principal.agent_id),
+        ("principal.session_id", principal.session_id),
+        ("principal.user_id", principal.user_id),
+    ):
+        if text is not None:
+            jsonstrict.check_text(text, what=what)
+    for i, role in enumerate(principal.roles):
+        jsonstrict.check_text(role, what=f"principal.roles[{i}]")
 
 
 def parse_tools_call(message: Any, *, server: str) -> ToolCall:
@@ -65,7 +87,7 @@ def parse_tools_call(message: Any, *, server: str) -> ToolCall:
     method = message.get("method")
     if method != TOOLS_CALL:
         raise InvalidRequest(
-            f'`message.method` must be exactly "{TOOLS_CALL}", got {method!r}',
+            f'`message.method` must be exactly "{TOOLS_CALL}", got {jsonstrict.quote(method)}',
             field="message.method",
         )
     if "id" not in message or message["id"] is None:
@@ -91,7 +113,6 @@ def parse_tools_call(message: Any, *, server: str) -> ToolCall:
         raise InvalidRequest(
             "`message.params.arguments` must be an object", field="message.params.arguments"
         )
-    jsonstrict.check_finite(arguments, what="message.params.arguments")
     return ToolCall(server=server, name=name, arguments=arguments, jsonrpc_id=jsonrpc_id)
 
 

@@ -51,6 +51,15 @@ class HttpClient:
         response = await self.raw.post("/v1/decide", json=body)
         return self._json(response)
 
+    async def report(self, decision_id: str, succeeded: bool, token: str | None) -> dict[str, Any]:
+        """Report an outcome (a token of None sends none); the ack, or ApiError."""
+        body: dict[str, Any] = {"succeeded": succeeded}
+        if token is not None:
+            body["outcome_token"] = token
+        response = await self.raw.post(f"/v1/decisions/{decision_id}/outcome", json=body)
+        result: dict[str, Any] = self._json(response)
+        return result
+
     @staticmethod
     def _json(response: httpx.Response) -> Any:
         if response.status_code != 200:
@@ -99,6 +108,12 @@ class GrpcClient:
             body["message"] = json.dumps(body["message"])
         request = json_format.ParseDict(body, decision_pb2.DecideRequest())
         return _from_proto(await self._call(self.decisions.Decide, request))
+
+    async def report(self, decision_id: str, succeeded: bool, token: str | None) -> dict[str, Any]:
+        request = decision_pb2.ReportOutcomeRequest(
+            decision_id=decision_id, succeeded=succeeded, outcome_token=token or ""
+        )
+        return _from_proto(await self._call(self.decisions.ReportOutcome, request))
 
     @staticmethod
     async def _call(method: Any, request: Any, token: str | None = None) -> Any:

@@ -200,42 +200,31 @@ async def test_reload_keeps_counters(tmp_path: Path, servers: Servers, http: Htt
         await policy.load(original)
 
 
-async def test_failed_upstream_call_gives_its_slot_back(
-    client: Client, http: HttpClient, grpc_client: GrpcClient
-) -> None:
+async def test_failed_upstream_call_gives_its_slot_back(client: Client) -> None:
     body = copy_call()
     first = await client.decide(body)
     assert first["rate_limit"]["remaining"] == 9
 
-    async def report(decision_id: str, succeeded: bool) -> bool:
-        if client.name == "http":
-            response = await http.raw.post(
-                f"/v1/decisions/{decision_id}/outcome", json={"succeeded": succeeded}
-            )
-            assert response.status_code == 200
-            assert response.json()["decision_id"] == decision_id
-            released: bool = response.json()["released"]
-            return released
-        from mcppolicy.v1 import decision_pb2
+    async def report(decision: dict[str, Any], succeeded: bool) -> bool:
+        ack = await client.report(decision["decision_id"], succeeded, decision["outcome_token"])
+        assert ack["decision_id"] == decision["decision_id"]
+        return bool(ack.get("released", False))
 
-        reply = await grpc_client.decisions.ReportOutcome(
-            decision_pb2.ReportOutcomeRequest(decision_id=decision_id, succeeded=succeeded)
-        )
-        return bool(reply.released)
-
-    assert await report(first["decision_id"], False) is True
-    assert await report(first["decision_id"], False) is False, "idempotent"
+    assert await report(first, False) is True
+    assert await report(first, False) is False, "idempotent"
     second = await client.decide(body)
     assert second["rate_limit"]["remaining"] == 9, "the failed call's slot came back"
-    assert await report(second["decision_id"], True) is False
-    assert await report(second["decision_id"], False) is False, "a success is final"
+    assert await report(second, True) is False
+    assert await report(second, False) is False, "a success is final"
     assert (await client.decide(body))["rate_limit"]["remaining"] == 8
     denied = await client.decide(copy_call(datastore_id="bad"))
-    assert await report(denied["decision_id"], False) is False
+    assert not denied.get("outcome_token"), "a refusal holds nothing to report"
 
 
 async def test_outcome_report_needs_a_boolean(http: HttpClient) -> None:
-    response = await http.raw.post("/v1/decisions/dec_x/outcome", json={"succeeded": "yes"})
+    response = await http.raw.post(
+        "/v1/decisions/dec_x/outcome", json={"succeeded": "yes", "outcome_token": "t"}
+    )
     assert response.status_code == 422
     assert "succeeded" in response.json()["error"]["message"]
 

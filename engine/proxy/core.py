@@ -460,17 +460,27 @@ class ProxySession:
                 del self._calls[call.request.id]
             call.finished.set()
 
-    async def _report(self, decision_id: str, succeeded: bool) -> None:
-        """Tell the decision service how the call went (shielded: it must not be lost)."""
+    async def _report(self, decision: Decision, succeeded: bool) -> None:
+        """Tell the decision service how the call went (shielded: it must not be lost).
+
+        Only decisions that hold rate-limit slots carry an outcome token; the others have
+        nothing to report."""
+        decision_id, token = decision.decision_id, decision.outcome_token
+        if not token:
+            return
         with anyio.CancelScope(shield=True), anyio.move_on_after(REPORT_TIMEOUT):
             try:
-                released = await self.decider.report_outcome(decision_id, succeeded=succeeded)
+                released = await self.decider.report_outcome(
+                    decision_id, token, succeeded=succeeded
+                )
             except EngineError as exc:
                 log.warning("could not report the outcome of %s: %s", decision_id, exc.message)
                 return
             log.debug("outcome of %s: succeeded=%s released=%s", decision_id, succeeded, released)
 
-    async def _handle_call(self, call: _Call) -> tuple[JSONRPCMessage, tuple[str, bool] | None]:
+    async def _handle_call(
+        self, call: _Call
+    ) -> tuple[JSONRPCMessage, tuple[Decision, bool] | None]:
         """Decide the call and forward it if allowed; the answer and the outcome to report."""
         request = call.request
         params = dict(request.params or {})
@@ -582,14 +592,13 @@ class ProxySession:
 
     async def _forward(
         self, call: _Call, request: JSONRPCRequest, decision: Decision
-    ) -> tuple[JSONRPCMessage, tuple[str, bool] | None]:
-        decision_id = decision.decision_id
+    ) -> tuple[JSONRPCMessage, tuple[Decision, bool] | None]:
         if self._closed is not None:
             return error_response(
                 request.id,
                 UPSTREAM_CLOSED,
                 f"upstream MCP server {self._closed}; tools/call {call.tool!r} was not forwarded",
-            ), (decision_id, False)
+            ), (decision, False)
         call.forwarded = True
         self._track_progress(request)
         assert self._upstream is not None
@@ -601,14 +610,14 @@ class ProxySession:
                 UPSTREAM_CLOSED,
                 f"upstream MCP server {self._closed or 'is gone'}; "
                 f"tools/call {call.tool!r} was not delivered",
-            ), (decision_id, False)
+            ), (decision, False)
         timeout = self.options.upstream_timeout
         with anyio.move_on_after(timeout) as waited:
             await call.arrived.wait()
         answer = call.answer
         if answer is not None:
             self._untrack_progress(request.id)
-            return answer, (decision_id, not call_failed(answer))
+            return answer, (decision, not call_failed(answer))
         if waited.cancelled_caught:
             self._abandoned.add(request.id)
             self._untrack_progress(request.id)
@@ -624,9 +633,9 @@ class ProxySession:
                 UPSTREAM_TIMEOUT,
                 f"upstream MCP server did not answer tools/call {call.tool!r} within "
                 f"{timeout:g} s; the call was cancelled",
-            ), (decision_id, False)
+            ), (decision, False)
         return error_response(
             request.id,
             UPSTREAM_CLOSED,
             f"upstream MCP server {self._closed} before answering tools/call {call.tool!r}",
-        ), (decision_id, False)
+        ), (decision, False)

@@ -47,7 +47,9 @@ class Decider(Protocol):
 
     async def decide(self, request: DecideRequest) -> Decision: ...
 
-    async def report_outcome(self, decision_id: str, *, succeeded: bool) -> bool: ...
+    async def report_outcome(
+        self, decision_id: str, outcome_token: str, *, succeeded: bool
+    ) -> bool: ...
 
     async def close(self) -> None: ...
 
@@ -73,9 +75,13 @@ class EmbeddedDecider:
     async def decide(self, request: DecideRequest) -> Decision:
         return await self.runtime.service.decide(request, transport=TRANSPORT)
 
-    async def report_outcome(self, decision_id: str, *, succeeded: bool) -> bool:
+    async def report_outcome(
+        self, decision_id: str, outcome_token: str, *, succeeded: bool
+    ) -> bool:
         try:
-            return await self.runtime.service.report_outcome(decision_id, succeeded=succeeded)
+            return await self.runtime.service.report_outcome(
+                decision_id, outcome_token=outcome_token, succeeded=succeeded
+            )
         except EngineError as exc:
             raise DecisionUnavailable(exc.message) from exc
 
@@ -154,6 +160,7 @@ def decision_from_message(response: Any) -> Decision:
         approval=approval,
         mcp_result=mcp_result,
         dry_run=True if response.dry_run else None,
+        outcome_token=response.outcome_token or None,
     )
 
 
@@ -182,10 +189,14 @@ class GrpcDecider:
             raise self._error(exc, "decide") from exc
         return decision_from_message(response)
 
-    async def report_outcome(self, decision_id: str, *, succeeded: bool) -> bool:
+    async def report_outcome(
+        self, decision_id: str, outcome_token: str, *, succeeded: bool
+    ) -> bool:
         try:
             response = await self._stub.ReportOutcome(
-                decision_pb2.ReportOutcomeRequest(decision_id=decision_id, succeeded=succeeded),
+                decision_pb2.ReportOutcomeRequest(
+                    decision_id=decision_id, outcome_token=outcome_token, succeeded=succeeded
+                ),
                 timeout=self.timeout,
             )
         except grpc.aio.AioRpcError as exc:
