@@ -22,6 +22,7 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 MAX_FILTER_LENGTH = 256
 _TOKEN = re.compile(r"d1:([0-9]{1,18})")
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
 _MAX_TOKEN_LENGTH = 64
 
 
@@ -32,7 +33,7 @@ def encode_token(position: int) -> str:
 def decode_token(token: str, *, field: str) -> int:
     """The position a page token names; InvalidRequest for anything not made here."""
     invalid = InvalidRequest(f"{field}: not a token from a previous page", field=field)
-    if len(token) > _MAX_TOKEN_LENGTH or not token.isascii():
+    if len(token) > _MAX_TOKEN_LENGTH or not _BASE64URL.fullmatch(token):
         raise invalid
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
