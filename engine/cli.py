@@ -14,9 +14,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from engine import jsonstrict
+from engine import jsonstrict, translate
 from engine import status as status_view
-from engine.errors import EngineError, InvalidRequest, PolicyRejected
+from engine.errors import (
+    MAX_MESSAGE_CHARS,
+    EngineError,
+    InvalidRequest,
+    PolicyRejected,
+    bounded,
+    from_validation,
+)
 from engine.models import DecideRequest
 from engine.proxy.cli import PROXY_COMMANDS, add_proxy_commands, run_proxy_command
 from engine.runtime import Runtime
@@ -140,15 +147,20 @@ async def _reload(runtime: Runtime) -> None:
     print(f"mcp-policy: policy {revision} loaded", flush=True)
 
 
-async def _decide(settings: Settings, text: str) -> int:
+async def _decide(settings: Settings, text: bytes) -> int:
+    """One decision for the request in `text`, parsed as strictly as the service does."""
     try:
         raw = jsonstrict.loads(text, max_depth=settings.max_json_depth)
-        request = DecideRequest.model_validate(raw)
+        if not isinstance(raw, dict):
+            raise InvalidRequest("the request must be a JSON object")
+        try:
+            request = DecideRequest.model_validate(raw)
+        except ValidationError as exc:
+            raise from_validation(exc) from exc
+        translate.tool_call(request, max_depth=settings.max_json_depth)
     except InvalidRequest as exc:
-        print(json.dumps({"error": {"message": exc.message}}), file=sys.stderr)
-        return EXIT_INVALID
-    except ValidationError as exc:
-        print(json.dumps({"error": {"message": str(exc)}}), file=sys.stderr)
+        error = {"code": type(exc).__name__, "message": bounded(exc.message, MAX_MESSAGE_CHARS)}
+        print(json.dumps({"error": error}), file=sys.stderr)
         return EXIT_INVALID
     runtime = Runtime(settings)
     try:
@@ -200,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return asyncio.run(_serve(settings))
-        text = args.file.read_text("utf-8") if args.file else sys.stdin.read()
+        try:
+            text = args.file.read_bytes() if args.file else sys.stdin.buffer.read()
+        except OSError as exc:
+            print(f"mcp-policy decide: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+            return EXIT_INVALID
         if args.decision_log is None:
             settings.decision_log = "off"
         return asyncio.run(_decide(settings, text))

@@ -45,6 +45,33 @@ def test_decide_rejects_bad_input_with_a_message(tmp_path: Path) -> None:
     assert "principal" in result.stderr
 
 
+def test_decide_refuses_hostile_json_in_one_line(tmp_path: Path) -> None:
+    """The console command parses as strictly as the service: surrogates, huge numbers,
+    bytes that are not UTF-8 and odd field names are one JSON error line, exit 3."""
+    good = json.dumps(copy_call())
+    hostile = [
+        good.replace('"copy_image_set"', '"copy\\ud800"').encode(),
+        good.replace('"user-1"', '"\\udfff"').encode(),
+        good.replace("{", '{"n": ' + "9" * 5000 + ", ", 1).encode(),
+        good.replace("{", '{"n": 1e400, ', 1).encode(),
+        good.encode() + b"\xff",
+        good.replace("{", '{"' + "k" * 200_000 + '": 1, ', 1).encode(),
+    ]
+    for text in hostile:
+        result = subprocess.run(
+            [*CLI, "decide", "--state-dir", str(tmp_path)],
+            input=text,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 3, result.stderr
+        lines = result.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in lines[0], lines[:3]
+        assert len(lines[0]) < 2048
+        assert json.loads(lines[0])["error"]["message"]
+
+
 def test_serve_reloads_on_sighup_and_stops_cleanly(tmp_path: Path) -> None:
     rego, data = copy_policy(tmp_path)
     server = Serve(tmp_path, [rego, data], {})
