@@ -54,6 +54,7 @@ from mcppolicy.v1 import approval_pb2, approval_pb2_grpc, decision_pb2, decision
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 MAX_ID_CHARS = 256
+GRPC_IDLE_MS = 5 * 60 * 1000
 
 VERDICTS = {
     Verdict.ALLOW: decision_pb2.VERDICT_ALLOW,
@@ -425,6 +426,10 @@ def create_server(runtime: Runtime, address: str) -> tuple[grpc.aio.Server, int]
         interceptors=[StrictDecoding()],
         options=[
             ("grpc.max_receive_message_length", runtime.settings.max_body_bytes),
+            # A connection that has had no call for this long is closed (with GOAWAY);
+            # clients reconnect on their own. grpc's handshake timeout bounds one that
+            # never gets as far as a call.
+            ("grpc.max_connection_idle_ms", GRPC_IDLE_MS),
         ],
     )
     decision_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(runtime), server)
