@@ -277,12 +277,20 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/readyz", summary="Readiness: OPA answers and the policy is loaded")
     async def readyz() -> JSONResponse:
+        """Ready (200) when OPA answers and the policy is loaded, else 503.
+
+        `decision_log` shows whether the decision log is writing (`healthy`, counts of
+        records written, dropped, sanitised, truncated and suppressed, failed batches, the
+        last error and when, per sink). It is reported, never gating: a log that cannot
+        write must not stop decisions (see `Runtime.ready`).
+        """
         ready = await runtime.ready()
         last = runtime.policy.last_reload
         body = {
             "status": "ready" if ready else "not ready",
             "policy_revision": runtime.policy.revision,
             "last_reload": last.as_dict() if last else None,
+            "decision_log": runtime.decision_log.health(),
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 

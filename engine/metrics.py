@@ -3,6 +3,14 @@
 Label values come only from bounded sets: verdicts, rule ids (from the policy), and tool
 names the policy catalog knows (any other tool is counted as "(unknown)", so an agent
 inventing tool names cannot grow the series without bound).
+
+The decision log's series are read from it at scrape time:
+`mcp_policy_decision_log_records_total{result}` — written (to every sink), dropped (lost
+by a sink), suppressed (invalid_request events only counted in a summary record);
+`mcp_policy_decision_log_modified_records_total{change}` — sanitised, truncated;
+`mcp_policy_decision_log_failed_batches_total{sink}` — jsonl, database;
+`mcp_policy_decision_log_healthy` (1 while the writer runs and every sink's last write
+succeeded) and `mcp_policy_decision_log_queued` (records waiting for the writer).
 """
 
 from __future__ import annotations
@@ -11,10 +19,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from engine.decision_log import DecisionLog
     from engine.policy import Policy
 
 UNKNOWN_TOOL = "(unknown)"
@@ -36,9 +45,57 @@ class _ReloadCollector(Collector):
         yield family
 
 
+class _DecisionLogCollector(Collector):
+    """The decision log's counts and health, read from the DecisionLog at scrape time."""
+
+    def __init__(self, log: DecisionLog) -> None:
+        self._log = log
+
+    def collect(self) -> Iterator[Metric]:
+        health = self._log.health()
+        records = CounterMetricFamily(
+            "mcp_policy_decision_log_records",
+            "Decision log records by result (written, dropped, suppressed).",
+            labels=["result"],
+        )
+        records.add_metric(["written"], health["written"])
+        records.add_metric(["dropped"], health["dropped"])
+        records.add_metric(["suppressed"], health["suppressed_invalid_requests"])
+        yield records
+        modified = CounterMetricFamily(
+            "mcp_policy_decision_log_modified_records",
+            "Decision log records stored changed: sanitised (text that is not valid "
+            "Unicode), truncated (fields over their bound).",
+            labels=["change"],
+        )
+        modified.add_metric(["sanitised"], health["sanitised"])
+        modified.add_metric(["truncated"], health["truncated"])
+        yield modified
+        failed = CounterMetricFamily(
+            "mcp_policy_decision_log_failed_batches",
+            "Decision log batches a sink failed to write, wholly or partly.",
+            labels=["sink"],
+        )
+        for sink, state in sorted(health["sinks"].items()):
+            failed.add_metric([sink], state["failed_batches"])
+        yield failed
+        yield GaugeMetricFamily(
+            "mcp_policy_decision_log_healthy",
+            "1 while the decision log writer runs and every sink's last write succeeded.",
+            value=1 if health["healthy"] else 0,
+        )
+        yield GaugeMetricFamily(
+            "mcp_policy_decision_log_queued",
+            "Decision log records waiting for the writer.",
+            value=health["queued"],
+        )
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._decision_log: DecisionLog | None = None
+        self._decision_log_collector: _DecisionLogCollector | None = None
         r = self.registry
         self.decisions = Counter(
             "mcp_policy_decisions",
@@ -93,6 +150,16 @@ class Metrics:
 
     def watch_policy(self, policy: Policy) -> None:
         self.registry.register(_ReloadCollector(policy))
+
+    def watch_decision_log(self, log: DecisionLog) -> None:
+        """Export `log`'s counts and health; calling it again for the same log is a no-op."""
+        if self._decision_log is log:
+            return
+        if self._decision_log_collector is not None:
+            self.registry.unregister(self._decision_log_collector)
+        self._decision_log = log
+        self._decision_log_collector = _DecisionLogCollector(log)
+        self.registry.register(self._decision_log_collector)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

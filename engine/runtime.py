@@ -61,6 +61,8 @@ class Runtime:
         self.decision_log = DecisionLog(settings.decision_log_settings)
         self.metrics = Metrics()
         self.metrics.watch_policy(self.policy)
+        self.metrics.watch_decision_log(self.decision_log)
+        self.metrics.watch_decision_log(self.decision_log)
         self.tracer_provider = tracing.provider_for(settings.otel_exporter)
         self.service = DecisionService(
             self.policy,
@@ -147,6 +149,13 @@ class Runtime:
         await self.policy.ensure_loaded()
 
     async def ready(self) -> bool:
+        """Ready: the policy is loaded and OPA answers.
+
+        The decision log's health is not part of it: a log that cannot write must not stop
+        decisions (a not-ready replica is taken out of service, and a shared disk that
+        fills would take out every replica), so it is reported instead — in `/readyz`
+        (`decision_log`), in `/metrics` and in the service log.
+        """
         return self.policy.loaded and await self.opa.healthy()
 
     async def _watch_readiness(self) -> None:

@@ -46,6 +46,15 @@ class Settings(BaseSettings):
         1.0, ge=0, description="How often the policy files are checked for changes; 0: never."
     )
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    http_header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="An HTTP connection must send a complete request head within this long "
+        "of opening (or of its previous response), or it is closed.",
+    )
+    http_body_timeout_seconds: float = Field(
+        30.0, gt=0, description="An HTTP request body must be complete this long after its head."
+    )
     max_json_depth: int = Field(24, ge=2, le=30)
     approval_ttl_seconds: float = Field(900, gt=0, description="How long a pending approval waits.")
     grant_ttl_seconds: float = Field(900, gt=0, description="How long an approved grant lasts.")
@@ -86,6 +95,18 @@ class Settings(BaseSettings):
     decision_log_max_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     decision_log_backups: int = Field(5, ge=0, description="Rotated JSONL files kept.")
     decision_log_retention_days: float = Field(30, gt=0, description="SQLite records kept.")
+    decision_log_invalid_requests_per_second: float = Field(
+        20,
+        ge=0,
+        description="invalid_request events written to the decision log per second at "
+        "most; the rest are counted in one summary record. 0: only summaries.",
+    )
+    decision_log_max_argument_bytes: int = Field(
+        16 * 1024,
+        ge=0,
+        description="Logged arguments (raw, redacted) larger than this, as JSON, are left "
+        "out of the record; arguments_sha256 still identifies them.",
+    )
     otel_exporter: Literal["none", "otlp", "console"] = Field(
         "none",
         description="Export OpenTelemetry traces: otlp (OTEL_EXPORTER_OTLP_* "
@@ -114,6 +135,8 @@ class Settings(BaseSettings):
             max_bytes=self.decision_log_max_bytes,
             backups=self.decision_log_backups,
             retention_days=self.decision_log_retention_days,
+            max_argument_bytes=self.decision_log_max_argument_bytes,
+            invalid_requests_per_second=self.decision_log_invalid_requests_per_second,
         )
 
     @property
