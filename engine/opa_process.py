@@ -3,6 +3,15 @@
 OPA listens on a free loopback port. When it dies, the supervisor starts it again on the
 same port and calls `on_restart`, which reloads the last good policy; until then every
 decision fails closed (OPA unreachable, or no decision defined).
+
+OPA runs in its own session (a terminal's Ctrl-C reaches the service, which stops OPA), so
+nothing would stop it if the service itself were SIGKILLed (an OOM kill, a crash). On Linux
+it is started through util-linux's `setpriv --pdeathsig KILL`, which asks the kernel to
+SIGKILL it when the service goes away (PR_SET_PDEATHSIG survives the exec into OPA), so
+restarts never pile up orphaned OPAs. A `preexec_fn` could do the same, but it forces a
+plain fork() of a process that runs gRPC threads, whose fork handlers then race: OPA was
+seen to abort at start. PR_SET_PDEATHSIG fires when the thread that spawned the child ends:
+that is the event loop's thread, which lives as long as the service.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import contextlib
 import logging
 import shutil
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -19,6 +29,13 @@ import aiohttp
 log = logging.getLogger(__name__)
 
 RestartHook = Callable[[], Awaitable[None]]
+
+
+def die_with_parent() -> list[str]:
+    """The command prefix that has the kernel kill the child when this process dies
+    (empty where util-linux's setpriv is missing: elsewhere than Linux)."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
 def free_loopback_port() -> int:
@@ -57,6 +74,8 @@ class OpaProcess:
 
     async def _spawn(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
+            # It dies with the service, even when the service is SIGKILLed.
+            *die_with_parent(),
             self.binary,
             "run",
             "--server",

@@ -1,4 +1,11 @@
-"""Run both transports on one event loop around one Runtime."""
+"""Run both transports on one event loop around one Runtime.
+
+Both HTTP listeners (the decision service's API and the proxy's MCP endpoint) are uvicorn
+with its pure-Python h11 protocol plus deadlines uvicorn lacks: a connection must send a
+complete request head within `HEADER_TIMEOUT` of opening or of its previous response, and
+a request body must be complete within `BODY_TIMEOUT` of its head, or it is closed. Idle
+keep-alive connections are closed after `KEEP_ALIVE_TIMEOUT`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import h11
 import uvicorn
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from engine.grpc_server import create_server
 from engine.http_app import create_app
@@ -18,6 +29,88 @@ from engine.runtime import Runtime
 from engine.settings import Settings
 
 log = logging.getLogger(__name__)
+
+HEADER_TIMEOUT = 10.0
+BODY_TIMEOUT = 30.0
+KEEP_ALIVE_TIMEOUT = 5
+
+
+class BoundedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, with deadlines for the request head and the request body.
+
+    uvicorn arms its keep-alive timer only after a response and cancels it at the first
+    byte received, so a connection that never sends a request, or trickles its head or
+    body (slowloris), is held forever. Here, whenever the client is due a request head
+    (h11's IDLE: a new connection, or after a response) it has `header_timeout` to finish
+    it, and once the head is in, `body_timeout` to finish the body; else the connection is
+    closed, which the application sees as a disconnect. The deadline runs from the state
+    change, not from the last byte, so trickling does not extend it.
+    """
+
+    header_timeout: float = HEADER_TIMEOUT
+    body_timeout: float = BODY_TIMEOUT
+    _deadline: asyncio.TimerHandle | None = None
+    _deadline_state: object = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._track_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        self._track_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._track_deadline()
+
+    def _track_deadline(self) -> None:
+        state = self.conn.their_state
+        if self._deadline is not None and state is self._deadline_state:
+            return  # still in the phase the running deadline bounds
+        self._cancel_deadline()
+        if self.transport.is_closing() or self.transport.get_protocol() is not self:
+            return  # closing, or upgraded to a WebSocket protocol that has its own timers
+        if state is h11.IDLE:
+            timeout, what = self.header_timeout, "request head"
+        elif state is h11.SEND_BODY:
+            timeout, what = self.body_timeout, "request body"
+        else:
+            return
+        self._deadline_state = state
+        self._deadline = self.loop.call_later(timeout, self._expire, what, timeout)
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = None
+        self._deadline_state = None
+
+    def _expire(self, what: str, timeout: float) -> None:
+        self._deadline = None
+        self._deadline_state = None
+        if not self.transport.is_closing():
+            log.debug(
+                "closing HTTP connection from %s: no %s within %s s", self.client, what, timeout
+            )
+            self.transport.close()
+
+
+def bounded_h11(
+    header_timeout: float = HEADER_TIMEOUT, body_timeout: float = BODY_TIMEOUT
+) -> type[BoundedH11Protocol]:
+    """The protocol class for uvicorn.Config(http=...) with these deadlines."""
+
+    class Configured(BoundedH11Protocol):
+        pass
+
+    Configured.header_timeout = header_timeout
+    Configured.body_timeout = body_timeout
+    return Configured
 
 
 class QuietUvicornServer(uvicorn.Server):
@@ -27,6 +120,20 @@ class QuietUvicornServer(uvicorn.Server):
         return contextlib.nullcontext()
 
 
+def quiet_disconnects(app: ASGIApp) -> ASGIApp:
+    """`app`, with a client gone mid-body (starlette's ClientDisconnect, raised by
+    `Request.stream()`) ending its request quietly instead of as uvicorn's "Exception in
+    ASGI application" traceback: there is nobody left to answer."""
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await app(scope, receive, send)
+        except* ClientDisconnect:
+            log.debug("client disconnected before its request was read: %s", scope.get("path"))
+
+    return guarded
+
+
 @dataclass
 class HttpListener:
     server: QuietUvicornServer
@@ -34,8 +141,21 @@ class HttpListener:
     task: asyncio.Task[Any]
 
 
-async def listen_http(app: Any, host: str, port: int, name: str, **config: Any) -> HttpListener:
+async def listen_http(
+    app: Any,
+    host: str,
+    port: int,
+    name: str,
+    *,
+    header_timeout: float = HEADER_TIMEOUT,
+    body_timeout: float = BODY_TIMEOUT,
+    **config: Any,
+) -> HttpListener:
     """Serve the ASGI `app` on host:port (0 picks a free port) once it is listening.
+
+    The protocol is always `BoundedH11Protocol` (never httptools, which uvicorn's "auto"
+    would pick whenever it is installed), with these deadlines; `config` is passed on to
+    uvicorn.Config. A client that disconnects mid-request is not logged as an error.
 
     The socket is made here so the port is known before serving; it is created with
     IPPROTO_TCP explicitly, because asyncio sets TCP_NODELAY only on sockets that say
@@ -47,8 +167,16 @@ async def listen_http(app: Any, host: str, port: int, name: str, **config: Any) 
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         bound = sock.getsockname()[1]
+        config.setdefault("timeout_keep_alive", KEEP_ALIVE_TIMEOUT)
         server = QuietUvicornServer(
-            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", **config)
+            uvicorn.Config(
+                quiet_disconnects(app),
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                http=bounded_h11(header_timeout, body_timeout),
+                **config,
+            )
         )
         task = asyncio.create_task(server.serve(sockets=[sock]), name=name)
         while not server.started:
@@ -93,7 +221,14 @@ async def start_servers(settings: Settings) -> Servers:
         await runtime.start()
         grpc_server, grpc_port = create_server(runtime, f"{settings.host}:{settings.grpc_port}")
         await grpc_server.start()
-        http = await listen_http(create_app(runtime), settings.host, settings.http_port, "http")
+        http = await listen_http(
+            create_app(runtime),
+            settings.host,
+            settings.http_port,
+            "http",
+            header_timeout=settings.http_header_timeout_seconds,
+            body_timeout=settings.http_body_timeout_seconds,
+        )
     except BaseException:
         if grpc_server is not None:
             await grpc_server.stop(grace=None)
