@@ -73,7 +73,9 @@ class RateLimitStore(Protocol):
 
     async def release(self, token: str) -> bool: ...
 
-    async def forget(self, token: str) -> None: ...
+    async def forget(self, token: str) -> bool:
+        """Make a reservation's slots final; whether `token` held any."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -171,8 +173,8 @@ class MemoryRateLimitStore:
                         break
         return True
 
-    async def forget(self, token: str) -> None:
-        self._held.pop(token, None)
+    async def forget(self, token: str) -> bool:
+        return self._held.pop(token, None) is not None
 
     def sweep(self, now: float | None = None) -> None:
         """Drop every key with no call inside its window, and lapsed reservations."""
@@ -348,11 +350,13 @@ class SqliteRateLimitStore:
 
         return await self.db.transaction(work)
 
-    async def forget(self, token: str) -> None:
-        def work(db: sqlite3.Connection, now: float) -> None:
-            db.execute("UPDATE rate_hits SET token = '' WHERE token = ?", (token,))
+    async def forget(self, token: str) -> bool:
+        def work(db: sqlite3.Connection, now: float) -> bool:
+            cursor = db.execute("UPDATE rate_hits SET token = '' WHERE token = ?", (token,))
+            return cursor.rowcount > 0
 
-        await self.db.transaction(work)
+        held: bool = await self.db.transaction(work)
+        return held
 
 
 # KEYS: the limit keys, then the reservation key. ARGV: token, "record" or "peek", then
@@ -464,8 +468,9 @@ class RedisRateLimitStore:
         removed = await redis_call(self._release(keys=[self._held_key(token)]))
         return int(removed) > 0
 
-    async def forget(self, token: str) -> None:
-        await redis_call(self._client.delete(self._held_key(token)))
+    async def forget(self, token: str) -> bool:
+        removed = await redis_call(self._client.delete(self._held_key(token)))
+        return int(removed) > 0
 
 
 async def redis_call(call: Any) -> Any:

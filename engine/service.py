@@ -452,20 +452,27 @@ class DecisionService:
             )
         key = reservation(decision_id, outcome_token)
         if succeeded:
-            await self.rate_limits.forget(key)
+            matched = await self.rate_limits.forget(key)
             released = False
         else:
-            released = await self.rate_limits.release(key)
+            released = matched = await self.rate_limits.release(key)
             if released:
                 self.metrics.rate_limits.labels("released").inc()
-        self.log.write(
-            {
-                "event": "outcome",
+        record: dict[str, Any] = {
+            "event": "outcome",
+            "decision_id": decision_id,
+            "succeeded": succeeded,
+            "released": released,
+        }
+        if not matched:
+            # Anyone can send these; they are flood-controlled like invalid requests.
+            record = {
+                "event": "invalid_request",
+                "transport": "outcome",
                 "decision_id": decision_id,
-                "succeeded": succeeded,
-                "released": released,
+                "error": "an outcome report that matched no held reservation",
             }
-        )
+        self.log.write(record)
         return released
 
     @staticmethod
