@@ -247,6 +247,20 @@ class ProxySession:
                 self._pending[message.id] = message.method
                 self._track_progress(message)
             elif isinstance(message, JSONRPCNotification):
+                if message.method == "tools/call":
+                    # Last guard (the transports screen these out already): a tools/call
+                    # without a usable id could be neither decided nor answered.
+                    log.warning("refused a tools/call sent as a notification (no usable id)")
+                    await self._to_agent(
+                        error_response(
+                            None,
+                            INVALID_REQUEST,
+                            "Invalid Request: tools/call must be a request with an id (a "
+                            "string or an integer); sent as a notification it is neither "
+                            "decided nor relayed",
+                        )
+                    )
+                    continue
                 if message.method == "notifications/cancelled" and self._cancel_call(message):
                     continue
             await self._to_upstream(message)
@@ -442,9 +456,11 @@ class ProxySession:
             with call.scope:
                 try:
                     answer, outcome = await self._handle_call(call)
-                except Exception as exc:
+                except Exception:
+                    # The traceback is for the proxy's log; the agent learns nothing of
+                    # the proxy's internals.
                     log.exception("tools/call %r failed in the proxy", call.request.id)
-                    answer = error_response(call.request.id, INTERNAL_ERROR, f"proxy error: {exc}")
+                    answer = error_response(call.request.id, INTERNAL_ERROR, "internal proxy error")
                     outcome = None
                 # A failure gives its slots back before the agent hears of it, so a retry
                 # at once finds them; a success is reported after answering.

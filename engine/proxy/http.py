@@ -3,8 +3,14 @@
 Each MCP session the agent opens (an `initialize` without `Mcp-Session-Id`) gets its own
 SDK `StreamableHTTPServerTransport` and its own upstream connection (a child process, or
 a client session to the upstream URL), relayed by one `ProxySession` whose decision
-session id is the MCP session id. The SDK transport answers malformed requests itself
-(parse errors, missing session ids, wrong content types).
+session id is the MCP session id.
+
+Every POST body is screened before the SDK transport sees it (`screen.py`, the same rules
+as the stdio side's): text that is not strict JSON, anything that is not one JSON-RPC
+message, and a tools/call without a usable id are answered with HTTP 400 and the JSON-RPC
+error (-32700 or -32600), and never reach a session; what passes is handed to the SDK
+transport as the very same bytes. The SDK transport answers the rest of what is malformed
+itself (missing session ids, wrong content types or Accept headers).
 
 Sessions speak the initialize handshake (protocol 2024-11-05 to 2025-11-25). A request
 for the stateless 2026-07-28 protocol is refused with -32022 naming the supported
@@ -46,10 +52,11 @@ from mcp_types import (
 )
 from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from engine.proxy.core import (
     UPSTREAM_CLOSED,
+    MalformedMessage,
     MessageWriter,
     ProxyOptions,
     ProxySession,
@@ -58,6 +65,7 @@ from engine.proxy.core import (
 )
 from engine.proxy.decider import Decider
 from engine.proxy.listing import ToolFilter
+from engine.proxy.screen import MAX_DEPTH, screen_agent_message
 from engine.server import QuietUvicornServer, listen_http
 
 log = logging.getLogger(__name__)
@@ -78,6 +86,57 @@ def _json_error(status: int, code: int, message: str, data: Any = None) -> Respo
         status_code=status,
         media_type="application/json",
     )
+
+
+def _malformed(malformed: MalformedMessage) -> Response:
+    """HTTP 400 with the JSON-RPC error for a POST body that did not pass the screen."""
+    body = JSONRPCError(jsonrpc="2.0", id=malformed.request_id, error=malformed.error)
+    return Response(
+        body.model_dump_json(by_alias=True, exclude_unset=True),
+        status_code=HTTPStatus.BAD_REQUEST,
+        media_type="application/json",
+    )
+
+
+async def screen_post(
+    scope: Scope, receive: Receive, send: Send, *, max_body: int, max_depth: int
+) -> Receive | None:
+    """Read a POST body and screen it; answer it here when it does not pass.
+
+    Returns the `receive` to hand on (it replays the same bytes, then the connection's
+    own messages), or None when the request was answered (or the client went away)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        if message["type"] != "http.request":
+            continue
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_body:
+            await Response("Request body too large", status_code=413)(scope, receive, send)
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    screened = screen_agent_message(body, max_depth=max_depth)
+    if isinstance(screened, MalformedMessage):
+        log.warning("malformed message from the agent: %s", screened.error.message)
+        await _malformed(screened)(scope, receive, send)
+        return None
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def security_for(host: str) -> TransportSecuritySettings | None:
@@ -115,6 +174,8 @@ class ProxyApp:
         open_upstream: OpenUpstream,
         security: TransportSecuritySettings | None,
         idle_timeout: float | None = SESSION_IDLE_TIMEOUT,
+        max_body: int = DEFAULT_MAX_REQUEST_BODY_SIZE,
+        max_depth: int = MAX_DEPTH,
     ) -> None:
         self.path = path
         self.decider = decider
@@ -122,6 +183,8 @@ class ProxyApp:
         self.open_upstream = open_upstream
         self.security = security
         self.idle_timeout = idle_timeout
+        self.max_body = max_body
+        self.max_depth = max_depth
         self.tool_filter = ToolFilter(decider)
         self.sessions: dict[str, StreamableHTTPServerTransport] = {}
         self._tg: anyio.abc.TaskGroup | None = None
@@ -163,6 +226,11 @@ class ProxyApp:
             if transport is None:
                 await _json_error(404, INVALID_REQUEST, "Session not found")(scope, receive, send)
                 return
+            if scope["method"] == "POST":
+                screened = await self._screen(scope, receive, send)
+                if screened is None:
+                    return
+                receive = screened
             await transport.handle_request(scope, receive, send)
             if transport.is_terminated:
                 self.sessions.pop(session_id, None)
@@ -171,7 +239,15 @@ class ProxyApp:
             response = _json_error(400, INVALID_REQUEST, "Bad Request: Missing session ID")
             await response(scope, receive, send)
             return
-        await self._open_session(scope, receive, send)
+        screened = await self._screen(scope, receive, send)
+        if screened is None:
+            return
+        await self._open_session(scope, screened, send)
+
+    async def _screen(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
+        return await screen_post(
+            scope, receive, send, max_body=self.max_body, max_depth=self.max_depth
+        )
 
     async def _open_session(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._stop.is_set():
@@ -280,6 +356,7 @@ async def start_http_proxy(
     options: ProxyOptions,
     open_upstream: OpenUpstream,
     path: str = "/mcp",
+    max_depth: int = MAX_DEPTH,
 ) -> HttpProxy:
     """Listen on host:port (0 picks a free port) and serve MCP sessions at `path`."""
     app = ProxyApp(
@@ -288,6 +365,7 @@ async def start_http_proxy(
         options=options,
         open_upstream=open_upstream,
         security=security_for(host),
+        max_depth=max_depth,
     )
     app_task = asyncio.create_task(app.run(), name="proxy-sessions")
     await app._ready.wait()

@@ -3,18 +3,18 @@
 One JSON-RPC message per line, as the SDK's `stdio_server` frames them. The proxy reads
 stdin with non-blocking pipes instead of `stdio_server`'s worker thread because it must
 be able to stop while the agent still holds stdin open (when the upstream exits, the
-proxy exits with its status), and because a line that is not a JSON-RPC message gets an
-answer naming the problem: -32700 for text that is not JSON, -32600 for a batch (MCP
-removed them) or anything else that is not a message, with the request's id when it has
-one. Like `stdio_server`, fd 1 is pointed at stderr while serving, so stray output can
-never corrupt the wire.
+proxy exits with its status), and because every line is screened (`screen.py`, the same
+rules as the HTTP listener's) and one that is not a JSON-RPC message the proxy may relay
+gets an answer naming the problem: -32700 for text that is not strict JSON, -32600 for a
+batch (MCP removed them), a tools/call without a usable id, or anything else that is not
+a message, with the request's id when it has one. Like `stdio_server`, fd 1 is pointed
+at stderr while serving, so stray output can never corrupt the wire.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -24,51 +24,20 @@ from typing import Any
 import anyio
 import anyio.to_thread
 from mcp.shared.message import SessionMessage
-from mcp_types import (
-    INVALID_REQUEST,
-    PARSE_ERROR,
-    ErrorData,
-    jsonrpc_message_adapter,
-)
 
 from engine.proxy.core import MalformedMessage
+from engine.proxy.screen import MAX_DEPTH, screen_agent_message
 
 log = logging.getLogger(__name__)
 
 MAX_LINE_BYTES = 64 * 1024 * 1024
 
 
-def parse_agent_line(line: bytes) -> SessionMessage | MalformedMessage:
-    """One line from the agent: a message, or the error to answer it with."""
-    try:
-        return SessionMessage(jsonrpc_message_adapter.validate_json(line, by_name=False))
-    except ValueError:
-        pass
-    try:
-        value: Any = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as exc:
-        return MalformedMessage(
-            ErrorData(code=PARSE_ERROR, message=f"Parse error: not JSON ({exc})")
-        )
-    if isinstance(value, list):
-        return MalformedMessage(
-            ErrorData(
-                code=INVALID_REQUEST,
-                message="Invalid Request: JSON-RPC batches are not supported "
-                "(MCP removed them in 2025-06-18); send one message per line",
-            )
-        )
-    request_id = value.get("id") if isinstance(value, dict) else None
-    if isinstance(request_id, bool) or not isinstance(request_id, str | int):
-        request_id = None
-    return MalformedMessage(
-        ErrorData(
-            code=INVALID_REQUEST,
-            message="Invalid Request: not a JSON-RPC 2.0 request, notification or response "
-            '(needs "jsonrpc": "2.0" and a "method", or an "id" with a "result" or "error")',
-        ),
-        request_id,
-    )
+def parse_agent_line(
+    line: bytes, *, max_depth: int = MAX_DEPTH
+) -> SessionMessage | MalformedMessage:
+    """One line from the agent: a message, or the error to answer it with (see screen.py)."""
+    return screen_agent_message(line, max_depth=max_depth)
 
 
 class _Output:
@@ -116,14 +85,18 @@ async def _thread_lines(fd: int) -> AsyncIterator[bytes]:
                 yield line
 
 
-async def _messages(lines: AsyncIterator[bytes]) -> AsyncIterator[SessionMessage | Exception]:
+async def _messages(
+    lines: AsyncIterator[bytes], max_depth: int
+) -> AsyncIterator[SessionMessage | Exception]:
     async for line in lines:
-        yield parse_agent_line(line)
+        yield parse_agent_line(line, max_depth=max_depth)
 
 
 @contextlib.asynccontextmanager
-async def stdio_agent() -> AsyncIterator[tuple[AsyncIterator[SessionMessage | Exception], _Output]]:
-    """The agent's messages from stdin, and a writer to stdout."""
+async def stdio_agent(
+    *, max_depth: int = MAX_DEPTH
+) -> AsyncIterator[tuple[AsyncIterator[SessionMessage | Exception], _Output]]:
+    """The agent's messages from stdin (screened: see screen.py), and a writer to stdout."""
     loop = asyncio.get_running_loop()
     sys.stdout.flush()
     wire_fd = os.dup(1)
@@ -150,7 +123,7 @@ async def stdio_agent() -> AsyncIterator[tuple[AsyncIterator[SessionMessage | Ex
             closers.append(write_transport)
         except ValueError:
             writer = None
-        yield _messages(lines), _Output(writer, wire_fd)
+        yield _messages(lines, max_depth), _Output(writer, wire_fd)
     finally:
         for transport in closers:
             transport.close()
