@@ -79,8 +79,12 @@ _DECODER = json.JSONDecoder(
 )
 
 
-def loads(text: str | bytes, *, max_depth: int, what: str = "request body") -> JSONValue:
-    """Parse `text` strictly; raise InvalidRequest naming the problem."""
+BODY = "request body"
+
+
+def loads(text: str | bytes, *, max_depth: int, what: str = BODY) -> JSONValue:
+    """Parse `text` strictly; raise InvalidRequest naming the problem (and where: fields
+    of a request body by their own names, those of anything else under `what`)."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -101,7 +105,7 @@ def loads(text: str | bytes, *, max_depth: int, what: str = "request body") -> J
         raise InvalidRequest(f"{what} nests deeper than {max_depth} levels", syntax=True) from exc
     except ValueError as exc:  # anything else the number parsers refuse
         raise InvalidRequest(f"{what} has a number that cannot be read", syntax=True) from exc
-    check_value(value, max_depth=max_depth, what=what)
+    check_value(value, max_depth=max_depth, what=what, root="" if what == BODY else what)
     return value
 
 
@@ -124,28 +128,33 @@ def _path(parent: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{parent}[{key}]"
     if key.isidentifier() and len(key) <= QUOTE_LIMIT:
-        return f"{parent}.{key}"
+        return f"{parent}.{key}" if parent else key
     return f"{parent}[{quote(key)}]"
 
 
-def check_value(value: JSONValue, *, max_depth: int, what: str) -> None:
+def check_value(value: JSONValue, *, max_depth: int, what: str, root: str | None = None) -> None:
     """Raise InvalidRequest, naming where, if `value` nests deeper than `max_depth`, holds
-    a non-finite number, or a string or key that is not valid Unicode."""
-    stack: list[tuple[Any, int, str]] = [(value, 1, what)]
+    a non-finite number, or a string or key that is not valid Unicode.
+
+    Places are named as paths from `root` (`what` unless given; "" for a whole request
+    body, so its fields are named as the API spells them: `arguments.datastore_id`)."""
+    start = what if root is None else root
+    stack: list[tuple[Any, int, str]] = [(value, 1, start)]
     while stack:
         node, depth, where = stack.pop()
+        name = where or what
         if isinstance(node, str):
-            check_text(node, what=where)
+            check_text(node, what=name)
         elif isinstance(node, float):
             if not math.isfinite(node):
-                raise InvalidRequest(f"{where} is a non-finite number ({node})", field=where)
+                raise InvalidRequest(f"{name} is a non-finite number ({node})", field=name)
         elif isinstance(node, dict):
             if depth > max_depth:
                 raise InvalidRequest(f"{what} nests deeper than {max_depth} levels", syntax=True)
             for key, item in node.items():
                 if not isinstance(key, str):
-                    raise InvalidRequest(f"{where} has a key that is not a string", field=where)
-                check_text(key, what=f"a key in {where}")
+                    raise InvalidRequest(f"{name} has a key that is not a string", field=name)
+                check_text(key, what=f"a key in {name}")
                 stack.append((item, depth + 1, _path(where, key)))
         elif isinstance(node, list):
             if depth > max_depth:

@@ -384,3 +384,12 @@ async def test_the_log_still_writes_after_hostile_input(servers: Servers, http: 
     assert [d["decision_id"] for d in listed["decisions"]] == [decision["decision_id"]]
     async with httpx.AsyncClient(base_url=servers.http_url) as raw:
         assert (await raw.get("/healthz")).status_code == 200
+
+
+async def test_a_surrogate_is_named_by_its_field(http: HttpClient) -> None:
+    text = body_text(session(), arguments='{"datastore_id":["ok","\\udfff"]}')
+    response = await http.raw.post(
+        "/v1/decide", content=text.encode(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["field"] == "arguments.datastore_id[1]"
