@@ -56,6 +56,10 @@ RULE_ENGINE_UNAVAILABLE = "engine.unavailable"
 RULE_STATE_UNAVAILABLE = "engine.state_unavailable"
 RULE_LIMIT_UNUSABLE = "engine.rate_limit"
 RULE_APPROVAL = "engine.approval"
+# Where a refusal's CallToolResult carries the structured decision: in `_meta`, which no
+# client validates against the tool's outputSchema (`structuredContent` would be, and a
+# decision never matches a tool's own output). A stable, documented key.
+DECISION_META_KEY = "mcp-policy/decision"
 
 Limits_ = list[tuple[Limit, RateLimitSpec]]
 
@@ -587,7 +591,11 @@ class DecisionService:
 
 
 def mcp_result(decision: Decision) -> dict[str, Any]:
-    """The MCP CallToolResult a proxy hands to the agent instead of calling the tool."""
+    """The MCP CallToolResult a proxy hands to the agent instead of calling the tool.
+
+    Valid for every tool, whatever its outputSchema: the reason as text, `isError: true`,
+    and the decision under `_meta["mcp-policy/decision"]`; never `structuredContent`,
+    which clients check against the tool's output schema even for errors."""
     structured = decision.model_dump(
         mode="json", exclude={"mcp_result", "outcome_token"}, exclude_none=True
     )
@@ -599,5 +607,5 @@ def mcp_result(decision: Decision) -> dict[str, Any]:
             }
         ],
         "isError": True,
-        "structuredContent": structured,
+        "_meta": {DECISION_META_KEY: structured},
     }

@@ -141,8 +141,10 @@ async def test_shipped_policy_decides(
         assert result["isError"] is True
         assert result["content"][0]["type"] == "text"
         assert decision["reason"] in result["content"][0]["text"]
-        assert result["structuredContent"]["decision_id"] == decision["decision_id"]
-        assert result["structuredContent"]["verdict"] == verdict
+        assert "structuredContent" not in result, "clients validate it against outputSchema"
+        structured = result["_meta"]["mcp-policy/decision"]
+        assert structured["decision_id"] == decision["decision_id"]
+        assert structured["verdict"] == verdict
 
 
 async def test_allowed_call_reports_its_rate_limit(client: Client) -> None:

@@ -23,6 +23,7 @@ from tests.fixtures.proxy_harness import (
     calls,
     clean_env,
     copy_args,
+    decision_of,
     proxy_policy,
     stdio_session,
 )
@@ -60,8 +61,8 @@ async def test_decisions_over_grpc_with_an_http_approval(service: Servers, tmp_p
         allowed = await session.call_tool("copy_image_set", allowed_args)
         denied = await session.call_tool("delete_datastore", {"datastore_id": DATASTORE})
         asked = await session.call_tool("copy_image_set", approval_args)
-        assert asked.structured_content is not None
-        approval_id = asked.structured_content["approval"]["id"]
+        assert decision_of(asked) is not None
+        approval_id = decision_of(asked)["approval"]["id"]
         answer = await approver.post(
             f"/v1/approvals/{approval_id}/approve", json={"approver": "dr-ops", "comment": "ok"}
         )
@@ -84,11 +85,11 @@ async def test_decisions_over_grpc_with_an_http_approval(service: Servers, tmp_p
     assert sorted(tool.name for tool in listed.tools) == ["copy_image_set", EXPORT_TOOL]
     assert allowed.is_error is False
     assert denied.is_error is True
-    assert denied.structured_content is not None
-    assert denied.structured_content["verdict"] == "deny"
-    assert denied.structured_content["rule"] == "catalog.default"
+    assert decision_of(denied) is not None
+    assert decision_of(denied)["verdict"] == "deny"
+    assert decision_of(denied)["rule"] == "catalog.default"
     assert asked.is_error is True
-    assert asked.structured_content["verdict"] == "approval_required"
+    assert decision_of(asked)["verdict"] == "approval_required"
     assert approved.is_error is False
     assert [r.is_error for r in failures] == [True] * (EXPORT_LIMIT + 1)
     assert all("export failed" in text_of(r) for r in failures)
@@ -122,6 +123,6 @@ async def test_decision_service_down_fails_closed(tmp_path: Path) -> None:
     assert len(listed.tools) == 4
     assert refused.is_error is True
     assert "policy decision service unavailable" in text_of(refused)
-    assert refused.structured_content is not None
-    assert refused.structured_content["rule"] == "proxy.decision_unavailable"
+    assert decision_of(refused) is not None
+    assert decision_of(refused)["rule"] == "proxy.decision_unavailable"
     assert calls(record) == []

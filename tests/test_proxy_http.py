@@ -37,6 +37,7 @@ from tests.fixtures.proxy_harness import (
     calls,
     clean_env,
     copy_args,
+    decision_of,
     embedded_args,
     http_session,
     proxy_policy,
@@ -110,12 +111,12 @@ async def test_decisions_enforced_over_http(runtime: Runtime, record: Path) -> N
     assert allowed[0].structured_content is not None
     assert allowed[0].structured_content["datastoreId"] == DATASTORE
     assert limited.is_error is True
-    assert limited.structured_content is not None
-    assert limited.structured_content["verdict"] == "rate_limited"
+    assert decision_of(limited) is not None
+    assert decision_of(limited)["verdict"] == "rate_limited"
     assert "rate limit exceeded" in text_of(limited)
     assert denied.is_error is True
-    assert denied.structured_content is not None
-    assert denied.structured_content["rule"] == "catalog.default"
+    assert decision_of(denied) is not None
+    assert decision_of(denied)["rule"] == "catalog.default"
     assert calls(record) == [{"tool": "copy_image_set", "arguments": args}] * 10
 
 
@@ -136,8 +137,8 @@ async def test_approval_id_in_meta(runtime: Runtime, record: Path) -> None:
     args = copy_args(force=True)
     async with proxy(runtime, record) as running, http_session(running.url) as session:
         asked = await session.call_tool("copy_image_set", args)
-        assert asked.structured_content is not None
-        approval_id = asked.structured_content["approval"]["id"]
+        assert decision_of(asked) is not None
+        approval_id = decision_of(asked)["approval"]["id"]
         await runtime.service.decide_approval(
             approval_id, approve=True, approver="dr-ops", comment="overwrite ok"
         )
@@ -146,12 +147,12 @@ async def test_approval_id_in_meta(runtime: Runtime, record: Path) -> None:
         again = await session.call_tool("copy_image_set", args, meta=meta)
 
     assert asked.is_error is True
-    assert asked.structured_content["verdict"] == "approval_required"
+    assert decision_of(asked)["verdict"] == "approval_required"
     assert "force=true" in text_of(asked)
     assert approved.is_error is False
     assert again.is_error is True
-    assert again.structured_content is not None
-    assert again.structured_content["verdict"] == "deny"
+    assert decision_of(again) is not None
+    assert decision_of(again)["verdict"] == "deny"
     assert f"approval {approval_id} was already used" in text_of(again)
     # The approval id never reached the server: the proxy strips it.
     assert calls(record) == [{"tool": "copy_image_set", "arguments": args}]
@@ -208,8 +209,8 @@ async def test_waiting_ends_with_a_denial_or_the_wait(runtime: Runtime, record: 
     assert refused.is_error is True
     assert "approval denied by dr-ops: not this datastore" in text_of(refused)
     assert unanswered.is_error is True
-    assert unanswered.structured_content is not None
-    assert unanswered.structured_content["verdict"] == "approval_required"
+    assert decision_of(unanswered) is not None
+    assert decision_of(unanswered)["verdict"] == "approval_required"
     assert "is pending" in text_of(unanswered)
     assert calls(record) == []
 

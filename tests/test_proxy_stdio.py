@@ -27,6 +27,7 @@ from tests.fixtures.proxy_harness import (
     calls,
     clean_env,
     copy_args,
+    decision_of,
     embedded_args,
     stdio_session,
 )
@@ -81,22 +82,22 @@ async def test_denied_and_rate_limited_calls_never_reach_the_server(
     assert denied.is_error is True
     assert "delete_datastore" in text_of(denied)
     assert "not in the policy catalog" in text_of(denied)
-    assert denied.structured_content is not None
-    assert denied.structured_content["verdict"] == "deny"
-    assert denied.structured_content["rule"] == "catalog.default"
+    assert decision_of(denied) is not None
+    assert decision_of(denied)["verdict"] == "deny"
+    assert decision_of(denied)["rule"] == "catalog.default"
 
     assert malformed.is_error is True
-    assert malformed.structured_content is not None
-    assert malformed.structured_content["rule"].startswith("copy_image_set.")
+    assert decision_of(malformed) is not None
+    assert decision_of(malformed)["rule"].startswith("copy_image_set.")
     assert "32-character lowercase hex id" in text_of(malformed)
 
     assert [r.is_error for r in allowed] == [False] * 10
     assert limited.is_error is True
     assert "rate limit exceeded" in text_of(limited)
-    assert limited.structured_content is not None
-    assert limited.structured_content["verdict"] == "rate_limited"
-    assert limited.structured_content["rate_limit"]["remaining"] == 0
-    assert limited.structured_content["rate_limit"]["retry_after_seconds"] > 0
+    assert decision_of(limited) is not None
+    assert decision_of(limited)["verdict"] == "rate_limited"
+    assert decision_of(limited)["rate_limit"]["remaining"] == 0
+    assert decision_of(limited)["rate_limit"]["retry_after_seconds"] > 0
 
     assert [c["tool"] for c in calls(record)] == ["copy_image_set"] * 10
 
@@ -194,8 +195,8 @@ async def test_the_2026_protocol_passes_through(tmp_path: Path, record: Path) ->
         assert [tool.name for tool in tools.tools] == ["copy_image_set"]
         assert allowed.is_error is False
         assert denied.is_error is True
-        assert denied.structured_content is not None
-        assert denied.structured_content["rule"] == "catalog.default"
+        assert decision_of(denied) is not None
+        assert decision_of(denied)["rule"] == "catalog.default"
     assert [call["arguments"] for call in calls(record)] == [args, args]
 
 
@@ -236,7 +237,7 @@ async def test_malformed_json_rpc_from_the_client_gets_clear_errors(
     assert unknown["error"]["code"] == -32601
     # And the proxy kept running.
     assert denied["result"]["isError"] is True
-    assert denied["result"]["structuredContent"]["rule"] == "catalog.default"
+    assert denied["result"]["_meta"]["mcp-policy/decision"]["rule"] == "catalog.default"
     assert ping["result"] == {}
     assert status == 0
     assert calls(record) == []
@@ -314,8 +315,8 @@ async def test_approval_then_the_same_call_again(tmp_path: Path, record: Path) -
             [*embedded_args(tmp_path), "--", *FIXTURE], env, tmp_path / "proxy.log"
         ) as session:
             first = await session.call_tool("copy_image_set", args)
-            assert first.structured_content is not None
-            approval_id = first.structured_content["approval"]["id"]
+            assert decision_of(first) is not None
+            approval_id = decision_of(first)["approval"]["id"]
             await approver.service.decide_approval(
                 approval_id, approve=True, approver="dr-ops", comment="cross-datastore ok"
             )
@@ -325,13 +326,13 @@ async def test_approval_then_the_same_call_again(tmp_path: Path, record: Path) -
         await approver.stop()
 
     assert first.is_error is True
-    assert first.structured_content["verdict"] == "approval_required"
+    assert decision_of(first)["verdict"] == "approval_required"
     assert approval_id in text_of(first)
     assert second.is_error is False
     assert third.is_error is True
-    assert third.structured_content is not None
-    assert third.structured_content["verdict"] == "approval_required"
-    assert third.structured_content["approval"]["id"] != approval_id
+    assert decision_of(third) is not None
+    assert decision_of(third)["verdict"] == "approval_required"
+    assert decision_of(third)["approval"]["id"] != approval_id
     assert calls(record) == [{"tool": "copy_image_set", "arguments": args}]
 
 

@@ -11,7 +11,7 @@ server-to-client requests, methods the proxy has never heard of), with three exc
   a result with `isError: true` counts as failed, which gives the rate-limit slots back).
   Not allowed: it is never forwarded; the agent gets the decision's `mcp_result` (a
   `CallToolResult` with `isError: true`, the reason as text, the decision as
-  `structuredContent`) as the JSON-RPC result.
+  `_meta["mcp-policy/decision"]`) as the JSON-RPC result.
 - a `tools/list` result is filtered (see `listing.py`).
 - approvals: an approval id for a retry can ride in `params._meta["mcp-policy/approval_id"]`
   (stripped before forwarding); an identical retry of a call whose approval was granted
