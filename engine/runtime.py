@@ -180,7 +180,7 @@ class Runtime:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("the approval API needs Authorization: Bearer <approver token>")
-        if not hmac.compare_digest(token.strip().encode(), self._approver_token.encode()):
+        if not hmac.compare_digest(token.encode(), self._approver_token.encode()):
             raise PermissionDenied("the credential presented is not the approver credential")
 
     async def stop(self) -> None:

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import secrets
 import time
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -237,7 +238,7 @@ class DecisionService:
         return Decision(
             decision_id=ctx.decision_id,
             verdict=Verdict.ALLOW,
-            reason=result.reason,
+            reason=shown(result.reason),
             rule=result.rule,
             policy_revision=ctx.revision,
             rate_limit=self._limit_info(outcome, limits),
@@ -288,7 +289,7 @@ class DecisionService:
             return Decision(
                 decision_id=ctx.decision_id,
                 verdict=Verdict.ALLOW,
-                reason=f"approved by {approval.approver}: {reason}",
+                reason=shown(f"approved by {approval.approver}: {reason}"),
                 rule=rule,
                 policy_revision=ctx.revision,
                 rate_limit=self._limit_info(outcome, limits),
@@ -538,7 +539,7 @@ class DecisionService:
         decision = Decision(
             decision_id=ctx.decision_id,
             verdict=verdict,
-            reason=reason,
+            reason=shown(reason),
             rule=rule,
             policy_revision=ctx.revision,
             rate_limit=rate_limit,
@@ -588,6 +589,31 @@ class DecisionService:
             }
         )
         return approval
+
+
+MAX_REASON_CHARS = 1024
+# Control and format characters (bidi overrides, zero-width marks), surrogates, private use
+# and unassigned code points: shown as escapes, never passed raw into text a model reads.
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn"})
+
+
+def shown(reason: str) -> str:
+    """A reason as the caller is told it: bounded, invisible characters escaped.
+
+    Reasons quote what the caller sent (a tool name, an argument); the answer must not
+    grow with the request nor carry characters that reorder or hide text."""
+    if len(reason) > MAX_REASON_CHARS:
+        reason = f"{reason[:MAX_REASON_CHARS]}… ({len(reason)} characters)"
+    if reason.isascii() and reason.isprintable():
+        return reason
+    return "".join(
+        _escape(ch) if unicodedata.category(ch) in _HIDDEN_CATEGORIES else ch for ch in reason
+    )
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def mcp_result(decision: Decision) -> dict[str, Any]:

@@ -393,3 +393,15 @@ async def test_a_surrogate_is_named_by_its_field(http: HttpClient) -> None:
     )
     assert response.status_code == 400
     assert response.json()["error"]["field"] == "arguments.datastore_id[1]"
+
+
+async def test_a_reason_never_grows_with_the_request(client: Client) -> None:
+    """Reasons quote what was sent (an unknown tool's name): the answer stays small, and
+    characters that reorder or hide text reach the model as escapes."""
+    body = {**copy_call(), "tool": "\u202e" * 100_000 + "x" * 200_000}
+    decision = await client.decide(body)
+    assert decision["verdict"] == "deny"
+    assert len(json.dumps(decision)) < 12_000
+    assert "\u202e" not in json.dumps(decision, ensure_ascii=False)
+    assert "\\u202e" in decision["reason"]
+    assert "characters)" in decision["reason"]
