@@ -23,11 +23,12 @@ PROTOS := $(wildcard proto/mcppolicy/v1/*.proto)
 GENERATED := mcppolicy/v1/decision_pb2.py
 
 .PHONY: help setup tools redis-server run test check fmt lint lint-rego lint-proto \
-        lint-python test-rego test-python bench clean
+        lint-python test-rego test-python bench clean fuzz interop-deps
 
 help:
 	@echo "make run    - install what is missing, then serve (gRPC :50051, HTTP :8080)"
 	@echo "make test   - install what is missing, then lint and test policies, proto and Python"
+	@echo "make fuzz   - the property/fuzz tests (tests/test_fuzz.py) with many more examples"
 	@echo "make bench  - decision throughput and latency vs raw OPA"
 	@echo "make fmt    - format Rego and Python"
 
@@ -80,7 +81,18 @@ redis-server:
 run: setup
 	$(VENV)/bin/mcp-policy serve
 
-test: setup redis-server lint test-rego test-python
+test: setup redis-server interop-deps lint test-rego test-python
+
+# The interop suite's real MCP clients (tests/test_interop.py): the TypeScript SDK, pinned
+# in tests/interop/package-lock.json, installed with `npm ci` into tests/interop/node_modules
+# whenever that lock file is newer than the install (npm ci writes node_modules/.package-lock.json).
+INTEROP := tests/interop
+
+interop-deps: $(INTEROP)/node_modules/.package-lock.json
+
+$(INTEROP)/node_modules/.package-lock.json: $(INTEROP)/package-lock.json $(INTEROP)/package.json
+	npm ci --prefix $(INTEROP) --no-audit --no-fund
+	touch $@
 
 check: test
 
@@ -107,6 +119,11 @@ test-rego:
 
 test-python:
 	pytest
+
+# The fuzz tests run in `make test` with a few examples each; here with the "fuzz" profile
+# (tests/strategies.py): 2000 random examples per property, failures kept in .hypothesis/.
+fuzz: setup redis-server
+	HYPOTHESIS_PROFILE=fuzz pytest tests/test_fuzz.py
 
 bench: setup redis-server
 	$(PY) -m bench.decide

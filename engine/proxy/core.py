@@ -324,6 +324,7 @@ class ProxySession:
                 method = self._pending.pop(message.id, None)
                 self._untrack_progress(message.id)
                 if isinstance(message, JSONRPCResponse):
+                    self._learn_from_meta(message)
                     if method == "initialize":
                         self._learn_initialize(message, upstream)
                     elif method == "server/discover":
@@ -348,13 +349,20 @@ class ProxySession:
                 log.info("MCP server name from initialize: %s", name)
 
     def _learn_discover(self, message: JSONRPCResponse) -> None:
+        self._learn_from_meta(message, "server/discover")
+
+    def _learn_from_meta(self, message: JSONRPCResponse, where: str = "a result") -> None:
+        """From protocol 2026-07-28 on, results carry the server's info in `_meta`: a
+        client that never sends server/discover still names the server this way."""
+        if self.server_name is not None:
+            return
         meta = message.result.get("_meta")
         info = meta.get(SERVER_INFO_META_KEY) if isinstance(meta, dict) else None
-        if self.server_name is None and isinstance(info, dict):
+        if isinstance(info, dict):
             name = info.get("name")
             if isinstance(name, str) and name:
                 self.server_name = name
-                log.info("MCP server name from server/discover: %s", name)
+                log.info("MCP server name from %s: %s", where, name)
 
     async def _send_filtered_list(self, message: JSONRPCResponse, done: anyio.Event) -> None:
         assert self.tool_filter is not None

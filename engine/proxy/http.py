@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterable, Callable
@@ -81,11 +82,9 @@ def _json_error(status: int, code: int, message: str, data: Any = None) -> Respo
     body = JSONRPCError(
         jsonrpc="2.0", id=None, error=ErrorData(code=code, message=message, data=data)
     )
-    return Response(
-        body.model_dump_json(by_alias=True, exclude_none=True),
-        status_code=status,
-        media_type="application/json",
-    )
+    content = body.model_dump(mode="json", by_alias=True, exclude_none=True)
+    content["id"] = None  # JSON-RPC 2.0: an error that answers no request says id null
+    return Response(json.dumps(content), status_code=status, media_type="application/json")
 
 
 def _malformed(malformed: MalformedMessage) -> Response:
