@@ -24,11 +24,13 @@ from engine.errors import (
     bounded,
     from_validation,
 )
+from engine.identity.cli import IDENTITY_COMMANDS, add_identity_commands, run_identity_command
 from engine.models import DecideRequest
 from engine.proxy.cli import PROXY_COMMANDS, add_proxy_commands, run_proxy_command
 from engine.runtime import Runtime
 from engine.server import start_servers
 from engine.settings import Settings
+from engine.tls import StartupRefused
 
 EXIT_POLICY_REJECTED = 2
 EXIT_INVALID = 3
@@ -47,6 +49,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "opa_timeout_ms",
         "decision_log",
         "log_level",
+        "insecure",
     ):
         value = getattr(args, name, None)
         if value is not None:
@@ -81,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (MCP_POLICY_HOST, default 127.0.0.1)")
     serve.add_argument("--http-port", type=int, help="MCP_POLICY_HTTP_PORT, default 8080")
     serve.add_argument("--grpc-port", type=int, help="MCP_POLICY_GRPC_PORT, default 50051")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="serve on a non-loopback host without TLS (MCP_POLICY_INSECURE); "
+        "otherwise the service refuses to start there",
+    )
     _common(serve)
     decide = commands.add_parser(
         "decide",
@@ -97,23 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--hours", type=float, default=24, help="how far back (default 24)")
     status.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_proxy_commands(commands)
+    add_identity_commands(commands)
     return parser
 
 
 async def _serve(settings: Settings) -> int:
     servers = await start_servers(settings)
     runtime = servers.runtime
-    print(
-        f"mcp-policy: gRPC on {servers.grpc_target}, HTTP on {servers.http_url} "
-        f"(policy {runtime.policy.revision}, OPA {runtime.opa.url})",
-        flush=True,
-    )
-    if runtime.generated_token:
-        print(
-            "mcp-policy: no MCP_POLICY_APPROVER_TOKEN set; approver token for this run "
-            f"(shown once): {runtime.approver_token}",
-            flush=True,
-        )
+    # Signals first: whoever waits for the line below may stop us at once.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -126,6 +127,17 @@ async def _serve(settings: Settings) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
+    print(
+        f"mcp-policy: gRPC on {servers.grpc_target}, HTTP on {servers.http_url} "
+        f"(policy {runtime.policy.revision}, OPA {runtime.opa.url})",
+        flush=True,
+    )
+    if runtime.generated_token:
+        print(
+            "mcp-policy: no MCP_POLICY_APPROVER_TOKEN set; approver token for this run "
+            f"(shown once): {runtime.approver_token}",
+            flush=True,
+        )
     await stop.wait()
     print("mcp-policy: stopping", flush=True)
     await servers.stop()
@@ -199,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in PROXY_COMMANDS:
         return run_proxy_command(args)
+    if args.command in IDENTITY_COMMANDS:
+        return run_identity_command(args)
     if args.command == "status":
         return _status(args)
     try:
@@ -225,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.errors:
             print(f"  {line}", file=sys.stderr)
         return EXIT_POLICY_REJECTED
+    except StartupRefused as exc:  # a TLS file, or a non-loopback host without TLS
+        print(f"mcp-policy: {exc.message}", file=sys.stderr)
+        return EXIT_INVALID
 
 
 if __name__ == "__main__":

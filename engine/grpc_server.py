@@ -49,6 +49,7 @@ from engine.models import (
     Verdict,
 )
 from engine.runtime import Runtime
+from engine.tls import ClientNameInterceptor, ServerTls, load_server_tls
 from mcppolicy.v1 import approval_pb2, approval_pb2_grpc, decision_pb2, decision_pb2_grpc
 
 T = TypeVar("T")
@@ -420,10 +421,23 @@ class DecisionLogServicer(decision_pb2_grpc.DecisionLogServiceServicer):  # type
         return await _answer(context, checked())
 
 
-def create_server(runtime: Runtime, address: str) -> tuple[grpc.aio.Server, int]:
-    """Build the gRPC server bound to `address` ("host:port", port 0 for any)."""
+def create_server(
+    runtime: Runtime, address: str, *, tls: ServerTls | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """Build the gRPC server bound to `address` ("host:port", port 0 for any).
+
+    With TLS in the settings (`tls`, or else read from `runtime.settings`) the port is a
+    TLS port; with a client CA, callers need a certificate it signed, and
+    `ClientNameInterceptor` checks its names against `tls_client_names` (any, if empty)
+    and makes the name `engine.tls.current_peer()` for the call.
+    """
+    if tls is None:
+        tls = load_server_tls(runtime.settings)
+    interceptors: list[grpc.aio.ServerInterceptor] = [StrictDecoding()]
+    if tls is not None and tls.client_ca is not None:
+        interceptors.insert(0, ClientNameInterceptor(tls.client_names))
     server = grpc.aio.server(
-        interceptors=[StrictDecoding()],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", runtime.settings.max_body_bytes),
             # A connection that has had no call for this long is closed (with GOAWAY);
@@ -456,7 +470,10 @@ def create_server(runtime: Runtime, address: str) -> tuple[grpc.aio.Server, int]
             await health_servicer.set(name, status)
 
     runtime.add_readiness_listener(on_ready)
-    port = server.add_insecure_port(address)
+    if tls is not None:
+        port = server.add_secure_port(address, tls.grpc_credentials())
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind gRPC to {address}")
     return server, port

@@ -27,6 +27,15 @@ from engine.grpc_server import create_server
 from engine.http_app import create_app
 from engine.runtime import Runtime
 from engine.settings import Settings
+from engine.tls import (
+    ClientNameMiddleware,
+    StartupRefused,
+    check_exposure,
+    exposed_without_tls,
+    is_loopback,
+    load_server_tls,
+    with_peer_certificate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +164,10 @@ async def listen_http(
 
     The protocol is always `BoundedH11Protocol` (never httptools, which uvicorn's "auto"
     would pick whenever it is installed), with these deadlines; `config` is passed on to
-    uvicorn.Config. A client that disconnects mid-request is not logged as an error.
+    uvicorn.Config (TLS: `ssl_certfile`, `ssl_keyfile`, `ssl_ca_certs`, `ssl_cert_reqs`).
+    A client that disconnects mid-request is not logged as an error. On a TLS connection
+    each request's scope carries the ASGI TLS extension with the verified client
+    certificate (`engine.tls.with_peer_certificate`).
 
     The socket is made here so the port is known before serving; it is created with
     IPPROTO_TCP explicitly, because asyncio sets TCP_NODELAY only on sockets that say
@@ -174,7 +186,7 @@ async def listen_http(
                 log_level="warning",
                 access_log=False,
                 lifespan="off",
-                http=bounded_h11(header_timeout, body_timeout),
+                http=with_peer_certificate(bounded_h11(header_timeout, body_timeout)),
                 **config,
             )
         )
@@ -200,7 +212,8 @@ class Servers:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.runtime.settings.host}:{self.http_port}"
+        scheme = "https" if self.runtime.settings.tls_cert is not None else "http"
+        return f"{scheme}://{self.runtime.settings.host}:{self.http_port}"
 
     @property
     def grpc_target(self) -> str:
@@ -214,20 +227,45 @@ class Servers:
 
 
 async def start_servers(settings: Settings) -> Servers:
-    """Start the runtime (OPA, policy, stores) and both listeners; ports 0 pick free ones."""
+    """Start the runtime (OPA, policy, stores) and both listeners; ports 0 pick free ones.
+
+    Raises StartupRefused, before anything starts, when a TLS file does not load or the
+    host is beyond loopback without TLS and without `insecure`.
+    """
+    refusal = check_exposure(settings)
+    if refusal is not None:
+        raise StartupRefused(refusal)
+    tls = load_server_tls(settings)
+    if exposed_without_tls(settings):
+        log.warning(
+            "serving on %s WITHOUT TLS (--insecure): anyone who can reach it can ask for "
+            "decisions and read them in transit",
+            settings.host,
+        )
+    elif tls is not None and tls.client_ca is None and not is_loopback(settings.host):
+        log.warning("TLS without MCP_POLICY_TLS_CLIENT_CA: callers are not known by certificate")
     runtime = Runtime(settings)
     grpc_server: grpc.aio.Server | None = None
     try:
         await runtime.start()
-        grpc_server, grpc_port = create_server(runtime, f"{settings.host}:{settings.grpc_port}")
+        grpc_server, grpc_port = create_server(
+            runtime, f"{settings.host}:{settings.grpc_port}", tls=tls
+        )
         await grpc_server.start()
+        app: ASGIApp = create_app(runtime)
+        http_tls: dict[str, Any] = {}
+        if tls is not None:
+            http_tls = tls.uvicorn_config()
+            if tls.client_ca is not None:
+                app = ClientNameMiddleware(app, tls.client_names)
         http = await listen_http(
-            create_app(runtime),
+            app,
             settings.host,
             settings.http_port,
             "http",
             header_timeout=settings.http_header_timeout_seconds,
             body_timeout=settings.http_body_timeout_seconds,
+            **http_tls,
         )
     except BaseException:
         if grpc_server is not None:

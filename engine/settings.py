@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.decision_log import LogSettings
@@ -28,7 +28,32 @@ class Settings(BaseSettings):
     grpc_port: int = Field(50051, ge=0, le=65535)
     state_dir: Path = Field(default_factory=_default_state_dir)
     approver_token: SecretStr | None = Field(
-        None, description="Bearer token for the approval API; a random one is made if unset."
+        None,
+        description="The operator credential (decision log, status, reload; a random one is "
+        "made if unset). Also the one approver, named operator, when neither approvers_file "
+        "nor approver_issuer is set.",
+    )
+    approvers_file: Path | None = Field(
+        None,
+        description="Named approvers (people): the hashed-token file `mcp-policy approvers "
+        "add|list|revoke` manages (approvers.yaml). Edits take effect within seconds.",
+    )
+    approver_issuer: str | None = Field(
+        None,
+        description="OIDC/OAuth issuer whose JWTs prove approvers (with approver_audience): "
+        "a token whose approver_role_claim includes approver_role, named by its sub.",
+    )
+    approver_audience: str | None = Field(
+        None, description="The aud an approver JWT must carry (needed with approver_issuer)."
+    )
+    approver_jwks_url: str | None = Field(
+        None, description="The approver issuer's JWKS URL (default: from its metadata)."
+    )
+    approver_role_claim: str = Field(
+        "roles", description="The approver JWT claim listing its roles (dots for nesting)."
+    )
+    approver_role: str = Field(
+        "approver", description="The role an approver JWT needs in approver_role_claim."
     )
     opa_url: str | None = Field(None, description="Use this OPA instead of starting one.")
     opa_token: SecretStr | None = Field(None, description="Bearer token for an external OPA.")
@@ -113,6 +138,46 @@ class Settings(BaseSettings):
         "environment variables), console, or none.",
     )
     log_level: str = Field("INFO")
+    tls_cert: Path | None = Field(
+        None,
+        description="PEM certificate (chain) both listeners present; with tls_key, turns "
+        "TLS on for gRPC and HTTP.",
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert (no passphrase).")
+    tls_client_ca: Path | None = Field(
+        None,
+        description="PEM CA certificate(s): when set, every caller must present a client "
+        "certificate signed by it (mTLS). Needs tls_cert and tls_key.",
+    )
+    tls_client_names: list[str] = Field(
+        default_factory=list,
+        description="Client certificate names (subjectAltName DNS names or URIs such as "
+        "spiffe://...; the common name of a certificate without any) allowed to call; "
+        "empty: any certificate tls_client_ca signed. JSON list in the environment.",
+    )
+    insecure: bool = Field(
+        False,
+        description="Serve on a non-loopback address without TLS (logged as a warning); "
+        "without it the service refuses to start there.",
+    )
+
+    @model_validator(mode="after")
+    def _tls_together(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        if self.tls_client_names and self.tls_client_ca is None:
+            raise ValueError("tls_client_names needs tls_client_ca")
+        return self
+
+    @model_validator(mode="after")
+    def _approver_issuer_complete(self) -> Settings:
+        if self.approver_issuer is not None and not self.approver_audience:
+            raise ValueError("approver_issuer needs approver_audience")
+        if self.approver_issuer is None and (self.approver_audience or self.approver_jwks_url):
+            raise ValueError("approver_audience and approver_jwks_url need approver_issuer")
+        return self
 
     @property
     def store(self) -> str:

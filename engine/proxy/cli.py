@@ -64,6 +64,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _pem_file(text: str) -> bytes:
+    """The contents of a PEM file given on the command line."""
+    try:
+        return Path(text).read_bytes()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {exc.strerror or exc}") from exc
+
+
 def _embedded_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("embedded decision service (--embedded)")
     group.add_argument(
@@ -122,6 +130,23 @@ def add_proxy_commands(subparsers: Any) -> None:
     )
     proxy.add_argument(
         "--decision-timeout", type=_seconds, default=5.0, help="gRPC deadline (default 5 s)"
+    )
+    tls = proxy.add_argument_group("TLS to the decision service (--decision-url)")
+    tls.add_argument(
+        "--decision-ca",
+        type=_pem_file,
+        metavar="FILE",
+        help="PEM CA certificate(s) to verify the service by; turns TLS on "
+        "(default with a client certificate: the system's roots)",
+    )
+    tls.add_argument(
+        "--decision-cert",
+        type=_pem_file,
+        metavar="FILE",
+        help="PEM client certificate for mTLS (with --decision-key)",
+    )
+    tls.add_argument(
+        "--decision-key", type=_pem_file, metavar="FILE", help="PEM key of --decision-cert"
     )
     proxy.add_argument(
         "--server-name",
@@ -238,6 +263,13 @@ def _proxy(args: argparse.Namespace) -> int:
     if not args.embedded and not args.decision_url:
         print("mcp-policy proxy: give --decision-url HOST:PORT or --embedded", file=sys.stderr)
         return EXIT_USAGE
+    tls_flags = (args.decision_ca, args.decision_cert, args.decision_key)
+    if args.embedded and any(flag is not None for flag in tls_flags):
+        print("mcp-policy proxy: --decision-ca/-cert/-key go with --decision-url", file=sys.stderr)
+        return EXIT_USAGE
+    if (args.decision_cert is None) != (args.decision_key is None):
+        print("mcp-policy proxy: --decision-cert and --decision-key go together", file=sys.stderr)
+        return EXIT_USAGE
     try:
         settings = _settings(args) if args.embedded else None
     except ValidationError as exc:
@@ -259,7 +291,13 @@ def _proxy(args: argparse.Namespace) -> int:
         if settings is not None:
             decider = await EmbeddedDecider.start(settings)
         else:
-            decider = GrpcDecider(args.decision_url, timeout=args.decision_timeout)
+            decider = GrpcDecider(
+                args.decision_url,
+                timeout=args.decision_timeout,
+                tls_ca=args.decision_ca,
+                tls_cert=args.decision_cert,
+                tls_key=args.decision_key,
+            )
         try:
             if args.listen is not None:
                 host, port = args.listen

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import UTC
+from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
@@ -20,6 +21,7 @@ from google.protobuf import json_format
 from engine import jsonstrict
 from engine.errors import EngineError, InvalidRequest
 from engine.grpc_server import APPROVAL_STATUSES, VERDICTS
+from engine.identity.base import Identity
 from engine.models import (
     ApprovalRef,
     DecideRequest,
@@ -29,6 +31,7 @@ from engine.models import (
 )
 from engine.runtime import Runtime
 from engine.settings import Settings
+from engine.translate import proven_principal
 from mcppolicy.v1 import decision_pb2, decision_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -43,9 +46,13 @@ class DecisionUnavailable(EngineError):
 
 
 class Decider(Protocol):
-    """Asks for decisions and reports outcomes; raises InvalidRequest or DecisionUnavailable."""
+    """Asks for decisions and reports outcomes; raises InvalidRequest or DecisionUnavailable.
 
-    async def decide(self, request: DecideRequest) -> Decision: ...
+    `identity` is the agent's credential as the proxy verified it (the HTTP listener with
+    --auth-*): the decision's principal is then the one it proves, whatever
+    `request.principal` says about agent, user and roles."""
+
+    async def decide(self, request: DecideRequest, identity: Identity | None = None) -> Decision: ...
 
     async def report_outcome(
         self, decision_id: str, outcome_token: str, *, succeeded: bool
@@ -72,8 +79,8 @@ class EmbeddedDecider:
             raise
         return cls(runtime, owned=True)
 
-    async def decide(self, request: DecideRequest) -> Decision:
-        return await self.runtime.service.decide(request, transport=TRANSPORT)
+    async def decide(self, request: DecideRequest, identity: Identity | None = None) -> Decision:
+        return await self.runtime.service.decide(request, transport=TRANSPORT, identity=identity)
 
     async def report_outcome(
         self, decision_id: str, outcome_token: str, *, succeeded: bool
@@ -167,10 +174,35 @@ def decision_from_message(response: Any) -> Decision:
 class GrpcDecider:
     """A decision service over gRPC: one channel for the life of the proxy."""
 
-    def __init__(self, target: str, *, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = 5.0,
+        tls_ca: Path | bytes | None = None,
+        tls_cert: Path | bytes | None = None,
+        tls_key: Path | bytes | None = None,
+    ) -> None:
+        """`tls_ca` (PEM roots to verify the service by; default: the system's) or a
+        client certificate (`tls_cert` with its `tls_key`, for mTLS) makes the channel TLS;
+        each is PEM bytes or a file to read them from."""
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target)
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+
+        def pem(value: Path | bytes | None) -> bytes | None:
+            return value if value is None or isinstance(value, bytes) else value.read_bytes()
+
+        if tls_ca is None and tls_cert is None:
+            self._channel = grpc.aio.insecure_channel(target)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=pem(tls_ca),
+                private_key=pem(tls_key),
+                certificate_chain=pem(tls_cert),
+            )
+            self._channel = grpc.aio.secure_channel(target, credentials)
         self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
 
     def _error(self, exc: grpc.aio.AioRpcError, what: str) -> EngineError:
@@ -182,7 +214,16 @@ class GrpcDecider:
             f"decision service at {self.target} could not {what} ({code.name}: {details})"
         )
 
-    async def decide(self, request: DecideRequest) -> Decision:
+    async def decide(self, request: DecideRequest, identity: Identity | None = None) -> Decision:
+        """With an `identity`, the proven agent, user and roles go in the request's
+        principal, asserted by this proxy: the service believes them as far as it trusts
+        the proxy (`principal.authenticated` stays false there). Sending the agent's own
+        credential for the service to verify needs a field DecideRequest does not have yet.
+        """
+        if identity is not None:
+            request = request.model_copy(
+                update={"principal": proven_principal(request.principal, identity)}
+            )
         try:
             response = await self._stub.Decide(decide_message(request), timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
