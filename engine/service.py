@@ -34,6 +34,7 @@ from engine.errors import (
     StateUnavailable,
     Unauthenticated,
 )
+from engine.identity.base import Identity
 from engine.metrics import UNKNOWN_TOOL, Metrics
 from engine.models import (
     Approval,
@@ -126,15 +127,32 @@ class DecisionService:
         self.metrics = metrics or Metrics()
         self.tracer = tracer or trace.NoOpTracer()
 
-    async def decide(self, request: DecideRequest, *, transport: str) -> Decision:
+    async def decide(
+        self,
+        request: DecideRequest,
+        *,
+        transport: str,
+        identity: Identity | None = None,
+        asserted_by: str | None = None,
+    ) -> Decision:
         """Decide one call. Raises InvalidRequest for malformed calls; otherwise answers.
 
         A call that gets no decision (an unexpected error or a cancellation on the way)
-        holds nothing: what it reserved is given back before the error leaves."""
+        holds nothing: what it reserved is given back before the error leaves.
+
+        `identity` is the agent's verified credential, when there is one: the principal
+        (for the policy, the limits, approvals and the log) is then the one it proves.
+        `asserted_by` names the authenticated proxy that asserted the principal."""
+        if identity is not None:
+            request = request.model_copy(
+                update={"principal": translate.proven_principal(request.principal, identity)}
+            )
         decision_id = "dec_" + uuid.uuid4().hex
         outcome_token = secrets.token_urlsafe(24)
         try:
-            return await self._decide(request, transport, decision_id, outcome_token)
+            return await self._decide(
+                request, transport, decision_id, outcome_token, identity, asserted_by
+            )
         except InvalidRequest:
             raise  # refused before anything was taken
         except BaseException:
@@ -143,7 +161,13 @@ class DecisionService:
             raise
 
     async def _decide(
-        self, request: DecideRequest, transport: str, decision_id: str, outcome_token: str
+        self,
+        request: DecideRequest,
+        transport: str,
+        decision_id: str,
+        outcome_token: str,
+        identity: Identity | None,
+        asserted_by: str | None,
     ) -> Decision:
         started = time.perf_counter()
         now = datetime.now(UTC)
@@ -164,7 +188,13 @@ class DecisionService:
             span.set_attribute("mcp.server", call.server)
             span.set_attribute("mcp.tool", call.name)
             input_doc = translate.input_document(
-                call, request, decision_id=decision_id, now=now, transport=transport
+                call,
+                request,
+                decision_id=decision_id,
+                now=now,
+                transport=transport,
+                identity=identity,
+                asserted_by=asserted_by,
             )
             ctx = Ctx(decision_id, self.policy.revision, call, request, outcome_token)
             result: PolicyResult | None = None

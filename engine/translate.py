@@ -12,7 +12,8 @@ from typing import Any
 
 from engine import jsonstrict
 from engine.errors import InvalidRequest
-from engine.models import DecideRequest, ToolCall
+from engine.identity.base import Identity
+from engine.models import DecideRequest, Principal, ToolCall
 
 TOOLS_CALL = "tools/call"
 
@@ -116,6 +117,20 @@ def parse_tools_call(message: Any, *, server: str) -> ToolCall:
     return ToolCall(server=server, name=name, arguments=arguments, jsonrpc_id=jsonrpc_id)
 
 
+def proven_principal(asserted: Principal, identity: Identity | None) -> Principal:
+    """Who the call is from: what the agent's verified credential says, when there is one
+    (the asserted agent, user and roles are then ignored; the session stays the one the
+    transport knows), else what the caller asserted."""
+    if identity is None:
+        return asserted
+    return Principal(
+        agent_id=identity.agent_id or identity.subject,
+        session_id=asserted.session_id,
+        user_id=identity.user_id,
+        roles=list(identity.roles),
+    )
+
+
 def input_document(
     call: ToolCall,
     request: DecideRequest,
@@ -123,8 +138,16 @@ def input_document(
     decision_id: str,
     now: datetime,
     transport: str,
+    identity: Identity | None = None,
+    asserted_by: str | None = None,
 ) -> dict[str, Any]:
-    """The OPA input document; its shape is a stable contract (see DESIGN.md)."""
+    """The OPA input document; its shape is a stable contract (see DESIGN.md).
+
+    `principal.authenticated` is true when agent, user and roles come from a credential
+    this engine verified (`principal.method`: jwt or api_key; its claims and scopes are
+    there too); otherwise they are what the caller asserted, and `principal.asserted_by`
+    names the authenticated proxy that asserted them (null when the caller is not known).
+    """
     principal = request.principal
     return {
         "tool": {"server": call.server, "name": call.name, "arguments": call.arguments},
@@ -133,6 +156,11 @@ def input_document(
             "session_id": principal.session_id,
             "user_id": principal.user_id,
             "roles": list(principal.roles),
+            "authenticated": identity is not None,
+            "method": identity.method if identity is not None else None,
+            "scopes": list(identity.scopes) if identity is not None else [],
+            "claims": dict(identity.claims) if identity is not None else {},
+            "asserted_by": asserted_by if identity is None else None,
         },
         "request": {
             "id": decision_id,

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from engine import jsonstrict, translate
 from engine.errors import InvalidRequest, PolicyRejected
-from engine.models import DecideRequest
+from engine.models import DecideRequest, Principal
 from engine.policy_source import MODULE_PREFIX, read_bundle
 from engine.settings import PROJECT_ROOT
 
@@ -96,7 +96,17 @@ def test_input_document_shape() -> None:
     )
     assert doc == {
         "tool": {"server": "srv", "name": "t", "arguments": {"a": 1}},
-        "principal": {"agent_id": None, "session_id": "s", "user_id": None, "roles": []},
+        "principal": {
+            "agent_id": None,
+            "session_id": "s",
+            "user_id": None,
+            "roles": [],
+            "authenticated": False,
+            "method": None,
+            "scopes": [],
+            "claims": {},
+            "asserted_by": None,
+        },
         "request": {
             "id": "dec_1",
             "time": "2026-01-02T03:04:05.000Z",
@@ -104,6 +114,50 @@ def test_input_document_shape() -> None:
             "jsonrpc_id": 9,
         },
         "context": {},
+    }
+
+
+def test_a_verified_identity_replaces_what_the_caller_asserted() -> None:
+    from datetime import UTC, datetime
+
+    from engine.identity.base import Identity
+
+    request = _request(
+        {"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "t"}}
+    ).model_copy(
+        update={"principal": Principal(agent_id="liar", session_id="s", roles=["imaging-admin"])}
+    )
+    identity = Identity(
+        method="jwt",
+        subject="u-7",
+        agent_id="agent-7",
+        user_id="u-7",
+        roles=("viewer",),
+        scopes=("mcp",),
+        claims={"sub": "u-7", "client_id": "agent-7"},
+    )
+    proven = request.model_copy(
+        update={"principal": translate.proven_principal(request.principal, identity)}
+    )
+    doc = translate.input_document(
+        translate.tool_call(proven, max_depth=24),
+        proven,
+        decision_id="dec_1",
+        now=datetime(2026, 1, 2, tzinfo=UTC),
+        transport="grpc",
+        identity=identity,
+        asserted_by="proxy-a",
+    )
+    assert doc["principal"] == {
+        "agent_id": "agent-7",
+        "session_id": "s",
+        "user_id": "u-7",
+        "roles": ["viewer"],
+        "authenticated": True,
+        "method": "jwt",
+        "scopes": ["mcp"],
+        "claims": {"sub": "u-7", "client_id": "agent-7"},
+        "asserted_by": None,
     }
 
 
