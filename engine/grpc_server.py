@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 from pydantic import ValidationError
 
-from engine import jsonstrict, paging
+from engine import approver_auth, jsonstrict, paging
 from engine.errors import (
     MAX_MESSAGE_CHARS,
     Conflict,
@@ -39,6 +39,7 @@ from engine.errors import (
     bounded,
     from_validation,
 )
+from engine.identity.base import Identity
 from engine.metrics import Metrics
 from engine.models import (
     Approval,
@@ -49,7 +50,7 @@ from engine.models import (
     Verdict,
 )
 from engine.runtime import Runtime
-from engine.tls import ClientNameInterceptor, ServerTls, load_server_tls
+from engine.tls import ClientNameInterceptor, ServerTls, load_server_tls, peer_identity
 from mcppolicy.v1 import approval_pb2, approval_pb2_grpc, decision_pb2, decision_pb2_grpc
 
 T = TypeVar("T")
@@ -236,6 +237,8 @@ def _decide_request(message: Any, max_depth: int) -> DecideRequest:
     if message.HasField("context"):
         fields["context"] = _struct_to_dict(message.context, max_depth, "context")
     fields["dry_run"] = message.dry_run
+    if message.HasField("credential"):
+        fields["credential"] = message.credential
     p = message.principal
     fields["principal"] = {
         "session_id": p.session_id,
@@ -307,8 +310,11 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):  # type: igno
 
     async def Decide(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async def work() -> Any:
+            caller = self._caller(context)
             parsed = decide_request(request, self._runtime.settings.max_json_depth)
-            decision = await self._runtime.service.decide(parsed, transport="grpc")
+            decision = await self._runtime.service.decide(
+                parsed, transport="grpc", asserted_by=caller
+            )
             try:
                 return decide_response(decision)
             except BaseException:
@@ -317,8 +323,20 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):  # type: igno
 
         return await _answer(context, work(), self._runtime.metrics)
 
+    def _caller(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The proven caller (client token or certificate); raises when one is required."""
+        metadata = dict(context.invocation_metadata() or ())
+        try:
+            return self._runtime.decision_clients.authenticate(
+                metadata.get("authorization"), peer_identity(context)
+            )
+        except Unauthenticated:
+            self._runtime.metrics.unauthenticated_callers.labels("grpc").inc()
+            raise
+
     async def ReportOutcome(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async def work() -> Any:
+            self._caller(context)
             if not request.decision_id:
                 raise InvalidRequest("decision_id: required", field="decision_id")
             _check_id(request.decision_id, "decision_id")
@@ -340,47 +358,56 @@ class ApprovalServicer(approval_pb2_grpc.ApprovalServiceServicer):  # type: igno
         self._runtime = runtime
 
     async def _as_approver(
-        self, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]
+        self, context: grpc.aio.ServicerContext, work: Callable[[Identity], Awaitable[T]]
     ) -> T:
+        """Run `work(identity)` for the approver (or operator) the metadata proves."""
+
         async def checked() -> T:
             metadata = dict(context.invocation_metadata() or ())
-            self._runtime.check_approver(metadata.get("authorization"))
-            return await work()
+            return await work(await self._runtime.check_approver(metadata.get("authorization")))
 
         return await _answer(context, checked())
 
     async def ListApprovals(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        async def work() -> Any:
+        async def work(who: Identity) -> Any:
             status = STATUS_FROM_PROTO.get(request.status)
             if status is None and request.status != decision_pb2.APPROVAL_STATUS_UNSPECIFIED:
                 raise InvalidRequest(
                     f"status: {request.status} is not an ApprovalStatus", field="status"
                 )
             limit = paging.page_size(request.limit, field="limit")
-            approvals = await self._runtime.service.list_approvals(status, limit)
+            found = await self._runtime.service.list_approvals(
+                status, approver_auth.scan_limit(who, limit)
+            )
             return approval_pb2.ListApprovalsResponse(
-                approvals=[approval_message(a) for a in approvals]
+                approvals=[approval_message(a) for a in approver_auth.visible(who, found, limit)]
             )
 
         return await self._as_approver(context, work)
 
     async def GetApproval(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        async def work() -> Any:
+        async def work(who: Identity) -> Any:
             _check_id(request.id, "id")
             approval = await self._runtime.service.get_approval(request.id)
+            approver_auth.check_may_act(who, approval, "view")
             return approval_pb2.GetApprovalResponse(approval=approval_message(approval))
 
         return await self._as_approver(context, work)
 
     async def _act(self, request: Any, context: grpc.aio.ServicerContext, approve: bool) -> Any:
-        async def work() -> Any:
+        async def work(who: Identity) -> Any:
             _check_id(request.id, "id")
+            declared = request.approver if request.HasField("approver") else None
             try:  # the same limits as the HTTP body
-                action = ApprovalAction(approver=request.approver, comment=request.comment)
+                action = ApprovalAction(approver=declared, comment=request.comment)
             except ValidationError as exc:
                 raise from_validation(exc) from exc
             approval = await self._runtime.service.decide_approval(
-                request.id, approve=approve, approver=action.approver, comment=action.comment
+                request.id,
+                approve=approve,
+                approver=who,
+                comment=action.comment,
+                declared=action.approver,
             )
             return approval_message(approval)
 
@@ -400,7 +427,7 @@ class DecisionLogServicer(decision_pb2_grpc.DecisionLogServiceServicer):  # type
     async def ListDecisions(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         async def checked() -> Any:
             metadata = dict(context.invocation_metadata() or ())
-            self._runtime.check_approver(metadata.get("authorization"))
+            await self._runtime.check_operator(metadata.get("authorization"))
             query = paging.decision_query(
                 session_id=request.session_id,
                 agent_id=request.agent_id,

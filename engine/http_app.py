@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from engine import jsonstrict, paging
+from engine import approver_auth, jsonstrict, paging
 from engine.errors import (
     MAX_FIELD_CHARS,
     MAX_MESSAGE_CHARS,
@@ -38,6 +38,7 @@ from engine.errors import (
     bounded,
     from_validation,
 )
+from engine.identity.base import Identity
 from engine.models import (
     Approval,
     ApprovalAction,
@@ -49,6 +50,7 @@ from engine.models import (
     Verdict,
 )
 from engine.runtime import Runtime
+from engine.tls import current_peer
 
 
 def status_for(exc: EngineError) -> int:
@@ -157,10 +159,26 @@ def create_app(runtime: Runtime) -> FastAPI:
         log.error("internal error answering %s %s", request.method, request.url.path, exc_info=exc)
         return error_response(500, "Internal", "internal error; the service log has the cause")
 
-    async def approver(request: Request) -> None:
-        runtime.check_approver(request.headers.get("authorization"))
+    async def approver(request: Request) -> Identity:
+        return await runtime.check_approver(request.headers.get("authorization"))
 
-    Approver = Annotated[None, Depends(approver)]
+    async def operator(request: Request) -> Identity:
+        return await runtime.check_operator(request.headers.get("authorization"))
+
+    # An approver, or the operator (who may read approvals; decide them only in
+    # single-token mode): engine.approver_auth says what each may act on.
+    Approver = Annotated[Identity, Depends(approver)]
+    Operator = Annotated[Identity, Depends(operator)]
+
+    def decision_client(request: Request) -> str | None:
+        """The proven caller of the decision API (client token or certificate)."""
+        try:
+            return runtime.decision_clients.authenticate(
+                request.headers.get("authorization"), current_peer()
+            )
+        except Unauthenticated:
+            runtime.metrics.unauthenticated_callers.labels("http").inc()
+            raise
 
     async def read_model(request: Request, model: type[M]) -> M:
         raw = await read_json(request, settings.max_body_bytes, settings.max_json_depth)
@@ -179,7 +197,10 @@ def create_app(runtime: Runtime) -> FastAPI:
         summary="Decide one MCP tools/call",
     )
     async def decide(request: Request) -> Response:
-        decision = await service.decide(await read_model(request, DecideRequest), transport="http")
+        caller = decision_client(request)
+        decision = await service.decide(
+            await read_model(request, DecideRequest), transport="http", asserted_by=caller
+        )
         try:
             return JSONResponse(decision.model_dump(mode="json", exclude_none=True))
         except BaseException:
@@ -193,6 +214,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         summary="Report how the upstream call of an allowed decision went",
     )
     async def outcome(decision_id: str, request: Request) -> OutcomeAck:
+        decision_client(request)
         report = await read_model(request, OutcomeReport)
         released = await service.report_outcome(
             decision_id, outcome_token=report.outcome_token or "", succeeded=report.succeeded
@@ -201,20 +223,24 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/v1/approvals", response_model=list[Approval], summary="List approvals")
     async def list_approvals(
-        _: Approver,
+        who: Approver,
         status: ApprovalStatus | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[Approval]:
-        return await service.list_approvals(status, limit)
+        """The approvals the credential may act on (the operator: all), newest first."""
+        found = await service.list_approvals(status, approver_auth.scan_limit(who, limit))
+        return approver_auth.visible(who, found, limit)
 
     @app.get("/v1/approvals/{approval_id}", response_model=Approval, summary="Get an approval")
-    async def get_approval(approval_id: str, _: Approver) -> Approval:
-        return await service.get_approval(approval_id)
+    async def get_approval(approval_id: str, who: Approver) -> Approval:
+        approval = await service.get_approval(approval_id)
+        approver_auth.check_may_act(who, approval, "view")
+        return approval
 
-    async def act(request: Request, approval_id: str, approve: bool) -> Approval:
+    async def act(request: Request, who: Identity, approval_id: str, approve: bool) -> Approval:
         body = await read_model(request, ApprovalAction)
         return await service.decide_approval(
-            approval_id, approve=approve, approver=body.approver, comment=body.comment
+            approval_id, approve=approve, approver=who, comment=body.comment, declared=body.approver
         )
 
     @app.post(
@@ -223,8 +249,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         openapi_extra=_body_schema(ApprovalAction),
         summary="Approve a pending approval",
     )
-    async def approve(approval_id: str, request: Request, _: Approver) -> Approval:
-        return await act(request, approval_id, True)
+    async def approve(approval_id: str, request: Request, who: Approver) -> Approval:
+        return await act(request, who, approval_id, True)
 
     @app.post(
         "/v1/approvals/{approval_id}/deny",
@@ -232,12 +258,12 @@ def create_app(runtime: Runtime) -> FastAPI:
         openapi_extra=_body_schema(ApprovalAction),
         summary="Deny a pending approval",
     )
-    async def deny(approval_id: str, request: Request, _: Approver) -> Approval:
-        return await act(request, approval_id, False)
+    async def deny(approval_id: str, request: Request, who: Approver) -> Approval:
+        return await act(request, who, approval_id, False)
 
     @app.get("/v1/decisions", summary="List logged decisions, newest first (operator)")
     async def list_decisions(
-        _: Approver,
+        _: Operator,
         session_id: str | None = None,
         agent_id: str | None = None,
         tool: str | None = None,
@@ -263,7 +289,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/v1/status", summary="Summary: calls, denials by rule, top tools, approvals")
     async def status(
-        _: Approver, hours: Annotated[float, Query(gt=0, le=24 * 365)] = 24
+        _: Operator, hours: Annotated[float, Query(gt=0, le=24 * 365)] = 24
     ) -> dict[str, Any]:
         return await service.status(datetime.now(UTC) - timedelta(hours=hours))
 
@@ -295,7 +321,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.post("/v1/policy/reload", summary="Read rego/ and policies/ again and apply (operator)")
-    async def reload(_: Approver) -> dict[str, Any]:
+    async def reload(_: Operator) -> dict[str, Any]:
         previous = runtime.policy.revision
         revision = await runtime.policy.load()
         return {"policy_revision": revision, "changed": revision != previous}

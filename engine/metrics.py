@@ -147,6 +147,17 @@ class Metrics:
             ["transport"],
             registry=r,
         )
+        self.invalid_credentials = Counter(
+            "mcp_policy_invalid_credentials",
+            "Decisions denied because the agent credential they carried did not verify.",
+            registry=r,
+        )
+        self.unauthenticated_callers = Counter(
+            "mcp_policy_unauthenticated_callers",
+            "Decision API calls refused because the caller proved nothing.",
+            ["transport"],
+            registry=r,
+        )
 
     def watch_policy(self, policy: Policy) -> None:
         self.registry.register(_ReloadCollector(policy))

@@ -64,6 +64,12 @@ class DecideRequest(BaseModel):
         description="Answer what would happen without consuming quota or creating or using "
         "approvals.",
     )
+    credential: Annotated[str, Field(min_length=1, max_length=8192)] | None = Field(
+        default=None,
+        description="The agent's own credential (its raw bearer token: a JWT or an API key). "
+        "The service verifies it and takes the principal's agent, user and roles from it; "
+        "one that does not verify is denied (rule identity.invalid_credential). Never logged.",
+    )
 
 
 class ToolCall(BaseModel):
@@ -210,9 +216,13 @@ class OutcomeAck(BaseModel):
 
 
 class ApprovalAction(BaseModel):
-    """Body of approve / deny."""
+    """Body of approve / deny. Who approves is taken from the credential, not from here."""
 
     model_config = ConfigDict(extra="forbid")
 
-    approver: Annotated[str, Field(min_length=1, max_length=256)]
+    approver: Annotated[str, Field(min_length=1, max_length=256)] | None = Field(
+        default=None,
+        description="Optional, for compatibility: who approves is the approver the "
+        "credential proves. When given it must be that name (else 422).",
+    )
     comment: Annotated[str, Field(max_length=4096)] = ""

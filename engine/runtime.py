@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
@@ -22,8 +21,11 @@ from engine.approvals import (
     RedisApprovalStore,
     SqliteApprovalStore,
 )
+from engine.approver_auth import ApproverAuth
 from engine.decision_log import DecisionLog
-from engine.errors import PermissionDenied, Unauthenticated
+from engine.identity.base import Identity
+from engine.identity.callers import AgentCredentials, DecisionClients
+from engine.identity.jwt import JwtVerifier
 from engine.metrics import Metrics
 from engine.opa import Opa
 from engine.opa_process import OpaProcess
@@ -48,6 +50,7 @@ class Runtime:
         token = settings.approver_token.get_secret_value() if settings.approver_token else None
         self.generated_token = token is None
         self._approver_token = token or secrets.token_urlsafe(32)
+        self.approver_auth = ApproverAuth.from_settings(settings, self._approver_token)
         self.opa_process: OpaProcess | None = None
         opa_url = settings.opa_url
         if opa_url is None:
@@ -64,6 +67,20 @@ class Runtime:
         self.metrics.watch_decision_log(self.decision_log)
         self.metrics.watch_decision_log(self.decision_log)
         self.tracer_provider = tracing.provider_for(settings.otel_exporter)
+        self.decision_clients = DecisionClients(
+            clients_file=settings.clients_file, mtls=settings.tls_client_ca is not None
+        )
+        self.agent_credentials = AgentCredentials(
+            keys_file=settings.agent_keys_file,
+            verifier=JwtVerifier(
+                issuer=settings.agent_issuer,
+                audience=settings.agent_audience or "",
+                jwks_url=settings.agent_jwks_url,
+                roles_claim=settings.agent_roles_claim,
+            )
+            if settings.agent_issuer
+            else None,
+        )
         self.service = DecisionService(
             self.policy,
             self.rate_limits,
@@ -77,6 +94,7 @@ class Runtime:
             ),
             metrics=self.metrics,
             tracer=tracing.tracer_from(self.tracer_provider),
+            credentials=self.agent_credentials,
         )
         self._readiness_listeners: list[Callable[[bool], Awaitable[None]]] = []
         self._watch: asyncio.Task[None] | None = None
@@ -131,6 +149,8 @@ class Runtime:
             self.opa_process.on_restart = self._after_opa_restart
         await self.opa.open()
         await self.policy.load()
+        await self.agent_credentials.start()
+        await self.approver_auth.start()
         self._watch = asyncio.create_task(self._watch_readiness(), name="readiness")
         if self.settings.reload_interval_seconds > 0:
             self._reloader = asyncio.create_task(self._watch_files(), name="policy-watch")
@@ -173,15 +193,16 @@ class Runtime:
         self._readiness_listeners.append(listener)
         self._last_ready = None
 
-    def check_approver(self, authorization: str | None) -> None:
-        """Raise unless `authorization` is `Bearer <approver token>`."""
-        if not authorization:
-            raise Unauthenticated("the approval API needs Authorization: Bearer <approver token>")
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            raise Unauthenticated("the approval API needs Authorization: Bearer <approver token>")
-        if not hmac.compare_digest(token.encode(), self._approver_token.encode()):
-            raise PermissionDenied("the credential presented is not the approver credential")
+    async def check_approver(self, authorization: str | None) -> Identity:
+        """The approver (or operator) `authorization` proves; raises otherwise.
+
+        What the identity may act on is `engine.approver_auth`'s to say."""
+        return await self.approver_auth.authenticate(authorization)
+
+    async def check_operator(self, authorization: str | None) -> Identity:
+        """The operator `authorization` proves (decision log, status, reload)."""
+        identity = await self.approver_auth.authenticate(authorization)
+        return self.approver_auth.require_operator(identity)
 
     async def stop(self) -> None:
         for task in (self._watch, self._reloader):
@@ -189,7 +210,9 @@ class Runtime:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await self.agent_credentials.close()
         await self.opa.close()
+        await self.approver_auth.close()
         if self.opa_process is not None:
             await self.opa_process.stop()
         await self.rate_limits.close()

@@ -23,7 +23,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from engine import paging, translate
+from engine import approver_auth, paging, translate
 from engine.approvals import ApprovalStore, Use, UseResult, fingerprint
 from engine.decision_log import DecisionLog, DecisionQuery
 from engine.errors import (
@@ -34,7 +34,8 @@ from engine.errors import (
     StateUnavailable,
     Unauthenticated,
 )
-from engine.identity.base import Identity
+from engine.identity.base import CredentialRejected, Identity
+from engine.identity.callers import AgentCredentials
 from engine.metrics import UNKNOWN_TOOL, Metrics
 from engine.models import (
     Approval,
@@ -58,6 +59,13 @@ RULE_ENGINE_UNAVAILABLE = "engine.unavailable"
 RULE_STATE_UNAVAILABLE = "engine.state_unavailable"
 RULE_LIMIT_UNUSABLE = "engine.rate_limit"
 RULE_APPROVAL = "engine.approval"
+RULE_INVALID_CREDENTIAL = "identity.invalid_credential"
+
+
+class _Rejected(Exception):
+    """The request's agent credential did not verify (the message says why)."""
+
+
 # Where a refusal's CallToolResult carries the structured decision: in `_meta`, which no
 # client validates against the tool's outputSchema (`structuredContent` would be, and a
 # decision never matches a tool's own output). A stable, documented key.
@@ -118,6 +126,7 @@ class DecisionService:
         limits: Limits,
         metrics: Metrics | None = None,
         tracer: trace.Tracer | None = None,
+        credentials: AgentCredentials | None = None,
     ) -> None:
         self.policy = policy
         self.rate_limits = rate_limits
@@ -126,6 +135,7 @@ class DecisionService:
         self.limits = limits
         self.metrics = metrics or Metrics()
         self.tracer = tracer or trace.NoOpTracer()
+        self.credentials = credentials or AgentCredentials()
 
     async def decide(
         self,
@@ -187,6 +197,15 @@ class DecisionService:
                 raise
             span.set_attribute("mcp.server", call.server)
             span.set_attribute("mcp.tool", call.name)
+            rejected: str | None = None
+            if request.credential is not None:
+                try:
+                    identity = await self.credentials.verify(request.credential)
+                except CredentialRejected as exc:
+                    rejected = exc.message
+                else:
+                    proven = translate.proven_principal(request.principal, identity)
+                    request = request.model_copy(update={"principal": proven})
             input_doc = translate.input_document(
                 call,
                 request,
@@ -200,7 +219,18 @@ class DecisionService:
             result: PolicyResult | None = None
             shadow: list[dict[str, Any]] = []
             try:
+                if rejected is not None:
+                    raise _Rejected(rejected)
                 result = await self._evaluate(input_doc)
+            except _Rejected as exc:
+                # Never decided on the fields the caller declared instead.
+                self.metrics.invalid_credentials.inc()
+                decision = self._refuse(
+                    ctx,
+                    Verdict.DENY,
+                    RULE_INVALID_CREDENTIAL,
+                    f"the agent's credential was not accepted: {exc}",
+                )
             except PolicyUnavailable as exc:
                 if exc.kind == "undefined":
                     self.policy.mark_stale()
@@ -599,25 +629,47 @@ class DecisionService:
         return await self.approvals.get(approval_id)
 
     async def decide_approval(
-        self, approval_id: str, *, approve: bool, approver: str, comment: str
+        self,
+        approval_id: str,
+        *,
+        approve: bool,
+        approver: str | Identity,
+        comment: str,
+        declared: str | None = None,
     ) -> Approval:
+        """Approve or deny a pending approval.
+
+        `approver` is the credential's proven identity (the transports pass it): the
+        approval records its name, never `declared` (the body's `approver`, refused when
+        it names someone else), and `approver_auth` refuses an approver the call's own
+        principal (four eyes) or one not allowed the call's server or tool. A plain name
+        is for in-process callers, which are trusted as they are."""
+        verb: approver_auth.Verb = "approve" if approve else "deny"
+        if isinstance(approver, Identity):
+            name = approver_auth.recorded_name(approver, declared)
+            approver_auth.check_may_act(approver, await self.approvals.get(approval_id), verb)
+            method: str = approver_auth.credential_of(approver)
+        else:
+            name, method = approver, "in_process"
         approval = await self.approvals.decide(
             approval_id,
             approve=approve,
-            approver=approver,
+            approver=name,
             comment=comment,
             grant_ttl=self.limits.grant_ttl,
         )
         self.metrics.approvals.labels("approved" if approve else "denied").inc()
-        self.log.write(
-            {
-                "event": "approval",
-                "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                "approval_id": approval_id,
-                "status": approval.status.value,
-                "approver": approver,
-            }
-        )
+        event: dict[str, Any] = {
+            "event": "approval",
+            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "approval_id": approval_id,
+            "status": approval.status.value,
+            "approver": name,
+            "approver_method": method,
+        }
+        if declared is not None and declared != name:
+            event["declared_approver"] = declared  # single-token mode: the body's label
+        self.log.write(event)
         return approval
 
 

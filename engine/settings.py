@@ -160,6 +160,31 @@ class Settings(BaseSettings):
         description="Serve on a non-loopback address without TLS (logged as a warning); "
         "without it the service refuses to start there.",
     )
+    clients_file: Path | None = Field(
+        None,
+        description="Decision clients (proxies) by bearer token: a hashed clients file "
+        "(mcp-policy clients add). With it or tls_client_ca, callers of Decide and "
+        "ReportOutcome must prove themselves.",
+    )
+    agent_issuer: str | None = Field(
+        None,
+        description="Verify agent credentials sent with decisions (`credential`) as JWTs "
+        "of this issuer (its JWKS found through its metadata, or agent_jwks_url).",
+    )
+    agent_audience: str | None = Field(
+        None, description="The aud an agent JWT must carry (needed with agent_issuer)."
+    )
+    agent_jwks_url: str | None = Field(None, description="The issuer's JWKS, if not discovered.")
+    agent_roles_claim: str = Field("roles", description="The claim holding an agent's roles.")
+    agent_keys_file: Path | None = Field(
+        None, description="Verify agent credentials as API keys of this keys file."
+    )
+
+    @model_validator(mode="after")
+    def _agent_issuer_complete(self) -> Settings:
+        if (self.agent_issuer is None) != (self.agent_audience is None):
+            raise ValueError("agent_issuer and agent_audience go together")
+        return self
 
     @model_validator(mode="after")
     def _tls_together(self) -> Settings:

@@ -89,6 +89,25 @@ class HttpClient:
         result: dict[str, Any] = self._json(response)
         return result
 
+    async def act_as(
+        self,
+        token: str | None,
+        approval_id: str,
+        verb: str,
+        comment: str = "",
+        *,
+        approver: str | None = None,
+    ) -> dict[str, Any]:
+        """Approve or deny with the credential alone; `approver` is sent only when given."""
+        body: dict[str, Any] = {"comment": comment}
+        if approver is not None:
+            body["approver"] = approver
+        response = await self.raw.post(
+            f"/v1/approvals/{approval_id}/{verb}", headers=_auth(token), json=body
+        )
+        result: dict[str, Any] = self._json(response)
+        return result
+
 
 def _auth(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
@@ -146,4 +165,24 @@ class GrpcClient:
         response = await self._call(
             method, request_type(id=approval_id, approver=approver, comment=comment), token
         )
+        return _from_proto(response.approval)
+
+    async def act_as(
+        self,
+        token: str | None,
+        approval_id: str,
+        verb: str,
+        comment: str = "",
+        *,
+        approver: str | None = None,
+    ) -> dict[str, Any]:
+        """Approve or deny with the credential alone; `approver` is set only when given."""
+        method = self.approval_stub.Approve if verb == "approve" else self.approval_stub.Deny
+        request_type = (
+            approval_pb2.ApproveRequest if verb == "approve" else approval_pb2.DenyRequest
+        )
+        request = request_type(id=approval_id, comment=comment)
+        if approver is not None:
+            request.approver = approver
+        response = await self._call(method, request, token)
         return _from_proto(response.approval)

@@ -96,6 +96,11 @@ def add_identity_commands(subparsers: Any) -> None:
                 metavar="TOOL",
                 help="may approve calls of this tool only; repeat for several",
             )
+            add.add_argument(
+                "--operator",
+                action="store_true",
+                help="may also read the decision log and status and reload the policy",
+            )
         _file_options(add, command)
 
         listing = actions.add_parser(
@@ -150,6 +155,7 @@ def _add(args: argparse.Namespace, name: str, command: _Command, path: Path) -> 
         fields = {"user_id": args.user_id or args.name}
         fields["servers"] = args.servers
         fields["tools"] = args.tools
+        fields["roles"] = ["operator"] if args.operator else None
     secret = add_entry(path, command.kind, args.name, **fields)
     print(secret, flush=True)
     print(

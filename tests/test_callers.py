@@ -1,0 +1,296 @@
+"""The decision service knows its callers: decision clients prove themselves with a
+client token (or a client certificate, tests/test_tls.py), and a decision may carry the
+agent's own credential, which the service verifies itself.
+
+Tokens are minted with real keys; the issuer's metadata and JWKS are served over real
+HTTP on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import jwt
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from engine.identity import add_entry, revoke_entry
+from engine.server import Servers, start_servers
+from mcppolicy.v1 import decision_pb2, decision_pb2_grpc
+from tests.conftest import APPROVER_TOKEN, copy_call, copy_policy, session, settings_for
+from tests.test_faults import add_rule_package
+
+AUDIENCE = "https://decisions.example/"
+AUTH = {"Authorization": f"Bearer {APPROVER_TOKEN}"}
+# Tells the test what the policy saw of the principal, as the deny reason.
+WHOAMI = """deny contains {"rule": "test.whoami", "reason": reason} if {
+	input.tool.name == "whoami"
+	p := input.principal
+	reason := json.marshal({
+		"agent_id": p.agent_id, "user_id": p.user_id, "roles": p.roles,
+		"authenticated": p.authenticated, "method": p.method,
+		"asserted_by": p.asserted_by, "scopes": p.scopes,
+	})
+}
+"""
+
+
+class Issuer:
+    """A real OAuth issuer on loopback: metadata and a JWKS with one RSA key."""
+
+    def __init__(self) -> None:
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/.well-known/oauth-authorization-server", self._metadata)
+        app.router.add_get("/jwks", self._jwks)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _metadata(self, _: web.Request) -> web.Response:
+        return web.json_response({"issuer": self.url, "jwks_uri": f"{self.url}/jwks"})
+
+    async def _jwks(self, _: web.Request) -> web.Response:
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
+        jwk.update(kid="k1", alg="RS256", use="sig")
+        return web.json_response({"keys": [jwk]})
+
+    def token(self, **claims: Any) -> str:
+        now = int(time.time())
+        body = {"iss": self.url, "aud": AUDIENCE, "iat": now, "exp": now + 300, **claims}
+        return jwt.encode(body, self.key, algorithm="RS256", headers={"kid": "k1"})
+
+
+@pytest.fixture(scope="module")
+async def issuer() -> AsyncIterator[Issuer]:
+    running = Issuer()
+    await running.start()
+    yield running
+    await running.stop()
+
+
+@dataclass
+class Guarded:
+    servers: Servers
+    clients: Path
+    token_a: str  # proxy-a's client token (a test revokes it)
+    token_b: str  # proxy-b's
+    api_key: str  # agent-k's
+
+
+@pytest.fixture(scope="module")
+async def guarded(
+    tmp_path_factory: pytest.TempPathFactory, issuer: Issuer
+) -> AsyncIterator[Guarded]:
+    """A service that answers only callers in its clients file, and verifies agent
+    credentials (JWTs of the issuer, and API keys)."""
+    tmp = tmp_path_factory.mktemp("callers")
+    rego, data = copy_policy(tmp)
+    add_rule_package(rego, "whoami", WHOAMI)
+    clients = tmp / "clients.yaml"
+    client_token = add_entry(clients, "client_token", "proxy-a")
+    other_token = add_entry(clients, "client_token", "proxy-b")
+    keys = tmp / "keys.yaml"
+    api_key = add_entry(keys, "api_key", "agent-k", agent_id="agent-k", user_id="kim")
+    settings = settings_for(
+        tmp,
+        policy_paths=[rego, data],
+        clients_file=clients,
+        agent_issuer=issuer.url,
+        agent_audience=AUDIENCE,
+        agent_keys_file=keys,
+    )
+    running = await start_servers(settings)
+    yield Guarded(running, clients, client_token, other_token, api_key)
+    await running.stop()
+
+
+def policy_saw(reason: str) -> dict[str, Any]:
+    """The principal as the whoami rule wrote it into the (joined) deny reason."""
+    seen: dict[str, Any] = json.loads(reason[reason.index('{"agent_id"') :])
+    return seen
+
+
+def decide_body(sid: str, **extra: Any) -> dict[str, Any]:
+    return {**copy_call(sid), **extra}
+
+
+def whoami(sid: str, **extra: Any) -> dict[str, Any]:
+    body = decide_body(sid, **extra)
+    body.update(tool="whoami", arguments={})
+    return body
+
+
+async def logged(servers: Servers, sid: str) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(base_url=servers.http_url) as raw:
+        answer = await raw.get(f"/v1/decisions?session_id={sid}", headers=AUTH)
+    records: list[dict[str, Any]] = answer.json()["decisions"]
+    return records
+
+
+async def test_a_caller_that_proves_nothing_gets_no_decision(
+    guarded: Guarded,
+) -> None:
+    servers = guarded.servers
+    sid = session()
+    async with httpx.AsyncClient(base_url=servers.http_url) as raw:
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic x"}):
+            answer = await raw.post("/v1/decide", json=decide_body(sid), headers=headers)
+            assert answer.status_code == 401, answer.text
+            assert answer.json()["error"]["code"] in ("Unauthenticated", "CredentialRejected")
+            report = await raw.post(
+                "/v1/decisions/dec_x/outcome",
+                json={"succeeded": False, "outcome_token": "t"},
+                headers=headers,
+            )
+            assert report.status_code == 401
+    async with grpc.aio.insecure_channel(servers.grpc_target) as channel:
+        stub = decision_pb2_grpc.DecisionServiceStub(channel)
+        request = decision_pb2.DecideRequest(
+            server="awslabs.healthimaging-mcp-server",
+            tool="copy_image_set",
+            principal=decision_pb2.Principal(session_id=sid),
+        )
+        for metadata in (None, (("authorization", "Bearer nope"),)):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Decide(request, metadata=metadata)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert await logged(servers, sid) == [], "nothing was decided or logged"
+
+
+async def test_a_known_client_is_answered_and_named_to_the_policy(
+    guarded: Guarded,
+) -> None:
+    servers, clients, token = guarded.servers, guarded.clients, guarded.token_a
+    sid = session()
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=servers.http_url, headers=headers) as raw:
+        allowed = (await raw.post("/v1/decide", json=decide_body(sid))).json()
+        assert allowed["verdict"] == "allow"
+        seen = policy_saw((await raw.post("/v1/decide", json=whoami(sid))).json()["reason"])
+    assert seen["asserted_by"] == "proxy-a"
+    assert seen["authenticated"] is False, "the principal itself was only asserted"
+    async with grpc.aio.insecure_channel(servers.grpc_target) as channel:
+        stub = decision_pb2_grpc.DecisionServiceStub(channel)
+        reply = await stub.Decide(
+            decision_pb2.DecideRequest(
+                server="awslabs.healthimaging-mcp-server",
+                tool="whoami",
+                principal=decision_pb2.Principal(session_id=sid),
+            ),
+            metadata=(("authorization", f"Bearer {token}"),),
+        )
+    assert policy_saw(reply.reason)["asserted_by"] == "proxy-a"
+    revoke_entry(clients, "proxy-a")
+    async with httpx.AsyncClient(base_url=servers.http_url, headers=headers) as raw:
+        for _ in range(60):  # the file is looked at again within a second or so
+            answer = await raw.post("/v1/decide", json=decide_body(sid))
+            if answer.status_code == 401:
+                break
+            await asyncio.sleep(0.05)
+    assert answer.status_code == 401, "a revoked client token stops working"
+
+
+@pytest.fixture
+def client_headers(guarded: Guarded) -> dict[str, str]:
+    return {"Authorization": f"Bearer {guarded.token_b}"}
+
+
+async def test_the_agent_credential_decides_who_is_calling(
+    guarded: Guarded,
+    issuer: Issuer,
+    client_headers: dict[str, str],
+) -> None:
+    servers, api_key = guarded.servers, guarded.api_key
+    sid = session()
+    liar = {"agent_id": "admin", "session_id": sid, "user_id": "root", "roles": ["imaging-admin"]}
+    token = issuer.token(sub="u-7", client_id="agent-7", roles=["viewer"], scope="mcp:tools")
+    async with httpx.AsyncClient(base_url=servers.http_url, headers=client_headers) as raw:
+        answer = await raw.post(
+            "/v1/decide", json={**whoami(sid), "principal": liar, "credential": token}
+        )
+        assert answer.status_code == 200, answer.text
+        seen = policy_saw(answer.json()["reason"])
+        assert seen == {
+            "agent_id": "agent-7",
+            "user_id": "u-7",
+            "roles": ["viewer"],
+            "authenticated": True,
+            "method": "jwt",
+            "asserted_by": None,
+            "scopes": ["mcp:tools"],
+        }
+        keyed = await raw.post(
+            "/v1/decide", json={**whoami(sid), "principal": liar, "credential": api_key}
+        )
+        assert policy_saw(keyed.json()["reason"])["agent_id"] == "agent-k"
+        assert policy_saw(keyed.json()["reason"])["method"] == "api_key"
+        copied = await raw.post("/v1/decide", json={**decide_body(sid), "credential": token})
+        assert copied.json()["verdict"] == "allow"
+    records = await logged(servers, sid)
+    assert {r["principal"]["agent_id"] for r in records} == {"agent-7", "agent-k"}
+    assert token not in json.dumps(records) and api_key not in json.dumps(records)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda i: i.token(sub="u", client_id="a", exp=int(time.time()) - 3600),
+        lambda i: i.token(sub="u", client_id="a", aud="https://other.example/"),
+        lambda i: i.token(sub="u", client_id="a", iss="http://127.0.0.1:1"),
+        lambda i: i.token(sub="u", client_id="a")[:-4] + "AAAA",
+        lambda i: jwt.encode({"sub": "u", "iss": i.url, "aud": AUDIENCE}, None, algorithm="none"),
+        lambda i: "mcpk_not-a-key",
+    ],
+    ids=["expired", "wrong-audience", "wrong-issuer", "tampered", "alg-none", "unknown-key"],
+)
+async def test_a_credential_that_does_not_verify_is_denied(
+    guarded: Guarded,
+    issuer: Issuer,
+    client_headers: dict[str, str],
+    make: Any,
+) -> None:
+    servers = guarded.servers
+    sid = session()
+    async with httpx.AsyncClient(base_url=servers.http_url, headers=client_headers) as raw:
+        answer = await raw.post("/v1/decide", json={**decide_body(sid), "credential": make(issuer)})
+        decision = answer.json()
+        assert answer.status_code == 200
+        assert decision["verdict"] == "deny"
+        assert decision["rule"] == "identity.invalid_credential"
+        assert decision["mcp_result"]["isError"] is True
+        # Nothing was taken: a call without a credential still has the whole quota.
+        fresh = (await raw.post("/v1/decide", json=decide_body(sid))).json()
+        assert fresh["rate_limit"]["remaining"] == 9
+
+
+async def test_no_agent_credentials_configured_means_any_credential_is_denied(
+    tmp_path: Path,
+) -> None:
+    servers = await start_servers(settings_for(tmp_path))
+    try:
+        async with httpx.AsyncClient(base_url=servers.http_url) as raw:
+            answer = await raw.post("/v1/decide", json={**copy_call(), "credential": "x.y.z"})
+        assert answer.json()["rule"] == "identity.invalid_credential"
+        assert "verifies no agent credentials" in answer.json()["reason"]
+    finally:
+        await servers.stop()
