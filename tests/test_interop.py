@@ -22,12 +22,9 @@ and the SDK goes on with that. The Python SDK's `ClientSession.initialize()` alw
 for 2025-11-25; 2025-06-18 is asked for here with the session's public `send_request` and
 `adopt()` (what initialize() does, with another version); 2026-07-28 is `Client`'s default
 `mode="auto"` (server/discover, falling back to the handshake). Over stdio the proxy relays
-2026-07-28 as is; its HTTP listener speaks only the handshake and answers a 2026-07-28
-request with -32022, so the auto client falls back to 2025-11-25 and a client pinned to
-2026-07-28 gets an error from its first request (-32603 as the SDK reads it today: see
-test_python_client_pinned_to_2026_over_http_is_refused). Pinned to 2026-07-28 the Python
-client sends no server/discover, so a stdio proxy started without --server-name never
-learns the server's name and refuses every call (fail closed).
+2026-07-28 as is, and its HTTP listener speaks it too (stateless, beside the session
+protocols). Pinned to 2026-07-28 the Python client sends no server/discover; the proxy
+then learns the server's name from the `serverInfo` that 2026-07-28 results carry.
 
 And one end-to-end run against the real `awslabs.healthimaging-mcp-server` from PyPI
 (installed into .tools/ on first use), with AWS replaced by a loopback recorder.
@@ -50,7 +47,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import mcp_types
 import pytest
 import yaml
@@ -444,7 +440,8 @@ MATRIX = [
     ("py", "stdio", "2026-07-28", "2026-07-28"),
     ("py", "http", "2025-06-18", "2025-06-18"),
     ("py", "http", "2025-11-25", "2025-11-25"),
-    ("py", "http", "auto", "2025-11-25"),
+    ("py", "http", "auto", "2026-07-28"),
+    ("py", "http", "2026-07-28", "2026-07-28"),
 ]
 
 
@@ -465,11 +462,12 @@ async def test_every_refusal_is_a_result_the_client_reads(
 ) -> None:
     """The TypeScript client asked for 2026-07-28 (which it cannot speak) settles on the
     server's 2025-11-25; the Python client in auto mode speaks 2026-07-28 over stdio and
-    falls back to 2025-11-25 over HTTP (pinned to 2026-07-28 over HTTP: see below).
+    over HTTP.
 
-    The Python client pinned to 2026-07-28 sends no server/discover, so the proxy would
-    never learn the server's name (see test_pinned_2026_client_and_a_proxy_without_a_name):
-    for that row the proxy is started with --server-name."""
+    The Python client pinned to 2026-07-28 sends no server/discover; the stdio proxy then
+    names the server from the first result's `_meta` (see
+    test_pinned_2026_client_and_a_proxy_without_a_name), but this row's first call would
+    come before that, so it is started with --server-name."""
     image_set = uuid.uuid4().hex
     steps, expects = matrix_steps(image_set)
     if transport == "stdio":
@@ -492,49 +490,6 @@ async def test_every_refusal_is_a_result_the_client_reads(
 
     check_matrix(lines, expects, image_set, negotiated, where)
     check_reached(record, image_set)
-
-
-async def test_python_client_pinned_to_2026_over_http_is_refused(
-    http_proxy: HttpSetup, tmp_path: Path
-) -> None:
-    """A client that only speaks 2026-07-28 cannot use the HTTP listener: the proxy answers
-    each request HTTP 400 with JSON-RPC error -32022 naming the handshake versions, and the
-    client raises (it gets no tool result).
-
-    The body carries `"id": null` as JSON-RPC 2.0 requires, so the SDK reads the proxy's
-    own error (without it, the SDK substituted -32603 "Server returned an error
-    response")."""
-    plan = {
-        "transport": {"type": "http", "url": http_proxy.proxy.url},
-        "protocolVersion": "2026-07-28",
-        "steps": [
-            {"op": "listTools"},
-            {"op": "callTool", "name": COPY_TOOL, "arguments": {"datastore_id": "not-hex"}},
-        ],
-    }
-    connect, listing, call = await run_py(plan, tmp_path / "client.log")
-    async with httpx.AsyncClient(timeout=10) as raw:
-        answer = await raw.post(
-            http_proxy.proxy.url,
-            headers={
-                "accept": "application/json, text/event-stream",
-                "mcp-protocol-version": "2026-07-28",
-            },
-            json={"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": {}}},
-        )
-
-    assert answer.status_code == 400
-    assert answer.headers["content-type"] == "application/json"
-    error = answer.json()["error"]
-    assert error["code"] == mcp_types.UNSUPPORTED_PROTOCOL_VERSION
-    assert error["data"]["supported"] == ["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"]
-
-    assert connect["ok"] is True  # pinned: adopted without asking the server
-    assert connect["result"]["negotiated"] == "2026-07-28"
-    for line in (listing, call):
-        assert line["ok"] is False, line
-        assert "protocol version 2026-07-28 is not supported" in line["threw"]
-        assert line["code"] == mcp_types.UNSUPPORTED_PROTOCOL_VERSION
 
 
 async def test_pinned_2026_client_and_a_proxy_without_a_name(

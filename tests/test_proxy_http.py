@@ -120,7 +120,7 @@ async def test_decisions_enforced_over_http(runtime: Runtime, record: Path) -> N
     assert calls(record) == [{"tool": "copy_image_set", "arguments": args}] * 10
 
 
-async def test_sdk_client_in_auto_mode_falls_back_to_the_handshake(
+async def test_sdk_client_in_auto_mode_speaks_the_2026_protocol(
     runtime: Runtime, record: Path
 ) -> None:
     args = copy_args()
@@ -129,8 +129,10 @@ async def test_sdk_client_in_auto_mode_falls_back_to_the_handshake(
         version = client.protocol_version
 
     assert result.is_error is False
-    assert version == "2025-11-25"
-    assert calls(record) == [{"tool": "copy_image_set", "arguments": args}]
+    assert version == "2026-07-28"
+    (call,) = calls(record)
+    assert (call["tool"], call["arguments"]) == ("copy_image_set", args)
+    assert call["meta"]["io.modelcontextprotocol/protocolVersion"] == "2026-07-28"
 
 
 async def test_approval_id_in_meta(runtime: Runtime, record: Path) -> None:

@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from engine.errors import PolicyRejected
+from engine.identity.base import IdentityUnavailable
 from engine.settings import PROJECT_ROOT, Settings
 
 if TYPE_CHECKING:
+    from engine.proxy.auth import AuthConfig, ResourceServer
     from engine.proxy.serve import UpstreamSpec
 
 # The commands import the proxy (and the MCP SDK) only when they run, so `mcp-policy
@@ -87,6 +89,88 @@ def _embedded_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--opa-binary", help="OPA binary to start (MCP_POLICY_OPA_BINARY)")
 
 
+def _auth_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "agent authentication (--listen): every request needs Authorization: Bearer <token>"
+    )
+    group.add_argument(
+        "--auth-issuer",
+        metavar="URL",
+        help="accept JWTs this OAuth 2.1 / OIDC issuer signed (its JWKS from its metadata)",
+    )
+    group.add_argument(
+        "--auth-audience",
+        metavar="URL",
+        help="this resource's URL (RFC 8707), which JWTs must name in aud; with --auth-issuer",
+    )
+    group.add_argument("--auth-jwks", metavar="URL", help="the issuer's JWKS URL (default: found)")
+    group.add_argument(
+        "--auth-required-scope",
+        action="append",
+        metavar="SCOPE",
+        help="a scope every JWT must carry (else 403); repeat for several",
+    )
+    group.add_argument(
+        "--auth-roles-claim",
+        metavar="CLAIM",
+        help="the JWT claim holding principal.roles (default: roles; dots for nested)",
+    )
+    group.add_argument(
+        "--auth-leeway",
+        type=_seconds,
+        metavar="SECONDS",
+        help="clock skew allowed on exp/nbf/iat (default 30)",
+    )
+    group.add_argument(
+        "--auth-keys",
+        type=Path,
+        metavar="FILE",
+        help="accept the API keys of this file (`mcp-policy keys add`); a revoked key stops "
+        "working within seconds",
+    )
+    group.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve --listen on a non-loopback address without authentication",
+    )
+
+
+def _auth_config(args: argparse.Namespace) -> tuple[AuthConfig | None, str | None]:
+    """The --auth-* settings (None without any), or what is wrong with them."""
+    from engine.proxy.auth import AuthConfig
+
+    given = any(
+        getattr(args, name) is not None
+        for name in (
+            "auth_issuer",
+            "auth_audience",
+            "auth_jwks",
+            "auth_required_scope",
+            "auth_roles_claim",
+            "auth_leeway",
+            "auth_keys",
+        )
+    )
+    if not given:
+        return None, None
+    if args.listen is None:
+        return None, "--auth-* go with --listen (stdio has no bearer tokens)"
+    if args.auth_issuer is None and (
+        args.auth_roles_claim is not None or args.auth_leeway is not None
+    ):
+        return None, "--auth-roles-claim and --auth-leeway go with --auth-issuer"
+    config = AuthConfig(
+        issuer=args.auth_issuer,
+        audience=args.auth_audience,
+        jwks_url=args.auth_jwks,
+        required_scopes=tuple(args.auth_required_scope or ()),
+        roles_claim=args.auth_roles_claim or "roles",
+        leeway_seconds=30.0 if args.auth_leeway is None else args.auth_leeway,
+        keys_file=args.auth_keys,
+    )
+    return config, config.problem()
+
+
 def _upstream_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upstream", "--url", dest="url", metavar="URL", help="MCP server URL")
     parser.add_argument(
@@ -148,6 +232,7 @@ def add_proxy_commands(subparsers: Any) -> None:
     tls.add_argument(
         "--decision-key", type=_pem_file, metavar="FILE", help="PEM key of --decision-cert"
     )
+    _auth_options(proxy)
     proxy.add_argument(
         "--server-name",
         help="MCP server name in decisions (default: the serverInfo.name the server reports)",
@@ -270,6 +355,9 @@ def _proxy(args: argparse.Namespace) -> int:
     if (args.decision_cert is None) != (args.decision_key is None):
         print("mcp-policy proxy: --decision-cert and --decision-key go together", file=sys.stderr)
         return EXIT_USAGE
+    resource = _resource_server(args)
+    if isinstance(resource, int):
+        return resource
     try:
         settings = _settings(args) if args.embedded else None
     except ValidationError as exc:
@@ -302,7 +390,14 @@ def _proxy(args: argparse.Namespace) -> int:
             if args.listen is not None:
                 host, port = args.listen
                 return await run_http(
-                    decider, options, upstream, host=host, port=port, path=args.path
+                    decider,
+                    options,
+                    upstream,
+                    host=host,
+                    port=port,
+                    path=args.path,
+                    auth=resource,
+                    insecure=args.insecure,
                 )
             return await run_stdio(decider, options, upstream)
         finally:
@@ -315,6 +410,34 @@ def _proxy(args: argparse.Namespace) -> int:
         for line in exc.errors:
             print(f"  {line}", file=sys.stderr)
         return EXIT_POLICY_REJECTED
+    except IdentityUnavailable as exc:  # the keys file, or the issuer's metadata or JWKS
+        print(f"mcp-policy proxy: cannot check credentials: {exc.message}", file=sys.stderr)
+        return EXIT_CANNOT_CONNECT
+
+
+def _resource_server(args: argparse.Namespace) -> ResourceServer | None | int:
+    """The --auth-* resource server (not started), None without any, or the exit status
+    after printing why the listener must not start."""
+    from engine.proxy.auth import ResourceServer, check_exposure
+
+    config, problem = _auth_config(args)
+    if problem is not None:
+        print(f"mcp-policy proxy: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.listen is not None:
+        refused = check_exposure(
+            args.listen[0], authenticated=config is not None, insecure=args.insecure
+        )
+        if refused is not None:
+            print(f"mcp-policy proxy: {refused}", file=sys.stderr)
+            return EXIT_USAGE
+    if config is None:
+        return None
+    try:
+        return ResourceServer(config, path=args.path)
+    except ValueError as exc:
+        print(f"mcp-policy proxy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _scan(args: argparse.Namespace) -> int:

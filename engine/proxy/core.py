@@ -49,10 +49,12 @@ from mcp_types import (
 from pydantic import ValidationError
 
 from engine.errors import EngineError, InvalidRequest
+from engine.identity.base import Identity
 from engine.models import ApprovalStatus, DecideRequest, Decision, Principal, Verdict
 from engine.proxy.decider import Decider
 from engine.proxy.listing import ToolFilter
 from engine.service import mcp_result
+from engine.translate import proven_principal
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +177,18 @@ class ProxySession:
         *,
         session_id: str,
         tool_filter: ToolFilter | None = None,
+        identity: Identity | None = None,
     ) -> None:
         self.decider = decider
         self.options = options
         self.session_id = session_id
         self.server_name = options.server_name
         self.tool_filter = tool_filter if options.filter_tools else None
-        self.principal = Principal(
+        # The agent's verified credential (HTTP listener with --auth-*): it, not the
+        # options, says who the calls are from. The transport may replace it with a
+        # renewed credential of the same principal.
+        self.identity = identity
+        self._asserted = Principal(
             agent_id=options.agent_id, session_id=session_id, user_id=options.user_id
         )
         self._calls: dict[RequestId, _Call] = {}
@@ -193,6 +200,12 @@ class ProxySession:
         self._tg: anyio.abc.TaskGroup | None = None
         self._agent: MessageWriter | None = None
         self._upstream: Upstream | None = None
+
+    @property
+    def principal(self) -> Principal:
+        """Who the session's calls are from: what its identity proves when it has one
+        (the session id stays this session's), else what the options assert."""
+        return proven_principal(self._asserted, self.identity)
 
     async def run(
         self,
@@ -570,7 +583,10 @@ class ProxySession:
         message = request.message
         request_id = message.get("id") if isinstance(message, dict) else None
         try:
-            return await self.decider.decide(request)
+            identity = self.identity
+            if identity is None:  # (a Decider from before identities needs no change)
+                return await self.decider.decide(request)
+            return await self.decider.decide(request, identity)
         except InvalidRequest as exc:
             return error_response(request_id, INVALID_PARAMS, f"invalid tools/call: {exc.message}")
         except EngineError as exc:

@@ -52,7 +52,9 @@ class Decider(Protocol):
     --auth-*): the decision's principal is then the one it proves, whatever
     `request.principal` says about agent, user and roles."""
 
-    async def decide(self, request: DecideRequest, identity: Identity | None = None) -> Decision: ...
+    async def decide(
+        self, request: DecideRequest, identity: Identity | None = None
+    ) -> Decision: ...
 
     async def report_outcome(
         self, decision_id: str, outcome_token: str, *, succeeded: bool

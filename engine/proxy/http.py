@@ -12,49 +12,94 @@ error (-32700 or -32600), and never reach a session; what passes is handed to th
 transport as the very same bytes. The SDK transport answers the rest of what is malformed
 itself (missing session ids, wrong content types or Accept headers).
 
-Sessions speak the initialize handshake (protocol 2024-11-05 to 2025-11-25). A request
-for the stateless 2026-07-28 protocol is refused with -32022 naming the supported
-versions, so an SDK client in `auto` mode falls back to the handshake.
+With a `ResourceServer` (`--auth-*`, see auth.py) every request to the endpoint is
+authenticated first, and answered 401/403 there without a credential that passes; the
+identity it proves is the principal of the session's decisions. A session belongs to the
+principal that opened it: with any other credential its Mcp-Session-Id is "not found"
+(404). A renewed token of the same principal goes on with the session.
 
-When the upstream ends (the child exits, or never started), the session stays open and
-answers every request with a JSON-RPC error saying so, until the agent deletes it or it
-idles out; the proxy itself keeps serving new sessions.
+Sessions speak the initialize handshake (protocol 2024-11-05 to 2025-11-25) or, with
+`MCP-Protocol-Version: 2026-07-28`, the stateless protocol: every request a POST of its
+own, answered on its response (JSON, or SSE when the upstream sends progress for it), no
+Mcp-Session-Id. Those requests are relayed by a `StatelessRelay` per decision session:
+the token's `sid` claim, else the client's `Mcp-Policy-Session` header (bound to its
+credential), else one per authenticated principal, else (unauthenticated, on loopback)
+one per connection. An SDK client in `auto` mode now finds 2026-07-28 (server/discover is
+relayed to the upstream). Any other version gets -32022 naming the supported ones.
+
+When the upstream ends (the child exits, or never started), a handshake session stays open
+and answers every request with a JSON-RPC error saying so, until the agent deletes it or
+it idles out; a stateless relay ends with it, and the next request opens a new one. The
+proxy itself keeps serving new sessions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import itertools
 import json
 import logging
+import math
+import re
 import uuid
 from collections.abc import AsyncIterable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from typing import Any
 
 import anyio
 import anyio.abc
-from mcp.server.streamable_http import MCP_SESSION_ID_HEADER, StreamableHTTPServerTransport
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from mcp.server.streamable_http import (
+    MCP_SESSION_ID_HEADER,
+    StreamableHTTPServerTransport,
+    check_accept_headers,
+)
 from mcp.server.transport_security import (
     DEFAULT_MAX_REQUEST_BODY_SIZE,
     RequestBodyLimitMiddleware,
+    TransportSecurityMiddleware,
     TransportSecuritySettings,
 )
-from mcp.shared.inbound import MCP_PROTOCOL_VERSION_HEADER
-from mcp.shared.message import SessionMessage
+from mcp.shared.inbound import (
+    ERROR_CODE_HTTP_STATUS,
+    MCP_PROTOCOL_VERSION_HEADER,
+    InboundLadderRejection,
+    classify_inbound_request,
+    find_duplicated_routing_header,
+)
+from mcp.shared.message import ServerMessageMetadata, SessionMessage
 from mcp_types import (
+    CLIENT_CAPABILITIES_META_KEY,
+    HEADER_MISMATCH,
     INVALID_REQUEST,
+    PROTOCOL_VERSION_META_KEY,
     UNSUPPORTED_PROTOCOL_VERSION,
     ErrorData,
     JSONRPCError,
+    JSONRPCMessage,
+    JSONRPCNotification,
     JSONRPCRequest,
+    JSONRPCResponse,
+    RequestId,
 )
-from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS, MODERN_PROTOCOL_VERSIONS
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from engine.identity.base import Identity
+from engine.proxy.auth import (
+    ListenRefused,
+    Owner,
+    ResourceServer,
+    check_exposure,
+    is_loopback,
+    owner_of,
+)
 from engine.proxy.core import (
     UPSTREAM_CLOSED,
     MalformedMessage,
@@ -77,6 +122,21 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 OpenUpstream = Callable[[], AbstractAsyncContextManager[Upstream]]
 
+# 2026-07-28: the header a client may send to name its decision session (see
+# `stateless_session`), and how its value may look.
+STATELESS_SESSION_HEADER = "mcp-policy-session"
+_SESSION_VALUE = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+SSE_PING_INTERVAL = 15.0
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache, no-transform"),
+    (b"x-accel-buffering", b"no"),
+]
+STATELESS_ONLY_REQUESTS = (
+    "Invalid Request: at 2026-07-28 a POST carries one request (or a notification); "
+    "there is no server request for a response to answer"
+)
+
 
 def _json_error(status: int, code: int, message: str, data: Any = None) -> Response:
     body = JSONRPCError(
@@ -97,13 +157,11 @@ def _malformed(malformed: MalformedMessage) -> Response:
     )
 
 
-async def screen_post(
+async def _read_body(
     scope: Scope, receive: Receive, send: Send, *, max_body: int, max_depth: int
-) -> Receive | None:
-    """Read a POST body and screen it; answer it here when it does not pass.
-
-    Returns the `receive` to hand on (it replays the same bytes, then the connection's
-    own messages), or None when the request was answered (or the client went away)."""
+) -> tuple[bytes, SessionMessage] | None:
+    """Read a POST body and screen it: the bytes and the message, or None when it did not
+    pass and was answered here (or the client went away)."""
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -126,6 +184,28 @@ async def screen_post(
         log.warning("malformed message from the agent: %s", screened.error.message)
         await _malformed(screened)(scope, receive, send)
         return None
+    return body, screened
+
+
+async def read_screened(
+    scope: Scope, receive: Receive, send: Send, *, max_body: int, max_depth: int
+) -> SessionMessage | None:
+    """The screened message of a POST body, or None when it was answered here."""
+    read = await _read_body(scope, receive, send, max_body=max_body, max_depth=max_depth)
+    return None if read is None else read[1]
+
+
+async def screen_post(
+    scope: Scope, receive: Receive, send: Send, *, max_body: int, max_depth: int
+) -> Receive | None:
+    """Read a POST body and screen it; answer it here when it does not pass.
+
+    Returns the `receive` to hand on (it replays the same bytes, then the connection's
+    own messages), or None when the request was answered (or the client went away)."""
+    read = await _read_body(scope, receive, send, max_body=max_body, max_depth=max_depth)
+    if read is None:
+        return None
+    body = read[0]
     replayed = False
 
     async def replay() -> Message:
@@ -161,6 +241,325 @@ async def refuse_all(
                 )
 
 
+def _rejection(rejection: InboundLadderRejection, request_id: RequestId) -> Response:
+    """A 2026-07-28 envelope rejection, with the HTTP status the SDK's servers give it."""
+    return _message_response(
+        JSONRPCError(
+            jsonrpc="2.0",
+            id=request_id,
+            error=ErrorData(code=rejection.code, message=rejection.message, data=rejection.data),
+        )
+    )
+
+
+def _message_response(message: JSONRPCResponse | JSONRPCError) -> Response:
+    status = 200
+    if isinstance(message, JSONRPCError):
+        status = ERROR_CODE_HTTP_STATUS.get(message.error.code, 200)
+    return Response(
+        message.model_dump_json(by_alias=True, exclude_unset=True),
+        status_code=status,
+        media_type="application/json",
+    )
+
+
+def _sse_event(message: JSONRPCMessage) -> bytes:
+    data = message.model_dump_json(by_alias=True, exclude_unset=True)
+    return f"event: message\r\ndata: {data}\r\n\r\n".encode()
+
+
+def _digest(owner: Owner) -> str:
+    return hashlib.sha256(json.dumps(owner).encode()).hexdigest()[:16]
+
+
+def stateless_session(
+    scope: Scope, headers: dict[str, str], identity: Identity | None
+) -> str | None:
+    """The decision session of a 2026-07-28 request (what session-scoped limits and
+    approvals are bound to); None when the client's session header is unusable.
+
+    1. the token's `sid` claim (the issuer's session), when it has one;
+    2. else the client's `Mcp-Policy-Session` header, bound to the credential's owner
+       (one principal can never name another's session);
+    3. else one session per authenticated principal;
+    4. else (unauthenticated, on loopback) one per connection.
+    """
+    if identity is not None and identity.session_id:
+        return identity.session_id
+    owner = owner_of(identity)
+    value = headers.get(STATELESS_SESSION_HEADER)
+    if value is not None:
+        if not _SESSION_VALUE.fullmatch(value):
+            return None
+        return value if owner is None else f"{value}@{_digest(owner)}"
+    if owner is not None:
+        return f"principal-{_digest(owner)}"
+    client = scope.get("client") or ("?", 0)
+    return f"connection-{client[0]}-{client[1]}"
+
+
+@dataclass
+class _Exchange:
+    """One 2026-07-28 request in flight: its own id, and what comes back for it."""
+
+    own_id: str
+    request_id: RequestId
+    send: MemoryObjectSendStream[JSONRPCMessage]
+    receive: MemoryObjectReceiveStream[JSONRPCMessage]
+
+
+class StatelessRelay:
+    """The 2026-07-28 requests of one decision session, relayed by one `ProxySession` to
+    one upstream connection (opened with the first request, closed after it idles).
+
+    Each request goes in under an id of the relay's own (clients may reuse ids across
+    their connections) and its answer comes back with the client's id. Notifications the
+    upstream sends about a request (progress) go on that request's response as SSE, when
+    the client accepts it; others have no stream to go on at 2026-07-28 and are dropped.
+    A client that closes its response cancels the request.
+    """
+
+    def __init__(
+        self,
+        app: ProxyApp,
+        key: tuple[Owner | None, str],
+        session_id: str,
+        identity: Identity | None,
+        version: str,
+    ) -> None:
+        self.app = app
+        self.key = key
+        self.version = version
+        options = app.options
+        if options.server_name is None and app.server_name is not None:
+            options = replace(options, server_name=app.server_name)
+        self.session = ProxySession(
+            app.decider,
+            options,
+            session_id=session_id,
+            tool_filter=app.tool_filter,
+            identity=identity,
+        )
+        self._to_session, self._messages = anyio.create_memory_object_stream[
+            SessionMessage | Exception
+        ](math.inf)
+        self._exchanges: dict[RequestId, _Exchange] = {}
+        self._ids = itertools.count(1)
+        self.ready = anyio.Event()
+        self.closing = False
+        self.closed: str | None = None
+        self._in_flight = 0
+        self._used = anyio.current_time()
+
+    @property
+    def server_name(self) -> str | None:
+        return self.session.server_name
+
+    async def run(self) -> None:
+        reason = "stopped"
+        try:
+            async with self.app.open_upstream() as upstream, anyio.create_task_group() as tg:
+                tg.start_soon(self._learn_server_name)
+                tg.start_soon(self._close_when_idle)
+                await self.session.run(self._messages, self, upstream)
+                reason = f"upstream MCP server {upstream.ended()}"
+                tg.cancel_scope.cancel()
+        except Exception as exc:
+            log.exception("stateless session %s: upstream failed", self.session.session_id)
+            reason = f"upstream MCP server could not be reached: {type(exc).__name__}: {exc}"
+        finally:
+            self.closing = True
+            self.closed = reason
+            self.ready.set()
+            self.app._forget(self)
+            self._to_session.close()
+            self._messages.close()
+            for exchange in list(self._exchanges.values()):
+                error = error_response(exchange.request_id, UPSTREAM_CLOSED, reason)
+                exchange.send.send_nowait(error)
+                exchange.send.close()
+            self._exchanges.clear()
+            log.info("stateless session %s: %s", self.session.session_id, reason)
+
+    async def _close_when_idle(self) -> None:
+        timeout = self.app.idle_timeout
+        if timeout is None:
+            return
+        while True:
+            await anyio.sleep(min(timeout, 30.0))
+            if self._in_flight == 0 and anyio.current_time() - self._used >= timeout:
+                self.closing = True
+                self.app._forget(self)
+                self._to_session.close()  # ends the session, then its upstream
+                return
+
+    async def _learn_server_name(self) -> None:
+        """Ready once the server's name is known (a call cannot be decided without it):
+        when neither the options nor another session know it, the upstream is asked
+        `server/discover` first, as a client that never sends it would not."""
+        try:
+            if self.server_name is None:
+                await self._discover()
+        finally:
+            self.ready.set()
+
+    async def _discover(self) -> None:
+        version = self.version
+        request = JSONRPCRequest(
+            jsonrpc="2.0",
+            id="discover",
+            method="server/discover",
+            params={
+                "_meta": {
+                    PROTOCOL_VERSION_META_KEY: version,
+                    CLIENT_CAPABILITIES_META_KEY: {},
+                }
+            },
+        )
+        exchange = self._start(request)
+        if exchange is None:
+            return
+        with anyio.move_on_after(self.app.options.upstream_timeout):
+            async for _ in exchange.receive:
+                pass
+        self._finish(exchange)
+
+    def _start(self, request: JSONRPCRequest) -> _Exchange | None:
+        if self.closed is not None:
+            return None
+        own_id = f"mcp-policy-{next(self._ids)}"
+        send, receive = anyio.create_memory_object_stream[JSONRPCMessage](math.inf)
+        exchange = _Exchange(own_id, request.id, send, receive)
+        self._exchanges[own_id] = exchange
+        self._in_flight += 1
+        self._used = anyio.current_time()
+        try:
+            self._to_session.send_nowait(SessionMessage(request.model_copy(update={"id": own_id})))
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            del self._exchanges[own_id]
+            self._in_flight -= 1
+            return None
+        return exchange
+
+    def _finish(self, exchange: _Exchange) -> None:
+        if self._exchanges.get(exchange.own_id) is exchange:
+            del self._exchanges[exchange.own_id]  # (an answer that never came)
+        exchange.send.close()
+        exchange.receive.close()
+        self._in_flight -= 1
+        self._used = anyio.current_time()
+        if self.app.server_name is None and self.server_name is not None:
+            self.app.server_name = self.server_name
+
+    def _cancel(self, own_id: RequestId) -> None:
+        """The client closed its response: the request is cancelled."""
+        if self._exchanges.pop(own_id, None) is None:
+            return
+        cancelled = JSONRPCNotification(
+            jsonrpc="2.0",
+            method="notifications/cancelled",
+            params={"requestId": own_id, "reason": "the client closed the request"},
+        )
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._to_session.send_nowait(SessionMessage(cancelled))
+
+    async def send(self, item: SessionMessage, /) -> None:
+        """What the session sends the agent: to the exchange it belongs to."""
+        message = item.message
+        if isinstance(message, JSONRPCResponse | JSONRPCError):
+            exchange = self._exchanges.pop(message.id, None) if message.id is not None else None
+            if exchange is None:
+                log.debug("dropped an answer nobody waits for: %r", message.id)
+                return
+            exchange.send.send_nowait(message.model_copy(update={"id": exchange.request_id}))
+            exchange.send.close()
+            return
+        if isinstance(message, JSONRPCNotification):
+            related = (
+                item.metadata.related_request_id
+                if isinstance(item.metadata, ServerMessageMetadata)
+                else None
+            )
+            exchange = self._exchanges.get(related) if related is not None else None
+            if exchange is not None:
+                exchange.send.send_nowait(message)
+            else:
+                log.debug("dropped %s: no request to send it with", message.method)
+            return
+        log.warning(
+            "dropped a %s request from the upstream: 2026-07-28 has no way to ask the client",
+            message.method,
+        )
+
+    async def answer(
+        self,
+        request: JSONRPCRequest,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        *,
+        has_json: bool,
+        has_sse: bool,
+    ) -> None:
+        """Relay `request` and answer it: JSON, or SSE once a notification for it comes
+        (or, with SSE accepted, once it has taken SSE_PING_INTERVAL: pings keep it open)."""
+        exchange = self._start(request)
+        if exchange is None:
+            reason = self.closed or "the session is closing; send the request again"
+            await _message_response(error_response(request.id, UPSTREAM_CLOSED, reason))(
+                scope, receive, send
+            )
+            return
+        own_id = exchange.own_id
+        answered = False
+        streaming = False
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def hang_up() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(hang_up)
+                while not answered:
+                    item: JSONRPCMessage | None = None
+                    with anyio.move_on_after(SSE_PING_INTERVAL if has_sse else math.inf):
+                        try:
+                            item = await exchange.receive.receive()
+                        except anyio.EndOfStream:
+                            item = error_response(
+                                request.id, UPSTREAM_CLOSED, self.closed or "session closed"
+                            )
+                    if isinstance(item, JSONRPCResponse | JSONRPCError):
+                        if streaming:
+                            await send(
+                                {
+                                    "type": "http.response.body",
+                                    "body": _sse_event(item),
+                                    "more_body": False,
+                                }
+                            )
+                        else:
+                            await _message_response(item)(scope, receive, send)
+                        answered = True
+                        continue
+                    if item is not None and not has_sse:
+                        continue  # a notification the client cannot take
+                    if not streaming:
+                        await send(
+                            {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS}
+                        )
+                        streaming = True
+                    body = _sse_event(item) if item is not None else b": ping\r\n\r\n"
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                tg.cancel_scope.cancel()
+        finally:
+            if not answered:
+                self._cancel(own_id)
+            self._finish(exchange)
+
+
 class ProxyApp:
     """The ASGI app: MCP sessions at `path`, each relayed to its own upstream."""
 
@@ -175,8 +574,12 @@ class ProxyApp:
         idle_timeout: float | None = SESSION_IDLE_TIMEOUT,
         max_body: int = DEFAULT_MAX_REQUEST_BODY_SIZE,
         max_depth: int = MAX_DEPTH,
+        auth: ResourceServer | None = None,
+        stateless: bool = True,
     ) -> None:
         self.path = path
+        self.auth = auth
+        self.stateless = stateless
         self.decider = decider
         self.options = options
         self.open_upstream = open_upstream
@@ -186,6 +589,12 @@ class ProxyApp:
         self.max_depth = max_depth
         self.tool_filter = ToolFilter(decider)
         self.sessions: dict[str, StreamableHTTPServerTransport] = {}
+        # Who opened each session (None: nobody authenticated), and its relay.
+        self._owners: dict[str, Owner | None] = {}
+        self._relays: dict[str, ProxySession] = {}
+        # 2026-07-28: one relay per (owner, decision session), see StatelessRelay.
+        self._stateless: dict[tuple[Owner | None, str], StatelessRelay] = {}
+        self.server_name = options.server_name  # learnt from any session, for new ones
         self._tg: anyio.abc.TaskGroup | None = None
         self._ready = asyncio.Event()
         self._stop = asyncio.Event()
@@ -204,27 +613,50 @@ class ProxyApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
+        if self.auth is not None and self.auth.serves(scope["path"]):
+            await self.auth.metadata_response(scope)(scope, receive, send)
+            return
         if scope["path"].rstrip("/") != self.path.rstrip("/"):
             await Response("Not Found", status_code=404)(scope, receive, send)
             return
+        identity: Identity | None = None
+        if self.auth is not None:
+            checked = await self.auth.authenticate(scope)
+            if isinstance(checked, Response):
+                await checked(scope, receive, send)
+                return
+            identity = checked
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         version = headers.get(MCP_PROTOCOL_VERSION_HEADER)
+        if version is not None and version in MODERN_PROTOCOL_VERSIONS and self.stateless:
+            await self._stateless_request(scope, receive, send, identity)
+            return
         if version is not None and version not in HANDSHAKE_PROTOCOL_VERSIONS:
+            supported = list(HANDSHAKE_PROTOCOL_VERSIONS)
+            if self.stateless:
+                supported += MODERN_PROTOCOL_VERSIONS
             response = _json_error(
                 HTTPStatus.BAD_REQUEST,
                 UNSUPPORTED_PROTOCOL_VERSION,
-                f"protocol version {version} is not supported by this proxy; it speaks the "
-                "initialize handshake",
-                {"supported": list(HANDSHAKE_PROTOCOL_VERSIONS), "requested": version},
+                f"protocol version {version} is not supported by this proxy",
+                {"supported": supported, "requested": version},
             )
             await response(scope, receive, send)
             return
         session_id = headers.get(MCP_SESSION_ID_HEADER)
         if session_id is not None:
             transport = self.sessions.get(session_id)
+            if transport is not None and self._owners.get(session_id) != owner_of(identity):
+                # A session is only ever used with the credential (the principal) that
+                # opened it: to anyone else it does not exist.
+                log.warning("refused session %s to another credential", session_id[:64])
+                transport = None
             if transport is None:
                 await _json_error(404, INVALID_REQUEST, "Session not found")(scope, receive, send)
                 return
+            relay = self._relays.get(session_id)
+            if relay is not None:
+                relay.identity = identity  # the same principal, maybe a renewed token
             if scope["method"] == "POST":
                 screened = await self._screen(scope, receive, send)
                 if screened is None:
@@ -241,14 +673,100 @@ class ProxyApp:
         screened = await self._screen(scope, receive, send)
         if screened is None:
             return
-        await self._open_session(scope, screened, send)
+        await self._open_session(scope, screened, send, identity)
+
+    # 2026-07-28: every request a self-contained POST.
+
+    async def _stateless_request(
+        self, scope: Scope, receive: Receive, send: Send, identity: Identity | None
+    ) -> None:
+        request = Request(scope, receive)
+        refused = await TransportSecurityMiddleware(self.security).validate_request(
+            request, is_post=scope["method"] == "POST"
+        )
+        if refused is not None:
+            await refused(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            response = Response(status_code=405, headers={"Allow": "POST"})
+            await response(scope, receive, send)
+            return
+        has_json, has_sse = check_accept_headers(request)
+        if not (has_json or has_sse):
+            await Response(status_code=406)(scope, receive, send)
+            return
+        screened = await read_screened(
+            scope, receive, send, max_body=self.max_body, max_depth=self.max_depth
+        )
+        if screened is None:
+            return
+        message = screened.message
+        if isinstance(message, JSONRPCNotification):
+            # No client-to-server notification means anything at 2026-07-28 (a client
+            # cancels by closing its request's response): acknowledged, as the SDK does.
+            await Response(status_code=202)(scope, receive, send)
+            return
+        if not isinstance(message, JSONRPCRequest):
+            await _json_error(400, INVALID_REQUEST, STATELESS_ONLY_REQUESTS)(scope, receive, send)
+            return
+        raw_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        duplicated = find_duplicated_routing_header(raw_headers)
+        if duplicated is not None:
+            rejection = InboundLadderRejection(
+                code=HEADER_MISMATCH, message=f"{duplicated} header appears more than once"
+            )
+            await _rejection(rejection, message.id)(scope, receive, send)
+            return
+        decoded = message.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        verdict = classify_inbound_request(decoded, headers=dict(raw_headers))
+        if isinstance(verdict, InboundLadderRejection):
+            await _rejection(verdict, message.id)(scope, receive, send)
+            return
+        session_id = stateless_session(scope, dict(raw_headers), identity)
+        if session_id is None:
+            await _json_error(
+                400,
+                INVALID_REQUEST,
+                f"{STATELESS_SESSION_HEADER} must be 1-128 letters, digits or ._:@-",
+            )(scope, receive, send)
+            return
+        relay = await self._stateless_relay(session_id, identity, verdict.protocol_version)
+        if isinstance(relay, Response):
+            await relay(scope, receive, send)
+            return
+        await relay.answer(message, scope, receive, send, has_json=has_json, has_sse=has_sse)
+
+    async def _stateless_relay(
+        self, session_id: str, identity: Identity | None, version: str
+    ) -> StatelessRelay | Response:
+        """The relay of (this credential's owner, `session_id`), started when new."""
+        key = (owner_of(identity), session_id)
+        relay = self._stateless.get(key)
+        if relay is None or relay.closing:
+            if self._stop.is_set():
+                return _json_error(503, INVALID_REQUEST, "The proxy is stopping")
+            if len(self.sessions) + len(self._stateless) >= MAX_SESSIONS:
+                return _json_error(503, INVALID_REQUEST, "Too many open sessions")
+            relay = StatelessRelay(self, key, session_id, identity, version)
+            self._stateless[key] = relay
+            assert self._tg is not None
+            self._tg.start_soon(relay.run, name=f"stateless session {session_id[:64]}")
+        await relay.ready.wait()
+        relay.session.identity = identity  # the same owner, maybe a renewed token
+        return relay
+
+    def _forget(self, relay: StatelessRelay) -> None:
+        if self._stateless.get(relay.key) is relay:
+            del self._stateless[relay.key]
 
     async def _screen(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         return await screen_post(
             scope, receive, send, max_body=self.max_body, max_depth=self.max_depth
         )
 
-    async def _open_session(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _open_session(
+        self, scope: Scope, receive: Receive, send: Send, identity: Identity | None
+    ) -> None:
         if self._stop.is_set():
             await _json_error(503, INVALID_REQUEST, "The proxy is stopping")(scope, receive, send)
             return
@@ -262,6 +780,7 @@ class ProxyApp:
             idle_timeout=self.idle_timeout,
         )
         self.sessions[session_id] = transport
+        self._owners[session_id] = owner_of(identity)
         assert self._tg is not None
         status: int | None = None
 
@@ -272,7 +791,7 @@ class ProxyApp:
             await send(message)
 
         try:
-            await self._tg.start(self._serve, transport)
+            await self._tg.start(self._serve, transport, identity)
             await transport.handle_request(scope, receive, watch)
         finally:
             if status is None or status >= 400:
@@ -281,6 +800,7 @@ class ProxyApp:
     async def _serve(
         self,
         transport: StreamableHTTPServerTransport,
+        identity: Identity | None,
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -291,7 +811,7 @@ class ProxyApp:
                 task_status.started()
                 idle = transport.idle_scope or anyio.CancelScope()
                 with idle:
-                    reason = await self._relay(session_id, read, write)
+                    reason = await self._relay(session_id, read, write, identity)
                     log.info("session %s: %s", session_id, reason)
                     await refuse_all(read, write, reason)
                 if idle.cancelled_caught:
@@ -304,11 +824,17 @@ class ProxyApp:
         session_id: str,
         read: AsyncIterable[SessionMessage | Exception],
         write: MessageWriter,
+        identity: Identity | None,
     ) -> str:
         """Relay the session; why it can serve nothing more once the upstream is gone."""
         session = ProxySession(
-            self.decider, self.options, session_id=session_id, tool_filter=self.tool_filter
+            self.decider,
+            self.options,
+            session_id=session_id,
+            tool_filter=self.tool_filter,
+            identity=identity,
         )
+        self._relays[session_id] = session
         try:
             async with self.open_upstream() as upstream:
                 await session.run(read, write, upstream)
@@ -320,6 +846,8 @@ class ProxyApp:
     async def _discard(self, transport: StreamableHTTPServerTransport) -> None:
         if transport.mcp_session_id is not None:
             self.sessions.pop(transport.mcp_session_id, None)
+            self._owners.pop(transport.mcp_session_id, None)
+            self._relays.pop(transport.mcp_session_id, None)
         if not transport.is_terminated:
             with anyio.CancelScope(shield=True):
                 await transport.terminate()
@@ -356,8 +884,19 @@ async def start_http_proxy(
     open_upstream: OpenUpstream,
     path: str = "/mcp",
     max_depth: int = MAX_DEPTH,
+    auth: ResourceServer | None = None,
+    insecure: bool = False,
+    stateless: bool = True,
 ) -> HttpProxy:
-    """Listen on host:port (0 picks a free port) and serve MCP sessions at `path`."""
+    """Listen on host:port (0 picks a free port) and serve MCP sessions at `path`.
+
+    With `auth` (started) every request needs the bearer credential it checks. Without
+    it only a loopback host is served, unless `insecure` (ListenRefused otherwise)."""
+    refused = check_exposure(host, authenticated=auth is not None, insecure=insecure)
+    if refused is not None:
+        raise ListenRefused(refused)
+    if insecure and auth is None and not is_loopback(host):
+        log.warning("serving MCP on %s without authentication (--insecure)", host)
     app = ProxyApp(
         path=path,
         decider=decider,
@@ -365,6 +904,8 @@ async def start_http_proxy(
         open_upstream=open_upstream,
         security=security_for(host),
         max_depth=max_depth,
+        auth=auth,
+        stateless=stateless,
     )
     app_task = asyncio.create_task(app.run(), name="proxy-sessions")
     await app._ready.wait()

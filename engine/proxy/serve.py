@@ -11,6 +11,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
+from engine.proxy.auth import ResourceServer
 from engine.proxy.core import ProxyOptions, ProxySession, Upstream
 from engine.proxy.decider import Decider
 from engine.proxy.http import start_http_proxy
@@ -124,16 +125,38 @@ async def run_http(
     host: str,
     port: int,
     path: str = "/mcp",
+    auth: ResourceServer | None = None,
+    insecure: bool = False,
 ) -> int:
-    """Serve MCP over streamable HTTP until SIGINT or SIGTERM."""
-    proxy = await start_http_proxy(
-        host, port, decider=decider, options=options, open_upstream=upstream.opener(), path=path
-    )
-    where = upstream.url or " ".join(upstream.command)
-    print(f"mcp-policy proxy: MCP on {proxy.url} -> {where}", flush=True)
-    stop = asyncio.Event()
-    with _Signals((signal.SIGINT, signal.SIGTERM), lambda _: stop.set()):
-        await stop.wait()
-    print("mcp-policy proxy: stopping", flush=True)
-    await proxy.stop()
+    """Serve MCP over streamable HTTP until SIGINT or SIGTERM.
+
+    With `auth` every request needs a bearer credential (see auth.py): it is started (the
+    keys file and the issuer's keys loaded: IdentityUnavailable when they cannot be)
+    before the listener opens, and closed after. Without it only loopback is served,
+    unless `insecure` (ListenRefused)."""
+    resource = auth
+    if resource is not None:
+        await resource.start()
+    try:
+        proxy = await start_http_proxy(
+            host,
+            port,
+            decider=decider,
+            options=options,
+            open_upstream=upstream.opener(),
+            path=path,
+            auth=resource,
+            insecure=insecure,
+        )
+        where = upstream.url or " ".join(upstream.command)
+        how = " (bearer credentials required)" if resource is not None else ""
+        print(f"mcp-policy proxy: MCP on {proxy.url} -> {where}{how}", flush=True)
+        stop = asyncio.Event()
+        with _Signals((signal.SIGINT, signal.SIGTERM), lambda _: stop.set()):
+            await stop.wait()
+        print("mcp-policy proxy: stopping", flush=True)
+        await proxy.stop()
+    finally:
+        if resource is not None:
+            await resource.close()
     return 0
