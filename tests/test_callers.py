@@ -294,3 +294,27 @@ async def test_no_agent_credentials_configured_means_any_credential_is_denied(
         assert "verifies no agent credentials" in answer.json()["reason"]
     finally:
         await servers.stop()
+
+
+async def test_the_proxy_presents_its_client_token(guarded: Guarded) -> None:
+    """The reference proxy's gRPC decider sends its client token; without one the
+    service refuses it, and the proxy fails closed (no decision, an error it turns into
+    a refusal)."""
+    from engine.models import DecideRequest
+    from engine.proxy.decider import DecisionUnavailable, GrpcDecider
+
+    request = DecideRequest.model_validate(copy_call(session()))
+    known = GrpcDecider(guarded.servers.grpc_target, client_token=guarded.token_b)
+    stranger = GrpcDecider(guarded.servers.grpc_target)
+    try:
+        decision = await known.decide(request)
+        assert decision.verdict == "allow" and decision.outcome_token
+        assert await known.report_outcome(
+            decision.decision_id, decision.outcome_token, succeeded=False
+        )
+        with pytest.raises(DecisionUnavailable) as refused:
+            await stranger.decide(request)
+        assert "UNAUTHENTICATED" in refused.value.message
+    finally:
+        await known.close()
+        await stranger.close()

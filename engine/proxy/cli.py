@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -232,6 +233,13 @@ def add_proxy_commands(subparsers: Any) -> None:
     tls.add_argument(
         "--decision-key", type=_pem_file, metavar="FILE", help="PEM key of --decision-cert"
     )
+    tls.add_argument(
+        "--decision-token-env",
+        metavar="VAR",
+        default="MCP_POLICY_CLIENT_TOKEN",
+        help="environment variable holding this proxy's client token for the decision "
+        "service (mcp-policy clients add), sent as a bearer token; default %(default)s",
+    )
     _auth_options(proxy)
     proxy.add_argument(
         "--server-name",
@@ -385,6 +393,7 @@ def _proxy(args: argparse.Namespace) -> int:
                 tls_ca=args.decision_ca,
                 tls_cert=args.decision_cert,
                 tls_key=args.decision_key,
+                client_token=os.environ.get(args.decision_token_env) or None,
             )
         try:
             if args.listen is not None:

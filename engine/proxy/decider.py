@@ -184,12 +184,15 @@ class GrpcDecider:
         tls_ca: Path | bytes | None = None,
         tls_cert: Path | bytes | None = None,
         tls_key: Path | bytes | None = None,
+        client_token: str | None = None,
     ) -> None:
         """`tls_ca` (PEM roots to verify the service by; default: the system's) or a
         client certificate (`tls_cert` with its `tls_key`, for mTLS) makes the channel TLS;
-        each is PEM bytes or a file to read them from."""
+        each is PEM bytes or a file to read them from. `client_token` is this proxy's
+        token from the service's clients file, sent with every call."""
         self.target = target
         self.timeout = timeout
+        self._metadata = (("authorization", f"Bearer {client_token}"),) if client_token else None
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
 
@@ -219,15 +222,18 @@ class GrpcDecider:
     async def decide(self, request: DecideRequest, identity: Identity | None = None) -> Decision:
         """With an `identity`, the proven agent, user and roles go in the request's
         principal, asserted by this proxy: the service believes them as far as it trusts
-        the proxy (`principal.authenticated` stays false there). Sending the agent's own
-        credential for the service to verify needs a field DecideRequest does not have yet.
+        the proxy (`principal.asserted_by` names it; `principal.authenticated` stays false
+        there). A caller that wants the service to verify the agent itself sends the
+        agent's token in `DecideRequest.credential` instead.
         """
         if identity is not None:
             request = request.model_copy(
                 update={"principal": proven_principal(request.principal, identity)}
             )
         try:
-            response = await self._stub.Decide(decide_message(request), timeout=self.timeout)
+            response = await self._stub.Decide(
+                decide_message(request), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "decide") from exc
         return decision_from_message(response)
@@ -241,6 +247,7 @@ class GrpcDecider:
                     decision_id=decision_id, outcome_token=outcome_token, succeeded=succeeded
                 ),
                 timeout=self.timeout,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "take the outcome report") from exc
