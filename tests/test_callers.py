@@ -318,3 +318,25 @@ async def test_the_proxy_presents_its_client_token(guarded: Guarded) -> None:
     finally:
         await known.close()
         await stranger.close()
+
+
+async def test_only_an_imaging_admin_may_force_once_callers_are_known(
+    guarded: Guarded, issuer: Issuer, client_headers: dict[str, str]
+) -> None:
+    """The shipped pack: with identified callers, force=true needs the imaging-admin role
+    (proven by the token, or asserted by an authenticated proxy); it then still needs a
+    human's approval."""
+    sid = session()
+    admin = issuer.token(sub="u-1", client_id="agent-1", roles=["imaging-admin"])
+    viewer = issuer.token(sub="u-2", client_id="agent-2", roles=["viewer"])
+    forced = decide_body(sid, arguments={**copy_call()["arguments"], "force": True})
+    async with httpx.AsyncClient(base_url=guarded.servers.http_url, headers=client_headers) as raw:
+        asserted = (await raw.post("/v1/decide", json=forced)).json()
+        by_viewer = (await raw.post("/v1/decide", json={**forced, "credential": viewer})).json()
+        by_admin = (await raw.post("/v1/decide", json={**forced, "credential": admin})).json()
+        claimed = {**forced["principal"], "roles": ["imaging-admin"]}
+        by_proxy = (await raw.post("/v1/decide", json={**forced, "principal": claimed})).json()
+    assert (asserted["verdict"], asserted["rule"]) == ("deny", "copy_image_set.force_needs_role")
+    assert (by_viewer["verdict"], by_viewer["rule"]) == ("deny", "copy_image_set.force_needs_role")
+    assert by_admin["verdict"] == "approval_required"
+    assert by_proxy["verdict"] == "approval_required", "the authenticated proxy vouches"

@@ -8,7 +8,8 @@
 #     source_datastore_id   optional, 32-char lowercase hex id; when it differs from
 #                           datastore_id the copy crosses datastores (approval)
 #     force                 optional boolean; true overwrites a destination image set
-#                           that has changed (approval)
+#                           that has changed (approval), and only the role
+#                           imaging-admin may ask for it once callers are identified
 package mcp.rules.copy_image_set
 
 _applies if input.tool.name == "copy_image_set"
@@ -30,6 +31,16 @@ _id_problem(args, key) := sprintf("argument %q must be a 32-character lowercase 
 	_present(args, key)
 	not _is_id(args[key])
 }
+
+# The role that may overwrite (force) a destination image set.
+_force_role := "imaging-admin"
+
+# Callers are identified when the principal was proven (a verified token or key) or was
+# asserted by an authenticated proxy. With neither (loopback, nothing configured: one
+# user), roles say nothing and the role rule does not apply.
+_identified if input.principal.authenticated == true
+
+_identified if is_string(input.principal.asserted_by)
 
 # METADATA
 # title: Deny contributions
@@ -57,6 +68,22 @@ deny contains {
 	_applies
 	_present(_args, "force")
 	not is_boolean(_args.force)
+}
+
+# METADATA
+# title: Force needs the admin role
+# description: |
+#   copy_image_set.force_needs_role when force is true, callers are identified, and the
+#   principal lacks the imaging-admin role.
+# scope: rule
+deny contains {
+	"rule": "copy_image_set.force_needs_role",
+	"reason": sprintf("copy_image_set with force=true needs the role %s", [_force_role]),
+} if {
+	_applies
+	_args.force == true
+	_identified
+	not _force_role in input.principal.roles
 }
 
 # METADATA

@@ -125,6 +125,41 @@ test_require_approval_when_force_true if {
 	}
 }
 
+_as(principal, extra) := object.union(_with_args(extra), {"principal": principal})
+
+_proven(roles) := {
+	"agent_id": "a-1", "session_id": "s-1", "user_id": "u-1", "roles": roles,
+	"authenticated": true, "asserted_by": null,
+}
+
+_asserted(roles) := {
+	"agent_id": "a-1", "session_id": "s-1", "user_id": "u-1", "roles": roles,
+	"authenticated": false, "asserted_by": "proxy-a",
+}
+
+test_deny_force_without_the_role_when_proven if {
+	ids := _deny_ids with input as _as(_proven(["viewer"]), {"force": true})
+	ids == {"copy_image_set.force_needs_role"}
+}
+
+test_deny_force_without_the_role_when_asserted_by_a_proxy if {
+	ids := _deny_ids with input as _as(_asserted([]), {"force": true})
+	ids == {"copy_image_set.force_needs_role"}
+}
+
+test_force_with_the_role_needs_approval_only if {
+	every principal in [_proven(["imaging-admin"]), _asserted(["viewer", "imaging-admin"])] {
+		out := _out with input as _as(principal, {"force": true})
+		out.deny == set()
+		_approval_ids == {"copy_image_set.force_overwrite"} with input as _as(principal, {"force": true})
+	}
+}
+
+test_role_rule_needs_force if {
+	ids := _deny_ids with input as _as(_proven([]), {"force": false})
+	ids == set()
+}
+
 test_nothing_when_force_false if {
 	out := _out with input as _with_args({"force": false})
 	out == {"deny": set(), "require_approval": set()}
