@@ -20,11 +20,7 @@ from typing import Any
 
 import grpc
 import httpx
-import jwt
 import pytest
-from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import RSAAlgorithm
 
 from engine.identity import add_entry
 from engine.server import Servers, start_servers
@@ -40,6 +36,7 @@ from tests.conftest import (
     session,
     settings_for,
 )
+from tests.fixtures.issuer import Issuer, Key
 
 Client = HttpClient | GrpcClient
 AUDIENCE = "https://mcp-policy.example.test/approvals"
@@ -61,50 +58,12 @@ def status_of(client: Client, http: int, grpc_code: str) -> int | str:
 # -- the issuer -----------------------------------------------------------------------------
 
 
-class Issuer:
-    """OIDC discovery and a JWKS on 127.0.0.1:0; mints tokens with a real RSA key."""
+STRANGER = Key("rsa-1", "RS256")  # the published key's kid, another key: a forged signature
 
-    def __init__(self) -> None:
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self.stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        jwk = RSAAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
-        self.jwk: dict[str, Any] = {**jwk, "kid": "approver-key-1", "use": "sig", "alg": "RS256"}
-        self.base = ""
-        self._runner: web.AppRunner | None = None
 
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/.well-known/openid-configuration", self._metadata)
-        app.router.add_get("/jwks", self._jwks)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.base = f"http://{host}:{port}"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _metadata(self, _: web.Request) -> web.Response:
-        return web.json_response({"issuer": self.base, "jwks_uri": f"{self.base}/jwks"})
-
-    async def _jwks(self, _: web.Request) -> web.Response:
-        return web.json_response({"keys": [self.jwk]})
-
-    def token(self, sub: str, *, stranger: bool = False, **claims: Any) -> str:
-        now = int(time.time())
-        body: dict[str, Any] = {
-            "iss": self.base,
-            "aud": AUDIENCE,
-            "sub": sub,
-            "iat": now,
-            "exp": now + 300,
-            **claims,
-        }
-        key = self.stranger if stranger else self.key
-        return jwt.encode(body, key, algorithm="RS256", headers={"kid": "approver-key-1"})
+def approver_token(issuer: Issuer, sub: str, *, stranger: bool = False, **claims: Any) -> str:
+    """An approver's access token (no client_id: a person, not an agent)."""
+    return issuer.token(key=STRANGER if stranger else None, sub=sub, client_id=None, **claims)
 
 
 # -- a service with named approvers ---------------------------------------------------------
@@ -160,14 +119,14 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
     rego, data = copy_policy(tmp)
     catalog = data / "catalog.yaml"
     catalog.write_text(catalog.read_text() + EXTRA_CATALOG)
-    issuer = Issuer()
+    issuer = Issuer(audience=AUDIENCE)
     await issuer.start()
     servers = await start_servers(
         settings_for(
             tmp,
             policy_paths=[rego, data],
             approvers_file=path,
-            approver_issuer=issuer.base,
+            approver_issuer=issuer.issuer,
             approver_audience=AUDIENCE,
         )
     )
@@ -370,7 +329,7 @@ async def test_a_revoked_approver_token_is_refused_within_seconds(
 
 
 async def test_jwt_approver_with_the_approver_role(named: Client, world: World) -> None:
-    token = world.issuer.token("jane", roles=["approver", "imaging"])
+    token = approver_token(world.issuer, "jane", roles=["approver", "imaging"])
     call = copy_call(force=True)
     approval_id = await pending(named, call)
     assert approval_id in [a["id"] for a in await named.approvals(token, status="pending")]
@@ -389,8 +348,8 @@ async def test_jwt_approver_with_the_approver_role(named: Client, world: World) 
 async def test_jwt_without_the_approver_role_or_badly_signed(named: Client, world: World) -> None:
     approval_id = await pending(named)
     for token in (
-        world.issuer.token("jim", roles=["imaging"]),
-        world.issuer.token("jim"),
+        approver_token(world.issuer, "jim", roles=["imaging"]),
+        approver_token(world.issuer, "jim"),
     ):
         for attempt in (
             named.act_as(token, approval_id, "approve"),
@@ -401,11 +360,11 @@ async def test_jwt_without_the_approver_role_or_badly_signed(named: Client, worl
             assert error.status == status_of(named, 403, "PERMISSION_DENIED")
             assert "does not include 'approver'" in error.message
 
-    forged = world.issuer.token("jim", stranger=True, roles=["approver"])
+    forged = approver_token(world.issuer, "jim", stranger=True, roles=["approver"])
     error = await refused(named.act_as(forged, approval_id, "approve"))
     assert error.status == status_of(named, 401, "UNAUTHENTICATED")
     assert "signature" in error.message
-    expired = world.issuer.token("jim", roles=["approver"], exp=int(time.time()) - 3600)
+    expired = approver_token(world.issuer, "jim", roles=["approver"], exp=int(time.time()) - 3600)
     error = await refused(named.act_as(expired, approval_id, "approve"))
     assert error.status == status_of(named, 401, "UNAUTHENTICATED")
     assert (await named.get_approval(world.tokens["alice"], approval_id))["status"] == "pending"
@@ -413,12 +372,12 @@ async def test_jwt_without_the_approver_role_or_badly_signed(named: Client, worl
 
 async def test_jwt_approver_four_eyes_and_tool_claims(named: Client, world: World) -> None:
     approval_id = await pending(named)
-    own = world.issuer.token("user-1", roles=["approver"])
+    own = approver_token(world.issuer, "user-1", roles=["approver"])
     error = await refused(named.act_as(own, approval_id, "deny"))
     assert error.status == status_of(named, 403, "PERMISSION_DENIED")
     assert "'user-1' cannot deny a call made on their own behalf" in error.message
 
-    limited = world.issuer.token("jo", roles=["approver"], mcp_policy_tools=OTHER_TOOL)
+    limited = approver_token(world.issuer, "jo", roles=["approver"], mcp_policy_tools=OTHER_TOOL)
     error = await refused(named.act_as(limited, approval_id, "approve"))
     assert error.status == status_of(named, 403, "PERMISSION_DENIED")
     assert "may not approve calls of tool 'copy_image_set'" in error.message
@@ -440,7 +399,7 @@ async def test_operator_routes_need_the_operator_credential(
     def auth(token: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"}
 
-    jwt_approver = world.issuer.token("jane", roles=["approver"])
+    jwt_approver = approver_token(world.issuer, "jane", roles=["approver"])
     for token, expected in (
         (APPROVER_TOKEN, 200),  # the legacy approver token is the operator credential
         (world.tokens["olga"], 200),  # an approver with role "operator"

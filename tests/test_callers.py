@@ -19,13 +19,12 @@ import grpc
 import httpx
 import jwt
 import pytest
-from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from engine.identity import add_entry, revoke_entry
 from engine.server import Servers, start_servers
 from mcppolicy.v1 import decision_pb2, decision_pb2_grpc
 from tests.conftest import APPROVER_TOKEN, copy_call, copy_policy, session, settings_for
+from tests.fixtures.issuer import Issuer
 from tests.test_faults import add_rule_package
 
 AUDIENCE = "https://decisions.example/"
@@ -43,46 +42,9 @@ WHOAMI = """deny contains {"rule": "test.whoami", "reason": reason} if {
 """
 
 
-class Issuer:
-    """A real OAuth issuer on loopback: metadata and a JWKS with one RSA key."""
-
-    def __init__(self) -> None:
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self.url = ""
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/.well-known/oauth-authorization-server", self._metadata)
-        app.router.add_get("/jwks", self._jwks)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _metadata(self, _: web.Request) -> web.Response:
-        return web.json_response({"issuer": self.url, "jwks_uri": f"{self.url}/jwks"})
-
-    async def _jwks(self, _: web.Request) -> web.Response:
-        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
-        jwk.update(kid="k1", alg="RS256", use="sig")
-        return web.json_response({"keys": [jwk]})
-
-    def token(self, **claims: Any) -> str:
-        now = int(time.time())
-        body = {"iss": self.url, "aud": AUDIENCE, "iat": now, "exp": now + 300, **claims}
-        return jwt.encode(body, self.key, algorithm="RS256", headers={"kid": "k1"})
-
-
 @pytest.fixture(scope="module")
 async def issuer() -> AsyncIterator[Issuer]:
-    running = Issuer()
+    running = Issuer(audience=AUDIENCE)
     await running.start()
     yield running
     await running.stop()
@@ -115,7 +77,7 @@ async def guarded(
         tmp,
         policy_paths=[rego, data],
         clients_file=clients,
-        agent_issuer=issuer.url,
+        agent_issuer=issuer.issuer,
         agent_audience=AUDIENCE,
         agent_keys_file=keys,
     )
@@ -258,7 +220,9 @@ async def test_the_agent_credential_decides_who_is_calling(
         lambda i: i.token(sub="u", client_id="a", aud="https://other.example/"),
         lambda i: i.token(sub="u", client_id="a", iss="http://127.0.0.1:1"),
         lambda i: i.token(sub="u", client_id="a")[:-4] + "AAAA",
-        lambda i: jwt.encode({"sub": "u", "iss": i.url, "aud": AUDIENCE}, None, algorithm="none"),
+        lambda i: jwt.encode(
+            {"sub": "u", "iss": i.issuer, "aud": AUDIENCE}, None, algorithm="none"
+        ),
         lambda i: "mcpk_not-a-key",
     ],
     ids=["expired", "wrong-audience", "wrong-issuer", "tampered", "alg-none", "unknown-key"],

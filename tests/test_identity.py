@@ -5,7 +5,6 @@ the console commands run as the installed `mcp-policy` script."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import json
@@ -15,17 +14,12 @@ import stat
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
-from aiohttp import web
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from engine.errors import Conflict, NotFound, Unauthenticated
 from engine.identity import (
@@ -39,43 +33,13 @@ from engine.identity import (
     list_entries,
     revoke_entry,
 )
+from tests.fixtures.issuer import Issuer, Key, b64, unsigned
 
 AUDIENCE = "https://mcp.example.test/mcp"
 MCP_POLICY = Path(sys.executable).with_name("mcp-policy")
 
 
 # -- keys and tokens ------------------------------------------------------------------------
-
-
-class Key:
-    """A private key, its public JWK, and the algorithm it signs with."""
-
-    def __init__(self, kid: str, alg: str) -> None:
-        self.kid = kid
-        self.alg = alg
-        self.private: Any
-        if alg == "RS256":
-            self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-            jwk = RSAAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
-        elif alg == "ES256":
-            self.private = ec.generate_private_key(ec.SECP256R1())
-            jwk = ECAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
-        else:
-            self.private = ed25519.Ed25519PrivateKey.generate()
-            jwk = OKPAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
-        self.jwk: dict[str, Any] = {**jwk, "kid": kid, "use": "sig"}
-
-    def public_pem(self) -> bytes:
-        return bytes(
-            self.private.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        )
-
-    def sign(self, claims: dict[str, Any], **header: Any) -> str:
-        return jwt.encode(
-            claims, self.private, algorithm=self.alg, headers={"kid": self.kid, **header}
-        )
 
 
 @pytest.fixture(scope="module")
@@ -89,89 +53,12 @@ def keys() -> dict[str, Key]:
     }
 
 
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def unsigned(header: dict[str, Any], claims: dict[str, Any]) -> str:
-    """header.payload, for hand-made tokens."""
-    return f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
-
-
 # -- the issuer -----------------------------------------------------------------------------
-
-
-class Issuer:
-    """OAuth metadata (RFC 8414 and/or OIDC discovery) and a JWKS, on 127.0.0.1:0."""
-
-    def __init__(self, path: str = "", *, oauth: bool = True, oidc: bool = True) -> None:
-        self.path = path
-        self.oauth = oauth
-        self.oidc = oidc
-        self.jwks: list[dict[str, Any]] = []
-        self.requests: Counter[str] = Counter()
-        self.jwks_delay = 0.0
-        self.metadata_issuer: str | None = None  # None: the right one
-        self.base = ""
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def issuer(self) -> str:
-        return self.base + self.path
-
-    @property
-    def jwks_fetches(self) -> int:
-        return self.requests["/jwks"]
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.base = f"http://{host}:{port}"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        path = request.path
-        self.requests[path] += 1
-        metadata = {
-            "issuer": self.metadata_issuer or self.issuer,
-            "jwks_uri": f"{self.base}/jwks",
-            "token_endpoint": f"{self.base}/token",
-        }
-        if self.oauth and path == f"/.well-known/oauth-authorization-server{self.path}":
-            return web.json_response(metadata)
-        if self.oidc and path == f"{self.path}/.well-known/openid-configuration":
-            return web.json_response(metadata)
-        if path == "/jwks":
-            if self.jwks_delay:
-                await asyncio.sleep(self.jwks_delay)
-            return web.json_response({"keys": self.jwks})
-        return web.Response(status=404)
-
-    def claims(self, **overrides: Any) -> dict[str, Any]:
-        now = int(time.time())
-        claims: dict[str, Any] = {
-            "iss": self.issuer,
-            "aud": AUDIENCE,
-            "sub": "alice",
-            "client_id": "agent-a",
-            "iat": now,
-            "exp": now + 300,
-        }
-        claims.update(overrides)
-        return {k: v for k, v in claims.items() if v is not None}
 
 
 @pytest.fixture
 async def issuer(keys: dict[str, Key]) -> AsyncIterator[Issuer]:
-    server = Issuer()
+    server = Issuer(audience=AUDIENCE)
     server.jwks = [keys[alg].jwk for alg in ("RS256", "ES256", "EdDSA")]
     await server.start()
     yield server
@@ -486,7 +373,7 @@ async def test_failed_refresh_keeps_known_keys(issuer: Issuer, keys: dict[str, K
 
 
 async def test_discovery_falls_back_to_openid_configuration(keys: dict[str, Key]) -> None:
-    server = Issuer(oauth=False)
+    server = Issuer(audience=AUDIENCE, oauth=False)
     server.jwks = [keys["EdDSA"].jwk]
     await server.start()
     try:
@@ -504,7 +391,7 @@ async def test_discovery_falls_back_to_openid_configuration(keys: dict[str, Key]
 
 @pytest.mark.parametrize("oauth", [True, False])
 async def test_discovery_for_an_issuer_with_a_path(keys: dict[str, Key], oauth: bool) -> None:
-    server = Issuer("/tenant", oauth=oauth, oidc=not oauth)
+    server = Issuer("/tenant", audience=AUDIENCE, oauth=oauth, oidc=not oauth)
     server.jwks = [keys["ES256"].jwk]
     await server.start()
     try:

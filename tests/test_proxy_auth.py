@@ -7,7 +7,6 @@ show what reached it."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import hmac
@@ -21,13 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jwt
 import pytest
 import yaml
-from aiohttp import web
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
@@ -51,6 +45,8 @@ from engine.server import Servers, start_servers
 from engine.settings import PROJECT_ROOT
 from tests.conftest import HEALTHIMAGING, settings_for
 from tests.fixtures.imaging_server import ENV_ENV, HEADERS_ENV, INBOUND_ENV
+from tests.fixtures.issuer import Issuer as RealIssuer
+from tests.fixtures.issuer import Key, b64, unsigned
 from tests.fixtures.proxy_harness import (
     FIXTURE,
     MODE_ENV,
@@ -79,91 +75,25 @@ VERSION = {"mcp-protocol-version": "2025-11-25"}
 # -- keys, tokens and the issuer ------------------------------------------------------------
 
 
-class Key:
-    """A private key, its public JWK, and the algorithm it signs with."""
-
-    def __init__(self, kid: str, alg: str) -> None:
-        self.kid = kid
-        self.alg = alg
-        self.private: Any
-        if alg == "RS256":
-            self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-            jwk = RSAAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
-        else:
-            self.private = ec.generate_private_key(ec.SECP256R1())
-            jwk = ECAlgorithm.to_jwk(self.private.public_key(), as_dict=True)
-        self.jwk: dict[str, Any] = {**jwk, "kid": kid, "use": "sig", "alg": alg}
-
-    def public_pem(self) -> bytes:
-        return bytes(
-            self.private.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        )
-
-    def sign(self, claims: dict[str, Any]) -> str:
-        return jwt.encode(claims, self.private, algorithm=self.alg, headers={"kid": self.kid})
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def unsigned(header: dict[str, Any], claims: dict[str, Any]) -> str:
-    return f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
-
-
-class Issuer:
-    """RFC 8414 metadata and a JWKS on 127.0.0.1, with the keys it publishes."""
+class Issuer(RealIssuer):
+    """The test issuer with an RSA and an EC key published, and one it does not publish."""
 
     def __init__(self) -> None:
-        self.rsa = Key("rsa-1", "RS256")
+        super().__init__(audience=AUDIENCE)
+        self.rsa = self.key
         self.ec = Key("ec-1", "ES256")
         self.stranger = Key("rsa-x", "RS256")  # signs, but is not in the JWKS
-        self.base = ""
-        self._runner: web.AppRunner | None = None
+        self.jwks = [self.rsa.jwk, self.ec.jwk]
 
-    @property
-    def issuer(self) -> str:
-        return self.base
+    def agent_claims(self, agent: str, user: str, **extra: Any) -> dict[str, Any]:
+        fields: dict[str, Any] = {"exp": int(time.time()) + 600, "jti": uuid.uuid4().hex}
+        fields.update(extra)
+        return self.claims(sub=user, client_id=agent, **fields)
 
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/.well-known/oauth-authorization-server", self._metadata)
-        app.router.add_get("/jwks", self._jwks)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.base = f"http://{host}:{port}"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _metadata(self, request: web.Request) -> web.Response:
-        return web.json_response({"issuer": self.issuer, "jwks_uri": f"{self.base}/jwks"})
-
-    async def _jwks(self, request: web.Request) -> web.Response:
-        return web.json_response({"keys": [self.rsa.jwk, self.ec.jwk]})
-
-    def claims(self, agent: str, user: str, **extra: Any) -> dict[str, Any]:
-        now = int(time.time())
-        claims: dict[str, Any] = {
-            "iss": self.issuer,
-            "aud": AUDIENCE,
-            "sub": user,
-            "client_id": agent,
-            "iat": now,
-            "exp": now + 600,
-            "jti": uuid.uuid4().hex,
-        }
-        claims.update(extra)
-        return {k: v for k, v in claims.items() if v is not None}
-
-    def token(self, agent: str, user: str, *, key: Key | None = None, **extra: Any) -> str:
-        return (key or self.rsa).sign(self.claims(agent, user, **extra))
+    def token(  # type: ignore[override]
+        self, agent: str, user: str, *, key: Key | None = None, **extra: Any
+    ) -> str:
+        return (key or self.rsa).sign(self.agent_claims(agent, user, **extra))
 
 
 @pytest.fixture(scope="module")
@@ -425,7 +355,7 @@ def bad_tokens(issuer: Issuer) -> list[tuple[str, str | None, str]]:
     """(what, the Authorization header value or None, the RFC 6750 error expected)."""
     agent, user = "agent-bad", "user-bad"
     now = int(time.time())
-    good = issuer.claims(agent, user)
+    good = issuer.agent_claims(agent, user)
     valid = issuer.token(agent, user)
     header, _, signature = valid.split(".")
     tampered = f"{header}.{b64(json.dumps({**good, 'client_id': 'admin'}).encode())}.{signature}"
