@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from engine.errors import InvalidRequest, PermissionDenied, StateUnavailable, Unauthenticated
 from engine.identity.base import CredentialRejected, Identity, IdentityUnavailable
+from engine.identity.jwt import claim_words
 from engine.identity.secrets_file import SecretsFile
 from engine.models import Approval
 
@@ -86,20 +87,7 @@ def _bearer(authorization: str | None) -> str:
 
 def _words(claims: Mapping[str, Any], name: str) -> tuple[str, ...] | None:
     """A claim that is a list of strings or a space-separated string; None when absent."""
-    value = claims.get(name)
-    if value is None:
-        return None
-    if isinstance(value, str):
-        words = tuple(value.split())
-    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
-        words = tuple(value)
-    else:
-        raise CredentialRejected(
-            f"token claim {name!r} must be a list of strings or a space-separated string"
-        )
-    if len(words) > MAX_SCOPE_VALUES or any(len(w) > MAX_SCOPE_CHARS for w in words):
-        raise CredentialRejected(f"token claim {name!r} is too long")
-    return words
+    return claim_words(claims, name, max_values=MAX_SCOPE_VALUES, max_chars=MAX_SCOPE_CHARS)
 
 
 class ApproverAuth:

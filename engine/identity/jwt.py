@@ -435,7 +435,13 @@ def _claim_str(claims: Mapping[str, Any], name: str) -> str | None:
     return value
 
 
-def _claim_words(claims: Mapping[str, Any], name: str) -> tuple[str, ...] | None:
+def claim_words(
+    claims: Mapping[str, Any],
+    name: str,
+    *,
+    max_values: int = MAX_ROLES,
+    max_chars: int = MAX_ID_CHARS,
+) -> tuple[str, ...] | None:
     """A list of strings or a space-separated string; None when absent."""
     value: Any = claims.get(name)
     if value is None and "." in name and name not in claims:
@@ -452,10 +458,10 @@ def _claim_words(claims: Mapping[str, Any], name: str) -> tuple[str, ...] | None
         raise CredentialRejected(
             f"token claim {name!r} must be a list of strings or a space-separated string"
         )
-    if len(words) > MAX_ROLES or any(len(w) > MAX_ID_CHARS for w in words):
+    if len(words) > max_values or any(len(w) > max_chars for w in words):
         raise CredentialRejected(
-            f"token claim {name!r} has more than {MAX_ROLES} values or one longer than "
-            f"{MAX_ID_CHARS} characters"
+            f"token claim {name!r} has more than {max_values} values or one longer than "
+            f"{max_chars} characters"
         )
     return words
 
@@ -466,15 +472,15 @@ def _identity(claims: dict[str, Any], roles_claim: str) -> Identity:
     subject = user_id or agent_id
     if subject is None:
         raise CredentialRejected("token names no subject: it has no sub or client_id claim")
-    scopes = _claim_words(claims, "scope")
+    scopes = claim_words(claims, "scope")
     if scopes is None:
-        scopes = _claim_words(claims, "scp")
+        scopes = claim_words(claims, "scp")
     return Identity(
         method="jwt",
         subject=subject,
         agent_id=agent_id,
         user_id=user_id,
-        roles=_claim_words(claims, roles_claim) or (),
+        roles=claim_words(claims, roles_claim) or (),
         scopes=scopes or (),
         session_id=_claim_str(claims, "sid"),
         claims=MappingProxyType(claims),

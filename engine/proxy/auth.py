@@ -29,7 +29,6 @@ loopback only, unless told `--insecure`.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import re
@@ -44,6 +43,7 @@ from starlette.types import Scope
 
 from engine.identity.base import CredentialRejected, Identity, IdentityUnavailable
 from engine.identity.secrets_file import SecretsFile
+from engine.tls import is_loopback
 
 if TYPE_CHECKING:
     from engine.identity.jwt import JwtVerifier
@@ -59,17 +59,6 @@ _NOT_ALLOWED_IN_CHALLENGE = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
 MAX_DESCRIPTION = 200
 MAX_AUTHORIZATION_CHARS = 16 * 1024 + 16
 METADATA_MAX_AGE = 300
-
-
-def is_loopback(host: str) -> bool:
-    """localhost, 127.0.0.0/8 and ::1; every other address or name is exposed."""
-    name = host.strip().strip("[]").lower()
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 class ListenRefused(Exception):

@@ -97,7 +97,6 @@ from engine.proxy.auth import (
     Owner,
     ResourceServer,
     check_exposure,
-    is_loopback,
     owner_of,
 )
 from engine.proxy.core import (
@@ -113,6 +112,7 @@ from engine.proxy.decider import Decider
 from engine.proxy.listing import ToolFilter
 from engine.proxy.screen import MAX_DEPTH, screen_agent_message
 from engine.server import QuietUvicornServer, listen_http
+from engine.tls import is_loopback
 
 log = logging.getLogger(__name__)
 
