@@ -26,6 +26,7 @@ from engine.errors import (
 )
 from engine.identity.cli import IDENTITY_COMMANDS, add_identity_commands, run_identity_command
 from engine.models import DecideRequest
+from engine.opa_process import ToolMissing
 from engine.proxy.cli import PROXY_COMMANDS, add_proxy_commands, run_proxy_command
 from engine.runtime import Runtime
 from engine.server import start_servers
@@ -33,6 +34,7 @@ from engine.settings import Settings
 from engine.tls import StartupRefused
 
 EXIT_POLICY_REJECTED = 2
+EXIT_TOOL_MISSING = 2  # OPA is not installed (the message says how to get it)
 EXIT_INVALID = 3
 EXIT_UNAVAILABLE = 4
 
@@ -242,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     except StartupRefused as exc:  # a TLS file, or a non-loopback host without TLS
         print(f"mcp-policy: {exc.message}", file=sys.stderr)
         return EXIT_INVALID
+    except ToolMissing as exc:
+        print(f"mcp-policy: {exc.message}", file=sys.stderr)
+        return EXIT_TOOL_MISSING
 
 
 if __name__ == "__main__":

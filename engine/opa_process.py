@@ -19,12 +19,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import socket
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
+
+from engine.errors import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,29 @@ def die_with_parent() -> list[str]:
     return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
+# The OPA release `make` builds (Makefile OPA_VERSION); named in the hint when none is found.
+OPA_VERSION = "1.22.2"
+CHECKOUT_OPA = Path(__file__).resolve().parent.parent / ".tools" / "bin" / "opa"
+
+
+class ToolMissing(EngineError):
+    """A program the engine runs is not installed; the message says how to get it."""
+
+
+def find_opa(binary: str = "opa") -> str:
+    """The OPA to run: `binary` when it is a path or is not the default name, else the
+    checkout's `.tools/bin/opa` (what `make` builds), else `opa` on PATH."""
+    if binary == "opa" and CHECKOUT_OPA.is_file() and os.access(CHECKOUT_OPA, os.X_OK):
+        return str(CHECKOUT_OPA)
+    path = shutil.which(binary)
+    if path is None:
+        raise ToolMissing(
+            f"OPA not found ({binary!r}): run `make tools`, or `go install "
+            f"github.com/open-policy-agent/opa@v{OPA_VERSION}`, or set MCP_POLICY_OPA_BINARY"
+        )
+    return path
+
+
 def free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -49,12 +76,7 @@ class OpaProcess:
     """A supervised local OPA server."""
 
     def __init__(self, binary: str = "opa", *, start_timeout: float = 15.0) -> None:
-        path = shutil.which(binary)
-        if path is None:
-            raise FileNotFoundError(
-                f"OPA binary {binary!r} not found; run `make opa` or set MCP_POLICY_OPA_BINARY"
-            )
-        self.binary = path
+        self.binary = find_opa(binary)
         self.port = free_loopback_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.on_restart: RestartHook | None = None

@@ -72,6 +72,41 @@ def test_decide_refuses_hostile_json_in_one_line(tmp_path: Path) -> None:
         assert json.loads(lines[0])["error"]["message"]
 
 
+def test_decide_finds_the_checkouts_opa_without_path(tmp_path: Path) -> None:
+    """As the README runs it: a plain shell whose PATH lacks .tools/bin."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_POLICY_")}
+    env["PATH"] = "/usr/bin:/bin"
+    result = subprocess.run(
+        [*CLI, "decide", "--state-dir", str(tmp_path)],
+        input=json.dumps(copy_call()),
+        text=True,
+        capture_output=True,
+        timeout=60,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["verdict"] == "allow"
+
+
+def test_a_missing_opa_is_one_line_saying_how_to_get_it(tmp_path: Path) -> None:
+    env = {**os.environ, "MCP_POLICY_OPA_BINARY": str(tmp_path / "no-opa")}
+    for command in (["decide"], ["serve", "--http-port", "0", "--grpc-port", "0"]):
+        result = subprocess.run(
+            [*CLI, *command, "--state-dir", str(tmp_path)],
+            input=json.dumps(copy_call()),
+            text=True,
+            capture_output=True,
+            timeout=60,
+            check=False,
+            env=env,
+        )
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "go install github.com/open-policy-agent/opa@v" in lines[0]
+
+
 def test_serve_reloads_on_sighup_and_stops_cleanly(tmp_path: Path) -> None:
     rego, data = copy_policy(tmp_path)
     server = Serve(tmp_path, [rego, data], {})

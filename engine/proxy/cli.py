@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from engine.errors import PolicyRejected
 from engine.identity.base import IdentityUnavailable
+from engine.opa_process import ToolMissing
 from engine.settings import PROJECT_ROOT, Settings
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
 PROXY_COMMANDS = ("proxy", "scan", "validate")
 EXIT_USAGE = 2
+EXIT_TOOL_MISSING = 2  # a program the proxy runs (OPA) is not installed
 EXIT_POLICY_REJECTED = 2
 EXIT_CANNOT_CONNECT = 1
 
@@ -422,6 +424,9 @@ def _proxy(args: argparse.Namespace) -> int:
     except IdentityUnavailable as exc:  # the keys file, or the issuer's metadata or JWKS
         print(f"mcp-policy proxy: cannot check credentials: {exc.message}", file=sys.stderr)
         return EXIT_CANNOT_CONNECT
+    except ToolMissing as exc:
+        print(f"mcp-policy proxy: {exc.message}", file=sys.stderr)
+        return EXIT_TOOL_MISSING
 
 
 def _resource_server(args: argparse.Namespace) -> ResourceServer | None | int:
@@ -482,7 +487,11 @@ def _validate(args: argparse.Namespace) -> int:
     paths = args.paths or [PROJECT_ROOT / "rego", PROJECT_ROOT / "policies"]
     defaults: dict[str, Any] = {}
     schema = Settings(**defaults).policy_schema  # MCP_POLICY_POLICY_SCHEMA, or the shipped one
-    report = asyncio.run(validate(paths, opa_binary=args.opa_binary, schema=schema))
+    try:
+        report = asyncio.run(validate(paths, opa_binary=args.opa_binary, schema=schema))
+    except ToolMissing as exc:
+        print(f"mcp-policy validate: {exc.message}", file=sys.stderr)
+        return EXIT_TOOL_MISSING
     where = ", ".join(str(p) for p in paths)
     if report.valid:
         print(
