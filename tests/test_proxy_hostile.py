@@ -573,3 +573,26 @@ async def test_an_unexpected_failure_is_answered_without_its_text(
     assert logged and "secret internals" in str(logged[0].exc_info[1])  # type: ignore[index]
     assert "tools/call" not in [m["method"] for m in lines_of(inbound)]
     assert calls(record) == []
+
+
+async def test_the_embedded_proxy_screens_at_its_own_depth(tmp_path: Path) -> None:
+    """`--embedded` screens agent messages at the runtime's MCP_POLICY_MAX_JSON_DEPTH."""
+    record = tmp_path / "calls.jsonl"
+    env = clean_env(**{RECORD_ENV: str(record), "MCP_POLICY_MAX_JSON_DEPTH": "6"})
+    proxy = await RawProxy.start(
+        [*embedded_args(tmp_path), "--", *FIXTURE], env, tmp_path / "p.log"
+    )
+    try:
+        await proxy.initialize()
+        deep: Any = "x"
+        for _ in range(6):
+            deep = {"a": deep}
+        params = {"name": "copy_image_set", "arguments": copy_args(deep=deep)}
+        await proxy.send({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": params})
+        answer = await proxy.receive()  # text past the depth: no id can be trusted from it
+    finally:
+        await proxy.close()
+    assert answer["id"] is None
+    assert answer["error"]["code"] == -32700
+    assert "deeper than 6" in answer["error"]["message"]
+    assert calls(record) == []

@@ -382,6 +382,7 @@ def _proxy(args: argparse.Namespace) -> int:
         approval_poll=args.approval_poll or 0.5,
         upstream_timeout=args.upstream_timeout,
         filter_tools=not args.show_all_tools,
+        **({"max_json_depth": settings.max_json_depth} if settings is not None else {}),
     )
 
     async def main() -> int:

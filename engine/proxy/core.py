@@ -54,6 +54,7 @@ from engine.models import ApprovalStatus, DecideRequest, Decision, Principal, Ve
 from engine.proxy.decider import Decider
 from engine.proxy.listing import ToolFilter
 from engine.service import mcp_result
+from engine.settings import Settings
 from engine.translate import proven_principal
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ class ProxyOptions:
     approval_poll: float = 0.5
     upstream_timeout: float = 60.0
     filter_tools: bool = True
+    # Messages nested deeper are refused (the service's default; --embedded: its setting).
+    max_json_depth: int = int(Settings.model_fields["max_json_depth"].default)
 
 
 class MalformedMessage(Exception):

@@ -80,7 +80,7 @@ async def run_stdio(decider: Decider, options: ProxyOptions, upstream: UpstreamS
         session_id="stdio-" + uuid.uuid4().hex,
         tool_filter=ToolFilter(decider),
     )
-    async with stdio_agent() as (messages, output):
+    async with stdio_agent(max_depth=options.max_json_depth) as (messages, output):
         if upstream.url is None:
             started = False
             try:
@@ -147,6 +147,7 @@ async def run_http(
             path=path,
             auth=resource,
             insecure=insecure,
+            max_depth=options.max_json_depth,
         )
         where = upstream.url or " ".join(upstream.command)
         how = " (bearer credentials required)" if resource is not None else ""
