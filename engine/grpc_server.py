@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 from pydantic import ValidationError
 
-from engine import approver_auth, jsonstrict, paging
+from engine import approver_auth, extauthz, jsonstrict, paging
 from engine.errors import (
     MAX_MESSAGE_CHARS,
     Conflict,
@@ -476,11 +476,13 @@ def create_server(
     decision_pb2_grpc.add_DecisionServiceServicer_to_server(DecisionServicer(runtime), server)
     approval_pb2_grpc.add_ApprovalServiceServicer_to_server(ApprovalServicer(runtime), server)
     decision_pb2_grpc.add_DecisionLogServiceServicer_to_server(DecisionLogServicer(runtime), server)
+    extauthz.add_to_server(runtime, server)  # envoy.service.auth.v3.Authorization
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
             *SERVICE_NAMES,
+            extauthz.SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ),

@@ -179,6 +179,55 @@ class Settings(BaseSettings):
     agent_keys_file: Path | None = Field(
         None, description="Verify agent credentials as API keys of this keys file."
     )
+    gateway_servers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Forward-auth (POST /v1/check): the MCP server behind each forwarded "
+        "host (X-Forwarded-Host or Host, with or without its port), when the gateway sends "
+        "no X-MCP-Server header; an unmapped host is its own server name. JSON in the "
+        "environment.",
+    )
+    gateway_refusal_status: Literal[200, 403] = Field(
+        403,
+        description="Forward-auth: the HTTP status of a refused call (its body is the "
+        "JSON-RPC answer for the agent). Traefik and Envoy hand the body to the client only "
+        "on a non-2xx status; 200 only suits gateways that pass a 2xx body on.",
+    )
+    gateway_non_mcp: Literal["deny", "allow"] = Field(
+        "deny",
+        description="Forward-auth: what to answer for a request that carries no MCP "
+        "message (no body, or a body that is not JSON-RPC): deny (403) or allow (200).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gateway_status_from_text(cls, data: object) -> object:
+        # The environment gives "403" as text; the literal needs the number.
+        if isinstance(data, dict):
+            status = data.get("gateway_refusal_status")
+            if isinstance(status, str) and status.strip().isdigit():
+                data = {**data, "gateway_refusal_status": int(status)}
+        return data
+
+    extauthz_servers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Envoy ext_authz: MCP server name by request host (:authority), used "
+        "when the route sets no mcp_server context extension; unmapped hosts are their own "
+        "server name. JSON object in the environment.",
+    )
+    extauthz_agent_header: str = Field(
+        "x-mcp-agent-id",
+        description="Envoy ext_authz: the header the gateway sets to the agent it verified "
+        "(asserted by the gateway; a verified agent credential takes its place).",
+    )
+    extauthz_user_header: str = Field(
+        "x-mcp-user-id",
+        description="Envoy ext_authz: the header the gateway sets to the user it verified.",
+    )
+    extauthz_non_mcp: Literal["deny", "allow"] = Field(
+        "deny",
+        description="Envoy ext_authz: what to answer for requests that are not MCP JSON-RPC "
+        "POSTs (deny: 403).",
+    )
 
     @model_validator(mode="after")
     def _agent_issuer_complete(self) -> Settings:

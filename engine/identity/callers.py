@@ -16,6 +16,7 @@ request's self-declared fields.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from pathlib import Path
 
 from engine.errors import Unauthenticated
@@ -32,6 +33,21 @@ def bearer(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer" or not token or " " in token:
         return None
     return token
+
+
+def gateway_session(
+    header: str | None, *, credential: str | None, agent: str | None, peer: str | None
+) -> str:
+    """The agent session of a call a gateway forwards: its `Mcp-Session-Id`, else one
+    derived from the agent's credential, else from the agent the gateway names, else from
+    the client's address — never one session shared by every caller without a header."""
+    if header:
+        return header
+    for kind, value in (("credential", credential), ("agent", agent), ("peer", peer)):
+        if value:
+            digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+            return f"{kind}-{digest[:32]}"
+    return "anonymous"
 
 
 class DecisionClients:
