@@ -97,7 +97,8 @@ def _engine_error_response(exc: EngineError) -> JSONResponse:
 HTTP_CODES = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed", 413: "RequestTooLarge"}
 
 
-async def read_json(request: Request, limit: int, max_depth: int) -> Any:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused past `limit` bytes (declared or sent)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestTooLarge(
@@ -112,7 +113,11 @@ async def read_json(request: Request, limit: int, max_depth: int) -> Any:
     except ClientDisconnect as exc:
         # Nobody is left to answer; nothing was decided or taken.
         raise InvalidRequest("the client disconnected before the body was complete") from exc
-    return jsonstrict.loads(bytes(body), max_depth=max_depth)
+    return bytes(body)
+
+
+async def read_json(request: Request, limit: int, max_depth: int) -> Any:
+    return jsonstrict.loads(await read_body(request, limit), max_depth=max_depth)
 
 
 # Bodies that are read by the strict parser rather than by FastAPI; their schemas are added
@@ -340,4 +345,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    from engine.gateway_http import add_gateway_routes  # here: it imports this module
+
+    add_gateway_routes(app, runtime)
     return app
