@@ -2,10 +2,11 @@
 
 Run with `make bench`. One OPA process is started and loaded with the shipped policy;
 the service runs as its own process (`mcp-policy serve --opa-url ...`, decision log off)
-and is driven over gRPC and HTTP, and the same OPA is queried directly over its REST
-API with the input document the service would build: the baseline. All three run in the
-same run, on the same machine, with the same client concurrency, so the ratio shows what
-the service adds on top of OPA (translation, limits, approvals, two transports).
+and is driven over gRPC and HTTP and as Envoy's ext_authz filter would call it (`Check`
+with the tools/call body), and the same OPA is queried directly over its REST API with
+the input document the service would build: the baseline. All run in the same run, on
+the same machine, with the same client concurrency, so the ratio shows what the service
+adds on top of OPA (translation, limits, approvals, the transports).
 
 Each call uses a fresh session so the shipped 10-per-minute limit never blocks it; the
 limiter still does its full work for every call.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from typing import Any
 
 import aiohttp
 import grpc
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.protobuf import struct_pb2
 
 from bench.common import ARGUMENTS, drive
@@ -57,6 +60,32 @@ def decide_body(session_id: str) -> dict[str, Any]:
         "arguments": ARGUMENTS,
         "principal": {"agent_id": "bench", "session_id": session_id},
     }
+
+
+def check_request(session_id: str) -> Any:
+    """What Envoy's ext_authz filter sends for one MCP tools/call with its body."""
+    body = json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"name": "copy_image_set", "arguments": ARGUMENTS},
+        }
+    )
+    headers = {
+        ":method": "POST",
+        ":path": "/mcp",
+        ":authority": "imaging.internal",
+        "content-type": "application/json",
+        "content-length": str(len(body)),
+        "mcp-session-id": session_id,
+    }
+    request = external_auth_pb2.CheckRequest()
+    http = request.attributes.request.http
+    http.method, http.path, http.host, http.body = "POST", "/mcp", "imaging.internal", body
+    http.headers.update(headers)
+    request.attributes.context_extensions["mcp_server"] = SERVER
+    return request
 
 
 async def main() -> int:
@@ -143,10 +172,17 @@ async def main() -> int:
                 )
                 assert response.verdict == decision_pb2.VERDICT_ALLOW, response
 
+            authz = external_auth_pb2_grpc.AuthorizationStub(channel)
+
+            async def via_extauthz(i: int) -> None:
+                response = await authz.Check(check_request(f"{run_id}-e{i}"))
+                assert response.status.code == 0, response  # OK: allowed
+
             for name, call in (
                 ("raw OPA REST (baseline)", raw_opa),
                 ("Decide over gRPC", via_grpc),
                 ("Decide over HTTP", via_http),
+                ("ext_authz Check (gRPC)", via_extauthz),
             ):
                 await drive(lambda i, c=call: c(10_000_000 + i), args.warmup, args.concurrency)
                 for concurrency in (1, args.concurrency):
