@@ -1,5 +1,9 @@
 """The example gateway configurations are valid and say what the service relies on.
 
+examples/agentgateway/config.yaml is checked for the same fields in agentgateway's
+configuration language (its schema is not packaged; the field names follow its published
+configuration reference).
+
 examples/envoy/envoy.yaml is parsed into Envoy's own Bootstrap message (the protos of the
 `xds-protos` package), so a field Envoy does not know fails here, and then checked for
 what makes it safe: ext_authz after the JWT filter and before the router, the body sent,
@@ -97,3 +101,25 @@ def test_the_envoy_example_passes_the_claims_the_service_reads() -> None:
         settings.extauthz_user_header: "sub",
     }
     assert all(rule.requires.provider_name for rule in jwt.rules), "no route without a token"
+
+
+AGENTGATEWAY = PROJECT_ROOT / "examples" / "agentgateway" / "config.yaml"
+
+
+def test_the_agentgateway_example_puts_every_mcp_request_under_policy() -> None:
+    config = yaml.safe_load(AGENTGATEWAY.read_text())
+    routes = [r for b in config["binds"] for lst in b["listeners"] for r in lst["routes"]]
+    assert routes, "at least one route"
+    for route in routes:
+        assert any("mcp" in backend for backend in route["backends"])
+        policies = route["policies"]
+        assert {"jwtAuth", "extAuthz"} <= set(policies), "no route without both"
+        authz = policies["extAuthz"]
+        host, _, port = authz["host"].rpartition(":")
+        assert host == "127.0.0.1" and int(port) == Settings().grpc_port
+        assert set(authz["protocol"]) == {"grpc"}, "the service answers Check over gRPC"
+        assert authz["protocol"]["grpc"]["context"]["mcp_server"] == HEALTHIMAGING
+        assert authz["failureMode"] == "deny", "fail closed"
+        body = authz["includeRequestBody"]
+        assert body["allowPartialMessage"] is False
+        assert 0 < body["maxRequestBytes"] <= Settings().max_body_bytes
