@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
 import pytest
+import yaml
 
 from engine.server import Servers, start_servers
 from engine.settings import PROJECT_ROOT, Settings
@@ -55,6 +56,23 @@ def copy_policy(tmp: Path) -> tuple[Path, Path]:
     shutil.copytree(PROJECT_ROOT / "rego", rego)
     shutil.copytree(PROJECT_ROOT / "policies", data)
     return rego, data
+
+
+def add_tools(
+    data: Path,
+    *,
+    catalog: Iterable[dict[str, Any]] = (),
+    rules: Mapping[str, dict[str, Any]] | None = None,
+) -> None:
+    """Add catalog entries and set per-tool rules in a copy of policies/ (copy_policy)."""
+    for name, edit in (("catalog.yaml", "catalog"), ("rules.yaml", "rules")):
+        path = data / name
+        doc = yaml.safe_load(path.read_text())
+        if edit == "catalog":
+            doc["mcp_policy"]["catalog"].extend(catalog)
+        else:
+            doc["mcp_policy"]["rules"].update(rules or {})
+        path.write_text(yaml.safe_dump(doc))
 
 
 def session() -> str:

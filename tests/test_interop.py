@@ -49,7 +49,6 @@ from typing import Any
 
 import mcp_types
 import pytest
-import yaml
 from mcp import Client, ClientSession, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
@@ -60,7 +59,14 @@ from engine.proxy.http import HttpProxy, start_http_proxy
 from engine.proxy.upstream import open_child
 from engine.runtime import Runtime
 from engine.settings import PROJECT_ROOT
-from tests.conftest import DATASTORE, DATASTORE_2, HEALTHIMAGING, copy_policy, settings_for
+from tests.conftest import (
+    DATASTORE,
+    DATASTORE_2,
+    HEALTHIMAGING,
+    add_tools,
+    copy_policy,
+    settings_for,
+)
 from tests.fixtures.proxy_harness import (
     FIXTURE,
     INTEROP_ENV,
@@ -659,12 +665,8 @@ def real_server_policy(tmp: Path) -> list[Path]:
     """The shipped policy, plus list_datastores as a low-risk (allowed) tool: an allowed
     call whose request does reach AWS (the server's copy_image_set never gets that far)."""
     rego, data = copy_policy(tmp)
-    catalog_file = data / "catalog.yaml"
-    catalog = yaml.safe_load(catalog_file.read_text())
-    catalog["mcp_policy"]["catalog"].append(
-        {"server": HEALTHIMAGING, "tool": "list_datastores", "category": "read", "risk": "low"}
-    )
-    catalog_file.write_text(yaml.safe_dump(catalog))
+    entry = {"server": HEALTHIMAGING, "tool": "list_datastores", "category": "read", "risk": "low"}
+    add_tools(data, catalog=[entry])
     return [rego, data]
 
 

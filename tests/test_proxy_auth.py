@@ -21,7 +21,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
@@ -43,7 +42,7 @@ from engine.proxy.upstream import open_child, open_http
 from engine.runtime import Runtime
 from engine.server import Servers, start_servers
 from engine.settings import PROJECT_ROOT
-from tests.conftest import HEALTHIMAGING, settings_for
+from tests.conftest import HEALTHIMAGING, add_tools, settings_for
 from tests.fixtures.imaging_server import ENV_ENV, HEADERS_ENV, INBOUND_ENV
 from tests.fixtures.issuer import Issuer as RealIssuer
 from tests.fixtures.issuer import Key, b64, unsigned
@@ -108,23 +107,20 @@ def auth_policy(tmp: Path) -> list[Path]:
     """The proxy tests' policy, with copy_image_set limited per agent (COPY_LIMIT a
     minute) and list_datastores in the catalog, limited per user (LIST_LIMIT a minute)."""
     rego, data = proxy_policy(tmp)
-    catalog_file = data / "catalog.yaml"
-    catalog = yaml.safe_load(catalog_file.read_text())
-    catalog["mcp_policy"]["catalog"].append(
-        {"server": HEALTHIMAGING, "tool": LIST_TOOL, "category": "read", "risk": "low"}
+    add_tools(
+        data,
+        catalog=[{"server": HEALTHIMAGING, "tool": LIST_TOOL, "category": "read", "risk": "low"}],
+        rules={
+            "copy_image_set": {
+                "action": "rate_limit",
+                "rate_limit": {"max": COPY_LIMIT, "window": 60, "scope": "agent"},
+            },
+            LIST_TOOL: {
+                "action": "rate_limit",
+                "rate_limit": {"max": LIST_LIMIT, "window": 60, "scope": "user"},
+            },
+        },
     )
-    catalog_file.write_text(yaml.safe_dump(catalog))
-    rules_file = data / "rules.yaml"
-    rules = yaml.safe_load(rules_file.read_text())
-    rules["mcp_policy"]["rules"]["copy_image_set"] = {
-        "action": "rate_limit",
-        "rate_limit": {"max": COPY_LIMIT, "window": 60, "scope": "agent"},
-    }
-    rules["mcp_policy"]["rules"][LIST_TOOL] = {
-        "action": "rate_limit",
-        "rate_limit": {"max": LIST_LIMIT, "window": 60, "scope": "user"},
-    }
-    rules_file.write_text(yaml.safe_dump(rules))
     return [rego, data]
 
 
