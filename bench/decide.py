@@ -30,9 +30,9 @@ from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.protobuf import struct_pb2
 
 from bench.common import ARGUMENTS, drive
-from engine.opa import Opa
-from engine.opa_process import OpaProcess, free_loopback_port
-from engine.policy_source import read_bundle
+from engine.policy.opa_process import OpaProcess, free_loopback_port
+from engine.policy.rest import Opa
+from engine.policy.source import read_bundle
 from engine.settings import PROJECT_ROOT
 from mcppolicy.v1 import decision_pb2, decision_pb2_grpc
 

@@ -26,9 +26,9 @@ import redis.asyncio
 
 from bench.common import ARGUMENTS, drive
 from engine.models import DecideRequest
-from engine.opa import Opa
-from engine.opa_process import OpaProcess
-from engine.policy_source import read_bundle
+from engine.policy.opa_process import OpaProcess
+from engine.policy.rest import Opa
+from engine.policy.source import read_bundle
 from engine.ratelimit import Limit
 from engine.runtime import Runtime
 from engine.settings import PROJECT_ROOT, Settings

@@ -26,7 +26,7 @@ from engine.errors import (
 )
 from engine.identity.cli import IDENTITY_COMMANDS, add_identity_commands, run_identity_command
 from engine.models import DecideRequest
-from engine.opa_process import ToolMissing
+from engine.policy.opa_process import ToolMissing
 from engine.proxy.cli import PROXY_COMMANDS, add_proxy_commands, run_proxy_command
 from engine.runtime import Runtime
 from engine.server import start_servers

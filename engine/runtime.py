@@ -27,9 +27,9 @@ from engine.identity.base import Identity
 from engine.identity.callers import AgentCredentials, DecisionClients
 from engine.identity.jwt import JwtVerifier
 from engine.metrics import Metrics
-from engine.opa import Opa
-from engine.opa_process import OpaProcess
-from engine.policy import Policy
+from engine.policy.loader import Policy
+from engine.policy.opa_process import OpaProcess
+from engine.policy.rest import Opa
 from engine.ratelimit import (
     MemoryRateLimitStore,
     RateLimitStore,

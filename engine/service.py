@@ -50,7 +50,7 @@ from engine.models import (
     ToolCall,
     Verdict,
 )
-from engine.policy import Policy
+from engine.policy.loader import Policy
 from engine.ratelimit import Limit, Outcome, RateLimitStore
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import redis
 
-from engine.opa_process import free_loopback_port
+from engine.policy.opa_process import free_loopback_port
 
 
 def binary(kind: str) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from engine.opa_process import free_loopback_port
+from engine.policy.opa_process import free_loopback_port
 
 CLI = [sys.executable, "-m", "engine.cli"]
 

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from engine import extauthz
 from engine.identity import add_entry
-from engine.opa_process import OpaProcess
+from engine.policy.opa_process import OpaProcess
 from engine.server import Servers, start_servers
 from tests.conftest import (
     DATASTORE,

@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from engine.errors import PolicyRejected
-from engine.opa_process import OpaProcess
-from engine.policy_source import read_bundle
+from engine.policy.opa_process import OpaProcess
+from engine.policy.source import read_bundle
 from engine.server import Servers, start_servers
 from tests.clients import HttpClient
 from tests.conftest import copy_call, copy_policy, settings_for

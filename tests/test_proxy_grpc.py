@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from engine.opa_process import free_loopback_port
+from engine.policy.opa_process import free_loopback_port
 from engine.server import Servers, start_servers
 from tests.conftest import APPROVER_TOKEN, DATASTORE, DATASTORE_2, HEALTHIMAGING, settings_for
 from tests.fixtures.proxy_harness import (

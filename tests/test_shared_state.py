@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from engine.errors import StateUnavailable
-from engine.opa_process import OpaProcess
-from engine.policy_source import read_bundle
+from engine.policy.opa_process import OpaProcess
+from engine.policy.source import read_bundle
 from engine.server import Servers, start_servers
 from tests.clients import GrpcClient, HttpClient
 from tests.conftest import APPROVER_TOKEN, copy_call, copy_policy, session, settings_for

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
 from engine.models import DecideRequest
-from engine.opa_process import free_loopback_port
+from engine.policy.opa_process import free_loopback_port
 from engine.proxy import cli as proxy_cli
 from engine.proxy.decider import DecisionUnavailable, GrpcDecider
 from engine.server import Servers, listen_http, start_servers

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from engine import jsonstrict, translate
 from engine.errors import InvalidRequest, PolicyRejected
 from engine.models import DecideRequest, Principal
-from engine.policy_source import MODULE_PREFIX, read_bundle
+from engine.policy.source import MODULE_PREFIX, read_bundle
 from engine.settings import PROJECT_ROOT
 
 json_values = st.recursive(
@@ -206,7 +206,7 @@ async def test_policy_gate_never_mixes_evaluations_with_a_change() -> None:
     import asyncio
 
     from engine.errors import PolicyUnavailable
-    from engine.policy import Gate
+    from engine.policy.loader import Gate
 
     gate = Gate()
     events: list[str] = []

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from engine.errors import PolicyRejected
 from engine.identity.base import IdentityUnavailable
-from engine.opa_process import ToolMissing
+from engine.policy.opa_process import ToolMissing
 from engine.settings import PROJECT_ROOT, Settings
 
 if TYPE_CHECKING:

@@ -21,10 +21,10 @@ import yaml
 from jsonschema.exceptions import best_match
 
 from engine.errors import EngineError, PolicyRejected
-from engine.opa import Opa
-from engine.opa_process import OpaProcess
-from engine.policy_source import DATA_SUFFIXES, MODULE_PREFIX, PolicyBundle, read_bundle
-from engine.policy_source import _merge as merge
+from engine.policy.opa_process import OpaProcess
+from engine.policy.rest import Opa
+from engine.policy.source import DATA_SUFFIXES, MODULE_PREFIX, PolicyBundle, read_bundle
+from engine.policy.source import _merge as merge
 
 LOAD_TIMEOUT = 30.0
 

@@ -21,8 +21,8 @@ from typing import Any
 import jsonschema
 
 from engine.errors import PolicyRejected, PolicyUnavailable
-from engine.opa import Opa
-from engine.policy_source import PolicyBundle, read_bundle
+from engine.policy.rest import Opa
+from engine.policy.source import PolicyBundle, read_bundle
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ def die_with_parent() -> list[str]:
 
 # The OPA release `make` builds (Makefile OPA_VERSION); named in the hint when none is found.
 OPA_VERSION = "1.22.2"
-CHECKOUT_OPA = Path(__file__).resolve().parent.parent / ".tools" / "bin" / "opa"
+CHECKOUT_OPA = Path(__file__).resolve().parents[2] / ".tools" / "bin" / "opa"
 
 
 class ToolMissing(EngineError):

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from engine.errors import PolicyRejected, PolicyUnavailable
 from engine.models import PolicyResult
-from engine.policy_source import MODULE_PREFIX, PolicyBundle
+from engine.policy.source import MODULE_PREFIX, PolicyBundle
 
 log = logging.getLogger(__name__)
 
