@@ -113,22 +113,7 @@ _invalid(name, level) := {
 #   boolean), or a contribution rule that is not a set, becomes an enforced
 #   deny (decision.invalid_contribution): a broken policy never allows.
 # scope: document
-contributions contains {"level": e.level, "entry": e.entry} if {
-	some e in _entries
-	_valid(e.level, e.entry)
-	not _is_shadow(e.entry)
-}
-
-contributions contains {"level": "deny", "entry": _invalid(e.package, e.level)} if {
-	some e in _entries
-	not _valid(e.level, e.entry)
-}
-
-contributions contains {"level": "deny", "entry": _invalid(s.package, s.level)} if {
-	some s in _sets
-	not is_set(s.value)
-	not is_array(s.value)
-}
+contributions contains {"level": _levels[x[0]], "entry": x[2]} if some x in _ranked
 
 # METADATA
 # title: Shadow contributions
@@ -138,59 +123,82 @@ contributions contains {"level": "deny", "entry": _invalid(s.package, s.level)} 
 # scope: document
 shadow_contributions contains {"level": e.level, "entry": e.entry} if {
 	some e in _entries
-	_valid(e.level, e.entry)
 	_is_shadow(e.entry)
+	not e in _malformed
 }
 
-_at[level] := {c.entry | some c in contributions; c.level == level} if some level in _levels
+_rank := {"deny": 0, "require_approval": 1, "rate_limit": 2, "allow": 3}
 
-_active := [level | some level in _levels; count(_at[level]) > 0]
+# Every enforced contribution as [level rank, rule id, entry], sorted: the most
+# restrictive level first, then by rule id (ties in value order, which is
+# deterministic). Malformed entries and sets become invalid-contribution denies.
+_ranked := sort(_enforced | _broken)
 
-# Sorted by rule id (ties in value order, which is deterministic).
-_by_rule_id(cs) := [c | some id in sort({x.rule | some x in cs}); some c in cs; c.rule == id]
+_enforced contains [_rank[e.level], e.entry.rule, e.entry] if {
+	some e in _entries
+	not e in _malformed
+	not _is_shadow(e.entry)
+}
+
+# The entries that are not well formed for their level (each checked once).
+_malformed contains e if {
+	some e in _entries
+	not _valid(e.level, e.entry)
+}
+
+_broken contains [0, "decision.invalid_contribution", _invalid(e.package, e.level)] if {
+	some e in _malformed
+}
+
+_broken contains [0, "decision.invalid_contribution", _invalid(s.package, s.level)] if {
+	some s in _sets
+	not type_name(s.value) in {"set", "array"}
+}
 
 _unique(xs) := [x | some i, x in xs; not x in array.slice(xs, 0, i)]
 
+default _top := 0
+
+_top := _ranked[0][0]
+
 default _action := "deny"
 
-_action := _active[0]
+_action := _levels[_top] if count(_ranked) > 0
 
-_winners := _by_rule_id(_at[_action])
+_winners := [x[2] | some x in _ranked; x[0] == _top]
 
 default _rule := "default.no_match"
 
-_rule := _winners[0].rule
+_rule := _ranked[0][1]
 
 default _reason := "no policy rule matched this call"
 
-_reason := joined if {
+_reason := _winners[0].reason if {
+	count(_winners) == 1
+	is_string(_winners[0].reason)
+	_winners[0].reason != ""
+} else := joined if {
 	joined := concat("; ", _unique([c.reason | some c in _winners; is_string(c.reason); c.reason != ""]))
 	joined != ""
 } else := sprintf("%s by rule %s", [_action, _rule]) if {
-	count(_winners) > 0
+	count(_ranked) > 0
 }
+
+_limit_fields := ["rule", "max", "window_seconds", "scope", "reason", "cost"]
 
 default _rate_limits := []
 
-_rate_limits := [object.filter(c, ["rule", "max", "window_seconds", "scope", "reason", "cost"]) |
-	some c in _by_rule_id(_at.rate_limit)
-] if {
-	_action != "deny"
-}
+_rate_limits := [object.filter(x[2], _limit_fields) | some x in _ranked; x[0] == 2] if _top > 0
 
-_ttls := [c.ttl_seconds | some c in _at.require_approval; is_number(c.ttl_seconds)]
+default _approval := {}
+
+_approval := {"approval": object.union({"rule": _rule, "reason": _reason}, _ttl)} if _top == 1
+
+_ttls := [c.ttl_seconds | some c in _winners; is_number(c.ttl_seconds)]
 
 default _ttl := {}
 
 _ttl := {"ttl_seconds": min(_ttls)} if count(_ttls) > 0
-
-default _approval := {}
-
-_approval := {"approval": object.union({"rule": _rule, "reason": _reason}, _ttl)} if {
-	_action == "require_approval"
-}
-
-_rank[level] := i if some i, level in _levels
 
 # What decision.shadow shows of one shadow contribution: its level, rule and
 # reason (generated like the decision's when the entry has none), and for a
@@ -210,9 +218,13 @@ _shadow_view(level, c) := object.union(
 )
 
 # Sorted by rule id, then level in precedence order (ties in value order).
+default _shadow := []
+
 _shadow := [x[2] |
 	some x in sort({[c.entry.rule, _rank[c.level], _shadow_view(c.level, c.entry)] | some c in shadow_contributions})
-]
+] if {
+	count(shadow_contributions) > 0
+}
 
 # METADATA
 # title: Decision
@@ -242,9 +254,24 @@ decision := object.union(
 		"rule": _rule,
 		"reason": _reason,
 		"rate_limits": _rate_limits,
-		"matched": sort({c.entry.rule | some c in contributions}),
+		"matched": sort({x[1] | some x in _ranked}),
 		"shadow": _shadow,
 		"tool": catalog.tool,
 	},
 	_approval,
 )
+
+# METADATA
+# title: Load errors
+# description: |
+#   Problems in the policy data that rule packages report, each prefixed with
+#   its package: the union of the load_errors sets of every package directly
+#   under data.mcp.rules. Evaluated once when a policy is loaded (no input);
+#   a policy with any load error is rejected whole and the running one keeps
+#   serving. Never part of a decision.
+# scope: document
+load_errors contains sprintf("mcp.rules.%s: %s", [name, msg]) if {
+	some name
+	errors := data.mcp.rules[name].load_errors
+	some msg in errors
+}

@@ -255,11 +255,11 @@ test_shipped_user_package_allow_loses_when_catalog_denies if {
 }
 
 test_shipped_risk_defaults_when_catalogued_tool_has_no_rule if {
-	entries := [
-		{"server": _hi, "tool": "search_image_sets", "category": "read", "risk": "low"},
-		{"server": _hi, "tool": "update_image_set_metadata", "category": "write", "risk": "high"},
-		{"server": _hi, "tool": "delete_datastore", "category": "delete", "risk": "critical"},
-	]
+	entries := {_hi: {
+		"search_image_sets": {"category": "read", "risk": "low"},
+		"update_image_set_metadata": {"category": "write", "risk": "high"},
+		"delete_datastore": {"category": "delete", "risk": "critical"},
+	}}
 	want := {
 		"search_image_sets": ["allow", "catalog.risk_default.low"],
 		"update_image_set_metadata": ["require_approval", "catalog.risk_default.high"],

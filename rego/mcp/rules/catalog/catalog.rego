@@ -19,16 +19,19 @@
 #   Those rules (the shadow ones met first and the enforced one) contribute.
 #   When the chain has no rule that is not shadow, the call is denied
 #   (catalog.missing_rule), as when no rule applies at all (fail closed).
-#   Every contributing rule, shadow or not, is checked: a problem in it yields
-#   a deny (catalog.invalid_rule) whose reason names the tool, the rule and what
-#   is wrong, and the rule contributes nothing else. A weighted rate limit
-#   (rate_limit {..., increment_from: <argument>}) costs the value of that tool
-#   argument per call; a call whose argument is not a number >= 0 is denied
-#   (catalog.rate_limit_cost_invalid), also for a shadow rule. The denies
-#   reporting a problem (invalid or missing rule, invalid data, invalid cost)
-#   are never shadow. This file finds the chain and checks its rules;
-#   contributions.rego makes the contributions (it depends on this file, never
-#   the other way: the service loads modules one by one).
+#
+#   Cost: per call, the chain's rules are read by key (never a whole section
+#   of the policy data), so a call costs the same at any catalog size. The
+#   policy data is checked once, when it is loaded: by
+#   schema/mcp_policy.schema.json, then by load_errors below. A rule of the
+#   chain this package cannot read anyway (data that skipped those checks) is
+#   a catalog.invalid_rule deny and contributes nothing else.
+#
+#   A weighted rate limit (rate_limit {..., increment_from: <argument>}) costs
+#   the value of that tool argument per call; a call whose argument is not a
+#   number >= 0 is denied (catalog.rate_limit_cost_invalid), also for a shadow
+#   rule. The denies reporting a problem (unusable or missing rule, invalid
+#   cost) are never shadow.
 package mcp.rules.catalog
 
 import data.mcp.catalog
@@ -36,12 +39,6 @@ import data.mcp.catalog
 _actions := {"allow", "deny", "rate_limit", "require_approval"}
 
 _scopes := {"session", "agent", "user", "global"}
-
-_rule_keys := {"action", "reason", "rate_limit", "approval", "shadow"}
-
-_limit_keys := {"max", "window", "scope", "increment_from"}
-
-_approval_keys := {"ttl"}
 
 _unit_seconds := {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 
@@ -59,64 +56,71 @@ _per_scope := {
 	"global": "across all callers",
 }
 
-default _rules := {}
+_where := ["rules[%q]", "risk_defaults[%q]", "default"]
 
-_rules := data.mcp_policy.rules if is_object(data.mcp_policy.rules)
-
-default _risk_defaults := {}
-
-_risk_defaults := data.mcp_policy.risk_defaults if is_object(data.mcp_policy.risk_defaults)
+_origin := ["policy rule for this tool", "default for %s-risk tools", "not in the policy catalog"]
 
 default _subject := "the called tool"
 
 _subject := sprintf("tool %q on server %q", [input.tool.name, input.tool.server])
 
-# The chain of rules for this call, in order, each {"id", "where", "origin",
-# "rule"}: rules[<tool>] (0) then risk_defaults[<risk>] (1) for a catalogued
-# tool, default (2) for any other; a link is absent when its rule is.
-_link[0] := {
-	"id": sprintf("catalog.rule.%s", [input.tool.name]),
-	"where": sprintf("rules[%q]", [input.tool.name]),
-	"origin": "policy rule for this tool",
-	"rule": _rules[input.tool.name],
-} if {
+# The links of the chain, each {"at", "id", "rule"}: at 0 the tool's own
+# rule, at 1 its risk default (both only for a catalogued tool), at 2 the
+# default (only for any other tool). A link is undefined when its rule is.
+_own := {"at": 0, "id": concat("", ["catalog.rule.", input.tool.name]), "rule": rule} if {
 	catalog.known
-	input.tool.name in object.keys(_rules)
+	rule := data.mcp_policy.rules[input.tool.name]
 }
 
-_link[1] := {
-	"id": sprintf("catalog.risk_default.%s", [catalog.entry.risk]),
-	"where": sprintf("risk_defaults[%q]", [catalog.entry.risk]),
-	"origin": sprintf("default for %s-risk tools", [catalog.entry.risk]),
-	"rule": _risk_defaults[catalog.entry.risk],
-} if {
+_by_risk := {"at": 1, "id": concat("", ["catalog.risk_default.", catalog.entry.risk]), "rule": rule} if {
 	catalog.known
-	catalog.entry.risk in object.keys(_risk_defaults)
+	rule := data.mcp_policy.risk_defaults[catalog.entry.risk]
 }
 
-_link[2] := {
-	"id": "catalog.default",
-	"where": "default",
-	"origin": "not in the policy catalog",
-	"rule": data.mcp_policy.default,
-} if {
+_fallback := {"at": 2, "id": "catalog.default", "rule": rule} if {
 	not catalog.known
-	"default" in object.keys(data.mcp_policy)
+	rule := data.mcp_policy.default
 }
-
-_candidates := [_link[i] | some i in sort(object.keys(_link))]
 
 # A rule written with shadow: true (a bare action name never is).
 default _is_shadow(_) := false
 
 _is_shadow(rule) if rule.shadow == true
 
-# Every rule of the chain before position i is shadow.
-_reached(i) if {
-	every c in array.slice(_candidates, 0, i) {
-		_is_shadow(c.rule)
-	}
+# The links that contribute, in chain order: the walk stops at the first rule
+# that is not shadow (a chain has at most two links).
+default _reached := []
+
+_reached := [_own] if {
+	not _is_shadow(_own.rule)
+} else := [_own, _by_risk] if {
+	_by_risk
+} else := [_own] if {
+	_own
+} else := [_by_risk] if {
+	_by_risk
+} else := [_fallback] if {
+	_fallback
 }
+
+# The reached links by id (the ids in a chain are distinct).
+_entry[c.id] := c if some c in _reached
+
+# A rule of the chain is enforced (not shadow).
+_enforced if {
+	some c in _reached
+	not _is_shadow(c.rule)
+}
+
+_where_of(c) := sprintf(_where[c.at], [input.tool.name]) if c.at == 0
+
+_where_of(c) := sprintf(_where[c.at], [catalog.entry.risk]) if c.at == 1
+
+_where_of(c) := _where[c.at] if c.at == 2
+
+_origin_of(c) := sprintf(_origin[c.at], [catalog.entry.risk]) if c.at == 1
+
+_origin_of(c) := _origin[c.at] if c.at != 1
 
 # METADATA
 # title: The YAML rules that contribute to this call
@@ -127,9 +131,14 @@ _reached(i) if {
 #   generated reasons, the rule as written and whether it is shadow (tried,
 #   not enforced). Empty when the chain is.
 # scope: document
-chain := [object.union(c, {"shadow": _is_shadow(c.rule)}) |
-	some i, c in _candidates
-	_reached(i)
+chain := [{
+	"id": c.id,
+	"where": _where_of(c),
+	"origin": _origin_of(c),
+	"rule": c.rule,
+	"shadow": _is_shadow(c.rule),
+} |
+	some c in _reached
 ]
 
 # METADATA
@@ -139,24 +148,20 @@ chain := [object.union(c, {"shadow": _is_shadow(c.rule)}) |
 #   rule of the chain is shadow or there is none (see catalog.missing_rule).
 # scope: document
 applied := c if {
+	_enforced
 	some c in chain
 	not c.shadow
 }
 
-# The chain entries by id (the ids in a chain are distinct).
-_entry[c.id] := c if some c in chain
+# A rule as an object: a bare action name is shorthand for {action: <name>}.
+# Undefined for anything else.
+_as_rule(raw) := raw if is_object(raw)
 
-# Each contributing rule as an object, by id: a bare action name is shorthand
-# for {action: <name>}. Absent for a rule that is neither (catalog.invalid_rule).
-_rule[c.id] := c.rule if {
-	some c in chain
-	is_object(c.rule)
-}
+_as_rule(raw) := {"action": raw} if is_string(raw)
 
-_rule[c.id] := {"action": c.rule} if {
-	some c in chain
-	is_string(c.rule)
-}
+# Each contributing rule as an object, by id (absent for a rule that is
+# neither an object nor an action name: catalog.invalid_rule).
+_rule[c.id] := _as_rule(c.rule) if some c in _reached
 
 _has(obj, key) if key in object.keys(obj)
 
@@ -169,38 +174,25 @@ _is_count(x) if {
 	x >= 1
 }
 
-_is_positive(x) if {
-	is_number(x)
-	x > 0
-}
-
 _is_name(x) if {
 	is_string(x)
 	x != ""
 }
 
-# METADATA
-# title: Rate limits of the contributing rules
-# description: |
-#   By contribution id: {"max", "window_seconds", "scope"} from either form of
-#   rate_limit: {max: 10, window: 60, scope: session} or "10/minute" (scope
-#   session). No entry for a rule without rate_limit or with a malformed string.
-# scope: document
-limit[id] := {
+# The limit of a rule, {"max", "window_seconds", "scope"}, from either form of
+# rate_limit: {max: 10, window: 60, scope: session} or "10/minute" (scope
+# session). Undefined for a rule without rate_limit or with a malformed string.
+_limit_of(rule) := {
 	"max": object.get(rule.rate_limit, "max", null),
 	"window_seconds": object.get(rule.rate_limit, "window", null),
 	"scope": object.get(rule.rate_limit, "scope", "session"),
 } if {
-	some id, rule in _rule
 	is_object(rule.rate_limit)
-}
-
-limit[id] := {
+} else := {
 	"max": to_number(parts[1]),
 	"window_seconds": _unit_seconds[parts[2]],
 	"scope": "session",
 } if {
-	some id, rule in _rule
 	is_string(rule.rate_limit)
 	some parts in regex.find_all_string_submatch_n(
 		`^\s*([0-9]+)\s*/\s*(second|minute|hour|day)s?\s*$`,
@@ -208,16 +200,86 @@ limit[id] := {
 	)
 }
 
-# Ids of the rules whose limit is weighted: the object form of rate_limit has
-# increment_from (the string form never has). _increment_from is the value as
-# written.
-_weighted contains id if {
+# METADATA
+# title: Rate limits of the contributing rules
+# description: By contribution id, the limit of each contributing rule that has one.
+# scope: document
+limit[id] := _limit_of(rule) if some id, rule in _rule
+
+# A rule this package can read: a known action, and a readable limit with a
+# whole max >= 1 and a known scope when it has one (action rate_limit must).
+_usable(rule) if {
+	rule.action in {"allow", "deny", "require_approval"}
+	not _has(rule, "rate_limit")
+}
+
+_usable(rule) if {
+	rule.action in _actions
+	lim := _limit_of(rule)
+	_is_count(lim.max)
+	lim.scope in _scopes
+}
+
+# What keeps a rule (as written) from being used, one message per problem;
+# empty exactly when _usable. Only what the reading above needs: the schema
+# checks the rest at load.
+_rule_problems(raw) := {"must be an action name or a map with an action"} if {
+	not _as_rule(raw)
+} else := _action_problems(_as_rule(raw)) | _limit_problems(_as_rule(raw))
+
+_action_problems(rule) := set() if {
+	rule.action in _actions
+} else := {sprintf(
+	"unknown action %s; use one of allow, deny, rate_limit, require_approval",
+	[_show(object.get(rule, "action", null))],
+)}
+
+_limit_problems(rule) := {"action rate_limit needs a rate_limit, e.g. {max: 10, window: 60}"} if {
+	rule.action == "rate_limit"
+	not _has(rule, "rate_limit")
+} else := set() if {
+	not _has(rule, "rate_limit")
+} else := {sprintf(
+	"rate_limit %s cannot be read; write {max, window, scope} or <max>/<unit>, e.g. \"10/minute\"",
+	[_show(rule.rate_limit)],
+)} if {
+	not _limit_of(rule)
+} else := {sprintf("rate_limit max must be an integer >= 1, got %s", [_show(_limit_of(rule).max)])} if {
+	not _is_count(_limit_of(rule).max)
+} else := {"rate_limit scope must be one of session, agent, user, global"} if {
+	not _limit_of(rule).scope in _scopes
+} else := set()
+
+# Ids of the contributing rules this package can use (each checked once).
+_valid contains id if {
+	some id, rule in _rule
+	_usable(rule)
+}
+
+# METADATA
+# title: Contributing rules this package cannot use
+# description: |
+#   Ids of the rules of the chain this package cannot read. The load checks
+#   reject such data; a policy that skipped them still never lets these rules
+#   allow anything: each is a catalog.invalid_rule deny.
+# scope: document
+unusable contains id if {
+	some id, _ in _rule
+	not id in _valid
+}
+
+unusable contains c.id if {
+	some c in _reached
+	not _as_rule(c.rule)
+}
+
+# The argument named by a weighted limit (the object form of rate_limit with
+# increment_from; the string form never has one), as written, by id.
+_increment_from[id] := rule.rate_limit.increment_from if {
 	some id, rule in _rule
 	is_object(rule.rate_limit)
 	_has(rule.rate_limit, "increment_from")
 }
-
-_increment_from[id] := _rule[id].rate_limit.increment_from if some id in _weighted
 
 # METADATA
 # title: Cost of this call under the weighted rate limits
@@ -235,149 +297,178 @@ cost[id] := value if {
 	value >= 0
 }
 
-# [id, message] per problem found in a contributing rule. Any problem turns the
-# rule into catalog.invalid_rule denies.
-_problems contains [c.id, "must be an object with an action, or just an action name"] if {
-	some c in chain
-	not is_object(c.rule)
-	not is_string(c.rule)
-}
+# What a contribution made for a rule adds to its fields: {"shadow": true} for
+# a shadow rule, else nothing; for its limit also {"cost": <argument>} when
+# weighted (undefined, no contribution, when that argument is unusable).
+_extra(id) := {} if {
+	not _is_shadow(_entry[id].rule)
+} else := {"shadow": true}
 
-_problems contains [id, msg] if {
-	some id, rule in _rule
-	keys := sort(object.keys(rule) - _rule_keys)
-	count(keys) > 0
-	msg := sprintf("unknown key(s) %s; allowed: action, reason, rate_limit, approval, shadow", [concat(", ", keys)])
-}
+_limit_extra(id) := _extra(id) if {
+	not _increment_from[id]
+} else := object.union(_extra(id), {"cost": cost[id]})
 
-_problems contains [id, "has no action"] if {
-	some id, rule in _rule
-	not _has(rule, "action")
-}
+_reason(id, rule) := rule.reason if {
+	_has(rule, "reason")
+} else := sprintf("%s %s (%s)", [_subject, _verbs[rule.action], _origin_of(_entry[id])])
 
-_problems contains [id, msg] if {
-	some id, rule in _rule
-	not rule.action in _actions
-	msg := sprintf("unknown action %s; use one of allow, deny, rate_limit, require_approval", [_show(rule.action)])
-}
+_calls(1) := "1 call"
 
-_problems contains [id, msg] if {
-	some id, rule in _rule
-	not is_string(rule.reason)
-	msg := sprintf("reason must be a string, got %s", [_show(rule.reason)])
-}
+_calls(n) := sprintf("%d calls", [n]) if n != 1
 
-_problems contains [id, msg] if {
-	some id, rule in _rule
-	not is_boolean(rule.shadow)
-	msg := sprintf("shadow must be true or false, got %s", [_show(rule.shadow)])
-}
+_per_window(1) := "per second"
 
-_problems contains [id, "action rate_limit needs a rate_limit, e.g. {max: 10, window: 60}"] if {
-	some id, rule in _rule
+_per_window(w) := sprintf("per %v seconds", [w]) if w != 1
+
+# How much a rule's limit allows: calls, or a total of the counted argument.
+_allowance(id, max_calls) := sprintf("a total %q of %d", [_increment_from[id], max_calls]) if {
+	_increment_from[id]
+} else := _calls(max_calls)
+
+_limit_reason(id, rule, lim) := rule.reason if {
 	rule.action == "rate_limit"
-	not _has(rule, "rate_limit")
-}
+	_has(rule, "reason")
+} else := sprintf("at most %s %s %s", [
+	_allowance(id, floor(lim.max)),
+	_per_window(lim.window_seconds),
+	_per_scope[lim.scope],
+])
 
-_problems contains [id, "rate_limit cannot be combined with action deny"] if {
+_ttl(rule) := {"ttl_seconds": rule.approval.ttl} if {
+	_has(rule.approval, "ttl")
+} else := {}
+
+# Why no rule is enforced: none applies, or every rule of the chain is shadow.
+_missing_reason := sprintf("%s has risk %s in the policy catalog, but risk_defaults has no rule for it", [
+	_subject,
+	_risk,
+]) if {
+	catalog.known
+	count(_reached) == 0
+} else := sprintf("%s is not in the policy catalog, and the policy data has no default rule", [_subject]) if {
+	count(_reached) == 0
+} else := sprintf("%s is not in the policy catalog, and the default rule is shadow (not enforced)", [_subject]) if {
+	not catalog.known
+} else := sprintf("%s has no enforced policy rule, only shadow ones: %s%s", [
+	_subject,
+	concat(", ", [c.where | some c in chain]),
+	_no_risk_default,
+])
+
+_risk := _show(object.get(catalog.entry, "risk", null))
+
+# For a catalogued tool (see _missing_reason).
+default _no_risk_default := ""
+
+_no_risk_default := sprintf("; risk_defaults has no rule for risk %s", [_risk]) if not _by_risk
+
+# METADATA
+# title: Deny contributions
+# description: |
+#   Each contributing rule whose action is deny (shadow when the rule is);
+#   never shadow: catalog.invalid_rule for each contributing rule this package
+#   cannot use; catalog.missing_rule when no rule is enforced (none applies,
+#   or all of the chain is shadow); catalog.rate_limit_cost_invalid when the
+#   argument counted by a contributing rule's weighted rate limit is missing,
+#   not a number or negative.
+# scope: document
+deny contains object.union({"rule": id, "reason": _reason(id, rule)}, _extra(id)) if {
 	some id, rule in _rule
 	rule.action == "deny"
-	_has(rule, "rate_limit")
+	id in _valid
 }
 
-_problems contains [id, "approval is only valid with action require_approval"] if {
-	some id, rule in _rule
-	_has(rule, "approval")
-	rule.action != "require_approval"
-}
-
-_problems contains [id, msg] if {
-	some id, rule in _rule
-	not is_object(rule.rate_limit)
-	not is_string(rule.rate_limit)
-	msg := sprintf(
-		"rate_limit must be an object {max, window, scope} or a string like \"10/minute\", got %s",
-		[_show(rule.rate_limit)],
-	)
-}
-
-_problems contains [id, msg] if {
-	some id, rule in _rule
-	is_string(rule.rate_limit)
-	not limit[id]
-	msg := sprintf(
-		"rate_limit %q is malformed; write <max>/<unit> with unit second, minute, hour or day, e.g. \"10/minute\"",
-		[rule.rate_limit],
-	)
-}
-
-_problems contains [id, msg] if {
-	some id, rule in _rule
-	keys := sort(object.keys(rule.rate_limit) - _limit_keys)
-	count(keys) > 0
-	msg := sprintf("rate_limit has unknown key(s) %s; allowed: max, window, scope, increment_from", [concat(", ", keys)])
-}
-
-_problems contains [id, msg] if {
+deny contains {"rule": "catalog.rate_limit_cost_invalid", "reason": reason} if {
 	some id, name in _increment_from
-	not _is_name(name)
-	msg := sprintf(
-		"rate_limit increment_from must be the name of a tool argument (a non-empty string), got %s",
-		[_show(name)],
-	)
+	id in _valid
+	not cost[id]
+	reason := sprintf("%s: rate limit counts argument %q, which must be a number >= 0", [_subject, name])
 }
 
-_problems contains [id, msg] if {
-	some id, lim in limit
-	not _is_count(lim.max)
-	msg := sprintf("rate_limit max must be an integer >= 1, got %s", [_show(lim.max)])
+deny contains {"rule": "catalog.invalid_rule", "reason": reason} if {
+	some id in unusable
+	problems := concat("; ", sort(_rule_problems(_entry[id].rule)))
+	reason := sprintf("invalid policy rule %s for %s: %s", [_where_of(_entry[id]), _subject, problems])
 }
 
-_problems contains [id, msg] if {
-	some id, lim in limit
-	not _is_positive(lim.window_seconds)
-	msg := sprintf("rate_limit window must be a number of seconds > 0, got %s", [_show(lim.window_seconds)])
-}
+deny contains {"rule": "catalog.missing_rule", "reason": _missing_reason} if not _enforced
 
-_problems contains [id, msg] if {
-	some id, lim in limit
-	not lim.scope in _scopes
-	msg := sprintf("rate_limit scope must be one of session, agent, user, global, got %s", [_show(lim.scope)])
-}
-
-_problems contains [id, msg] if {
+# METADATA
+# title: Require-approval contributions
+# description: |
+#   Each contributing rule whose action is require_approval (with ttl_seconds
+#   from approval.ttl; shadow when the rule is).
+# scope: document
+require_approval contains object.union_n([{"rule": id, "reason": _reason(id, rule)}, _ttl(rule), _extra(id)]) if {
 	some id, rule in _rule
-	not is_object(rule.approval)
-	msg := sprintf("approval must be an object like {ttl: 900}, got %s", [_show(rule.approval)])
-}
-
-_problems contains [id, msg] if {
-	some id, rule in _rule
-	keys := sort(object.keys(rule.approval) - _approval_keys)
-	count(keys) > 0
-	msg := sprintf("approval has unknown key(s) %s; allowed: ttl", [concat(", ", keys)])
-}
-
-_problems contains [id, msg] if {
-	some id, rule in _rule
-	not _is_positive(rule.approval.ttl)
-	msg := sprintf("approval ttl must be a number of seconds > 0, got %s", [_show(rule.approval.ttl)])
+	rule.action == "require_approval"
+	id in _valid
 }
 
 # METADATA
-# title: Problems with the contributing rules
+# title: Rate-limit contributions
 # description: |
-#   One message per problem found in the contributing rules (shadow or not).
-#   Any problem turns its rule into a catalog.invalid_rule deny, whose reason
-#   also says which rule it is.
+#   The limit of each contributing rule, whatever its (non-deny) action; max is
+#   written as an integer (10.0 in YAML becomes 10). A weighted limit adds
+#   "cost" (the counted argument); an unweighted one has no cost (counts 1).
+#   None for a rule whose counted argument is unusable (that call is denied
+#   instead, even when the rule is shadow). Shadow when the rule is.
 # scope: document
-errors contains msg if some [_, msg] in _problems
+rate_limit contains object.union(
+	{
+		"rule": id,
+		"max": floor(lim.max),
+		"window_seconds": lim.window_seconds,
+		"scope": lim.scope,
+		"reason": _limit_reason(id, rule, lim),
+	},
+	_limit_extra(id), # undefined for an unusable argument: no contribution
+) if {
+	some id, lim in limit
+	id in _valid
+	rule := _rule[id]
+	rule.action != "deny"
+}
 
-_broken contains id if some [id, _] in _problems
+# METADATA
+# title: Allow contributions
+# description: Each contributing rule whose action is allow (shadow when the rule is).
+# scope: document
+allow contains object.union({"rule": id, "reason": _reason(id, rule)}, _extra(id)) if {
+	some id, rule in _rule
+	rule.action == "allow"
+	id in _valid
+}
 
-# Ids of the contributing rules without a problem: only these contribute their
-# action and limit.
-_valid contains id if {
-	some id, _ in _rule
-	not id in _broken
+# Every rule in the policy data, with where it sits (load_errors only: this
+# reads whole sections of the policy data).
+_all_rules contains [sprintf("rules[%q]", [tool]), raw] if some tool, raw in data.mcp_policy.rules
+
+_all_rules contains [sprintf("risk_defaults[%q]", [risk]), raw] if some risk, raw in data.mcp_policy.risk_defaults
+
+_all_rules contains ["default", data.mcp_policy.default]
+
+_sections := {
+	"catalog": ["object", "a map of server to tool to entry"],
+	"rules": ["object", "a map"],
+	"risk_defaults": ["object", "a map"],
+}
+
+# METADATA
+# title: Problems in the policy data, found at load
+# description: |
+#   One message per section of the policy data of the wrong type and per rule
+#   this package could not use. Evaluated once when the policy is loaded,
+#   never per call (see data.mcp.load_errors): a policy with load errors is
+#   rejected whole.
+# scope: document
+load_errors contains sprintf("mcp_policy.%s: %s", [where, problem]) if {
+	some [where, raw] in _all_rules
+	some problem in _rule_problems(raw)
+}
+
+load_errors contains sprintf("mcp_policy.%s must be %s, got %s", [key, want[1], type_name(value)]) if {
+	some key, want in _sections
+	value := data.mcp_policy[key]
+	type_name(value) != want[0]
 }

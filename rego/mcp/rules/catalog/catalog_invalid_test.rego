@@ -2,17 +2,23 @@ package mcp.rules.catalog_test
 
 import data.mcp.rules.catalog
 
-# Invalid YAML rules: each mistake is reported (catalog.errors) and turns the
-# call into a catalog.invalid_rule deny; the rule's own action never applies.
+# Policy data this package cannot use. The schema and load_errors reject it
+# when it is loaded; a policy that skipped those checks (an `opa eval` of
+# hand-made data) still never allows through such a rule: each rule of the
+# chain it cannot read is a catalog.invalid_rule deny and contributes nothing
+# else.
 
-# The problems found in the rule under test, defined only when each of them is
-# a catalog.invalid_rule deny and nothing else is contributed.
-_reported := catalog.errors if {
+# The problems of the rule under test, defined only when each unusable rule
+# is a catalog.invalid_rule deny and nothing else is contributed.
+_reported := {p |
+	some id in catalog.unusable
+	some p in catalog._rule_problems(catalog._entry[id].rule)
+} if {
 	_out.require_approval == set()
 	_out.rate_limit == set()
 	_out.allow == set()
 	{d.rule | some d in _out.deny} == {"catalog.invalid_rule"}
-	count(_out.deny) == count(catalog.errors)
+	count(_out.deny) == count(catalog.unusable)
 }
 
 _rl(rate_limit) := {"action": "rate_limit", "rate_limit": rate_limit}
@@ -28,89 +34,47 @@ test_invalid_rule_reason_names_tool_and_problem if {
 	})
 }
 
-test_invalid_rule_one_deny_per_problem_when_several if {
-	out := _out with data.mcp_policy as _with_rule({"reason": 7, "colour": "red"}) with input as _copy
-	count(out.deny) == 3
-	catalog.errors == {
-		"has no action",
-		"reason must be a string, got 7",
-		"unknown key(s) colour; allowed: action, reason, rate_limit, approval, shadow",
-	} with data.mcp_policy as _with_rule({"reason": 7, "colour": "red"})
-		with input as _copy
+test_invalid_rule_problems_joined_when_several if {
+	out := _out with data.mcp_policy as _with_rule({"action": "maybe", "rate_limit": "often"}) with input as _copy
+	[d.reason | some d in out.deny] == [concat("", [
+		`invalid policy rule rules["copy_image_set"] for tool "copy_image_set" on server "srv": `,
+		`rate_limit "often" cannot be read; write {max, window, scope} or <max>/<unit>, e.g. "10/minute"; `,
+		`unknown action "maybe"; use one of allow, deny, rate_limit, require_approval`,
+	])]
 }
 
 test_invalid_rule_when_not_object_or_action_name if {
-	every rule in [5, null, true, ["allow"]] {
-		problems := _reported with data.mcp_policy as _with_rule(rule) with input as _copy
-		problems == {"must be an object with an action, or just an action name"}
+	every value in [7, null, true, ["allow"]] {
+		problems := _reported with data.mcp_policy as _with_rule(value) with input as _copy
+		problems == {"must be an action name or a map with an action"}
 	}
 }
 
-test_invalid_rule_when_bare_name_is_not_an_action if {
-	problems := _reported with data.mcp_policy as _with_rule("block") with input as _copy
-	problems == {`unknown action "block"; use one of allow, deny, rate_limit, require_approval`}
-}
-
-test_invalid_rule_when_action_missing if {
-	problems := _reported with data.mcp_policy as _with_rule({"reason": "x"}) with input as _copy
-	problems == {"has no action"}
-}
-
-test_invalid_rule_when_action_unknown_or_ill_typed if {
-	cases := {"Allow": `"Allow"`, "permit": `"permit"`, "": `""`, 1: "1", ["allow"]: `["allow"]`}
-	every action, shown in cases {
-		problems := _reported with data.mcp_policy as _with_rule({"action": action}) with input as _copy
+test_invalid_rule_when_action_missing_unknown_or_ill_typed if {
+	cases := {
+		"maybe": `"maybe"`,
+		"Allow": `"Allow"`,
+	}
+	every value, shown in cases {
+		problems := _reported with data.mcp_policy as _with_rule(value) with input as _copy
 		problems == {sprintf("unknown action %s; use one of allow, deny, rate_limit, require_approval", [shown])}
 	}
-}
-
-test_invalid_rule_when_unknown_key if {
-	rule := {"action": "allow", "rate_limits": "1/second"}
-	problems := _reported with data.mcp_policy as _with_rule(rule) with input as _copy
-	problems == {"unknown key(s) rate_limits; allowed: action, reason, rate_limit, approval, shadow"}
-}
-
-test_invalid_rule_when_reason_not_string if {
-	rule := {"action": "deny", "reason": ["a"]}
-	problems := _reported with data.mcp_policy as _with_rule(rule) with input as _copy
-	problems == {`reason must be a string, got ["a"]`}
+	every rule in [{"reason": "x"}, {"action": 5}, {"action": ["allow"]}] {
+		count(_reported) == 1 with data.mcp_policy as _with_rule(rule) with input as _copy
+	}
 }
 
 test_invalid_rule_when_rate_limit_action_has_no_rate_limit if {
-	rule := {"action": "rate_limit"}
-	problems := _reported with data.mcp_policy as _with_rule(rule) with input as _copy
+	problems := _reported with data.mcp_policy as _with_rule({"action": "rate_limit"}) with input as _copy
 	problems == {"action rate_limit needs a rate_limit, e.g. {max: 10, window: 60}"}
 }
 
-test_invalid_rule_when_deny_has_rate_limit if {
-	rule := {"action": "deny", "rate_limit": "1/minute"}
-	problems := _reported with data.mcp_policy as _with_rule(rule) with input as _copy
-	problems == {"rate_limit cannot be combined with action deny"}
-}
-
-test_invalid_rule_when_approval_without_require_approval if {
-	rule := {"action": "allow", "approval": {"ttl": 60}}
-	problems := _reported with data.mcp_policy as _with_rule(rule) with input as _copy
-	problems == {"approval is only valid with action require_approval"}
-}
-
-test_invalid_rule_when_rate_limit_wrong_type if {
-	cases := {10: "10", true: "true", null: "null", ["10/minute"]: `["10/minute"]`}
-	every value, shown in cases {
+test_invalid_rule_when_rate_limit_unreadable if {
+	every value in ["10 per minute", "ten/minute", "10/week", 10, ["10/minute"], null] {
 		problems := _reported with data.mcp_policy as _with_rule(_rl(value)) with input as _copy
 		problems == {sprintf(
-			"rate_limit must be an object {max, window, scope} or a string like \"10/minute\", got %s",
-			[shown],
-		)}
-	}
-}
-
-test_invalid_rule_when_rate_limit_string_malformed if {
-	every text in ["10 per minute", "10/fortnight", "10/Minute", "/minute", "-1/minute", "1.5/minute", "10/60", ""] {
-		problems := _reported with data.mcp_policy as _with_rule(_rl(text)) with input as _copy
-		problems == {sprintf(
-			"rate_limit %q is malformed; write <max>/<unit> with unit second, minute, hour or day, e.g. \"10/minute\"",
-			[text],
+			"rate_limit %s cannot be read; write {max, window, scope} or <max>/<unit>, e.g. \"10/minute\"",
+			[json.marshal(value)],
 		)}
 	}
 }
@@ -120,132 +84,107 @@ test_invalid_rule_when_rate_limit_string_max_zero if {
 	problems == {"rate_limit max must be an integer >= 1, got 0"}
 }
 
-test_invalid_rule_when_rate_limit_unknown_key if {
-	rule := _rl({"max": 1, "window": 1, "scpoe": "agent"})
-	problems := _reported with data.mcp_policy as _with_rule(rule) with input as _copy
-	problems == {"rate_limit has unknown key(s) scpoe; allowed: max, window, scope, increment_from"}
-}
-
-test_invalid_rule_when_max_invalid if {
-	cases := {
-		0: "0",
-		-3: "-3",
-		1.5: "1.5",
-		"10": `"10"`,
-		null: "null",
-	}
-	every value, shown in cases {
-		rule := _rl({"max": value, "window": 60})
-		problems := _reported with data.mcp_policy as _with_rule(rule) with input as _copy
-		problems == {sprintf("rate_limit max must be an integer >= 1, got %s", [shown])}
-	}
-}
-
-test_invalid_rule_when_max_missing if {
-	rule := _rl({"window": 60})
-	problems := _reported with data.mcp_policy as _with_rule(rule) with input as _copy
-	problems == {"rate_limit max must be an integer >= 1, got null"}
-}
-
-test_invalid_rule_when_window_invalid if {
-	cases := {0: "0", -60: "-60", "60": `"60"`, "1m": `"1m"`, false: "false"}
-	every value, shown in cases {
-		rule := _rl({"max": 1, "window": value})
-		problems := _reported with data.mcp_policy as _with_rule(rule) with input as _copy
-		problems == {sprintf("rate_limit window must be a number of seconds > 0, got %s", [shown])}
-	}
-}
-
-test_invalid_rule_when_window_missing if {
-	problems := _reported with data.mcp_policy as _with_rule(_rl({"max": 1})) with input as _copy
-	problems == {"rate_limit window must be a number of seconds > 0, got null"}
-}
-
-test_invalid_rule_when_scope_unknown if {
-	cases := {"Session": `"Session"`, "tenant": `"tenant"`, "": `""`, 1: "1", null: "null"}
-	every value, shown in cases {
-		rule := _rl({"max": 1, "window": 1, "scope": value})
-		problems := _reported with data.mcp_policy as _with_rule(rule) with input as _copy
-		problems == {sprintf("rate_limit scope must be one of session, agent, user, global, got %s", [shown])}
-	}
-}
-
-test_invalid_rule_when_approval_not_object if {
-	rule := {"action": "require_approval", "approval": 900}
-	problems := _reported with data.mcp_policy as _with_rule(rule) with input as _copy
-	problems == {"approval must be an object like {ttl: 900}, got 900"}
-}
-
-test_invalid_rule_when_approval_unknown_key if {
-	rule := {"action": "require_approval", "approval": {"ttl_seconds": 900}}
-	problems := _reported with data.mcp_policy as _with_rule(rule) with input as _copy
-	problems == {"approval has unknown key(s) ttl_seconds; allowed: ttl"}
-}
-
-test_invalid_rule_when_approval_ttl_invalid if {
-	cases := {0: "0", -1: "-1", "900": `"900"`, null: "null"}
-	every value, shown in cases {
-		rule := {"action": "require_approval", "approval": {"ttl": value}}
-		problems := _reported with data.mcp_policy as _with_rule(rule) with input as _copy
-		problems == {sprintf("approval ttl must be a number of seconds > 0, got %s", [shown])}
-	}
-}
-
 test_invalid_rule_names_where_when_risk_default_invalid if {
-	policy := object.union(_policy({}), {"risk_defaults": {"medium": {"action": "allow", "rate_limit": "ten/minute"}}})
+	policy := object.union(_policy({}), {"risk_defaults": {"medium": {"action": "ask"}}})
 	out := _out with data.mcp_policy as policy with input as _call("write_thing")
 	out == _only("deny", {
 		"rule": "catalog.invalid_rule",
 		"reason": concat("", [
 			`invalid policy rule risk_defaults["medium"] for tool "write_thing" on server "srv": `,
-			`rate_limit "ten/minute" is malformed; write <max>/<unit> with unit second, minute, hour or day, `,
-			`e.g. "10/minute"`,
+			`unknown action "ask"; use one of allow, deny, rate_limit, require_approval`,
 		]),
 	})
 }
 
 test_invalid_rule_names_where_when_default_invalid if {
-	policy := object.union(_policy({}), {"default": {"action": "rate_limit"}})
+	policy := object.union(_policy({}), {"default": {"action": "block"}})
 	out := _out with data.mcp_policy as policy with input as _call("unlisted")
 	out == _only("deny", {
 		"rule": "catalog.invalid_rule",
 		"reason": concat("", [
 			`invalid policy rule default for tool "unlisted" on server "srv": `,
-			"action rate_limit needs a rate_limit, e.g. {max: 10, window: 60}",
+			`unknown action "block"; use one of allow, deny, rate_limit, require_approval`,
 		]),
 	})
 }
 
-test_invalid_data_when_sections_have_wrong_type if {
-	policy := {"catalog": {"a": 1}, "rules": [], "risk_defaults": "none", "default": "deny"}
-	out := _out with data.mcp_policy as policy with input as _call("copy_image_set")
-	out.deny == {
-		{"rule": "catalog.default", "reason": `tool "copy_image_set" on server "srv" is denied (not in the policy catalog)`},
-		{"rule": "catalog.invalid_data", "reason": "policy data mcp_policy.catalog must be a list, got object"},
-		{"rule": "catalog.invalid_data", "reason": "policy data mcp_policy.rules must be a map, got array"},
-		{"rule": "catalog.invalid_data", "reason": "policy data mcp_policy.risk_defaults must be a map, got string"},
+# A limit with a bad max or scope cannot be read (catalog.invalid_rule); other
+# malformed fields are read as written and the decision rejects the contribution
+# they make (decision.invalid_contribution). Neither ever allows.
+test_decision_deny_when_limit_fields_malformed if {
+	cases := [
+		[{"max": 0, "window": 60}, "catalog.invalid_rule"],
+		[{"max": 10, "window": 60, "scope": "team"}, "catalog.invalid_rule"],
+		[{"max": 10}, "decision.invalid_contribution"],
+		[{"max": 2.5, "window": 60}, "catalog.invalid_rule"],
+		[{"max": 10, "window": "60"}, "decision.invalid_contribution"],
+	]
+	every c in cases {
+		d := data.mcp.decision with data.mcp_policy as _with_rule(_rl(c[0])) with input as _valid_copy
+		[d.action, d.rule] == ["deny", c[1]]
 	}
 }
 
-test_no_invalid_data_when_shipped_files if {
-	out := _out with input as _copy
-	every d in out.deny {
-		d.rule != "catalog.invalid_data"
+# --- load_errors: every rule of the policy data, once per load -----------------------
+
+test_load_errors_name_each_unusable_rule if {
+	policy := {
+		"catalog": _catalog,
+		"rules": {"copy_image_set": {"action": "maybe"}, "read_thing": "allow", "write_thing": _rl("0/hour")},
+		"risk_defaults": {"low": "allow", "medium": 5},
+		"default": {"action": "rate_limit"},
 	}
+	catalog.load_errors == {
+		`mcp_policy.rules["copy_image_set"]: unknown action "maybe"; use one of allow, deny, rate_limit, require_approval`,
+		`mcp_policy.rules["write_thing"]: rate_limit max must be an integer >= 1, got 0`,
+		`mcp_policy.risk_defaults["medium"]: must be an action name or a map with an action`,
+		"mcp_policy.default: action rate_limit needs a rate_limit, e.g. {max: 10, window: 60}",
+	} with data.mcp_policy as policy
+}
+
+test_load_errors_folded_with_package_name_by_decision if {
+	policy := object.union(_policy({}), {"default": "block"})
+	data.mcp.load_errors == {concat("", [
+		"mcp.rules.catalog: mcp_policy.default: ",
+		`unknown action "block"; use one of allow, deny, rate_limit, require_approval`,
+	])} with data.mcp_policy as policy
+}
+
+test_load_errors_none_when_shipped_files if {
+	count(catalog.load_errors) == 0
+	count(data.mcp.load_errors) == 0
+}
+
+# --- the sections of the policy data ---------------------------------------------------
+
+test_load_errors_when_sections_have_wrong_type if {
+	policy := {"catalog": [{"server": "srv", "tool": "t"}], "rules": [], "risk_defaults": "none", "default": "deny"}
+	catalog.load_errors == {
+		"mcp_policy.catalog must be a map of server to tool to entry, got array",
+		"mcp_policy.rules must be a map, got array",
+		"mcp_policy.risk_defaults must be a map, got string",
+	} with data.mcp_policy as policy
+}
+
+# Sections of the wrong type are never read whole per call: the tool is simply
+# not found there (and the load checks reject such data).
+test_unknown_tool_when_sections_have_wrong_type if {
+	policy := {"catalog": [{"server": "srv", "tool": "copy_image_set"}], "rules": [], "default": "deny"}
+	out := _out with data.mcp_policy as policy with input as _copy
+	out == _only("deny", {
+		"rule": "catalog.default",
+		"reason": `tool "copy_image_set" on server "srv" is denied (not in the policy catalog)`,
+	})
 }
 
 test_missing_rule_when_rules_and_risk_defaults_wrong_type if {
 	policy := {"catalog": _catalog, "rules": "copy_image_set: allow", "risk_defaults": ["allow"]}
 	out := _out with data.mcp_policy as policy with input as _copy
-	out.deny == {
-		{
-			"rule": "catalog.missing_rule",
-			"reason": concat("", [
-				`tool "copy_image_set" on server "srv" has risk "medium" in the policy catalog, `,
-				"but risk_defaults has no rule for it",
-			]),
-		},
-		{"rule": "catalog.invalid_data", "reason": "policy data mcp_policy.rules must be a map, got string"},
-		{"rule": "catalog.invalid_data", "reason": "policy data mcp_policy.risk_defaults must be a map, got array"},
-	}
+	out.deny == {{
+		"rule": "catalog.missing_rule",
+		"reason": concat("", [
+			`tool "copy_image_set" on server "srv" has risk "medium" in the policy catalog, `,
+			"but risk_defaults has no rule for it",
+		]),
+	}}
 }

@@ -217,35 +217,15 @@ test_risk_default_not_contributing_when_tool_rule_enforced_and_risk_default_shad
 
 # --- invalid shadow ---------------------------------------------------------------------
 
-test_invalid_rule_when_shadow_not_boolean if {
-	cases := {
-		"true": `"true"`,
-		"yes": `"yes"`,
-		1: "1",
-		0: "0",
-		null: "null",
-		[true]: "[true]",
-		{"on": true}: `{"on":true}`,
+# A shadow that is not true (the schema rejects anything but true or false at
+# load) is not shadow: the rule is enforced, the risk default behind it does not
+# contribute.
+test_enforced_when_shadow_not_true if {
+	every value in ["true", "yes", 1, null, [true], {"on": true}, false] {
+		rule := {"action": "rate_limit", "rate_limit": "10/minute", "shadow": value}
+		out := _out with data.mcp_policy as _with_rule(rule) with input as _copy
+		out == _only("rate_limit", _limit(10, 60, "session", "at most 10 calls per 60 seconds per session"))
 	}
-	every value, shown in cases {
-		rule := {"action": "allow", "shadow": value}
-		problems := _reported with data.mcp_policy as _with_rule(rule) with input as _copy
-		problems == {sprintf("shadow must be true or false, got %s", [shown])}
-	}
-}
-
-# A shadow that is not true or false is not shadow: the rule is enforced (and
-# invalid), the risk default behind it does not contribute.
-test_invalid_rule_reason_names_tool_when_shadow_invalid if {
-	rule := {"action": "rate_limit", "rate_limit": "10/minute", "shadow": "yes"}
-	out := _out with data.mcp_policy as _with_rule(rule) with input as _copy
-	out == _only("deny", {
-		"rule": "catalog.invalid_rule",
-		"reason": concat("", [
-			`invalid policy rule rules["copy_image_set"] for tool "copy_image_set" on server "srv": `,
-			`shadow must be true or false, got "yes"`,
-		]),
-	})
 }
 
 test_invalid_rule_enforced_and_risk_default_when_shadow_rule_invalid if {
@@ -278,7 +258,7 @@ test_invalid_rule_enforced_when_risk_default_behind_shadow_rule_invalid if {
 }
 
 test_invalid_rule_for_each_when_shadow_rule_and_risk_default_invalid if {
-	rule := {"action": "allow", "shadow": true, "colour": "red"}
+	rule := {"action": "permit", "shadow": true}
 	policy := object.union(_with_rule(rule), {"risk_defaults": {"medium": 5}})
 	out := _out with data.mcp_policy as policy with input as _copy
 	out == object.union(_none, {"deny": {
@@ -286,14 +266,14 @@ test_invalid_rule_for_each_when_shadow_rule_and_risk_default_invalid if {
 			"rule": "catalog.invalid_rule",
 			"reason": concat("", [
 				`invalid policy rule rules["copy_image_set"] for tool "copy_image_set" on server "srv": `,
-				"unknown key(s) colour; allowed: action, reason, rate_limit, approval, shadow",
+				`unknown action "permit"; use one of allow, deny, rate_limit, require_approval`,
 			]),
 		},
 		{
 			"rule": "catalog.invalid_rule",
 			"reason": concat("", [
 				`invalid policy rule risk_defaults["medium"] for tool "copy_image_set" on server "srv": `,
-				"must be an object with an action, or just an action name",
+				"must be an action name or a map with an action",
 			]),
 		},
 	}})

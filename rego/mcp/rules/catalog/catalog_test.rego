@@ -3,14 +3,14 @@ package mcp.rules.catalog_test
 import data.mcp.rules.catalog
 
 # A catalog with one tool per risk class on server "srv", plus copy_image_set.
-_catalog := [
-	{"server": "srv", "tool": "copy_image_set", "category": "write", "risk": "medium"},
-	{"server": "srv", "tool": "read_thing", "category": "read", "risk": "low"},
-	{"server": "srv", "tool": "write_thing", "category": "write", "risk": "medium"},
-	{"server": "srv", "tool": "admin_thing", "category": "admin", "risk": "high"},
-	{"server": "srv", "tool": "drop_thing", "category": "delete", "risk": "critical"},
-	{"server": "srv", "tool": "odd_thing", "category": "write", "risk": "extreme"},
-]
+_catalog := {"srv": {
+	"copy_image_set": {"category": "write", "risk": "medium"},
+	"read_thing": {"category": "read", "risk": "low"},
+	"write_thing": {"category": "write", "risk": "medium"},
+	"admin_thing": {"category": "admin", "risk": "high"},
+	"drop_thing": {"category": "delete", "risk": "critical"},
+	"odd_thing": {"category": "write", "risk": "extreme"},
+}}
 
 _risk_defaults := {
 	"low": "allow",
@@ -325,7 +325,7 @@ test_shipped_default_denies_when_tool_unknown if {
 test_shipped_risk_defaults_when_tool_has_no_rule if {
 	want := {"low": "allow", "medium": "require_approval", "high": "require_approval", "critical": "deny"}
 	every risk, level in want {
-		catalog_entries := [{"server": "srv", "tool": "t", "category": "x", "risk": risk}]
+		catalog_entries := {"srv": {"t": {"category": "x", "risk": risk}}}
 		out := _out with data.mcp_policy.catalog as catalog_entries with input as _call("t")
 		{c.rule | some c in out[level]} == {sprintf("catalog.risk_default.%s", [risk])}
 		((count(out.deny) + count(out.require_approval)) + count(out.rate_limit)) + count(out.allow) == 1

@@ -25,6 +25,13 @@ _is_id(x) if {
 
 _present(args, key) if key in object.keys(args)
 
+# Both required ids are well formed: the deny rules below look no further (the
+# common case costs this one rule).
+_ids_ok if {
+	_is_id(_args.datastore_id)
+	_is_id(_args.source_image_set_id)
+}
+
 _id_problem(args, key) := sprintf("argument %q is required", [key]) if not _present(args, key)
 
 _id_problem(args, key) := sprintf("argument %q must be a 32-character lowercase hex id", [key]) if {
@@ -51,6 +58,7 @@ _identified if is_string(input.principal.asserted_by)
 # scope: document
 deny contains {"rule": sprintf("copy_image_set.%s_invalid", [key]), "reason": reason} if {
 	_applies
+	not _ids_ok
 	some key in ["datastore_id", "source_image_set_id"]
 	reason := sprintf("copy_image_set: %s", [_id_problem(_args, key)])
 }
