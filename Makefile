@@ -16,6 +16,7 @@ BUF_VERSION := 1.75.0
 OPA := $(BIN)/opa
 REGAL := $(BIN)/regal
 BUF := $(BIN)/buf
+OPA_LIB := $(CURDIR)/.tools/lib/libmcppolicy_opa.so
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP := $(VENV)/.installed-stamp
@@ -34,7 +35,7 @@ help:
 
 setup: $(STAMP) $(GENERATED) tools
 
-tools: $(OPA) $(REGAL) $(BUF)
+tools: $(OPA) $(REGAL) $(BUF) $(OPA_LIB)
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +71,11 @@ $(REGAL): tools/regal/go.mod
 $(BUF):
 	@mkdir -p $(BIN)
 	GOBIN=$(BIN) go install github.com/bufbuild/buf/cmd/buf@v$(BUF_VERSION)
+
+# OPA's evaluator as a shared library for the in-process evaluator (engine/policy/inprocess.py).
+$(OPA_LIB): $(wildcard engine/policy/native/*.go) engine/policy/native/go.mod engine/policy/native/go.sum
+	@mkdir -p $(dir $@)
+	cd engine/policy/native && go build -buildmode=c-shared -trimpath -o $(OPA_LIB) .
 
 # The tests start private Redis servers; Debian's redis-server is installed when missing.
 redis-server:
@@ -125,11 +131,45 @@ test-python:
 fuzz: setup redis-server
 	HYPOTHESIS_PROFILE=fuzz pytest tests/test_fuzz.py
 
-bench: setup redis-server
-	$(PY) -m bench.decide
+bench: setup redis-server bench-tools
+	$(PY) -m bench.load
 	$(PY) -m bench.stores
 	$(PY) -m bench.redis_limiter
 	$(PY) -m bench.proxy
+
+# The load tools bench/load.py drives the servers with (Go, so the load generator does not
+# eat the CPU the servers need), built with go install into .tools/bin at these versions.
+# A stamp per version: changing a version here rebuilds that tool.
+# opa-envoy-plugin is the peer: OPA's own Envoy ext_authz server (it embeds OPA 1.15.2;
+# v1.15.2-envoy is the newest release the Go module proxy serves here). `go install
+# pkg@version` refuses it (the proxy does not list the module's versions, which go install
+# reads for deprecations), so it is built in a throwaway module that requires that version.
+GHZ_VERSION := 0.121.0
+HEY_VERSION := 0.1.5
+OPA_ENVOY_PLUGIN_VERSION := 1.15.2-envoy
+BENCH_TOOLS := $(BIN)/.ghz-v$(GHZ_VERSION) $(BIN)/.hey-v$(HEY_VERSION) \
+               $(BIN)/.opa-envoy-plugin-v$(OPA_ENVOY_PLUGIN_VERSION)
+
+.PHONY: bench-tools
+bench-tools: $(BENCH_TOOLS)
+
+$(BIN)/.ghz-v$(GHZ_VERSION):
+	@mkdir -p $(BIN)
+	GOBIN=$(BIN) go install github.com/bojand/ghz/cmd/ghz@v$(GHZ_VERSION)
+	touch $@
+
+$(BIN)/.hey-v$(HEY_VERSION):
+	@mkdir -p $(BIN)
+	GOBIN=$(BIN) go install github.com/rakyll/hey@v$(HEY_VERSION)
+	touch $@
+
+$(BIN)/.opa-envoy-plugin-v$(OPA_ENVOY_PLUGIN_VERSION):
+	@mkdir -p $(BIN)
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; cd "$$tmp"; \
+	go mod init bench-tools/opa-envoy-plugin; \
+	go get github.com/open-policy-agent/opa-envoy-plugin/cmd/opa-envoy-plugin@v$(OPA_ENVOY_PLUGIN_VERSION); \
+	GOBIN=$(BIN) go install github.com/open-policy-agent/opa-envoy-plugin/cmd/opa-envoy-plugin
+	touch $@
 
 fmt: setup
 	opa fmt --write rego

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import platform
+import re
+import resource
 import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # A valid copy_image_set call: the shipped policy allows it (within its limit).
@@ -45,3 +51,100 @@ async def drive(call: Callable[[int], Awaitable[Any]], count: int, concurrency: 
     await asyncio.gather(*[worker() for _ in range(concurrency)])
     elapsed = time.perf_counter() - started
     return Run(count / elapsed, *percentiles(latencies))
+
+
+# What the Go-tool benchmark (bench/load.py) shares with others: machine facts, the CPU
+# time of processes, and counters read from a Prometheus text page.
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def machine() -> dict[str, str]:
+    """Cores, load average and processor, as printed beside the figures."""
+    info = {"nproc": str(os.cpu_count())}
+    if hasattr(os, "sched_getaffinity"):
+        info["usable cores"] = str(len(os.sched_getaffinity(0)))
+    load = os.getloadavg()
+    info["load average (1/5/15 min)"] = " ".join(f"{x:.2f}" for x in load)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    info["python"] = platform.python_version()
+    return info
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces.
+    return text[text.rindex(")") + 2 :].split()
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (Linux /proc; only `pid` elsewhere)."""
+    children: dict[int, list[int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                fields = _stat_fields(int(entry.name))
+                if fields is not None:
+                    children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the running processes `pids` have used so far."""
+    total = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLOCK_TICKS
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of this process's finished (waited-for) children, e.g. a load tool."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def prometheus_counters(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """The samples of metric `name` in a Prometheus text page, with their labels."""
+    out = []
+    for line in text.splitlines():
+        if not line.startswith(name) or line.startswith("#"):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, labels = head.partition("{")
+        if metric != name:
+            continue
+        pairs = re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels)
+        out.append((dict(pairs), float(value)))
+    return out
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time all processes on the machine have used so far (Linux /proc/stat), so
+    that what others ran during a measurement can be told apart from ours."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS

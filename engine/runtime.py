@@ -27,6 +27,7 @@ from engine.identity.base import Identity
 from engine.identity.callers import AgentCredentials, DecisionClients
 from engine.identity.jwt import JwtVerifier
 from engine.metrics import Metrics
+from engine.policy.inprocess import InProcessOpa
 from engine.policy.loader import Policy
 from engine.policy.opa_process import OpaProcess
 from engine.policy.rest import Opa
@@ -52,12 +53,17 @@ class Runtime:
         self._approver_token = token or secrets.token_urlsafe(32)
         self.approver_auth = ApproverAuth.from_settings(settings, self._approver_token)
         self.opa_process: OpaProcess | None = None
-        opa_url = settings.opa_url
-        if opa_url is None:
-            self.opa_process = OpaProcess(settings.opa_binary)
-            opa_url = self.opa_process.url
-        opa_token = settings.opa_token.get_secret_value() if settings.opa_token else None
-        self.opa = Opa(opa_url, timeout=settings.opa_timeout_ms / 1000, token=opa_token)
+        timeout = settings.opa_timeout_ms / 1000
+        self.opa: Opa | InProcessOpa
+        if settings.opa_url is None and settings.engine == "inprocess":
+            self.opa = InProcessOpa(timeout=timeout)
+        else:
+            opa_url = settings.opa_url
+            if opa_url is None:
+                self.opa_process = OpaProcess(settings.opa_binary)
+                opa_url = self.opa_process.url
+            opa_token = settings.opa_token.get_secret_value() if settings.opa_token else None
+            self.opa = Opa(opa_url, timeout=timeout, token=opa_token)
         self.policy = Policy(self.opa, settings.policy_paths, settings.policy_schema)
         self._redis: Any = None
         self.rate_limits, self.approvals = self._stores(settings)
@@ -114,22 +120,45 @@ class Runtime:
             raise ValueError("state_store redis needs MCP_POLICY_REDIS_URL")
         import redis.asyncio
 
+        from engine.ratelimit import RedisGate, cluster_client
+
         timeout = settings.redis_timeout_ms / 1000
-        # A bounded pool: a burst of decisions waits briefly for a connection instead of
-        # opening hundreds (or failing with "too many connections").
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            settings.redis_url.get_secret_value(),
-            decode_responses=True,
-            max_connections=settings.redis_max_connections,
-            timeout=max(1.0, timeout),
-            socket_timeout=timeout,
-            socket_connect_timeout=max(1.0, timeout),
-            health_check_interval=10,
-        )
-        self._redis = redis.asyncio.Redis(connection_pool=pool)
+        url = settings.redis_url.get_secret_value()
+        gate = None
+        if settings.redis_cluster:
+            from redis.asyncio.retry import Retry
+            from redis.backoff import ExponentialWithJitterBackoff
+
+            # The cluster client fails at once past max_connections per node; the gate
+            # makes a burst wait briefly for a turn instead, as the pool below does.
+            # Two quick retries (each after refreshing the slot map) ride out a
+            # failover without holding a call for long when a node is simply down.
+            self._redis = cluster_client(
+                url,
+                decode_responses=True,
+                max_connections=settings.redis_max_connections,
+                socket_timeout=timeout,
+                socket_connect_timeout=max(1.0, timeout),
+                health_check_interval=10,
+                retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=2),
+            )
+            gate = RedisGate(settings.redis_max_connections, wait=max(1.0, timeout))
+        else:
+            # A bounded pool: a burst of decisions waits briefly for a connection instead
+            # of opening hundreds (or failing with "too many connections").
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                url,
+                decode_responses=True,
+                max_connections=settings.redis_max_connections,
+                timeout=max(1.0, timeout),
+                socket_timeout=timeout,
+                socket_connect_timeout=max(1.0, timeout),
+                health_check_interval=10,
+            )
+            self._redis = redis.asyncio.Redis(connection_pool=pool)
         return (
-            RedisRateLimitStore(self._redis, settings.redis_prefix),
-            RedisApprovalStore(self._redis, settings.redis_prefix),
+            RedisRateLimitStore(self._redis, settings.redis_prefix, gate=gate),
+            RedisApprovalStore(self._redis, settings.redis_prefix, gate=gate),
         )
 
     @property

@@ -11,6 +11,7 @@ limits are only looked at, approvals neither created nor used.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import secrets
@@ -221,7 +222,8 @@ class DecisionService:
             try:
                 if rejected is not None:
                     raise _Rejected(rejected)
-                result = await self._evaluate(input_doc)
+                result, revision = await self._evaluate(input_doc)
+                ctx = dataclasses.replace(ctx, revision=revision)
             except _Rejected as exc:
                 # Never decided on the fields the caller declared instead.
                 self.metrics.invalid_credentials.inc()
@@ -276,13 +278,13 @@ class DecisionService:
         )
         return decision
 
-    async def _evaluate(self, input_doc: dict[str, Any]) -> PolicyResult:
+    async def _evaluate(self, input_doc: dict[str, Any]) -> tuple[PolicyResult, str]:
+        """The policy's result and the revision it was evaluated with."""
         with self.tracer.start_as_current_span("opa.evaluate"):
             started = time.perf_counter()
-            async with self.policy.gate.evaluating(wait=self.policy.opa.timeout):
-                result = await self.policy.opa.evaluate(input_doc)
+            evaluated = await self.policy.evaluate(input_doc)
             self.metrics.opa_seconds.observe(time.perf_counter() - started)
-            return result
+            return evaluated
 
     async def _enforce(self, ctx: Ctx, result: PolicyResult) -> Decision:
         if result.action == "deny":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,6 +56,12 @@ class Settings(BaseSettings):
     approver_role: str = Field(
         "approver", description="The role an approver JWT needs in approver_role_claim."
     )
+    engine: Literal["inprocess", "opa"] = Field(
+        "inprocess",
+        description="Where policies are evaluated: inprocess (OPA's Go evaluator inside this "
+        "process, the default) or opa (an OPA server the service starts and supervises, "
+        "asked over REST). Setting opa_url always means that OPA server.",
+    )
     opa_url: str | None = Field(None, description="Use this OPA instead of starting one.")
     opa_token: SecretStr | None = Field(None, description="Bearer token for an external OPA.")
     opa_binary: str = Field("opa", description="OPA binary to run when no opa_url is given.")
@@ -94,6 +101,14 @@ class Settings(BaseSettings):
     redis_prefix: str = Field("mcp-policy:", description="Key prefix in a shared Redis.")
     redis_timeout_ms: int = Field(250, ge=1, description="Deadline of one Redis operation.")
     redis_max_connections: int = Field(32, ge=1, description="Connections per process.")
+    redis_cluster: bool = Field(
+        False,
+        description="redis_url names a node of a Redis Cluster (any one: the others are "
+        "found from it, and moved slots followed). Each call's counters share a hash tag, "
+        "so every script runs on one node. redis_max_connections then bounds the Redis "
+        "operations in flight per process (a burst waits for a turn), hence the "
+        "connections per node. Needs database 0 and a redis_prefix without { or }.",
+    )
     sqlite_busy_timeout_ms: int = Field(500, ge=0, description="Wait for a locked SQLite file.")
     rate_limit_fail_mode: Literal["closed", "open"] = Field(
         "closed",
@@ -251,6 +266,23 @@ class Settings(BaseSettings):
             raise ValueError("approver_issuer needs approver_audience")
         if self.approver_issuer is None and (self.approver_audience or self.approver_jwks_url):
             raise ValueError("approver_audience and approver_jwks_url need approver_issuer")
+        return self
+
+    @model_validator(mode="after")
+    def _redis_cluster_usable(self) -> Settings:
+        if not self.redis_cluster:
+            return self
+        if self.redis_url is None:
+            raise ValueError("redis_cluster needs redis_url (any node of the cluster)")
+        url = urlsplit(self.redis_url.get_secret_value())
+        if url.scheme not in ("redis", "rediss"):
+            raise ValueError("redis_cluster needs a redis:// or rediss:// redis_url")
+        if url.path.strip("/") not in ("", "0"):
+            raise ValueError("redis_cluster needs database 0 in redis_url (a cluster has no other)")
+        if "{" in self.redis_prefix or "}" in self.redis_prefix:
+            raise ValueError(
+                "redis_cluster needs a redis_prefix without { or } (the keys carry hash tags)"
+            )
         return self
 
     @property

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import APPROVER_TOKEN, copy_call, copy_policy
 from tests.processes import CLI, Serve
@@ -89,8 +90,27 @@ def test_decide_finds_the_checkouts_opa_without_path(tmp_path: Path) -> None:
     assert json.loads(result.stdout)["verdict"] == "allow"
 
 
-def test_a_missing_opa_is_one_line_saying_how_to_get_it(tmp_path: Path) -> None:
-    env = {**os.environ, "MCP_POLICY_OPA_BINARY": str(tmp_path / "no-opa")}
+@pytest.mark.parametrize(
+    ("variables", "hint"),
+    [
+        (
+            {"MCP_POLICY_ENGINE": "opa", "MCP_POLICY_OPA_BINARY": "no-opa"},
+            "go install github.com/open-policy-agent/opa@v",
+        ),
+        (
+            {"MCP_POLICY_ENGINE": "inprocess", "MCP_POLICY_OPA_LIBRARY": "no-library.so"},
+            "make tools",
+        ),
+    ],
+    ids=["opa-server", "in-process"],
+)
+def test_a_missing_engine_is_one_line_saying_how_to_get_it(
+    tmp_path: Path, variables: dict[str, str], hint: str
+) -> None:
+    env = {
+        **os.environ,
+        **{k: str(tmp_path / v) if v.startswith("no-") else v for k, v in variables.items()},
+    }
     for command in (["decide"], ["serve", "--http-port", "0", "--grpc-port", "0"]):
         result = subprocess.run(
             [*CLI, *command, "--state-dir", str(tmp_path)],
@@ -104,7 +124,7 @@ def test_a_missing_opa_is_one_line_saying_how_to_get_it(tmp_path: Path) -> None:
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-        assert "go install github.com/open-policy-agent/opa@v" in lines[0]
+        assert hint in lines[0]
 
 
 def test_serve_reloads_on_sighup_and_stops_cleanly(tmp_path: Path) -> None:

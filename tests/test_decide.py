@@ -1,13 +1,19 @@
-"""The shipped policy, end to end: one table of calls through HTTP and gRPC."""
+"""The shipped policy, end to end: one table of calls through HTTP and gRPC, with the
+policy evaluated in-process (the default) and by an OPA server over REST."""
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
+import httpx
 import pytest
 
+from engine.server import Servers, start_servers
 from tests.clients import GrpcClient, HttpClient
 from tests.conftest import (
     DATASTORE,
@@ -16,6 +22,7 @@ from tests.conftest import (
     VALKEY,
     copy_call,
     session,
+    settings_for,
 )
 
 Client = HttpClient | GrpcClient
@@ -117,17 +124,46 @@ CASES: list[tuple[str, dict[str, Any], str, str, list[str]]] = [
 ]
 
 
+@pytest.fixture(scope="module")
+async def opa_servers(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Servers]:
+    """The service with the other engine: an OPA server it starts, asked over REST."""
+    running = await start_servers(settings_for(tmp_path_factory.mktemp("rest"), engine="opa"))
+    yield running
+    await running.stop()
+
+
+@pytest.fixture(scope="module")
+async def opa_clients(opa_servers: Servers) -> AsyncIterator[dict[str, Client]]:
+    async with (
+        httpx.AsyncClient(base_url=opa_servers.http_url, timeout=10) as raw,
+        grpc.aio.insecure_channel(opa_servers.grpc_target) as channel,
+    ):
+        yield {"http": HttpClient(raw), "grpc": GrpcClient(channel)}
+
+
+@pytest.fixture(params=["inprocess", "opa"])
+def engine_client(
+    request: pytest.FixtureRequest, client: Client, opa_clients: dict[str, Client]
+) -> Client:
+    """`client` (HTTP and gRPC) against each engine."""
+    return client if request.param == "inprocess" else opa_clients[client.name]
+
+
 @pytest.mark.parametrize(
     ("request_body", "verdict", "rule", "words"),
     [case[1:] for case in CASES],
     ids=[case[0] for case in CASES],
 )
 async def test_shipped_policy_decides(
-    client: Client, request_body: dict[str, Any], verdict: str, rule: str, words: list[str]
+    engine_client: Client,
+    request_body: dict[str, Any],
+    verdict: str,
+    rule: str,
+    words: list[str],
 ) -> None:
     body = dict(request_body)
     body["principal"] = {**body["principal"], "session_id": session()}
-    decision = await client.decide(body)
+    decision = await engine_client.decide(body)
     assert decision["verdict"] == verdict
     assert decision["rule"] == rule
     for word in words:
@@ -180,3 +216,24 @@ async def test_same_policy_revision_on_both_transports(
     a = await http.decide(copy_call())
     b = await grpc_client.decide(copy_call())
     assert a["policy_revision"] == b["policy_revision"] != "none"
+
+
+async def test_both_engines_give_the_same_decisions(
+    http: HttpClient, opa_clients: dict[str, Client], servers: Servers, opa_servers: Servers
+) -> None:
+    """Every case of the table, field by field (bar ids and times), in both engines."""
+    assert servers.runtime.policy.revision == opa_servers.runtime.policy.revision
+    volatile = {"decision_id", "outcome_token", "mcp_result", "approval", "time"}
+    for case_id, request_body, *_ in CASES:
+        sid = session()
+        body = {**request_body, "principal": {**request_body["principal"], "session_id": sid}}
+        here = stable(await http.decide(body), volatile)
+        there = stable(await opa_clients["http"].decide(body), volatile)
+        assert here == there, case_id
+
+
+def stable(decision: dict[str, Any], volatile: set[str]) -> dict[str, Any]:
+    """A decision without what differs between any two services: ids and times."""
+    out = {k: v for k, v in decision.items() if k not in volatile}
+    out["reason"] = re.sub(r"apr_[0-9a-f]+", "apr_…", out["reason"])
+    return out

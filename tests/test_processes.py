@@ -82,7 +82,7 @@ def _reap_leftover(pids: list[int]) -> None:
 
 def test_opa_dies_when_the_service_is_sigkilled(tmp_path: Path) -> None:
     rego, data = copy_policy(tmp_path)
-    server = Serve(tmp_path, [rego, data], {})
+    server = Serve(tmp_path, [rego, data], {"MCP_POLICY_ENGINE": "opa"})
     opa: list[int] = []
     try:
         opa.append(_opa_child_of(server.proc.pid))
@@ -100,7 +100,9 @@ def test_opa_dies_when_the_service_is_sigkilled(tmp_path: Path) -> None:
 
 async def test_opa_dies_when_the_embedded_proxy_is_sigkilled(tmp_path: Path) -> None:
     proxy = await RawProxy.start(
-        [*embedded_args(tmp_path), "--", *FIXTURE], clean_env(), tmp_path / "proxy.log"
+        [*embedded_args(tmp_path), "--", *FIXTURE],
+        {**clean_env(), "MCP_POLICY_ENGINE": "opa"},
+        tmp_path / "proxy.log",
     )
     children: list[int] = []
     try:

@@ -21,6 +21,8 @@ from typing import Any
 import jsonschema
 
 from engine.errors import PolicyRejected, PolicyUnavailable
+from engine.models import PolicyResult
+from engine.policy.inprocess import LOAD_ERRORS_QUERY, InProcessOpa
 from engine.policy.rest import Opa
 from engine.policy.source import PolicyBundle, read_bundle
 
@@ -106,9 +108,16 @@ class Gate:
 
 
 class Policy:
-    """Keeps OPA loaded with the last good bundle."""
+    """Keeps the engine loaded with the last good bundle, and evaluates decisions with it.
 
-    def __init__(self, opa: Opa, paths: list[Path], schema_path: Path | None = None) -> None:
+    Two engines: OPA in this process (`InProcessOpa`: a load compiles the new revision
+    aside and swaps it in whole, so decisions never wait and each knows the revision it
+    used), or an OPA server over REST (`Opa`: modules are replaced one by one, so the gate
+    holds decisions back while a change is pushed)."""
+
+    def __init__(
+        self, opa: Opa | InProcessOpa, paths: list[Path], schema_path: Path | None = None
+    ) -> None:
         self.opa = opa
         self.paths = paths
         self.bundle: PolicyBundle | None = None
@@ -125,6 +134,37 @@ class Policy:
     @property
     def revision(self) -> str:
         return self.bundle.revision if self.bundle is not None else NO_REVISION
+
+    @property
+    def timeout(self) -> float:
+        """Deadline of one evaluation, in seconds."""
+        return self.opa.timeout
+
+    async def evaluate(self, input_doc: dict[str, Any]) -> tuple[PolicyResult, str]:
+        """`data.mcp.decision` for `input_doc` and the revision it was evaluated with;
+        PolicyUnavailable on any failure."""
+        if isinstance(self.opa, InProcessOpa):
+            return await self.opa.evaluate(input_doc)
+        async with self.gate.evaluating(wait=self.opa.timeout):
+            return await self.opa.evaluate(input_doc), self.revision
+
+    async def _apply(self, bundle: PolicyBundle) -> None:
+        """Make the engine run `bundle`, checked by data.mcp.load_errors, or raise
+        PolicyRejected with the running policy unchanged."""
+        if isinstance(self.opa, InProcessOpa):
+            await self.opa.load(bundle, check=LOAD_ERRORS_QUERY)
+            return
+        async with self.gate.changing():
+            await self.opa.load(bundle)
+            errors = await self.opa.load_errors()
+            if errors:
+                if self.bundle is not None and self.loaded:
+                    await self.opa.load(self.bundle)
+                raise PolicyRejected(
+                    "the policy data has errors; the running policy is unchanged: "
+                    + "; ".join(errors[:5]),
+                    errors,
+                )
 
     def validate(self, bundle: PolicyBundle) -> None:
         """Check the policy data against the schema; raise PolicyRejected listing problems."""
@@ -152,8 +192,7 @@ class Policy:
                 changed = self.bundle is None or bundle.revision != self.bundle.revision
                 if changed or not self.loaded:
                     self.validate(bundle)
-                    async with self.gate.changing():
-                        await self.opa.load(bundle)
+                    await self._apply(bundle)
             except PolicyRejected as exc:
                 self.reloads["rejected"] += 1
                 self.last_reload = ReloadStatus(now, False, self.revision, False, exc.errors)

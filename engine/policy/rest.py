@@ -63,6 +63,11 @@ class Opa:
         self._decide: AsyncOpaClient | None = None
         self._admin: AsyncOpaClient | None = None
 
+    @property
+    def where(self) -> str:
+        """Where decisions are evaluated, for people."""
+        return f"OPA at {self.url}"
+
     async def open(self) -> None:
         self._decide = _client(self.url, timeout=self.timeout, retries=0, token=self._token)
         self._admin = _client(self.url, timeout=ADMIN_TIMEOUT_SECONDS, retries=2, token=self._token)
@@ -105,6 +110,22 @@ class Opa:
             raise PolicyUnavailable(
                 f"the policy gave a malformed decision ({problems})", kind="malformed"
             ) from exc
+
+    async def load_errors(self) -> list[str]:
+        """`data.mcp.load_errors` of the policy OPA holds now (sorted; [] when undefined)."""
+        admin = self._admin
+        if admin is None:
+            raise PolicyUnavailable("OPA client is not open")
+        try:
+            body = await admin.query_rule({}, DECISION_PACKAGE, "load_errors")
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise PolicyUnavailable(
+                f"could not check the policy in OPA: {exc}", kind="load"
+            ) from exc
+        value = body.get("result", []) if isinstance(body, dict) else None
+        if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+            raise PolicyRejected("data.mcp.load_errors must be a set of strings", ["load_errors"])
+        return sorted(value)
 
     async def healthy(self) -> bool:
         client = self._admin
