@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from engine import jsonstrict, translate
 from engine import status as status_view
+from engine.authoring import migrate as migrate_command
 from engine.errors import (
     MAX_MESSAGE_CHARS,
     EngineError,
@@ -108,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--url", default="http://127.0.0.1:8080", help="the service's HTTP URL")
     status.add_argument("--hours", type=float, default=24, help="how far back (default 24)")
     status.add_argument("--json", action="store_true", help="print the summary as JSON")
+    migrate = commands.add_parser(
+        "migrate",
+        help=migrate_command.HELP,
+        description=migrate_command.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    migrate.add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing; exit 1 when a file needs migrating",
+    )
+    migrate.add_argument(
+        "dirs", nargs="+", type=Path, metavar="DIR", help="policy directories (or files)"
+    )
     add_proxy_commands(commands)
     add_identity_commands(commands)
     return parser
@@ -131,7 +146,7 @@ async def _serve(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGHUP, reload)
     print(
         f"mcp-policy: gRPC on {servers.grpc_target}, HTTP on {servers.http_url} "
-        f"(policy {runtime.policy.revision}, OPA {runtime.opa.url})",
+        f"(policy {runtime.policy.revision}, {runtime.opa.where})",
         flush=True,
     )
     if runtime.generated_token:
@@ -217,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_identity_command(args)
     if args.command == "status":
         return _status(args)
+    if args.command == "migrate":
+        return migrate_command.run(args.dirs, check=args.check)
     try:
         settings = _settings(args)
     except ValidationError as exc:

@@ -64,12 +64,18 @@ def add_tools(
     catalog: Iterable[dict[str, Any]] = (),
     rules: Mapping[str, dict[str, Any]] | None = None,
 ) -> None:
-    """Add catalog entries and set per-tool rules in a copy of policies/ (copy_policy)."""
+    """Add catalog entries and set per-tool rules in a copy of policies/ (copy_policy).
+
+    Each entry is `{"server", "tool", "category", "risk", ...}` ("server" "*": any server);
+    it is filed under its server and tool in the catalog map."""
     for name, edit in (("catalog.yaml", "catalog"), ("rules.yaml", "rules")):
         path = data / name
         doc = yaml.safe_load(path.read_text())
         if edit == "catalog":
-            doc["mcp_policy"]["catalog"].extend(catalog)
+            for entry in catalog:
+                fields = {k: v for k, v in entry.items() if k not in ("server", "tool")}
+                server = doc["mcp_policy"]["catalog"].setdefault(entry.get("server", "*"), {})
+                server[entry["tool"]] = fields
         else:
             doc["mcp_policy"]["rules"].update(rules or {})
         path.write_text(yaml.safe_dump(doc))

@@ -31,6 +31,7 @@ from tests.conftest import (
     DATASTORE,
     HEALTHIMAGING,
     VALKEY,
+    add_tools,
     copy_call,
     copy_policy,
     session,
@@ -43,12 +44,7 @@ AUDIENCE = "https://mcp-policy.example.test/approvals"
 MCP_POLICY = Path(sys.executable).with_name("mcp-policy")
 # A second tool that needs approval (high risk), added to a private copy of the catalog.
 OTHER_TOOL = "delete_image_set"
-EXTRA_CATALOG = f"""
-    - server: {HEALTHIMAGING}
-      tool: {OTHER_TOOL}
-      category: delete
-      risk: high
-"""
+EXTRA_CATALOG = {"server": HEALTHIMAGING, "tool": OTHER_TOOL, "category": "delete", "risk": "high"}
 
 
 def status_of(client: Client, http: int, grpc_code: str) -> int | str:
@@ -117,8 +113,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
     tokens["carol"] = added.stdout.strip()
 
     rego, data = copy_policy(tmp)
-    catalog = data / "catalog.yaml"
-    catalog.write_text(catalog.read_text() + EXTRA_CATALOG)
+    add_tools(data, catalog=[EXTRA_CATALOG])
     issuer = Issuer(audience=AUDIENCE)
     await issuer.start()
     servers = await start_servers(

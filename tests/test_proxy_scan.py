@@ -1,17 +1,23 @@
-"""`mcp-policy scan` writes a policy scaffold from a live MCP server's tools, and
-`mcp-policy validate` accepts it, and reports broken Rego and YAML with file and line."""
+"""`mcp-policy scan` writes a server's catalog file from its live tools, which merges with
+the shipped policy; `mcp-policy validate` accepts that, and reports broken Rego and YAML
+with file and line, schema errors by their most specific reason, load errors, and a
+catalog still in the 0.1 form."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 
+import mcp_types as types
 import yaml
 
 from engine.models import DecideRequest, Principal, Verdict
+from engine.proxy.scan import Scanned, scaffold
+from engine.proxy.validate import schema_errors
 from engine.runtime import Runtime
 from engine.settings import PROJECT_ROOT
-from tests.conftest import DATASTORE, HEALTHIMAGING, copy_policy, settings_for
+from tests.conftest import DATASTORE, HEALTHIMAGING, IMAGE_SET, copy_policy, settings_for
 from tests.fixtures.proxy_harness import FIXTURE, PROXY, HttpFixture, clean_env
 
 
@@ -30,65 +36,181 @@ async def cli(*args: str, timeout: float = 60) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def test_scan_writes_a_scaffold_that_validate_accepts_and_the_service_loads(
-    tmp_path: Path,
-) -> None:
-    scaffold = tmp_path / "scanned" / "policy.yaml"
-    status, _, err = await cli("scan", "--out", str(scaffold), "--", *FIXTURE)
+# A second MCP server for the scans (argv: its name, then "empty" for no tools): its own
+# tools, and one that shares its name with the shipped policy's copy_image_set.
+OTHER_SERVER = """\
+import sys
+
+from mcp.server.mcpserver import MCPServer
+from mcp_types import ToolAnnotations
+
+server = MCPServer(sys.argv[1], version="2.0.0")
+
+if sys.argv[2:] != ["empty"]:
+
+    @server.tool(description="Read a note.", annotations=ToolAnnotations(readOnlyHint=True))
+    async def read_note(note_id: str) -> str:
+        return ""
+
+    @server.tool(
+        description="Delete every note.",
+        annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=True),
+    )
+    async def purge_notes() -> str:
+        return ""
+
+    @server.tool(description="Copy an image set (not the AWS one).")
+    async def copy_image_set(source: str) -> str:
+        return ""
+
+server.run()
+"""
+NOTES = "example.notes-server"
+STAGING = "imaging-staging"
+
+
+def other_server(tmp: Path, name: str, *extra: str) -> list[str]:
+    script = tmp / "other_server.py"
+    script.write_text(OTHER_SERVER)
+    return [sys.executable, str(script), name, *extra]
+
+
+async def test_scan_writes_a_catalog_file_of_the_server_alone(tmp_path: Path) -> None:
+    out = tmp_path / "scanned.yaml"
+    status, _, err = await cli("scan", "--out", str(out), "--", *FIXTURE)
     assert status == 0, err
 
-    text = scaffold.read_text()
-    doc = yaml.safe_load(text)["mcp_policy"]
-    assert {(e["server"], e["tool"], e["category"], e["risk"]) for e in doc["catalog"]} == {
-        (HEALTHIMAGING, "copy_image_set", "write", "medium"),
-        (HEALTHIMAGING, "delete_datastore", "delete", "high"),
-        (HEALTHIMAGING, "list_datastores", "read", "low"),
-        (HEALTHIMAGING, "start_dicom_export_job", "write", "medium"),
+    text = out.read_text()
+    doc = yaml.safe_load(text)
+    # Only the server's part of the catalog: nothing that would clash with
+    # policies/rules.yaml when the files are merged.
+    assert doc == {
+        "mcp_policy": {
+            "catalog": {
+                HEALTHIMAGING: {
+                    "copy_image_set": {"category": "write", "risk": "medium"},
+                    "delete_datastore": {"category": "delete", "risk": "high"},
+                    "list_datastores": {"category": "read", "risk": "low"},
+                    "start_dicom_export_job": {"category": "write", "risk": "medium"},
+                }
+            }
+        }
     }
-    assert doc["rules"] == {
-        "copy_image_set": {"action": "require_approval"},
-        "delete_datastore": {"action": "require_approval"},
-        "list_datastores": {"action": "allow"},
-        "start_dicom_export_job": {"action": "require_approval"},
-    }
-    assert doc["default"] == {"action": "deny"}
     # Descriptions, parameters and annotations as comments.
     assert "#   Copy an image set (AWS HealthImaging CopyImageSet)." in text
     assert "#     datastore_id: string, required" in text
     assert "#     copy_image_set_information: object | null, optional (default null)" in text
     assert "#     force: boolean, optional (default false)" in text
     assert "#   annotations: readOnlyHint=true" in text
+    # The header says which rule each tool gets and where to give it its own.
+    header = text[: text.index("mcp_policy:")]
+    assert "low -> allow, medium and high -> require_approval" in header
+    assert "add it to `rules` in policies/rules.yaml, keyed by the tool name" in header
+    assert "beside policies/*.yaml" in header
+    assert "--policy rego/ --policy policies/ --policy <that directory>" in header
 
-    status, out, _ = await cli("validate", str(PROJECT_ROOT / "rego"), str(scaffold.parent))
+
+async def test_scanned_servers_merge_with_the_shipped_policy_and_decide(tmp_path: Path) -> None:
+    rego, data = copy_policy(tmp_path)
+    beside = data / f"{STAGING}.yaml"  # beside policies/*.yaml
+    own_dir = tmp_path / "scanned"  # a directory of its own, another --policy
+    status, _, err = await cli(
+        "scan", "--server-name", STAGING, "--out", str(beside), "--", *FIXTURE
+    )
+    assert status == 0, err
+    status, _, err = await cli(
+        "scan", "--out", str(own_dir / "notes.yaml"), "--", *other_server(tmp_path, NOTES)
+    )
+    assert status == 0, err
+    assert yaml.safe_load((own_dir / "notes.yaml").read_text())["mcp_policy"]["catalog"] == {
+        NOTES: {
+            "read_note": {"category": "read", "risk": "low"},
+            "purge_notes": {"category": "delete", "risk": "high"},
+            "copy_image_set": {"category": "write", "risk": "medium"},
+        }
+    }
+
+    status, out, _ = await cli("validate", str(rego), str(data), str(own_dir))
     assert status == 0, out
     assert out.startswith("mcp-policy validate: ok")
 
     runtime = Runtime(
-        settings_for(
-            tmp_path, decision_log="off", policy_paths=[PROJECT_ROOT / "rego", scaffold.parent]
-        )
+        settings_for(tmp_path, decision_log="off", policy_paths=[rego, data, own_dir])
     )
     await runtime.start()
     try:
-        verdicts = {}
-        for tool in ("list_datastores", "delete_datastore"):
+        got = {}
+        for server, tool in [
+            (STAGING, "list_datastores"),
+            (STAGING, "delete_datastore"),
+            (STAGING, "copy_image_set"),
+            (NOTES, "read_note"),
+            (NOTES, "purge_notes"),
+            (NOTES, "copy_image_set"),
+            (NOTES, "list_datastores"),
+            (HEALTHIMAGING, "copy_image_set"),
+            (HEALTHIMAGING, "list_datastores"),
+        ]:
             decision = await runtime.service.decide(
                 DecideRequest(
-                    server=HEALTHIMAGING,
+                    server=server,
                     tool=tool,
-                    arguments={"datastore_id": DATASTORE},
+                    arguments={"datastore_id": DATASTORE, "source_image_set_id": IMAGE_SET},
                     principal=Principal(session_id="scan-check"),
                     dry_run=True,
                 ),
                 transport="test",
             )
-            verdicts[tool] = decision.verdict
+            got[server, tool] = (decision.verdict, decision.rule)
     finally:
         await runtime.stop()
-    assert verdicts == {
-        "list_datastores": Verdict.ALLOW,
-        "delete_datastore": Verdict.APPROVAL_REQUIRED,
+    assert got == {
+        # The guessed risk picks the shipped risk default...
+        (STAGING, "list_datastores"): (Verdict.ALLOW, "catalog.risk_default.low"),
+        (STAGING, "delete_datastore"): (
+            Verdict.APPROVAL_REQUIRED,
+            "catalog.risk_default.high",
+        ),
+        (NOTES, "read_note"): (Verdict.ALLOW, "catalog.risk_default.low"),
+        (NOTES, "purge_notes"): (Verdict.APPROVAL_REQUIRED, "catalog.risk_default.high"),
+        # ...unless rules.yaml has a rule for the tool's name (on every server).
+        (STAGING, "copy_image_set"): (Verdict.ALLOW, "catalog.rule.copy_image_set"),
+        (NOTES, "copy_image_set"): (Verdict.ALLOW, "catalog.rule.copy_image_set"),
+        (HEALTHIMAGING, "copy_image_set"): (Verdict.ALLOW, "catalog.rule.copy_image_set"),
+        # A tool catalogued for one server only is unknown on the others.
+        (NOTES, "list_datastores"): (Verdict.DENY, "catalog.default"),
+        (HEALTHIMAGING, "list_datastores"): (Verdict.DENY, "catalog.default"),
     }
+
+
+async def test_scan_of_a_server_without_tools_writes_an_empty_catalog(tmp_path: Path) -> None:
+    rego, data = copy_policy(tmp_path)
+    out = data / "empty.yaml"
+    status, _, err = await cli(
+        "scan", "--out", str(out), "--", *other_server(tmp_path, "example.empty", "empty")
+    )
+    assert status == 0, err
+    assert yaml.safe_load(out.read_text()) == {"mcp_policy": {"catalog": {"example.empty": {}}}}
+    status, text, _ = await cli("validate", str(rego), str(data))
+    assert status == 0, text
+
+
+def test_scaffold_keeps_hostile_names_inside_their_strings_and_comments() -> None:
+    names = ["true", "null", "1e3", "a\nmcp_policy:\n  rules: {}", "x\u2028y", 'q"\\', "é😀"]
+    tools = [
+        types.Tool(
+            name=name,
+            description="line\nmcp_policy:\x85  default: allow",
+            input_schema={"type": "object", "properties": {"p\nq: 1": {"type": "string"}}},
+        )
+        for name in names
+    ]
+    text = scaffold(Scanned(server="srv\nrules: {}", version="1\n2", tools=[*tools, tools[0]]))
+    doc = yaml.safe_load(text)
+    assert list(doc) == ["mcp_policy"]
+    assert list(doc["mcp_policy"]) == ["catalog"]
+    assert list(doc["mcp_policy"]["catalog"]) == ["srv\nrules: {}"]
+    assert list(doc["mcp_policy"]["catalog"]["srv\nrules: {}"]) == names
 
 
 async def test_scan_a_server_at_a_url(tmp_path: Path) -> None:
@@ -99,8 +221,8 @@ async def test_scan_a_server_at_a_url(tmp_path: Path) -> None:
         server.stop()
     assert status == 0, err
     catalog = yaml.safe_load(out)["mcp_policy"]["catalog"]
-    assert {entry["server"] for entry in catalog} == {"imaging"}
-    assert len(catalog) == 4
+    assert list(catalog) == ["imaging"]
+    assert len(catalog["imaging"]) == 4
 
 
 async def test_scan_reports_a_server_it_cannot_start(tmp_path: Path) -> None:
@@ -152,3 +274,124 @@ async def test_validate_reports_data_the_schema_refuses(tmp_path: Path) -> None:
     status, out, _ = await cli("validate", str(rego), str(data))
     assert status != 0
     assert "data.mcp_policy.rules.copy_image_set" in out
+
+
+def error_lines(out: str) -> list[str]:
+    """The errors `mcp-policy validate` printed (one indented line each)."""
+    return [line.strip() for line in out.splitlines() if line.startswith("  ")]
+
+
+async def test_validate_refuses_a_0_1_catalog_with_the_fix(tmp_path: Path) -> None:
+    rego, data = copy_policy(tmp_path)
+    catalog = data / "catalog.yaml"
+    catalog.write_text(
+        "mcp_policy:\n"
+        "  catalog:\n"
+        f"    - server: {HEALTHIMAGING}\n"
+        "      tool: copy_image_set\n"
+        "      category: write\n"
+        "      risk: medium\n"
+    )
+    status, out, _ = await cli("validate", str(rego), str(data))
+    assert status == 2, out
+    assert error_lines(out) == [
+        f"{catalog}: mcp_policy.catalog is a list (the 0.1 form); run: mcp-policy migrate {data}/"
+    ]
+
+
+async def test_validate_reports_load_errors_the_schema_accepts(tmp_path: Path) -> None:
+    rego, data = copy_policy(tmp_path)
+    rules = data / "rules.yaml"
+    text = rules.read_text()
+    limit = "      rate_limit:\n        max: 10\n        window: 60\n        scope: session\n"
+    assert limit in text
+    # A no-break space the schema's \s takes (Python) but the Rego's \s does not (RE2).
+    rules.write_text(text.replace(limit, '      rate_limit: "10/minute\\u00a0"\n'))
+    line = rules.read_text().splitlines().index("    copy_image_set:") + 1
+    status, out, _ = await cli("validate", str(rego), str(data))
+    assert status == 2, out
+    errors = error_lines(out)
+    assert len(errors) == 1, out
+    assert errors[0].startswith(
+        f"{rules}:{line + 1}:7: data.mcp.load_errors: mcp.rules.catalog: "
+        'mcp_policy.rules["copy_image_set"]: rate_limit "10/minute\u00a0" cannot be read'
+    )
+
+
+async def test_validate_reports_the_load_errors_of_any_rule_package(tmp_path: Path) -> None:
+    rego, data = copy_policy(tmp_path)
+    package = rego / "mcp" / "rules" / "mine" / "mine.rego"
+    package.parent.mkdir()
+    package.write_text(
+        "package mcp.rules.mine\n"
+        "\n"
+        'load_errors contains "copy_image_set must have a reason" if {\n'
+        "\tnot data.mcp_policy.rules.copy_image_set.reason\n"
+        "}\n"
+    )
+    status, out, _ = await cli("validate", str(rego), str(data))
+    assert status == 2, out
+    assert error_lines(out) == [
+        "data.mcp.load_errors: mcp.rules.mine: copy_image_set must have a reason"
+    ]
+
+    rules = data / "rules.yaml"
+    rules.write_text(
+        rules.read_text().replace(
+            "\n      action: rate_limit\n", "\n      action: rate_limit\n      reason: copies\n"
+        )
+    )
+    status, out, _ = await cli("validate", str(rego), str(data))
+    assert status == 0, out
+
+
+SCHEMA = PROJECT_ROOT / "schema" / "mcp_policy.schema.json"
+
+
+def test_schema_errors_name_the_most_specific_reason() -> None:
+    def errors(rule: object) -> list[str]:
+        return schema_errors({"mcp_policy": {"rules": {"x": rule}}}, SCHEMA, [])
+
+    assert errors({"action": "rate_limit"}) == [
+        "data.mcp_policy.rules.x: action rate_limit needs a rate_limit"
+    ]
+    assert errors({"action": "deny", "rate_limit": "1/minute"}) == [
+        "data.mcp_policy.rules.x: action deny takes no rate_limit"
+    ]
+    assert errors({"action": "allow", "approval": {"ttl": 60}}) == [
+        "data.mcp_policy.rules.x: approval goes only with action require_approval"
+    ]
+    enum = "['allow', 'deny', 'rate_limit', 'require_approval']"
+    assert errors("maybe") == [f"data.mcp_policy.rules.x: 'maybe' is not one of {enum}"]
+    assert errors({"action": "maybe"}) == [
+        f"data.mcp_policy.rules.x.action: 'maybe' is not one of {enum}"
+    ]
+    assert errors({"reason": "no action"}) == [
+        "data.mcp_policy.rules.x: 'action' is a required property"
+    ]
+    assert errors(
+        {"action": "rate_limit", "rate_limit": {"max": 1, "window": 60, "scope": "team"}}
+    ) == [
+        "data.mcp_policy.rules.x.rate_limit.scope: 'team' is not one of "
+        "['session', 'agent', 'user', 'global']"
+    ]
+    assert errors(5) == [
+        'data.mcp_policy.rules.x: 5 is not one of "allow", "deny", "rate_limit", '
+        '"require_approval" or a map with action'
+    ]
+    assert not any("any of the given schemas" in e for e in errors({"action": "rate_limit"}))
+
+
+async def test_validate_prints_the_reason_with_the_place(tmp_path: Path) -> None:
+    rego, data = copy_policy(tmp_path)
+    rules = data / "rules.yaml"
+    text = rules.read_text()
+    limit = "      rate_limit:\n        max: 10\n        window: 60\n        scope: session\n"
+    rules.write_text(text.replace(limit, ""))
+    line = rules.read_text().splitlines().index("    copy_image_set:") + 1
+    status, out, _ = await cli("validate", str(rego), str(data))
+    assert status == 2, out
+    assert error_lines(out) == [
+        f"{rules}:{line + 1}:7: data.mcp_policy.rules.copy_image_set: "
+        "action rate_limit needs a rate_limit"
+    ]

@@ -44,9 +44,10 @@ def edit_policy(tmp: Path, copy_limit: int) -> tuple[Path, Path]:
     rules_file.write_text(yaml.safe_dump(rules))
     catalog_file = data / "catalog.yaml"
     catalog = yaml.safe_load(catalog_file.read_text())
-    catalog["mcp_policy"]["catalog"].append(
-        {"server": PAY["server"], "tool": "pay", "category": "write", "risk": "high"}
-    )
+    catalog["mcp_policy"]["catalog"].setdefault(PAY["server"], {})["pay"] = {
+        "category": "write",
+        "risk": "high",
+    }
     catalog_file.write_text(yaml.safe_dump(catalog))
     return rego, data
 

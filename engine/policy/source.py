@@ -94,4 +94,12 @@ def _read_data(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(doc, dict):
         raise PolicyRejected(f"{path}: top level must be a mapping", [str(path)])
+    policy = doc.get("mcp_policy")
+    if isinstance(policy, dict) and isinstance(policy.get("catalog"), list):
+        # The 0.1 catalog (a list of {server, tool, ...}); the Rego now reads a map.
+        line = (
+            f"{path}: mcp_policy.catalog is a list (the 0.1 form); "
+            f"run: mcp-policy migrate {path.parent}/"
+        )
+        raise PolicyRejected(line, [line])
     return doc

@@ -1,21 +1,25 @@
-"""`mcp-policy scan`: list an MCP server's tools and write a policy scaffold for them.
+"""`mcp-policy scan`: list an MCP server's tools and write a catalog file for them.
 
-The scaffold is a complete `mcp_policy` data document in the format of the shipped
-`policies/catalog.yaml` and `policies/rules.yaml`: a catalog entry per tool, a rule per
-tool, and the shipped `risk_defaults` and `default`, so a directory holding it can stand
-in for `policies/` (`--policy rego/ --policy <dir>`). Each entry carries the tool's
-description, parameters (name, type, required) and annotations as comments.
+The file holds only the server's part of the policy catalog,
+`mcp_policy.catalog.<server>.<tool>: {category, risk}`, in the form of the shipped
+`policies/catalog.yaml`, so it merges with the shipped policy (or with other scanned
+servers) instead of replacing it: put it beside `policies/*.yaml`, or in a directory of
+its own loaded with another `--policy`. Each entry carries the tool's description,
+parameters (name, type, required) and annotations as comments.
 
 Category and risk come from the tool's annotations, which are hints the server gives
-about itself: `readOnlyHint` → read/low (rule: allow); `destructiveHint` → delete/high;
-anything else → write/medium (rule: require_approval for both). The scaffold is a start
-for a person to review, not a policy to load unread.
+about itself: `readOnlyHint` -> read/low; `destructiveHint` -> delete/high; anything
+else -> write/medium. The file has no rules: the risk picks the rule from the
+`risk_defaults` of `policies/rules.yaml` (as shipped: low allow, medium and high
+require_approval), and a tool gets a rule of its own in `rules` there, keyed by tool
+name. The file is a start for a person to review, not a policy to load unread.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,6 +28,7 @@ from typing import Any
 
 import httpx2
 import mcp_types as types
+import yaml
 from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
@@ -77,7 +82,8 @@ async def scan(command: list[str], url: str | None, headers: dict[str, str]) -> 
 
 
 def classify(tool: types.Tool) -> tuple[str, str, str]:
-    """(category, risk, action) from the tool's annotations."""
+    """(category, risk, action) from the tool's annotations; the action is what the
+    shipped `risk_defaults` give that risk (the file itself holds no rule)."""
     hints = tool.annotations
     if hints is not None and hints.read_only_hint is True:
         return "read", "low", "allow"
@@ -122,87 +128,112 @@ def parameters(tool: types.Tool) -> list[str]:
     return out
 
 
+# What a YAML stream may hold as is (YAML 1.1, as PyYAML reads it), less the characters
+# it treats as line breaks: anything else is written as an escape.
+_PRINTABLE = re.compile(r"[\t\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _escape(c: str) -> str:
+    code = ord(c)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    if code < 0x10000:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
+
+def _safe(text: str) -> str:
+    """`text` on one line: line breaks and unprintable characters as escapes (the
+    server chooses its names and descriptions; none may end a comment early)."""
+    return "".join(c if _PRINTABLE.fullmatch(c) else _escape(c) for c in text)
+
+
 def _comment(text: str, prefix: str) -> list[str]:
-    return [f"{prefix}{line}".rstrip() for line in text.splitlines() or [""]]
+    return [f"{prefix}{_safe(line)}".rstrip() for line in text.splitlines() or [""]]
 
 
 def _scalar(value: str) -> str:
-    """A YAML scalar: plain when safe, else double-quoted (JSON string syntax)."""
-    if value and all(c.isalnum() or c in "._-/" for c in value) and not value[0].isdigit():
-        return value
-    return json.dumps(value, ensure_ascii=False)
+    """A YAML scalar that reads back as `value`: plain when safe, else double-quoted
+    with escapes, so names like `true`, `null` or `1e3` stay strings."""
+    if value and all(c.isalnum() or c in "._-/" for c in value) and value.isascii():
+        try:
+            if yaml.safe_load(value) == value:
+                return value
+        except yaml.YAMLError:
+            pass
+    body = "".join(
+        "\\" + c if c in '"\\' else c if _PRINTABLE.fullmatch(c) else _escape(c) for c in value
+    )
+    return f'"{body}"'
 
 
-def scaffold(scanned: Scanned, *, server: str | None = None, now: datetime | None = None) -> str:
-    """The policy scaffold YAML for the scanned tools (server name overridable)."""
-    name = server or scanned.server
-    when = (now or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [
-        f"# Policy scaffold for the MCP server {name}"
-        + (f" (version {scanned.version})" if scanned.version else ""),
+def _header(name: str, version: str, when: str) -> list[str]:
+    return [
+        f"# Policy catalog for the MCP server {_safe(name)}"
+        + (f" (version {_safe(version)})" if version else ""),
         f"# written by `mcp-policy scan` on {when}.",
         "#",
         "# Review every entry before use: category and risk are guessed from the tools'",
-        "# own annotations (readOnlyHint -> read/low, allow; destructiveHint ->",
-        "# delete/high; otherwise write/medium; both require_approval).",
-        "# This is a whole policies/ data set (catalog, rules, risk_defaults, default):",
-        "# put it in a directory of its own and run the service with",
-        "#   --policy rego/ --policy <that directory>",
-        "# or copy its entries into policies/catalog.yaml and policies/rules.yaml.",
-        "# Check it with `mcp-policy validate rego/ <that directory>`.",
-        "mcp_policy:",
-        "  catalog:",
+        "# own annotations (readOnlyHint -> read/low; destructiveHint -> delete/high;",
+        "# otherwise write/medium).",
+        "#",
+        "# Only catalog entries, no rules: a tool without a rule of its own gets the rule",
+        "# of its risk from risk_defaults in policies/rules.yaml. As shipped that is:",
+        "# low -> allow, medium and high -> require_approval (critical -> deny). A rule",
+        "# already in policies/rules.yaml for a tool of the same name (e.g. the shipped",
+        "# copy_image_set rule) applies to that tool here too. To give a tool a rule of",
+        "# its own, add it to `rules` in policies/rules.yaml, keyed by the tool name:",
+        "#   rules:",
+        "#     <tool>:",
+        "#       action: rate_limit",
+        "#       rate_limit: {max: 10, window: 60}",
+        "#",
+        "# To use it, put this file beside policies/*.yaml (the files merge into one",
+        "# catalog; this server's tools must not be catalogued in another file too), or",
+        "# in a directory of its own loaded with another --policy:",
+        "#   mcp-policy serve --policy rego/ --policy policies/ --policy <that directory>",
+        "# Check it with `mcp-policy validate rego/ policies/ [<that directory>]`.",
     ]
-    rules: list[str] = []
+
+
+def scaffold(scanned: Scanned, *, server: str | None = None, now: datetime | None = None) -> str:
+    """The catalog YAML for the scanned tools (server name overridable): only
+    `mcp_policy.catalog.<server>`, so it merges with policies/ and other scans."""
+    name = server or scanned.server
+    when = (now or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [*_header(name, scanned.version, when), "mcp_policy:", "  catalog:"]
+    entries: list[str] = []
+    seen: set[str] = set()
     for tool in scanned.tools:
-        category, risk, action = classify(tool)
-        lines.append(f"    # {tool.name}")
+        if tool.name in seen:  # listed twice: a second key would be a YAML error
+            entries.append(f"      # {_safe(tool.name)}: listed again by the server, kept once")
+            continue
+        seen.add(tool.name)
+        category, risk, _ = classify(tool)
+        entries.append(f"      # {_safe(tool.name)}")
         if tool.description:
-            lines.extend(_comment(tool.description.strip(), "    #   "))
+            entries.extend(_comment(tool.description.strip(), "      #   "))
         params = parameters(tool)
         if params:
-            lines.append("    #   parameters:")
-            lines.extend(f"    #     {param}" for param in params)
+            entries.append("      #   parameters:")
+            entries.extend(f"      #     {_safe(param)}" for param in params)
         else:
-            lines.append("    #   parameters: none")
+            entries.append("      #   parameters: none")
         hints = tool.annotations
         if hints is not None:
             shown = hints.model_dump(by_alias=True, exclude_none=True)
             if shown:
-                lines.append(
-                    "    #   annotations: "
+                entries.append(
+                    "      #   annotations: "
                     + ", ".join(f"{k}={json.dumps(v)}" for k, v in shown.items())
                 )
-        lines += [
-            f"    - server: {_scalar(name)}",
-            f"      tool: {_scalar(tool.name)}",
-            f"      category: {category}",
-            f"      risk: {risk}",
+        entries += [
+            f"      {_scalar(tool.name)}:",
+            f"        category: {category}",
+            f"        risk: {risk}",
         ]
-        rules += [f"    {_scalar(tool.name)}:", f"      action: {action}"]
-    if not scanned.tools:
-        lines[-1] = "  catalog: []"
-    lines += [
-        "",
-        "  # Per-tool rules (see policies/rules.yaml for every option: reason,",
-        "  # rate_limit, approval).",
-        "  rules:" if rules else "  rules: {}",
-        *rules,
-        "",
-        "  # As shipped: rules for catalogued tools without a rule of their own.",
-        "  risk_defaults:",
-        "    low:",
-        "      action: allow",
-        "    medium:",
-        "      action: require_approval",
-        "    high:",
-        "      action: require_approval",
-        "    critical:",
-        "      action: deny",
-        "",
-        "  # As shipped: tools not in the catalog are denied.",
-        "  default:",
-        "    action: deny",
-        "",
-    ]
-    return "\n".join(lines)
+    if entries:
+        lines += [f"    {_scalar(name)}:", *entries]
+    else:
+        lines.append(f"    {_scalar(name)}: {{}}  # the server lists no tools")
+    return "\n".join(lines) + "\n"

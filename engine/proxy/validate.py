@@ -1,32 +1,39 @@
 """`mcp-policy validate`: check policy YAML and Rego the way the service would load them.
 
 Every data file (YAML or JSON) is parsed, and each syntax error is reported with its
-file, line and column. The data is checked against the policy schema the service
-enforces (`schema/mcp_policy.schema.json`: unknown keys, actions, risks, malformed
-limits), each problem named by its data path and placed in the YAML file that holds it.
-The Rego modules (tests excluded, as the service loads them) and the data are then
-loaded into a real OPA (started for the check), whose compiler errors come back as
-`file:row:col: message` with the module's path on disk.
+file, line and column; a catalog still in the 0.1 list form is refused with the
+`mcp-policy migrate` command that fixes it. The data is checked against the policy
+schema the service enforces (`schema/mcp_policy.schema.json`: unknown keys, actions,
+risks, malformed limits), each problem named by its data path, placed in the YAML file
+that holds it and narrowed to its most specific reason. The Rego modules (tests
+excluded, as the service loads them) and the data are then loaded into a real OPA
+(started for the check), whose compiler errors come back as `file:row:col: message`
+with the module's path on disk. Last, as at every load, `data.mcp.load_errors` is
+evaluated once: each message a rule package reports about the data is an error.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jsonschema
 import yaml
-from jsonschema.exceptions import best_match
+from jsonschema.exceptions import ValidationError
 
-from engine.errors import EngineError, PolicyRejected
+from engine.errors import EngineError, PolicyRejected, PolicyUnavailable
 from engine.policy.opa_process import OpaProcess
 from engine.policy.rest import Opa
 from engine.policy.source import DATA_SUFFIXES, MODULE_PREFIX, PolicyBundle, read_bundle
 from engine.policy.source import _merge as merge
+from engine.policy.source import _read_data as read_data
 
 LOAD_TIMEOUT = 30.0
+LOAD_ERRORS_QUERY = "data.mcp.load_errors"
 
 
 @dataclass
@@ -96,20 +103,151 @@ def locate(path: list[str | int], files: list[Path]) -> str | None:
     return None
 
 
+def _resolve(root: dict[str, Any], schema: Any) -> Any:
+    """`schema` with a local `$ref` ("#/$defs/...") followed; anything else as is."""
+    seen = 0
+    while isinstance(schema, dict) and isinstance(schema.get("$ref"), str) and seen < 16:
+        ref: str = schema["$ref"]
+        if not ref.startswith("#/"):
+            break
+        node: Any = root
+        for part in ref[2:].split("/"):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            break
+        schema, seen = node, seen + 1
+    return schema
+
+
+def _fits(error: ValidationError, root: dict[str, Any]) -> bool:
+    """Whether the schema that refused the instance is meant for its JSON type: a
+    `type` it has, or the values of an `enum` or `const` it allows. A oneOf branch for
+    strings does not fit a map; its error says less than the map branch's."""
+    if error.validator == "type":
+        return False
+    schema = _resolve(root, error.schema)
+    if not isinstance(schema, dict):
+        return True
+    checker = jsonschema.Draft202012Validator.TYPE_CHECKER
+    if "type" in schema:
+        kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        return any(checker.is_type(error.instance, kind) for kind in kinds)
+    values = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    if isinstance(values, list):
+        return any(type(value) is type(error.instance) for value in values)
+    return True
+
+
+def _narrow(error: ValidationError, root: dict[str, Any]) -> ValidationError:
+    """The most specific error under `error`: into the one oneOf/anyOf branch written for
+    the value's type (a branch fits unless it refuses the value itself for its type),
+    then that branch's deepest error, preferring one not under an if/then (whose `if`
+    may hold only because the value is wrong elsewhere). `error` itself when no single
+    branch fits."""
+    while error.context:
+        branches: dict[Any, list[ValidationError]] = {}
+        for sub in error.context:
+            branches.setdefault(sub.relative_schema_path[0], []).append(sub)
+        fitting = [
+            errors
+            for errors in branches.values()
+            if all(sub.relative_path or _fits(sub, root) for sub in errors)
+        ]
+        if len(fitting) != 1:
+            return error
+        error = min(
+            fitting[0],
+            key=lambda sub: (-len(sub.path), "then" in sub.relative_schema_path),
+        )
+    return error
+
+
+def _condition(member: Any) -> tuple[str, Any, bool] | None:
+    """(key, value, negated) of an `if` that tests one property for a const."""
+    test = member.get("if") if isinstance(member, dict) else None
+    negated = isinstance(test, dict) and set(test) == {"not"}
+    if negated and isinstance(test, dict):
+        test = test["not"]
+    props = test.get("properties") if isinstance(test, dict) else None
+    if not isinstance(props, dict) or len(props) != 1:
+        return None
+    ((key, want),) = props.items()
+    if not isinstance(want, dict) or "const" not in want:
+        return None
+    return key, want["const"], negated
+
+
+def _explain(error: ValidationError, root: dict[str, Any]) -> str:
+    """The message for `error`; for the schema's if/then rules ("action rate_limit ->
+    required rate_limit") a sentence saying so instead of jsonschema's wording."""
+    path = list(error.relative_schema_path)
+    if "then" not in path:
+        return error.message
+    at = len(path) - 1 - path[::-1].index("then")
+    node: Any = error.parent.validator_value if error.parent is not None else root
+    for part in path[:at]:
+        node = _resolve(root, node)
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return error.message
+    member = _resolve(root, node)
+    condition = _condition(member)
+    then = member.get("then") if isinstance(member, dict) else None
+    if condition is None or not isinstance(then, dict):
+        return error.message
+    key, value, negated = condition
+    when = f"{key} {value}"
+    needed = then.get("required")
+    if error.validator == "required" and not negated and isinstance(needed, list):
+        return f"{when} needs a {', '.join(map(str, needed))}"
+    inner = then.get("not")
+    refused = inner.get("required") if isinstance(inner, dict) else None
+    if error.validator == "not" and isinstance(refused, list):
+        names = ", ".join(map(str, refused))
+        return f"{names} goes only with {when}" if negated else f"{when} takes no {names}"
+    return error.message
+
+
+def _no_branch(error: ValidationError, root: dict[str, Any]) -> str | None:
+    """For a oneOf/anyOf no branch of which fits the value's type: what it may be."""
+    if error.validator not in ("oneOf", "anyOf") or not isinstance(error.validator_value, list):
+        return None
+    wants = []
+    for branch in error.validator_value:
+        schema = _resolve(root, branch)
+        if not isinstance(schema, dict):
+            return None
+        if "enum" in schema:
+            wants.append("one of " + ", ".join(json.dumps(v) for v in schema["enum"]))
+        elif schema.get("type") == "object":
+            keys = schema.get("required") or []
+            wants.append("a map" + (f" with {', '.join(keys)}" if keys else ""))
+        elif isinstance(schema.get("type"), str):
+            wants.append(f"a {schema['type']}")
+        else:
+            return None
+    return f"{json.dumps(error.instance, default=str)} is not " + " or ".join(wants)
+
+
 def schema_errors(data: dict[str, Any], schema: Path, files: list[Path]) -> list[str]:
     """What the service's policy schema refuses in `data`, each with its place.
 
-    The same schema `Policy.validate` enforces at load time; `best_match` names the
-    innermost problem (the unknown action, not "matches none of the rule shapes").
+    The same schema `Policy.validate` enforces at load time. Each error is narrowed to
+    its most specific reason: into the oneOf branch written for the value's type (the
+    unknown action, not "is not valid under any of the given schemas"), and the
+    schema's if/then rules said in words ("action rate_limit needs a rate_limit").
     """
-    validator = jsonschema.Draft202012Validator(json.loads(schema.read_text("utf-8")))
+    root = json.loads(schema.read_text("utf-8"))
+    validator = jsonschema.Draft202012Validator(root)
     out = []
     for error in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.path))):
-        best = best_match([error]) or error
+        best = _narrow(error, root)
+        message = (_no_branch(best, root) if best.context else None) or _explain(best, root)
         path = list(best.absolute_path)
         where = locate(path, files)
         what = "data." + ".".join(str(part) for part in path)
-        out.append(f"{where + ': ' if where else ''}{what}: {best.message}")
+        out.append(f"{where + ': ' if where else ''}{what}: {message}")
     return out
 
 
@@ -150,14 +288,23 @@ async def validate(
             report.errors += exc.errors or [exc.message]
     elif not report.errors:
         bundle = _bundle_of_files(files, modules, report)
+    data_ok = not report.errors
+    if bundle.data and schema is not None:
+        problems = schema_errors(bundle.data, schema, data_files)
+        report.errors += problems
+        data_ok = data_ok and not problems
     opa = OpaProcess(opa_binary)
     await opa.start()
     client = Opa(opa.url, timeout=LOAD_TIMEOUT)
-    if bundle.data and schema is not None:
-        report.errors += schema_errors(bundle.data, schema, data_files)
     try:
         await client.open()
         await client.load(bundle)
+        if data_ok:
+            # As the service does: the data passed the schema, then the rule packages'
+            # own load-time checks (data.mcp.load_errors) must report nothing.
+            report.errors += [
+                _place_load_error(message, data_files) for message in await load_errors(opa.url)
+            ]
     except PolicyRejected as exc:
         report.errors += [_with_paths(message, module_paths) for message in exc.errors]
     except EngineError as exc:
@@ -166,6 +313,46 @@ async def validate(
         await client.close()
         await opa.stop()
     return report
+
+
+async def load_errors(opa_url: str) -> list[str]:
+    """`data.mcp.load_errors` of the policy OPA holds (no input), sorted; [] when the
+    loaded Rego does not define it. PolicyUnavailable when OPA cannot answer."""
+    url = f"{opa_url.rstrip('/')}/v1/{LOAD_ERRORS_QUERY.replace('.', '/')}"
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=LOAD_TIMEOUT)) as http,
+            http.post(url, json={}) as response,
+        ):
+            response.raise_for_status()
+            body = await response.json()
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+        raise PolicyUnavailable(f"could not evaluate {LOAD_ERRORS_QUERY}: {exc}") from exc
+    result = body.get("result") if isinstance(body, dict) else None
+    if result is None:
+        return []
+    if not isinstance(result, list):
+        return [f"{LOAD_ERRORS_QUERY} must be a set of strings, got {json.dumps(result)}"]
+    return sorted(str(message) for message in result)
+
+
+# "mcp.rules.catalog: mcp_policy.rules[\"x\"]: ..." -> the data path it names.
+_DATA_PATH = re.compile(r'^[\w.]+: mcp_policy\.(\w+)(?:\[("(?:[^"\\]|\\.)*")\])?')
+
+
+def _place_load_error(message: str, files: list[Path]) -> str:
+    """A load error with the YAML place of the data it names, when it names one."""
+    found = _DATA_PATH.match(message)
+    where = None
+    if found is not None:
+        path: list[str | int] = ["mcp_policy", found[1]]
+        if found[2] is not None:
+            try:
+                path.append(json.loads(found[2]))
+            except ValueError:
+                pass
+        where = locate(path, files)
+    return f"{where + ': ' if where else ''}{LOAD_ERRORS_QUERY}: {message}"
 
 
 def _bundle_of_files(
@@ -177,10 +364,10 @@ def _bundle_of_files(
     for _, path in files:
         if path.suffix not in DATA_SUFFIXES:
             continue
-        text = path.read_text("utf-8")
-        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         try:
-            merge(data, doc or {}, "data")
+            merge(data, read_data(path), "data")
         except PolicyRejected as exc:
-            report.errors += [f"{path}: {error}" for error in exc.errors]
+            report.errors += [
+                error if error.startswith(str(path)) else f"{path}: {error}" for error in exc.errors
+            ]
     return PolicyBundle(modules=modules, data=data)

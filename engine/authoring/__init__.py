@@ -1,0 +1,1 @@
+"""Tools for the people who write policy: rewriting policy data files between formats."""
