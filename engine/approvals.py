@@ -8,12 +8,14 @@ expires.
 What may happen to an approval is decided here once, by pure functions over one record
 (`_consume`, `_decide`, `_release`); each store only supplies an atomic read-modify-write
 of one record (`_update`) and of the fingerprint index (`open_or_get`): memory by not
-awaiting, SQLite by an IMMEDIATE transaction, Redis by WATCH/MULTI.
+awaiting, SQLite by an IMMEDIATE transaction, Redis by a compare-and-set script on keys
+of one hash tag (so a Redis Cluster runs it on one node).
 """
 
 from __future__ import annotations
 
 import abc
+import secrets
 import sqlite3
 import time
 import uuid
@@ -28,7 +30,7 @@ from pydantic import BaseModel
 from engine import jsonstrict
 from engine.errors import Conflict, NotFound
 from engine.models import Approval, ApprovalStatus, Principal, ToolCall
-from engine.ratelimit import SqliteDb, redis_call
+from engine.ratelimit import RedisGate, SqliteDb, is_cluster, open_cluster
 
 T = TypeVar("T")
 
@@ -96,10 +98,11 @@ def _new(
     decision_id: str,
     ttl: float,
     now: float,
+    approval_id: str | None = None,
 ) -> Stored:
     return Stored(
         approval=Approval(
-            id="apr_" + uuid.uuid4().hex,
+            id=approval_id or "apr_" + uuid.uuid4().hex,
             status=ApprovalStatus.PENDING,
             server=call.server,
             tool=call.name,
@@ -409,67 +412,146 @@ class SqliteApprovalStore(_RecordStore):
         return await self.db.transaction(work)
 
 
-class RedisApprovalStore(_RecordStore):
-    """Approvals in Redis (or Valkey), shared by every replica.
+# Redis keys (under the configured prefix). <t> is the first two hex digits of the
+# fingerprint, so everything one open_or_get touches shares a hash tag (one slot on a
+# Redis Cluster), and approvals spread over 256 tags:
+#   apr:{<t>}:<id>     the record (JSON). Ids made here are "apr_" + <t> + 30 random hex
+#                      digits, so an id names its slot (callers treat ids as opaque).
+#   apr-fp:{<t>}:<fp>  the id of the newest approval for a fingerprint
+#   apr-index:{<t>}    a sorted set of ids by creation time: one of 256 index shards
+# Each change is one script that writes only if what was read is unchanged (compare and
+# set), which a cluster runs like one Redis; a lost race reads again.
+TAGS = tuple(f"{i:02x}" for i in range(256))
 
-    Keys (under the configured prefix): `apr:<id>` the record (JSON), `apr-fp:<fp>` the id
-    of the newest approval for a fingerprint, `apr-index` a sorted set of ids by creation.
-    Records and fingerprint keys expire a week after the approval itself does.
+# KEYS: a record. ARGV: the record as read ('' when there was none), the new record, its
+# TTL in ms. Writes only if the record still reads as given; 1 if it wrote.
+REDIS_SWAP = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+
+# KEYS: the fingerprint key, the new record, the index shard, then the record the
+# fingerprint named when read (if it named one). ARGV: that id and that record as read
+# ('' for none), the new id, the new record, its TTL in ms, now (its index score), and
+# the index horizon (older entries are dropped). Writes only if both still read as
+# given; 1 if it wrote.
+REDIS_OPEN = """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+if KEYS[4] and (redis.call('GET', KEYS[4]) or '') ~= ARGV[2] then return 0 end
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[5])
+redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[5])
+redis.call('ZADD', KEYS[3], ARGV[6], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[7])
+return 1
+"""
+
+
+class RedisApprovalStore(_RecordStore):
+    """Approvals in Redis (or Valkey), or a Redis Cluster, shared by every replica.
+
+    Records and fingerprint keys expire a week after the approval itself does. Listing
+    merges the newest entries of the 256 index shards, reading more from a shard only
+    while it could still hold one of the newest asked for.
     """
 
-    def __init__(self, client: Any, prefix: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        client: Any,
+        prefix: str,
+        clock: Callable[[], float] = time.time,
+        *,
+        gate: RedisGate | None = None,
+    ) -> None:
         self.clock = clock
         self._client = client
         self._prefix = prefix
+        self._gate = gate or RedisGate()
+        self._swap = client.register_script(REDIS_SWAP)
+        self._open = client.register_script(REDIS_OPEN)
 
     async def open(self) -> None:
-        return None
+        if is_cluster(self._client):
+            await open_cluster(self._client, self._gate)
 
     async def close(self) -> None:
         return None
 
-    def _key(self, approval_id: str) -> str:
-        return f"{self._prefix}apr:{approval_id}"
+    def record_key(self, approval_id: str) -> str:
+        return f"{self._prefix}apr:{{{approval_id[4:6]}}}:{approval_id}"
+
+    def fingerprint_key(self, fp: str) -> str:
+        return f"{self._prefix}apr-fp:{{{fp[:2]}}}:{fp}"
+
+    def index_key(self, tag: str) -> str:
+        return f"{self._prefix}apr-index:{{{tag}}}"
 
     def _ttl_ms(self, stored: Stored, now: float) -> int:
         until = stored.approval.expires_at.timestamp() + FINISHED_RETENTION_SECONDS
         return max(1000, int((until - now) * 1000))
 
+    @staticmethod
+    def _horizon(now: float) -> float:
+        """Index entries older than this name records that have surely expired."""
+        return now - FINISHED_RETENTION_SECONDS - 86400 * 30
+
     async def _update(
         self, approval_id: str, change: Callable[[Stored | None, float], tuple[T, Stored | None]]
     ) -> T:
-        import redis.exceptions
-
-        key = self._key(approval_id)
+        key = self.record_key(approval_id)
         while True:
-            async with self._client.pipeline(transaction=True) as pipe:
-                try:
-                    await redis_call(pipe.watch(key))
-                    raw = await redis_call(pipe.get(key))
-                    now = self.clock()
-                    result, new = change(
-                        None if raw is None else Stored.model_validate_json(raw), now
-                    )
-                    if new is None:
-                        await redis_call(pipe.unwatch())
-                        return result
-                    pipe.multi()
-                    pipe.set(key, new.model_dump_json(), px=self._ttl_ms(new, now))
-                    await redis_call(pipe.execute())
-                    return result
-                except redis.exceptions.WatchError:
-                    continue
+            raw = await self._gate.run(self._client.get(key))
+            now = self.clock()
+            result, new = change(None if raw is None else Stored.model_validate_json(raw), now)
+            if new is None:
+                return result
+            args = [raw or "", new.model_dump_json(), self._ttl_ms(new, now)]
+            if int(await self._gate.run(self._swap(keys=[key], args=args))):
+                return result
 
     async def _records(self, limit: int, status: ApprovalStatus | None) -> list[Stored]:
         scan = limit if status is None else max(limit * 10, 1000)
-        index = f"{self._prefix}apr-index"
-        horizon = self.clock() - FINISHED_RETENTION_SECONDS - 86400 * 30
-        await redis_call(self._client.zremrangebyscore(index, "-inf", horizon))
-        ids = await redis_call(self._client.zrevrange(index, 0, scan - 1))
+        ids = await self._newest(scan)
         if not ids:
             return []
-        raws = await redis_call(self._client.mget([self._key(i) for i in ids]))
+        pipe = self._client.pipeline(transaction=False)
+        for approval_id in ids:
+            pipe.get(self.record_key(approval_id))
+        raws = await self._gate.run(pipe.execute())
         return [Stored.model_validate_json(raw) for raw in raws if raw is not None]
+
+    async def _newest(self, count: int) -> list[str]:
+        """The ids of the `count` newest approvals in the index, newest first.
+
+        Each round reads the next page of every shard that could still hold one of them
+        (it has more, and its last entry read is not older than the count-th newest seen
+        so far), doubling the page: a shard is read past its share only as far as its
+        entries are among the newest.
+        """
+        horizon = self._horizon(self.clock())
+        page = max(4, -(-2 * count // len(TAGS)))
+        offsets = dict.fromkeys(TAGS, 0)
+        newest: list[tuple[float, str]] = []
+        pending = list(TAGS)
+        while pending:
+            pipe = self._client.pipeline(transaction=False)
+            for tag in pending:
+                pipe.zrevrangebyscore(
+                    self.index_key(tag), "+inf", horizon, offsets[tag], page, withscores=True
+                )
+            pages = await self._gate.run(pipe.execute())
+            more: list[tuple[str, float]] = []
+            for tag, entries in zip(pending, pages, strict=True):
+                newest.extend((float(score), approval_id) for approval_id, score in entries)
+                offsets[tag] += len(entries)
+                if len(entries) == page:
+                    more.append((tag, float(entries[-1][1])))
+            newest.sort(reverse=True)
+            del newest[count:]
+            cutoff = newest[-1][0] if len(newest) == count else float("-inf")
+            pending = [tag for tag, last in more if last >= cutoff]
+            page *= 2
+        return [approval_id for _, approval_id in newest]
 
     async def open_or_get(
         self,
@@ -481,37 +563,40 @@ class RedisApprovalStore(_RecordStore):
         decision_id: str,
         ttl: float,
     ) -> Approval:
-        import redis.exceptions
-
         fp = fingerprint(call, principal.session_id)
-        fp_key = f"{self._prefix}apr-fp:{fp}"
+        fp_key = self.fingerprint_key(fp)
         while True:
-            async with self._client.pipeline(transaction=True) as pipe:
-                try:
-                    await redis_call(pipe.watch(fp_key))
-                    current_id = await redis_call(pipe.get(fp_key))
-                    now = self.clock()
-                    if current_id is not None:
-                        raw = await redis_call(pipe.get(self._key(current_id)))
-                        current = None if raw is None else Stored.model_validate_json(raw)
-                        if current is not None and _open_one(current, now):
-                            await redis_call(pipe.unwatch())
-                            return current.effective(now)
-                    stored = _new(
-                        call,
-                        principal,
-                        rule=rule,
-                        reason=reason,
-                        decision_id=decision_id,
-                        ttl=ttl,
-                        now=now,
-                    )
-                    ttl_ms = self._ttl_ms(stored, now)
-                    pipe.multi()
-                    pipe.set(self._key(stored.approval.id), stored.model_dump_json(), px=ttl_ms)
-                    pipe.set(fp_key, stored.approval.id, px=ttl_ms)
-                    pipe.zadd(f"{self._prefix}apr-index", {stored.approval.id: now})
-                    await redis_call(pipe.execute())
-                    return stored.approval
-                except redis.exceptions.WatchError:
-                    continue
+            current_id = await self._gate.run(self._client.get(fp_key))
+            raw = None
+            if current_id is not None:
+                raw = await self._gate.run(self._client.get(self.record_key(current_id)))
+                current = None if raw is None else Stored.model_validate_json(raw)
+                now = self.clock()
+                if current is not None and _open_one(current, now):
+                    return current.effective(now)
+            now = self.clock()
+            stored = _new(
+                call,
+                principal,
+                rule=rule,
+                reason=reason,
+                decision_id=decision_id,
+                ttl=ttl,
+                now=now,
+                approval_id="apr_" + fp[:2] + secrets.token_hex(15),
+            )
+            new_id = stored.approval.id
+            keys = [fp_key, self.record_key(new_id), self.index_key(fp[:2])]
+            if current_id is not None:
+                keys.append(self.record_key(current_id))
+            args = [
+                current_id or "",
+                raw or "",
+                new_id,
+                stored.model_dump_json(),
+                self._ttl_ms(stored, now),
+                repr(now),
+                repr(self._horizon(now)),
+            ]
+            if int(await self._gate.run(self._open(keys=keys, args=args))):
+                return stored.approval
