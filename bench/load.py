@@ -493,6 +493,8 @@ class Target:
     counts: Callable[[], Awaitable[Counts]] | None
     pids: Callable[[], list[int]]
     role: str = "service"  # "baseline" (raw OPA), "service" or "peer"
+    # The service's own time per stage (mcp_policy_stage_seconds: sums and a count).
+    stages: Callable[[], Awaitable[Stages]] | None = None
 
 
 @dataclass(frozen=True)
@@ -502,6 +504,9 @@ class Sample:
     kinds: dict[str, int]
     span: float  # seconds from the first request's start to the last answer's end
     cut: int = 0  # calls in flight when the tool stopped, cut off by the tool itself
+
+
+Stages = tuple[float, dict[str, float]]  # decisions counted, seconds per stage
 
 
 @dataclass
@@ -521,6 +526,7 @@ class Result:
     problems: list[str] = field(default_factory=list)
     cut: int = 0
     role: str = "service"
+    stage_us: dict[str, float] = field(default_factory=dict)  # mean per decision
 
     @property
     def baseline(self) -> bool:
@@ -675,6 +681,7 @@ async def run_case(
         problems.append(f"probe before: {problem}")
     nothing: Counts = (0.0, {})
     counts_before = await target.counts() if target.counts else nothing
+    stages_before = await target.stages() if target.stages else None
     server_before, client_before = cpu_seconds(target.pids()), children_cpu_seconds()
     busy_before, started = busy_cpu_seconds(), time.perf_counter()
     argv = tool_argv(target, options, concurrency, options.duration, rate, report)
@@ -684,6 +691,15 @@ async def run_case(
     client = children_cpu_seconds() - client_before
     other = max(0.0, busy_cpu_seconds() - busy_before - server - client)
     counts_after = await target.counts() if target.counts else nothing
+    stage_us: dict[str, float] = {}
+    if target.stages is not None and stages_before is not None:
+        count_after, sums_after = await target.stages()
+        decided_here = count_after - stages_before[0]
+        if decided_here > 0:
+            stage_us = {
+                stage: (sums_after[stage] - stages_before[1].get(stage, 0.0)) / decided_here * 1e6
+                for stage in sums_after
+            }
     if (problem := await target.probe()) is not None:
         problems.append(f"probe after: {problem}")
     if code != 0:
@@ -728,6 +744,7 @@ async def run_case(
         problems=problems,
         cut=sample.cut,
         role=target.role,
+        stage_us=stage_us,
     )
 
 
@@ -793,6 +810,18 @@ def targets(
                 other[kind] = other.get(kind, 0.0) + value
         return allowed, other
 
+    async def service_stages() -> Stages:
+        async with session.get(f"{service.http}/metrics") as response:
+            text = await response.text()
+        sums = {
+            labels["stage"]: value
+            for labels, value in prometheus_counters(text, "mcp_policy_stage_seconds_sum")
+        }
+        count = max(
+            (v for _, v in prometheus_counters(text, "mcp_policy_stage_seconds_count")), default=0.0
+        )
+        return count, sums
+
     async def http_probe() -> str | None:
         try:
             async with session.post(
@@ -847,6 +876,7 @@ def targets(
             http_probe,
             service_counts,
             service.tree,
+            stages=service_stages,
         ),
         Target(
             "service gRPC Decide",
@@ -855,6 +885,7 @@ def targets(
             grpc_probe,
             service_counts,
             service.tree,
+            stages=service_stages,
         ),
         Target(
             "service ext_authz Check",
@@ -863,6 +894,7 @@ def targets(
             check_probe(channels["service"]),
             service_counts,
             service.tree,
+            stages=service_stages,
         ),
     ]
     if peer is not None:
@@ -908,6 +940,17 @@ def print_table(results: list[Result]) -> None:
             f"{r.case:<38}{r.tool:>5}{r.concurrency:>5}{r.rate:>12.0f}{r.p50_ms:>8.2f}"
             f"{r.p99_ms:>8.2f}{r.errors:>7}{ratio:>7}{cpu}"
         )
+    staged = [r for r in results if r.stage_us and not r.failed]
+    if staged:
+        stages = list(staged[0].stage_us)
+        print(
+            "\nWhere the service's time goes, µs per decision (its own clock, "
+            "mcp_policy_stage_seconds; the rest of p50 is transport, queueing and the client):"
+        )
+        print(f"{'case':<38}{'conc':>5}" + "".join(f"{s:>10}" for s in stages) + f"{'sum':>9}")
+        for r in staged:
+            cells = "".join(f"{r.stage_us[s]:>10.0f}" for s in stages)
+            print(f"{r.case:<38}{r.concurrency:>5}{cells}{sum(r.stage_us.values()):>9.0f}")
     for r in results:
         for problem in r.problems:
             print(f"  ! {r.case} ({r.concurrency} concurrent): {problem}")

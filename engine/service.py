@@ -217,12 +217,15 @@ class DecisionService:
                 asserted_by=asserted_by,
             )
             ctx = Ctx(decision_id, self.policy.revision, call, request, outcome_token)
+            translated = time.perf_counter()
+            evaluated = translated
             result: PolicyResult | None = None
             shadow: list[dict[str, Any]] = []
             try:
                 if rejected is not None:
                     raise _Rejected(rejected)
                 result, revision = await self._evaluate(input_doc)
+                evaluated = time.perf_counter()
                 ctx = dataclasses.replace(ctx, revision=revision)
             except _Rejected as exc:
                 # Never decided on the fields the caller declared instead.
@@ -258,13 +261,17 @@ class DecisionService:
                 decision.dry_run = True
             span.set_attribute("mcp_policy.verdict", decision.verdict.value)
             span.set_attribute("mcp_policy.rule", decision.rule)
-        elapsed = time.perf_counter() - started
+        enforced = time.perf_counter()
+        elapsed = enforced - started
+        if evaluated == translated:  # refused before or while evaluating: no enforce stage
+            evaluated = enforced
         if not request.dry_run:
             known = result is not None and result.tool is not None and result.tool.known
             self.metrics.decisions.labels(
                 decision.verdict.value, call.name if known else UNKNOWN_TOOL, decision.rule
             ).inc()
             self.metrics.decision_seconds.labels(transport).observe(elapsed)
+        counted = time.perf_counter()
         self.log.decision(
             decision,
             request,
@@ -275,6 +282,13 @@ class DecisionService:
             matched=result.matched if result else [],
             shadow=shadow,
             dry_run=request.dry_run,
+        )
+        self.metrics.stages.add(
+            translated - started,
+            evaluated - translated,
+            enforced - evaluated,
+            time.perf_counter() - counted,
+            counted - enforced,
         )
         return decision
 

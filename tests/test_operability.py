@@ -176,6 +176,12 @@ async def test_metrics_after_a_known_sequence(tmp_path: Path) -> None:
     assert m[("mcp_policy_approvals_total", (("event", "approved"),))] == 1
     assert m[("mcp_policy_invalid_requests_total", (("transport", "http"),))] == 1
     assert m[("mcp_policy_policy_reloads_total", (("result", "applied"),))] == 1
+    stages = ("translate", "evaluate", "enforce", "log", "metrics")
+    for stage in stages:
+        assert m[("mcp_policy_stage_seconds_count", (("stage", stage),))] == 14
+        assert m[("mcp_policy_stage_seconds_sum", (("stage", stage),))] > 0
+    total = sum(m[("mcp_policy_stage_seconds_sum", (("stage", stage),))] for stage in stages)
+    assert total >= m[("mcp_policy_decision_seconds_sum", (("transport", "http"),))]
 
 
 async def test_opa_errors_are_counted(tmp_path: Path) -> None:
