@@ -7,26 +7,33 @@ the shipped `rego/` and `policies/`, plus a catalog file with that many extra to
 over `--servers` servers, each tool with a rule of its own (the kinds of rule cycle through
 allow, rate limits in both forms, require_approval and deny). Every size is timed with
 `opa bench` on the same input, a valid copy_image_set call, against OPA's own RBAC example
-as the baseline in the same run. Printed: ns/op, allocations/op, the ratio to the shipped
-pack and to the RBAC example, and the expression evaluations of one decision (from
-`opa eval --profile`: the count does not depend on how busy the machine is).
+as the baseline in the same run, and with the service's in-process engine (the p50 of
+3,000 `evaluate()` calls, and how long loading that policy takes). Printed: µs/op,
+allocations/op, the ratio to the shipped pack and to the RBAC example, and the expression
+evaluations of one decision (from `opa eval --profile`: the count does not depend on how
+busy the machine is).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from bench.common import ARGUMENTS, machine
+from engine.policy.inprocess import InProcessOpa
 from engine.policy.opa_process import find_opa
+from engine.policy.source import read_bundle
 from engine.settings import PROJECT_ROOT
 
 SERVER = "awslabs.healthimaging-mcp-server"
@@ -132,6 +139,26 @@ def evaluations(opa: str, dirs: list[Path], input_path: Path, query: str) -> int
     return sum(row["num_eval"] for row in out.get("profile", []))
 
 
+async def in_process(dirs: list[Path], calls: int = 3000) -> dict[str, float]:
+    """p50 of `calls` in-process evaluations of INPUT, and the load time, in µs."""
+    engine = InProcessOpa(timeout=5)
+    await engine.open()
+    try:
+        started = time.perf_counter()
+        await engine.load(read_bundle(dirs))
+        load = time.perf_counter() - started
+        for _ in range(300):
+            await engine.evaluate(INPUT)
+        times = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            await engine.evaluate(INPUT)
+            times.append(time.perf_counter() - started)
+    finally:
+        await engine.close()
+    return {"p50": statistics.median(times) * 1e6, "load": load * 1e6}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tools", default="2,100,1000,10000")
@@ -161,19 +188,26 @@ def main() -> None:
             dirs = [PROJECT_ROOT / "rego", policies]
             got = opa_bench(opa, dirs, input_path, "data.mcp.decision")
             got["evals"] = evaluations(opa, dirs, input_path, "data.mcp.decision")
+            got |= {f"inproc_{k}": v for k, v in asyncio.run(in_process(dirs)).items()}
             rows.append((size, got))
             shutil.rmtree(policies)
     shipped = rows[0][1]["ns"]
-    print(f"\n{'case':<34}{'µs/op':>9}{'allocs/op':>11}{'evals':>7}{'× shipped':>11}{'× RBAC':>8}")
+    shipped_inproc = rows[0][1]["inproc_p50"]
     print(
-        f"{'OPA RBAC example (baseline)':<34}{baseline['ns'] / 1000:>9.1f}"
+        f"\n{'case (opa bench, then in-process)':<40}{'µs/op':>9}{'allocs/op':>11}{'evals':>7}"
+        f"{'× shipped':>11}{'× RBAC':>8}{'in-proc p50 µs':>16}{'× shipped':>11}{'load ms':>9}"
+    )
+    print(
+        f"{'OPA RBAC example (baseline)':<40}{baseline['ns'] / 1000:>9.1f}"
         f"{baseline['allocs']:>11.0f}{'':>7}{'':>11}{1:>8.2f}"
     )
     for size, got in rows:
         label = f"data.mcp.decision, {size} tools" + (" (shipped)" if size == sizes[0] else "")
         print(
-            f"{label:<34}{got['ns'] / 1000:>9.1f}{got['allocs']:>11.0f}{got['evals']:>7}"
+            f"{label:<40}{got['ns'] / 1000:>9.1f}{got['allocs']:>11.0f}{got['evals']:>7}"
             f"{got['ns'] / shipped:>11.2f}{got['ns'] / baseline['ns']:>8.2f}"
+            f"{got['inproc_p50']:>16.0f}{got['inproc_p50'] / shipped_inproc:>11.2f}"
+            f"{got['inproc_load'] / 1000:>9.0f}"
         )
     sys.stdout.flush()
 
