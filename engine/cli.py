@@ -7,14 +7,17 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
-from engine import jsonstrict, translate
+from engine import doctor, jsonstrict, translate
 from engine import status as status_view
 from engine.authoring import migrate as migrate_command
 from engine.errors import (
@@ -38,6 +41,8 @@ EXIT_POLICY_REJECTED = 2
 EXIT_TOOL_MISSING = 2  # OPA is not installed (the message says how to get it)
 EXIT_INVALID = 3
 EXIT_UNAVAILABLE = 4
+EXIT_FAILED = 1  # anything else (one line; the traceback too at --log-level DEBUG)
+EXIT_INTERRUPTED = 130
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -80,21 +85,35 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mcp-policy", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the decision service (gRPC and HTTP)")
-    serve.add_argument("--host", help="address to bind (MCP_POLICY_HOST, default 127.0.0.1)")
-    serve.add_argument("--http-port", type=int, help="MCP_POLICY_HTTP_PORT, default 8080")
-    serve.add_argument("--grpc-port", type=int, help="MCP_POLICY_GRPC_PORT, default 50051")
-    serve.add_argument(
+def _listener_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", help="address to bind (MCP_POLICY_HOST, default 127.0.0.1)")
+    parser.add_argument("--http-port", type=int, help="MCP_POLICY_HTTP_PORT, default 8080")
+    parser.add_argument("--grpc-port", type=int, help="MCP_POLICY_GRPC_PORT, default 50051")
+    parser.add_argument(
         "--insecure",
         action="store_true",
         default=None,
         help="serve on a non-loopback host without TLS (MCP_POLICY_INSECURE); "
         "otherwise the service refuses to start there",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcp-policy", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the decision service (gRPC and HTTP)")
+    _listener_options(serve)
     _common(serve)
+    checkup = commands.add_parser(
+        "doctor",
+        help="what the service would find with these settings: engine, OPA, policy, "
+        "store, listeners (exit 1 when something is not usable)",
+        description="Report, one line each, what `serve` with the same flags and "
+        "MCP_POLICY_* settings would find. Changes nothing.",
+    )
+    _listener_options(checkup)
+    _common(checkup)
+    checkup.add_argument("--json", action="store_true", help="print the report as JSON")
     decide = commands.add_parser(
         "decide",
         help="decide one call: a DecideRequest as JSON on stdin (or a file), "
@@ -225,7 +244,25 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `mcp-policy` console script. Every failure ends as one line on stderr and a
+    non-zero status; the traceback comes too only at --log-level DEBUG (or
+    MCP_POLICY_LOG_LEVEL=DEBUG)."""
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        level = getattr(args, "log_level", None) or os.environ.get("MCP_POLICY_LOG_LEVEL") or ""
+        debug = level.strip().upper() == "DEBUG"
+        if debug:
+            traceback.print_exception(exc, file=sys.stderr)
+        message, status = _failure(exc, args, debug=debug)
+        print(f"mcp-policy {args.command}: {message}", file=sys.stderr, flush=True)
+        return status
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command in PROXY_COMMANDS:
         return run_proxy_command(args)
     if args.command in IDENTITY_COMMANDS:
@@ -234,16 +271,17 @@ def main(argv: list[str] | None = None) -> int:
         return _status(args)
     if args.command == "migrate":
         return migrate_command.run(args.dirs, check=args.check)
-    try:
-        settings = _settings(args)
-    except ValidationError as exc:
-        print(f"mcp-policy: invalid settings: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+    settings = _settings(args)  # a bad value: one line naming it (main)
+    # doctor's report is its output: log lines only when asked for.
+    level = settings.log_level if args.command != "doctor" else args.log_level or "WARNING"
     logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.command == "doctor":
+        return doctor.run(settings, json_output=args.json)
     try:
         if args.command == "serve":
+            _check_ports(settings)
             return asyncio.run(_serve(settings))
         try:
             text = args.file.read_bytes() if args.file else sys.stdin.buffer.read()
@@ -264,6 +302,83 @@ def main(argv: list[str] | None = None) -> int:
     except ToolMissing as exc:
         print(f"mcp-policy: {exc.message}", file=sys.stderr)
         return EXIT_TOOL_MISSING
+
+
+def _check_ports(settings: Settings) -> None:
+    """Refuse, in one line, to start on a port that is taken (before OPA is started, and
+    before gRPC, which would log its own bind error, tries)."""
+    for name, port in (("gRPC", settings.grpc_port), ("HTTP", settings.http_port)):
+        problem = doctor.listen_problem(settings.host, port)
+        if problem is not None:
+            option = f"--{name.lower()}-port, MCP_POLICY_{name.upper()}_PORT"
+            raise StartupRefused(
+                f"cannot listen for {name} on {settings.host}:{port} ({option}): {problem}"
+            )
+
+
+def _failure(exc: BaseException, args: argparse.Namespace, *, debug: bool) -> tuple[str, int]:
+    """The one line (without the command) and the exit status for a failure of `args`."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    status = EXIT_FAILED
+    if isinstance(exc, ValidationError) and exc.title == Settings.__name__:
+        message, status = "invalid settings: " + _settings_problems(exc, args), EXIT_INVALID
+    elif isinstance(exc, SettingsError):
+        message, status = _unparsable_setting(exc), EXIT_INVALID
+    elif isinstance(exc, ToolMissing):
+        message, status = exc.message, EXIT_TOOL_MISSING
+    elif isinstance(exc, PolicyRejected):
+        message, status = f"policy rejected: {exc.message}", EXIT_POLICY_REJECTED
+    elif isinstance(exc, StartupRefused | InvalidRequest):
+        message, status = exc.message, EXIT_INVALID
+    elif isinstance(exc, EngineError):
+        message, status = exc.message, EXIT_UNAVAILABLE
+    elif isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        message = where + (exc.strerror or str(exc) or type(exc).__name__)
+    else:
+        # ValueError and RuntimeError carry a sentence for people; others need their name.
+        message = str(exc) or type(exc).__name__
+        if not isinstance(exc, ValueError | RuntimeError):
+            message = f"{type(exc).__name__}: {message}"
+        if not debug:
+            message += " (--log-level DEBUG shows where)"
+    return bounded(" ".join(message.split()), MAX_MESSAGE_CHARS), status
+
+
+def _setting_name(name: str, args: argparse.Namespace) -> str:
+    """How the user gave setting `name`: its flag when given as one, else its variable."""
+    if getattr(args, name, None) is not None:
+        return "--" + name.replace("_", "-")
+    return "MCP_POLICY_" + name.upper()
+
+
+def _settings_problems(exc: ValidationError, args: argparse.Namespace) -> str:
+    problems = []
+    for error in exc.errors():
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if not error["loc"]:
+            problems.append(message)
+            continue
+        name = str(error["loc"][0])
+        field = Settings.model_fields.get(name)
+        secret = field is not None and "SecretStr" in str(field.annotation)
+        value = error.get("input")
+        shown = ""
+        if isinstance(value, str | int | float) and not secret:
+            shown = f" (got {bounded(str(value), 80)!r})"
+        problems.append(f"{_setting_name(name, args)}: {message[:1].lower()}{message[1:]}{shown}")
+    return "; ".join(problems)
+
+
+def _unparsable_setting(exc: SettingsError) -> str:
+    found = re.search(r'field "(\w+)"', str(exc))
+    if found is None:
+        return f"invalid settings: {exc}"
+    return (
+        f"invalid settings: MCP_POLICY_{found[1].upper()}: not valid JSON (lists and maps "
+        'are given as JSON in the environment, e.g. \'["a", "b"]\' or \'{"k": "v"}\')'
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.decision_log import LogSettings
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Run from a checkout, the shipped Rego, policy pack and schema are the checkout's own
+# top-level rego/, policies/ and schema/ (what `opa test rego/ policies/` tests). An installed
+# copy (`pip install .`, a wheel) carries them as package data in engine/_data/ (see
+# pyproject.toml), under the same names, so a policy's revision is the same either way.
+CHECKOUT_ROOT = Path(__file__).resolve().parent.parent
+PACKAGED_DATA = Path(__file__).resolve().parent / "_data"
+IN_CHECKOUT = (CHECKOUT_ROOT / "pyproject.toml").is_file() and (CHECKOUT_ROOT / "rego").is_dir()
+# The directory holding the shipped rego/, policies/ and schema/.
+PROJECT_ROOT = CHECKOUT_ROOT if IN_CHECKOUT else PACKAGED_DATA
+DEFAULT_POLICY_PATHS = (PROJECT_ROOT / "rego", PROJECT_ROOT / "policies")
+DEFAULT_POLICY_SCHEMA = PROJECT_ROOT / "schema" / "mcp_policy.schema.json"
 
 
 def _default_state_dir() -> Path:
@@ -67,11 +77,11 @@ class Settings(BaseSettings):
     opa_binary: str = Field("opa", description="OPA binary to run when no opa_url is given.")
     opa_timeout_ms: int = Field(250, ge=1, description="Deadline of one policy evaluation.")
     policy_paths: list[Path] = Field(
-        default_factory=lambda: [PROJECT_ROOT / "rego", PROJECT_ROOT / "policies"],
+        default_factory=lambda: list(DEFAULT_POLICY_PATHS),
         description="Directories of Rego modules and YAML/JSON data loaded into OPA.",
     )
     policy_schema: Path | None = Field(
-        PROJECT_ROOT / "schema" / "mcp_policy.schema.json",
+        DEFAULT_POLICY_SCHEMA,
         description="JSON Schema the policy data must match to be loaded.",
     )
     reload_interval_seconds: float = Field(

@@ -33,18 +33,36 @@ from pydantic import ValidationError
 
 from engine.errors import MAX_MESSAGE_CHARS, PolicyRejected, PolicyUnavailable, bounded
 from engine.models import PolicyResult
-from engine.policy.opa_process import OPA_VERSION, ToolMissing
+from engine.policy.opa_process import (
+    CHECKOUT_ROOT,
+    IN_CHECKOUT,
+    OPA_BINARY_ENV,
+    OPA_VERSION,
+    ToolMissing,
+)
 from engine.policy.source import PolicyBundle
 
 LIBRARY_ENV = "MCP_POLICY_OPA_LIBRARY"
 # Deadline of the load-time checks (they read all of the policy data once).
 ADMIN_TIMEOUT = 10.0
 LIBRARY_NAME = "libmcppolicy_opa.so"
-CHECKOUT_LIBRARY = Path(__file__).resolve().parents[2] / ".tools" / "lib" / LIBRARY_NAME
-BUILD_HINT = (
-    "run `make tools`, or `cd engine/policy/native && go build -buildmode=c-shared "
-    f"-o {CHECKOUT_LIBRARY} .`, or set {LIBRARY_ENV}"
-)
+CHECKOUT_LIBRARY = CHECKOUT_ROOT / ".tools" / "lib" / LIBRARY_NAME
+# The Go source is package data (pyproject.toml): an installed copy can build the library
+# in place, here, where it is then found.
+NATIVE_DIR = Path(__file__).resolve().parent / "native"
+PACKAGED_LIBRARY = NATIVE_DIR / LIBRARY_NAME
+GO_BUILD = "go build -buildmode=c-shared -trimpath -o"
+if IN_CHECKOUT:
+    BUILD_HINT = (
+        f"run `make tools`, or `cd engine/policy/native && {GO_BUILD} {CHECKOUT_LIBRARY} .`, "
+        f"or set {LIBRARY_ENV}"
+    )
+else:
+    BUILD_HINT = (
+        f"set MCP_POLICY_ENGINE=opa (with OPA {OPA_VERSION} on PATH or in "
+        f"{OPA_BINARY_ENV}), or build the library with Go: `cd {NATIVE_DIR} && "
+        f"{GO_BUILD} {LIBRARY_NAME} .`, or set {LIBRARY_ENV}"
+    )
 DECISION_QUERY = "data.mcp.decision"
 # Problems in the policy data the rule packages report, evaluated once per load (no input).
 LOAD_ERRORS_QUERY = "data.mcp.load_errors"
@@ -57,16 +75,26 @@ _Handle = ctypes.c_size_t  # uintptr_t: the same width as size_t on every suppor
 
 
 def find_library() -> Path:
-    """The library to load: $MCP_POLICY_OPA_LIBRARY, else the checkout's .tools/lib copy."""
+    """The library to load: $MCP_POLICY_OPA_LIBRARY, else the checkout's .tools/lib copy
+    (`make tools`), else one built in the package's own engine/policy/native/."""
     configured = os.environ.get(LIBRARY_ENV)
     if configured:
         path = Path(configured)
         if not path.is_file():
             raise ToolMissing(f"{LIBRARY_ENV}={configured}: no such file; {BUILD_HINT}")
         return path
-    if CHECKOUT_LIBRARY.is_file():
-        return CHECKOUT_LIBRARY
+    for path in (CHECKOUT_LIBRARY, PACKAGED_LIBRARY):
+        if path.is_file():
+            return path
     raise ToolMissing(f"the in-process OPA library ({LIBRARY_NAME}) is not built: {BUILD_HINT}")
+
+
+def library_version() -> tuple[Path, str]:
+    """The library decisions would be evaluated with and the OPA version it reports,
+    loading it (once per process) as `InProcessOpa.open` does; ToolMissing, one line, when
+    it is missing, not the library, or built with another OPA."""
+    library = _library()
+    return library.path, library.version
 
 
 class _Library:
@@ -105,6 +133,7 @@ class _Library:
         evaluate.restype = ctypes.c_int
         release.argtypes, release.restype = [_Handle], None
         self._lib = lib
+        self.path = path
         pointer = lib.mcp_opa_version()
         self.version = ctypes.string_at(pointer).decode()
         lib.mcp_opa_free(pointer)

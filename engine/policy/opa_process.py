@@ -44,24 +44,43 @@ def die_with_parent() -> list[str]:
 
 # The OPA release `make` builds (Makefile OPA_VERSION); named in the hint when none is found.
 OPA_VERSION = "1.22.2"
-CHECKOUT_OPA = Path(__file__).resolve().parents[2] / ".tools" / "bin" / "opa"
+OPA_BINARY_ENV = "MCP_POLICY_OPA_BINARY"
+# A checkout (not an installed copy) has the Makefile beside engine/, and `make tools`
+# builds OPA into its .tools/bin/.
+CHECKOUT_ROOT = Path(__file__).resolve().parents[2]
+IN_CHECKOUT = (CHECKOUT_ROOT / "Makefile").is_file() and (CHECKOUT_ROOT / "engine").is_dir()
+CHECKOUT_OPA = CHECKOUT_ROOT / ".tools" / "bin" / "opa"
+GO_INSTALL_OPA = f"go install github.com/open-policy-agent/opa@v{OPA_VERSION}"
 
 
 class ToolMissing(EngineError):
     """A program the engine runs is not installed; the message says how to get it."""
 
 
+def opa_hint() -> str:
+    """How to get OPA, in one clause."""
+    if IN_CHECKOUT:
+        return f"run `make tools`, or `{GO_INSTALL_OPA}`, or set {OPA_BINARY_ENV}"
+    return (
+        f"install OPA {OPA_VERSION} on PATH (`{GO_INSTALL_OPA}`, or a release binary), "
+        f"or set {OPA_BINARY_ENV} to it"
+    )
+
+
 def find_opa(binary: str = "opa") -> str:
-    """The OPA to run: `binary` when it is a path or is not the default name, else the
-    checkout's `.tools/bin/opa` (what `make` builds), else `opa` on PATH."""
+    """The OPA to run, in this order: `binary` when it is not the default name "opa" (a
+    flag or MCP_POLICY_OPA_BINARY, through Settings), else $MCP_POLICY_OPA_BINARY (for
+    callers without Settings), else the checkout's `.tools/bin/opa` (what `make tools`
+    builds), else `opa` on PATH. ToolMissing, one line saying how to get it, when none is
+    there."""
+    if binary == "opa":
+        binary = os.environ.get(OPA_BINARY_ENV) or "opa"
     if binary == "opa" and CHECKOUT_OPA.is_file() and os.access(CHECKOUT_OPA, os.X_OK):
         return str(CHECKOUT_OPA)
     path = shutil.which(binary)
     if path is None:
-        raise ToolMissing(
-            f"OPA not found ({binary!r}): run `make tools`, or `go install "
-            f"github.com/open-policy-agent/opa@v{OPA_VERSION}`, or set MCP_POLICY_OPA_BINARY"
-        )
+        where = "not on PATH" if binary == "opa" else f"{binary!r} is not an executable"
+        raise ToolMissing(f"OPA not found ({where}): {opa_hint()}")
     return path
 
 
