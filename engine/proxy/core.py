@@ -18,19 +18,29 @@ server-to-client requests, methods the proxy has never heard of), with three exc
   is retried with that approval by the proxy itself; with `approval_wait` the proxy waits
   for a human before answering.
 
+Messages travel through the core as `Frame`s: the message as a JSON object and, when it
+came as text the core may pass on as it is (a stdio line), that text. A message the proxy
+does not act on is relayed as those very bytes, without building an SDK model; the SDK's
+transports (streamable HTTP) get and give models, built only when one of them needs it.
+The answer to a forwarded call that succeeded goes to the agent as soon as it arrives,
+from the task that reads the upstream; its outcome report comes after, off that path.
+
 The core knows neither the transports (it gets message streams and an `Upstream`) nor
 where decisions come from (a `Decider`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol, runtime_checkable
 
 import anyio
+import pydantic_core
 from mcp.shared.message import ServerMessageMetadata, SessionMessage
 from mcp_types import (
     INTERNAL_ERROR,
@@ -45,6 +55,7 @@ from mcp_types import (
     JSONRPCRequest,
     JSONRPCResponse,
     RequestId,
+    jsonrpc_message_adapter,
 )
 from pydantic import ValidationError
 
@@ -66,6 +77,23 @@ RULE_SERVER_UNKNOWN = "proxy.server_unknown"
 UPSTREAM_CLOSED = -32000
 UPSTREAM_TIMEOUT = REQUEST_TIMEOUT  # -32001
 REPORT_TIMEOUT = 10.0
+TOOLS_CALL: Final = "tools/call"
+
+# The four kinds of JSON-RPC message.
+REQUEST: Final = "request"
+NOTIFICATION: Final = "notification"
+RESPONSE: Final = "response"
+ERROR: Final = "error"
+
+# The members each kind has in the SDK's models: a message with any other is read by the
+# models (which drop what they do not know) rather than relayed as it came.
+_MEMBERS = {
+    REQUEST: frozenset({"jsonrpc", "id", "method", "params"}),
+    NOTIFICATION: frozenset({"jsonrpc", "method", "params"}),
+    RESPONSE: frozenset({"jsonrpc", "id", "result"}),
+    ERROR: frozenset({"jsonrpc", "id", "error"}),
+}
+_ERROR_MEMBERS = frozenset({"code", "message", "data"})
 
 
 @dataclass(frozen=True)
@@ -81,6 +109,171 @@ class ProxyOptions:
     filter_tools: bool = True
     # Messages nested deeper are refused (the service's default; --embedded: its setting).
     max_json_depth: int = int(Settings.model_fields["max_json_depth"].default)
+
+
+def _plain_id(value: Any) -> bool:
+    kind = type(value)
+    return kind is str or kind is int
+
+
+def kind_of(value: dict[str, Any]) -> str | None:
+    """The kind of JSON-RPC message `value` is, when the SDK's models would read it as
+    exactly that object (the same kind, nothing dropped, nothing converted); else None,
+    and the models are the judge.
+
+    A request or a response needs an id that is a string or an integer (never a bool or
+    a float), a request or a notification a string `method` and `params` that are an
+    object or null, a response an object `result`, an error an `error` object with an
+    integer `code` and a string `message`, and none of them any other member.
+    """
+    if value.get("jsonrpc") != "2.0":
+        return None
+    if "method" in value:
+        params = value.get("params")
+        if type(value["method"]) is not str or (params is not None and type(params) is not dict):
+            return None
+        if "id" in value:
+            kind = REQUEST if _plain_id(value["id"]) else None
+        else:
+            kind = NOTIFICATION
+    elif "result" in value:
+        ok = type(value["result"]) is dict and _plain_id(value.get("id"))
+        kind = RESPONSE if ok else None
+    else:
+        error = value.get("error")
+        if (
+            type(error) is not dict
+            or "id" not in value
+            or not (value["id"] is None or _plain_id(value["id"]))
+            or type(error.get("code")) is not int
+            or type(error.get("message")) is not str
+            or not error.keys() <= _ERROR_MEMBERS
+        ):
+            return None
+        kind = ERROR
+    if kind is None or not value.keys() <= _MEMBERS[kind]:
+        return None
+    return kind
+
+
+def encode(value: Any) -> bytes:
+    """`value` as compact JSON text in UTF-8, as the SDK's models write it (a non-finite
+    number, which strictly parsed input never holds, as null)."""
+    try:
+        return pydantic_core.to_json(value, inf_nan_mode="null")
+    except pydantic_core.PydanticSerializationError:
+        # A lone surrogate (only an upstream's text can hold one): ASCII escapes carry it.
+        return json.dumps(value, separators=(",", ":")).encode()
+
+
+_KINDS: dict[type, str] = {
+    JSONRPCRequest: REQUEST,
+    JSONRPCNotification: NOTIFICATION,
+    JSONRPCResponse: RESPONSE,
+    JSONRPCError: ERROR,
+}
+
+
+class Frame:
+    """One JSON-RPC message as the core relays it.
+
+    `value` is the message as a JSON object, `kind` one of REQUEST, NOTIFICATION,
+    RESPONSE and ERROR. `raw` is the text the message came as, when it may be relayed as
+    it is: strictly parsed (agent) or parsed (server), one line, and read by the SDK's
+    models as exactly `value` (see `kind_of`). A frame made from an SDK model keeps it for
+    the SDK's transports; one the proxy builds has only its value.
+    """
+
+    __slots__ = ("_model", "kind", "raw", "value")
+
+    def __init__(
+        self,
+        kind: str,
+        value: dict[str, Any],
+        *,
+        raw: bytes | None = None,
+        model: JSONRPCMessage | None = None,
+    ) -> None:
+        self.kind = kind
+        self.value = value
+        self.raw = raw
+        self._model = model
+
+    @classmethod
+    def parsed(cls, value: Any, raw: bytes) -> Frame | None:
+        """The frame for `value` parsed from `raw`, or None when the SDK's models must
+        read it (it is not plainly one JSON-RPC message: see `kind_of`)."""
+        if type(value) is not dict:
+            return None
+        kind = kind_of(value)
+        if kind is None:
+            return None
+        raw = raw.strip()
+        return cls(kind, value, raw=None if b"\n" in raw else raw)
+
+    @classmethod
+    def of(cls, message: JSONRPCMessage) -> Frame:
+        """The frame of an SDK model (from the SDK's transports, or a test)."""
+        value = message.model_dump(by_alias=True, exclude_unset=True)
+        return cls(_KINDS[type(message)], value, model=message)
+
+    @classmethod
+    def request(cls, request_id: RequestId, method: str, params: dict[str, Any]) -> Frame:
+        value = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+        return cls(REQUEST, value)
+
+    @classmethod
+    def notification(cls, method: str, params: dict[str, Any]) -> Frame:
+        return cls(NOTIFICATION, {"jsonrpc": "2.0", "method": method, "params": params})
+
+    @classmethod
+    def response(cls, request_id: RequestId, result: dict[str, Any]) -> Frame:
+        return cls(RESPONSE, {"jsonrpc": "2.0", "id": request_id, "result": result})
+
+    @classmethod
+    def error(cls, request_id: RequestId | None, code: int, message: str) -> Frame:
+        error = {"code": code, "message": message}
+        return cls(ERROR, {"jsonrpc": "2.0", "id": request_id, "error": error})
+
+    @property
+    def id(self) -> Any:
+        return self.value.get("id")
+
+    @property
+    def method(self) -> str | None:
+        return self.value.get("method")
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """A request's or notification's params ({} when it has none)."""
+        params = self.value.get("params")
+        return params if type(params) is dict else {}
+
+    @property
+    def result(self) -> dict[str, Any]:
+        """A response's result ({} for any other kind)."""
+        result = self.value.get("result")
+        return result if type(result) is dict else {}
+
+    def line(self) -> bytes:
+        """The message as one line of the stdio transport: the text it came as when it
+        may be relayed as it is, else as the SDK's models write it."""
+        if self.raw is not None:
+            return self.raw + b"\n"
+        if self._model is not None:
+            text = self._model.model_dump_json(by_alias=True, exclude_unset=True)
+            return text.encode() + b"\n"
+        return encode(self.value) + b"\n"
+
+    @property
+    def model(self) -> JSONRPCMessage:
+        """The message as an SDK model (built once, when a transport of the SDK needs it)."""
+        if self._model is None:
+            self._model = jsonrpc_message_adapter.validate_python(self.value, by_name=False)
+        return self._model
+
+    def __repr__(self) -> str:
+        return f"Frame({self.kind}, {self.value!r})"
 
 
 class MalformedMessage(Exception):
@@ -102,15 +295,23 @@ class MessageWriter(Protocol):
     async def send(self, item: SessionMessage, /) -> None: ...
 
 
+@runtime_checkable
+class FrameWriter(Protocol):
+    """A writer that takes frames as they are (the stdio transport): a message that came
+    as text goes on as that text."""
+
+    async def send_frame(self, frame: Frame, /) -> None: ...
+
+
 class Upstream(Protocol):
     """One connection to the real MCP server (a child over stdio, or a URL)."""
 
     @property
-    def messages(self) -> AsyncIterable[SessionMessage | Exception]:
+    def messages(self) -> AsyncIterable[Frame | SessionMessage | Exception]:
         """What the server sends; ends when the server is gone."""
         ...
 
-    async def send(self, message: JSONRPCMessage) -> None:
+    async def send(self, message: Frame) -> None:
         """Send one message; raises UpstreamClosed when the server is gone."""
         ...
 
@@ -139,34 +340,39 @@ def refusal(rule: str, reason: str) -> dict[str, Any]:
     return mcp_result(decision)
 
 
-def call_failed(answer: JSONRPCResponse | JSONRPCError) -> bool:
+def call_failed(answer: Frame | JSONRPCResponse | JSONRPCError) -> bool:
     """Whether an upstream answer to tools/call counts as failed for the rate limits.
 
     A JSON-RPC error or `isError: true` failed. An `input_required` result (protocol
     2026-07-28) is not a finished call either: the client retries it as a new tools/call,
     which is decided and counted on its own.
     """
-    if isinstance(answer, JSONRPCError):
+    if isinstance(answer, Frame):
+        if answer.kind != RESPONSE:
+            return True
+        result = answer.result
+    elif isinstance(answer, JSONRPCError):
         return True
-    result = answer.result
+    else:
+        result = answer.result
     return result.get("isError") is True or result.get("resultType") == "input_required"
 
 
-@dataclass
+@dataclass(slots=True)
 class _Call:
-    """One tools/call from the agent, from decision to answer."""
+    """One tools/call from the agent, from decision to answer (in a task of its own)."""
 
-    request: JSONRPCRequest
+    request: Frame
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     forwarded: bool = False
     answered: bool = False
-    answer: JSONRPCResponse | JSONRPCError | None = None
-    arrived: anyio.Event = field(default_factory=anyio.Event)
-    finished: anyio.Event = field(default_factory=anyio.Event)
+    answer: Frame | None = None
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
 
     @property
     def tool(self) -> str:
-        name = (self.request.params or {}).get("name")
+        name = self.request.params.get("name")
         return name if isinstance(name, str) else "?"
 
 
@@ -195,13 +401,17 @@ class ProxySession:
             agent_id=options.agent_id, session_id=session_id, user_id=options.user_id
         )
         self._calls: dict[RequestId, _Call] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._pending: dict[RequestId, str] = {}
         self._abandoned: set[RequestId] = set()
         self._listings: dict[RequestId, anyio.Event] = {}
         self._progress: dict[str | int, RequestId] = {}
+        self._progress_of: dict[RequestId, str | int] = {}
         self._closed: str | None = None
         self._tg: anyio.abc.TaskGroup | None = None
-        self._agent: MessageWriter | None = None
+        # Where answers go: frames as they are (stdio), or SDK models in SessionMessages.
+        self._frames: FrameWriter | None = None
+        self._messages: MessageWriter | None = None
         self._upstream: Upstream | None = None
 
     @property
@@ -212,8 +422,8 @@ class ProxySession:
 
     async def run(
         self,
-        agent_messages: AsyncIterable[SessionMessage | Exception],
-        agent: MessageWriter,
+        agent_messages: AsyncIterable[Frame | SessionMessage | Exception],
+        agent: MessageWriter | FrameWriter,
         upstream: Upstream,
     ) -> None:
         """Relay until the agent or the upstream goes away.
@@ -221,54 +431,78 @@ class ProxySession:
         When the upstream goes first, every request still waiting for it is answered with
         a JSON-RPC error before this returns.
         """
-        self._agent = agent
+        if isinstance(agent, FrameWriter):
+            self._frames = agent
+        else:
+            self._messages = agent
         self._upstream = upstream
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            tg.start_soon(self._from_upstream, upstream)
-            with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-                await self._from_agent(agent_messages)
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._from_upstream, upstream)
+                with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    await self._from_agent(agent_messages)
+                tg.cancel_scope.cancel()
+        finally:
+            await self._end_calls()
+
+    async def _end_calls(self) -> None:
+        """Stop the calls still in progress with the session, as the session's own tasks
+        would be: their outcome reports (shielded) still go out."""
+        if not self._tasks:
+            return
+        for call in list(self._calls.values()):
+            call.scope.cancel()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(REPORT_TIMEOUT):
+            await asyncio.wait(list(self._tasks))
 
     # Agent → upstream.
 
-    async def _from_agent(self, messages: AsyncIterable[SessionMessage | Exception]) -> None:
+    async def _from_agent(
+        self, messages: AsyncIterable[Frame | SessionMessage | Exception]
+    ) -> None:
         async for item in messages:
-            if isinstance(item, MalformedMessage):
+            if isinstance(item, Frame):
+                frame = item
+            elif isinstance(item, SessionMessage):
+                frame = Frame.of(item.message)
+            elif isinstance(item, MalformedMessage):
                 log.warning("malformed message from the agent: %s", item.error.message)
-                await self._to_agent(
-                    JSONRPCError(jsonrpc="2.0", id=item.request_id, error=item.error)
-                )
+                error = JSONRPCError(jsonrpc="2.0", id=item.request_id, error=item.error)
+                await self._to_agent(Frame.of(error))
                 continue
-            if isinstance(item, Exception):
+            else:
                 log.warning("agent transport error: %s", item)
                 continue
-            message = item.message
-            if isinstance(message, JSONRPCRequest):
+            kind = frame.kind
+            if kind == REQUEST:
+                request_id = frame.id
                 # A new request owns its id: a late answer to an abandoned one is not it.
-                self._abandoned.discard(message.id)
-                if message.id in self._calls or message.id in self._pending:
+                self._abandoned.discard(request_id)
+                if request_id in self._calls or request_id in self._pending:
                     await self._to_agent(
-                        error_response(
-                            message.id,
+                        Frame.error(
+                            request_id,
                             INVALID_REQUEST,
-                            f"request id {message.id!r} is already in use by a request "
+                            f"request id {request_id!r} is already in use by a request "
                             "that has not been answered",
                         )
                     )
                     continue
-                if message.method == "tools/call":
-                    self._start_call(message)
+                method = frame.method
+                if method == TOOLS_CALL:
+                    self._start_call(frame)
                     continue
-                self._pending[message.id] = message.method
-                self._track_progress(message)
-            elif isinstance(message, JSONRPCNotification):
-                if message.method == "tools/call":
+                self._pending[request_id] = method or "?"
+                self._track_progress(frame)
+            elif kind == NOTIFICATION:
+                method = frame.method
+                if method == TOOLS_CALL:
                     # Last guard (the transports screen these out already): a tools/call
                     # without a usable id could be neither decided nor answered.
                     log.warning("refused a tools/call sent as a notification (no usable id)")
                     await self._to_agent(
-                        error_response(
+                        Frame.error(
                             None,
                             INVALID_REQUEST,
                             "Invalid Request: tools/call must be a request with an id (a "
@@ -277,32 +511,32 @@ class ProxySession:
                         )
                     )
                     continue
-                if message.method == "notifications/cancelled" and self._cancel_call(message):
+                if method == "notifications/cancelled" and self._cancel_call(frame):
                     continue
-            await self._to_upstream(message)
+            await self._to_upstream(frame)
 
-    async def _to_upstream(self, message: JSONRPCMessage) -> None:
+    async def _to_upstream(self, frame: Frame) -> None:
         assert self._upstream is not None
         try:
             if self._closed is not None:
                 raise UpstreamClosed(self._closed)
-            await self._upstream.send(message)
+            await self._upstream.send(frame)
         except UpstreamClosed:
-            if isinstance(message, JSONRPCRequest):
-                self._pending.pop(message.id, None)
+            if frame.kind == REQUEST:
+                self._pending.pop(frame.id, None)
                 await self._to_agent(
-                    error_response(
-                        message.id,
+                    Frame.error(
+                        frame.id,
                         UPSTREAM_CLOSED,
                         f"upstream MCP server {self._closed or 'is gone'}; "
-                        f"{message.method} was not delivered",
+                        f"{frame.method} was not delivered",
                     )
                 )
 
-    def _cancel_call(self, notification: JSONRPCNotification) -> bool:
+    def _cancel_call(self, notification: Frame) -> bool:
         """A cancellation for a call still being decided stops it here (no answer is due);
         one for a forwarded call goes upstream. Returns whether it was consumed here."""
-        request_id = (notification.params or {}).get("requestId")
+        request_id = notification.params.get("requestId")
         if not isinstance(request_id, str | int) or isinstance(request_id, bool):
             return False
         call = self._calls.get(request_id)
@@ -323,56 +557,70 @@ class ProxySession:
 
     async def _from_upstream(self, upstream: Upstream) -> None:
         async for item in upstream.messages:
-            if isinstance(item, Exception):
+            if isinstance(item, Frame):
+                frame = item
+            elif isinstance(item, SessionMessage):
+                frame = Frame.of(item.message)
+            else:
                 log.warning("upstream sent something that is not JSON-RPC: %s", item)
                 continue
-            message = item.message
-            if isinstance(message, JSONRPCResponse | JSONRPCError) and message.id is not None:
-                call = self._calls.get(message.id)
+            kind = frame.kind
+            if (kind == RESPONSE or kind == ERROR) and frame.id is not None:
+                request_id = frame.id
+                call = self._calls.get(request_id)
                 if call is not None and call.forwarded:
-                    call.answer = message
+                    call.answer = frame
+                    if not call.answered and not call_failed(frame):
+                        # A success goes to the agent at once; the call's task reports
+                        # it afterwards. (A failure gives its slots back first: the task
+                        # answers it.)
+                        call.answered = True
+                        self._untrack_progress(request_id)
+                        await self._to_agent(frame)
                     call.arrived.set()
                     continue
-                if message.id in self._abandoned:
-                    self._abandoned.discard(message.id)
-                    log.info("dropped the late upstream answer to request %r", message.id)
+                if request_id in self._abandoned:
+                    self._abandoned.discard(request_id)
+                    log.info("dropped the late upstream answer to request %r", request_id)
                     continue
-                method = self._pending.pop(message.id, None)
-                self._untrack_progress(message.id)
-                if isinstance(message, JSONRPCResponse):
-                    self._learn_from_meta(message)
+                method = self._pending.pop(request_id, None)
+                self._untrack_progress(request_id)
+                if kind == RESPONSE:
+                    if self.server_name is None:
+                        self._learn_from_meta(frame)
                     if method == "initialize":
-                        self._learn_initialize(message, upstream)
+                        self._learn_initialize(frame, upstream)
                     elif method == "server/discover":
-                        self._learn_discover(message)
+                        self._learn_discover(frame)
                     elif method == "tools/list" and self.tool_filter is not None:
                         assert self._tg is not None
-                        done = self._listings[message.id] = anyio.Event()
-                        self._tg.start_soon(self._send_filtered_list, message, done)
+                        done = self._listings[request_id] = anyio.Event()
+                        self._tg.start_soon(self._send_filtered_list, frame, done)
                         continue
-            await self._to_agent(message, self._related(message))
+            await self._to_agent(frame, self._related(frame))
         await self._upstream_ended(upstream.ended())
 
-    def _learn_initialize(self, message: JSONRPCResponse, upstream: Upstream) -> None:
-        version = message.result.get("protocolVersion")
+    def _learn_initialize(self, frame: Frame, upstream: Upstream) -> None:
+        result = frame.result
+        version = result.get("protocolVersion")
         if isinstance(version, str):
             upstream.negotiated(version)
-        info = message.result.get("serverInfo")
+        info = result.get("serverInfo")
         if self.server_name is None and isinstance(info, dict):
             name = info.get("name")
             if isinstance(name, str) and name:
                 self.server_name = name
                 log.info("MCP server name from initialize: %s", name)
 
-    def _learn_discover(self, message: JSONRPCResponse) -> None:
-        self._learn_from_meta(message, "server/discover")
+    def _learn_discover(self, frame: Frame) -> None:
+        self._learn_from_meta(frame, "server/discover")
 
-    def _learn_from_meta(self, message: JSONRPCResponse, where: str = "a result") -> None:
+    def _learn_from_meta(self, frame: Frame, where: str = "a result") -> None:
         """From protocol 2026-07-28 on, results carry the server's info in `_meta`: a
         client that never sends server/discover still names the server this way."""
         if self.server_name is not None:
             return
-        meta = message.result.get("_meta")
+        meta = frame.result.get("_meta")
         info = meta.get(SERVER_INFO_META_KEY) if isinstance(meta, dict) else None
         if isinstance(info, dict):
             name = info.get("name")
@@ -380,10 +628,10 @@ class ProxySession:
                 self.server_name = name
                 log.info("MCP server name from %s: %s", where, name)
 
-    async def _send_filtered_list(self, message: JSONRPCResponse, done: anyio.Event) -> None:
+    async def _send_filtered_list(self, frame: Frame, done: anyio.Event) -> None:
         assert self.tool_filter is not None
         try:
-            result = message.result
+            result = frame.result
             tools = result.get("tools")
             if isinstance(tools, list) and self.server_name is not None:
                 names = [
@@ -396,11 +644,11 @@ class ProxySession:
                     kept = [
                         t for t in tools if not (isinstance(t, dict) and t.get("name") in hidden)
                     ]
-                    result = {**result, "tools": kept}
+                    frame = Frame.response(frame.id, {**result, "tools": kept})
                     log.info("tools/list: hid %s", ", ".join(sorted(hidden)))
-            await self._to_agent(JSONRPCResponse(jsonrpc="2.0", id=message.id, result=result))
+            await self._to_agent(frame)
         finally:
-            self._listings.pop(message.id, None)
+            self._listings.pop(frame.id, None)
             done.set()
 
     async def _upstream_ended(self, why: str) -> None:
@@ -415,7 +663,7 @@ class ProxySession:
                 call.answered = True
                 call.scope.cancel()
                 await self._to_agent(
-                    error_response(
+                    Frame.error(
                         call.request.id,
                         UPSTREAM_CLOSED,
                         f"upstream MCP server {why}; tools/call {call.tool!r} was not forwarded",
@@ -423,7 +671,7 @@ class ProxySession:
                 )
         for request_id, method in list(self._pending.items()):
             await self._to_agent(
-                error_response(
+                Frame.error(
                     request_id,
                     UPSTREAM_CLOSED,
                     f"upstream MCP server {why} before answering {method}",
@@ -431,49 +679,60 @@ class ProxySession:
             )
         self._pending.clear()
         with anyio.move_on_after(REPORT_TIMEOUT):
-            for call in forwarded:
-                await call.finished.wait()
+            tasks = [call.task for call in forwarded if call.task is not None]
+            if tasks:
+                await asyncio.wait(tasks)
             for listing in list(self._listings.values()):
                 await listing.wait()
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
 
-    async def _to_agent(
-        self, message: JSONRPCMessage, metadata: ServerMessageMetadata | None = None
-    ) -> None:
-        assert self._agent is not None
+    async def _to_agent(self, frame: Frame, metadata: ServerMessageMetadata | None = None) -> None:
         try:
-            await self._agent.send(SessionMessage(message, metadata))
+            if self._frames is not None:
+                await self._frames.send_frame(frame)
+            else:
+                assert self._messages is not None
+                await self._messages.send(SessionMessage(frame.model, metadata))
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            log.debug("the agent is gone; dropped %s", type(message).__name__)
+            log.debug("the agent is gone; dropped a %s", frame.kind)
 
     # Progress notifications belong to their request's stream (streamable HTTP).
 
-    def _track_progress(self, request: JSONRPCRequest) -> None:
-        meta = (request.params or {}).get("_meta")
+    def _track_progress(self, request: Frame) -> None:
+        meta = request.params.get("_meta")
         token = meta.get("progressToken") if isinstance(meta, dict) else None
         if isinstance(token, str | int) and not isinstance(token, bool):
             self._progress[token] = request.id
+            self._progress_of[request.id] = token
 
     def _untrack_progress(self, request_id: RequestId) -> None:
-        for token, owner in list(self._progress.items()):
-            if owner == request_id:
-                del self._progress[token]
+        token = self._progress_of.pop(request_id, None)
+        if token is not None and self._progress.get(token) == request_id:
+            del self._progress[token]
 
-    def _related(self, message: JSONRPCMessage) -> ServerMessageMetadata | None:
-        if isinstance(message, JSONRPCNotification) and message.method == "notifications/progress":
-            token = (message.params or {}).get("progressToken")
+    def _related(self, frame: Frame) -> ServerMessageMetadata | None:
+        if frame.kind == NOTIFICATION and frame.method == "notifications/progress":
+            token = frame.params.get("progressToken")
             if isinstance(token, str | int) and token in self._progress:
                 return ServerMessageMetadata(related_request_id=self._progress[token])
         return None
 
     # tools/call.
 
-    def _start_call(self, request: JSONRPCRequest) -> None:
+    def _start_call(self, request: Frame) -> None:
+        # A plain task (the session's task group would cost more per call than the rest
+        # of the relay); `_end_calls` ends those left when the session ends.
         call = _Call(request)
         self._calls[request.id] = call
-        assert self._tg is not None
-        self._tg.start_soon(self._run_call, call, name=f"tools/call {request.id!r}")
+        task = call.task = asyncio.get_running_loop().create_task(self._run_call(call))
+        self._tasks.add(task)
+        task.add_done_callback(self._call_done)
+
+    def _call_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("a tools/call task failed in the proxy", exc_info=exc)
 
     async def _run_call(self, call: _Call) -> None:
         try:
@@ -484,7 +743,7 @@ class ProxySession:
                     # The traceback is for the proxy's log; the agent learns nothing of
                     # the proxy's internals.
                     log.exception("tools/call %r failed in the proxy", call.request.id)
-                    answer = error_response(call.request.id, INTERNAL_ERROR, "internal proxy error")
+                    answer = Frame.error(call.request.id, INTERNAL_ERROR, "internal proxy error")
                     outcome = None
                 # A failure gives its slots back before the agent hears of it, so a retry
                 # at once finds them; a success is reported after answering.
@@ -498,7 +757,6 @@ class ProxySession:
         finally:
             if self._calls.get(call.request.id) is call:
                 del self._calls[call.request.id]
-            call.finished.set()
 
     async def _report(self, decision: Decision, succeeded: bool) -> None:
         """Tell the decision service how the call went (shielded: it must not be lost).
@@ -518,20 +776,20 @@ class ProxySession:
                 return
             log.debug("outcome of %s: succeeded=%s released=%s", decision_id, succeeded, released)
 
-    async def _handle_call(
-        self, call: _Call
-    ) -> tuple[JSONRPCMessage, tuple[Decision, bool] | None]:
+    async def _handle_call(self, call: _Call) -> tuple[Frame, tuple[Decision, bool] | None]:
         """Decide the call and forward it if allowed; the answer and the outcome to report."""
         request = call.request
-        params = dict(request.params or {})
+        request_id = request.id
+        params = request.params
+        forward = request
         approval_id: str | None = None
         meta = params.get("_meta")
         if isinstance(meta, dict) and APPROVAL_META_KEY in meta:
-            meta = dict(meta)
+            params, meta = dict(params), dict(meta)
             value = meta.pop(APPROVAL_META_KEY)
             if not isinstance(value, str) or not value:
-                return error_response(
-                    request.id,
+                return Frame.error(
+                    request_id,
                     INVALID_PARAMS,
                     f'params._meta["{APPROVAL_META_KEY}"] must be an approval id (a string)',
                 ), None
@@ -540,20 +798,21 @@ class ProxySession:
                 params["_meta"] = meta
             else:
                 del params["_meta"]
+            forward = Frame.request(request_id, TOOLS_CALL, params)
         if self.server_name is None:
             reason = (
                 "the proxy does not know the MCP server's name (the server did not report "
                 "one); start the proxy with --server-name"
             )
-            return self._result(request.id, refusal(RULE_SERVER_UNKNOWN, reason)), None
+            return self._result(request_id, refusal(RULE_SERVER_UNKNOWN, reason)), None
         evaluated = {key: params[key] for key in ("name", "arguments") if key in params}
         try:
             decide = DecideRequest(
                 server=self.server_name,
                 message={
                     "jsonrpc": "2.0",
-                    "id": request.id,
-                    "method": "tools/call",
+                    "id": request_id,
+                    "method": TOOLS_CALL,
                     "params": evaluated,
                 },
                 principal=self.principal,
@@ -562,27 +821,28 @@ class ProxySession:
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
-            return error_response(request.id, INVALID_PARAMS, f"{where}: {first['msg']}"), None
+            return Frame.error(request_id, INVALID_PARAMS, f"{where}: {first['msg']}"), None
         decision = await self._decide(decide)
-        if isinstance(decision, JSONRPCError):
+        if isinstance(decision, Frame):
             return decision, None
         decision = await self._after_approval(decide, decision)
-        if isinstance(decision, JSONRPCError):
+        if isinstance(decision, Frame):
             return decision, None
         if decision.verdict is not Verdict.ALLOW:
-            return self._result(request.id, decision.mcp_result or mcp_result(decision)), None
-        forwarded = JSONRPCRequest(jsonrpc="2.0", id=request.id, method="tools/call", params=params)
-        return await self._forward(call, forwarded, decision)
+            return self._result(request_id, decision.mcp_result or mcp_result(decision)), None
+        if forward.raw is not None:
+            # Never the agent's text: the server gets the JSON of exactly what was
+            # evaluated, written by the proxy.
+            forward = Frame.request(request_id, TOOLS_CALL, params)
+        return await self._forward(call, forward, decision)
 
     @staticmethod
-    def _result(request_id: RequestId, result: dict[str, Any]) -> JSONRPCResponse:
+    def _result(request_id: RequestId, result: dict[str, Any]) -> Frame:
         """A refusal as the JSON-RPC result. `resultType` is added as the SDK's servers
         always send it: required from protocol 2026-07-28 on, ignored before."""
-        return JSONRPCResponse(
-            jsonrpc="2.0", id=request_id, result={"resultType": "complete", **result}
-        )
+        return Frame.response(request_id, {"resultType": "complete", **result})
 
-    async def _decide(self, request: DecideRequest) -> Decision | JSONRPCError:
+    async def _decide(self, request: DecideRequest) -> Decision | Frame:
         message = request.message
         request_id = message.get("id") if isinstance(message, dict) else None
         try:
@@ -591,7 +851,7 @@ class ProxySession:
                 return await self.decider.decide(request)
             return await self.decider.decide(request, identity)
         except InvalidRequest as exc:
-            return error_response(request_id, INVALID_PARAMS, f"invalid tools/call: {exc.message}")
+            return Frame.error(request_id, INVALID_PARAMS, f"invalid tools/call: {exc.message}")
         except EngineError as exc:
             log.error("no decision: %s", exc.message)
             return Decision(
@@ -605,9 +865,7 @@ class ProxySession:
                 ),
             )
 
-    async def _after_approval(
-        self, request: DecideRequest, decision: Decision
-    ) -> Decision | JSONRPCError:
+    async def _after_approval(self, request: DecideRequest, decision: Decision) -> Decision | Frame:
         """approval_required: use a granted approval at once, or wait for a human."""
         approval = decision.approval
         if decision.verdict is not Verdict.APPROVAL_REQUIRED or approval is None:
@@ -624,7 +882,7 @@ class ProxySession:
         while (left := deadline - anyio.current_time()) > 0:
             await anyio.sleep(min(self.options.approval_poll, left))
             again = await self._decide(retry)
-            if isinstance(again, JSONRPCError):
+            if isinstance(again, Frame):
                 return again
             if again.rule == RULE_DECISION_UNAVAILABLE:
                 continue
@@ -634,11 +892,12 @@ class ProxySession:
         return last
 
     async def _forward(
-        self, call: _Call, request: JSONRPCRequest, decision: Decision
-    ) -> tuple[JSONRPCMessage, tuple[Decision, bool] | None]:
+        self, call: _Call, request: Frame, decision: Decision
+    ) -> tuple[Frame, tuple[Decision, bool] | None]:
+        request_id = request.id
         if self._closed is not None:
-            return error_response(
-                request.id,
+            return Frame.error(
+                request_id,
                 UPSTREAM_CLOSED,
                 f"upstream MCP server {self._closed}; tools/call {call.tool!r} was not forwarded",
             ), (decision, False)
@@ -648,37 +907,40 @@ class ProxySession:
         try:
             await self._upstream.send(request)
         except UpstreamClosed:
-            return error_response(
-                request.id,
+            return Frame.error(
+                request_id,
                 UPSTREAM_CLOSED,
                 f"upstream MCP server {self._closed or 'is gone'}; "
                 f"tools/call {call.tool!r} was not delivered",
             ), (decision, False)
         timeout = self.options.upstream_timeout
-        with anyio.move_on_after(timeout) as waited:
-            await call.arrived.wait()
+        if not call.arrived.is_set():
+            with anyio.move_on_after(timeout) as waited:
+                await call.arrived.wait()
+            timed_out = waited.cancelled_caught
+        else:
+            timed_out = False
         answer = call.answer
         if answer is not None:
-            self._untrack_progress(request.id)
+            self._untrack_progress(request_id)
             return answer, (decision, not call_failed(answer))
-        if waited.cancelled_caught:
-            self._abandoned.add(request.id)
-            self._untrack_progress(request.id)
+        if timed_out:
+            self._abandoned.add(request_id)
+            self._untrack_progress(request_id)
             await self._to_upstream(
-                JSONRPCNotification(
-                    jsonrpc="2.0",
-                    method="notifications/cancelled",
-                    params={"requestId": request.id, "reason": "timed out in mcp-policy proxy"},
+                Frame.notification(
+                    "notifications/cancelled",
+                    {"requestId": request_id, "reason": "timed out in mcp-policy proxy"},
                 )
             )
-            return error_response(
-                request.id,
+            return Frame.error(
+                request_id,
                 UPSTREAM_TIMEOUT,
                 f"upstream MCP server did not answer tools/call {call.tool!r} within "
                 f"{timeout:g} s; the call was cancelled",
             ), (decision, False)
-        return error_response(
-            request.id,
+        return Frame.error(
+            request_id,
             UPSTREAM_CLOSED,
             f"upstream MCP server {self._closed} before answering tools/call {call.tool!r}",
         ), (decision, False)

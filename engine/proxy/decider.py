@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 TRANSPORT = "proxy"
 VERDICT_FROM_PROTO = {value: key for key, value in VERDICTS.items()}
+# How a message object goes into DecideRequest.message (one encoder, not one per call).
+_MESSAGE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 STATUS_FROM_PROTO = {value: key for key, value in APPROVAL_STATUSES.items()}
 
 
@@ -118,7 +120,7 @@ def decide_message(request: DecideRequest) -> Any:
     if request.message is not None:
         text = request.message
         if not isinstance(text, str):
-            text = json.dumps(text, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            text = _MESSAGE_JSON.encode(text)
         message.message = text
     if request.tool is not None:
         message.tool = request.tool

@@ -101,6 +101,7 @@ from engine.proxy.auth import (
 )
 from engine.proxy.core import (
     UPSTREAM_CLOSED,
+    Frame,
     MalformedMessage,
     MessageWriter,
     ProxyOptions,
@@ -110,7 +111,7 @@ from engine.proxy.core import (
 )
 from engine.proxy.decider import Decider
 from engine.proxy.listing import ToolFilter
-from engine.proxy.screen import MAX_DEPTH, screen_agent_message
+from engine.proxy.screen import MAX_DEPTH, screen_line
 from engine.server import QuietUvicornServer, listen_http
 from engine.tls import is_loopback
 
@@ -159,7 +160,7 @@ def _malformed(malformed: MalformedMessage) -> Response:
 
 async def _read_body(
     scope: Scope, receive: Receive, send: Send, *, max_body: int, max_depth: int
-) -> tuple[bytes, SessionMessage] | None:
+) -> tuple[bytes, Frame] | None:
     """Read a POST body and screen it: the bytes and the message, or None when it did not
     pass and was answered here (or the client went away)."""
     chunks: list[bytes] = []
@@ -179,7 +180,7 @@ async def _read_body(
         if not message.get("more_body", False):
             break
     body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    screened = screen_agent_message(body, max_depth=max_depth)
+    screened = screen_line(body, max_depth=max_depth)
     if isinstance(screened, MalformedMessage):
         log.warning("malformed message from the agent: %s", screened.error.message)
         await _malformed(screened)(scope, receive, send)
@@ -189,7 +190,7 @@ async def _read_body(
 
 async def read_screened(
     scope: Scope, receive: Receive, send: Send, *, max_body: int, max_depth: int
-) -> SessionMessage | None:
+) -> Frame | None:
     """The screened message of a POST body, or None when it was answered here."""
     read = await _read_body(scope, receive, send, max_body=max_body, max_depth=max_depth)
     return None if read is None else read[1]
@@ -700,7 +701,7 @@ class ProxyApp:
         )
         if screened is None:
             return
-        message = screened.message
+        message = screened.model
         if isinstance(message, JSONRPCNotification):
             # No client-to-server notification means anything at 2026-07-28 (a client
             # cancels by closing its request's response): acknowledged, as the SDK does.
@@ -717,8 +718,7 @@ class ProxyApp:
             )
             await _rejection(rejection, message.id)(scope, receive, send)
             return
-        decoded = message.model_dump(mode="json", by_alias=True, exclude_unset=True)
-        verdict = classify_inbound_request(decoded, headers=dict(raw_headers))
+        verdict = classify_inbound_request(screened.value, headers=dict(raw_headers))
         if isinstance(verdict, InboundLadderRejection):
             await _rejection(verdict, message.id)(scope, receive, send)
             return

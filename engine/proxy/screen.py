@@ -20,6 +20,11 @@ Answers, as JSON-RPC errors:
   a tools/call must be a request, decided and answered, or it is not relayed at all.
 
 The request id is given back with a -32600 when one can be read; never with a -32700.
+
+What passes is a `Frame` (see core.py): the parsed object and, when the SDK's models
+would read it as exactly that object, the text itself, which is then relayed as it came,
+without a model being built. Anything else (a member the models drop, a value they
+convert) is read by the models, as before, and relayed as they write it.
 """
 
 from __future__ import annotations
@@ -39,10 +44,9 @@ from pydantic import ValidationError
 
 from engine import jsonstrict
 from engine.errors import InvalidRequest
-from engine.proxy.core import MalformedMessage
+from engine.proxy.core import NOTIFICATION, TOOLS_CALL, Frame, MalformedMessage
 from engine.settings import Settings
 
-TOOLS_CALL: Final = "tools/call"
 # The decision service's default nesting limit (`max_json_depth`).
 MAX_DEPTH: Final[int] = int(Settings.model_fields["max_json_depth"].default)
 # Error messages never carry more than this much of the parser's explanation.
@@ -90,10 +94,9 @@ def _invalid(message: str, request_id: RequestId | None = None) -> MalformedMess
     return MalformedMessage(ErrorData(code=INVALID_REQUEST, message=message), request_id)
 
 
-def screen_agent_message(
-    raw: str | bytes, *, max_depth: int = MAX_DEPTH
-) -> SessionMessage | MalformedMessage:
-    """One message from the agent: the message, or the error to answer it with."""
+def screen_line(raw: str | bytes, *, max_depth: int = MAX_DEPTH) -> Frame | MalformedMessage:
+    """One message from the agent (a stdio line, a POST body): the frame to relay, or
+    the error to answer it with."""
     try:
         value = jsonstrict.loads(raw, max_depth=max_depth, what="message")
     except InvalidRequest as exc:
@@ -103,11 +106,28 @@ def screen_agent_message(
                 message=f"Parse error: not JSON, or not strict JSON ({bounded(exc.message)})",
             )
         )
-    return screen_value(value)
+    frame = Frame.parsed(value, raw if isinstance(raw, bytes) else raw.encode())
+    if frame is None or (frame.kind == NOTIFICATION and frame.method == TOOLS_CALL):
+        return _screen(value)
+    return frame
+
+
+def screen_agent_message(
+    raw: str | bytes, *, max_depth: int = MAX_DEPTH
+) -> SessionMessage | MalformedMessage:
+    """`screen_line`, with the message as an SDK model."""
+    screened = screen_line(raw, max_depth=max_depth)
+    return screened if isinstance(screened, MalformedMessage) else SessionMessage(screened.model)
 
 
 def screen_value(value: Any) -> SessionMessage | MalformedMessage:
     """A strictly parsed JSON value from the agent: the message, or the error for it."""
+    screened = _screen(value)
+    return screened if isinstance(screened, MalformedMessage) else SessionMessage(screened.model)
+
+
+def _screen(value: Any) -> Frame | MalformedMessage:
+    """What the SDK's models make of `value`, under the rules above."""
     if isinstance(value, list):
         return _invalid(BATCH)
     if not isinstance(value, dict):
@@ -124,4 +144,4 @@ def screen_value(value: Any) -> SessionMessage | MalformedMessage:
         return _invalid(NOT_A_MESSAGE, request_id)
     if isinstance(message, JSONRPCNotification) and message.method == TOOLS_CALL:
         return _invalid(TOOLS_CALL_NOTIFICATION)
-    return SessionMessage(message)
+    return Frame.of(message)

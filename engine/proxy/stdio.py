@@ -9,6 +9,10 @@ gets an answer naming the problem: -32700 for text that is not strict JSON, -326
 batch (MCP removed them), a tools/call without a usable id, or anything else that is not
 a message, with the request's id when it has one. Like `stdio_server`, fd 1 is pointed
 at stderr while serving, so stray output can never corrupt the wire.
+
+Lines that pass go to the core as frames (no SDK model is built for them); what the core
+sends back is written as one line each, the server's own text when it is relayed as it
+came, straight into the pipe's buffer (a write waits only while the agent does not read).
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ import anyio
 import anyio.to_thread
 from mcp.shared.message import SessionMessage
 
-from engine.proxy.core import MalformedMessage
-from engine.proxy.screen import MAX_DEPTH, screen_agent_message
+from engine.proxy.core import Frame, MalformedMessage
+from engine.proxy.screen import MAX_DEPTH, screen_agent_message, screen_line
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +53,23 @@ class _Output:
         self._lock = asyncio.Lock()
 
     async def send(self, item: SessionMessage, /) -> None:
-        data = (item.message.model_dump_json(by_alias=True, exclude_unset=True) + "\n").encode()
-        async with self._lock:
-            try:
-                if self._writer is None:
-                    await anyio.to_thread.run_sync(os.write, self._fd, data)
-                    return
+        await self._write(Frame.of(item.message).line())
+
+    async def send_frame(self, frame: Frame, /) -> None:
+        await self._write(frame.line())
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            if self._writer is not None:
+                # Into the pipe's buffer in the order written; drain() waits only while
+                # the buffer is above its limit (the agent is not reading).
                 self._writer.write(data)
                 await self._writer.drain()
-            except (ConnectionError, OSError) as exc:
-                raise anyio.BrokenResourceError from exc
+                return
+            async with self._lock:
+                await anyio.to_thread.run_sync(os.write, self._fd, data)
+        except (ConnectionError, OSError) as exc:
+            raise anyio.BrokenResourceError from exc
 
 
 async def _lines(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
@@ -87,15 +98,15 @@ async def _thread_lines(fd: int) -> AsyncIterator[bytes]:
 
 async def _messages(
     lines: AsyncIterator[bytes], max_depth: int
-) -> AsyncIterator[SessionMessage | Exception]:
+) -> AsyncIterator[Frame | Exception]:
     async for line in lines:
-        yield parse_agent_line(line, max_depth=max_depth)
+        yield screen_line(line, max_depth=max_depth)
 
 
 @contextlib.asynccontextmanager
 async def stdio_agent(
     *, max_depth: int = MAX_DEPTH
-) -> AsyncIterator[tuple[AsyncIterator[SessionMessage | Exception], _Output]]:
+) -> AsyncIterator[tuple[AsyncIterator[Frame | Exception], _Output]]:
     """The agent's messages from stdin (screened: see screen.py), and a writer to stdout."""
     loop = asyncio.get_running_loop()
     sys.stdout.flush()

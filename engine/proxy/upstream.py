@@ -3,28 +3,30 @@
 Both yield an `Upstream` (see core.py): the server's messages, a way to send, and why it
 ended. The child transport is the proxy's own rather than the SDK's `stdio_client`
 because the proxy must see the child's exit status (to exit with it) and signal it; it
-frames messages exactly as the SDK does (one JSON-RPC message per line, parsed with
-`mcp_types.jsonrpc_message_adapter`). The HTTP one is the SDK's `streamable_http_client`,
-with upstream headers (`--header`) on every request and the per-message protocol headers
-a message-level relay has to supply itself.
+frames messages exactly as the SDK does (one JSON-RPC message per line). A line is parsed
+once (`pydantic_core.from_json`, the parser the SDK's models use) and relayed as it came
+when the SDK's models would read it as exactly what was parsed (see `core.kind_of`);
+otherwise the models read it (`mcp_types.jsonrpc_message_adapter`) and the agent gets
+what they write. The HTTP one is the SDK's `streamable_http_client`, with upstream
+headers (`--header`) on every request and the per-message protocol headers a
+message-level relay has to supply itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import signal
 import subprocess
 from collections.abc import AsyncIterable, AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import anyio
-import anyio.abc
 import httpx2
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+import pydantic_core
 from mcp.client.streamable_http import streamable_http_client
-from mcp.os.posix.utilities import terminate_posix_process_tree
 from mcp.shared.inbound import (
     MCP_METHOD_HEADER,
     MCP_NAME_HEADER,
@@ -42,14 +44,16 @@ from mcp_types import (
 )
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
-from engine.proxy.core import MessageWriter, UpstreamClosed
+from engine.proxy.core import Frame, MessageWriter, UpstreamClosed
 
 log = logging.getLogger(__name__)
 
 # After the child's stdin closes: how long it gets to exit, then after SIGTERM to its group.
 EXIT_GRACE = 2.0
 KILL_GRACE = 2.0
+GROUP_POLL = 0.05
 UPSTREAM_UNREACHABLE = -32000
+READ_SIZE = 64 * 1024
 
 
 def encode(message: JSONRPCMessage) -> bytes:
@@ -57,24 +61,42 @@ def encode(message: JSONRPCMessage) -> bytes:
     return (message.model_dump_json(by_alias=True, exclude_unset=True) + "\n").encode()
 
 
-def parse_line(line: bytes) -> SessionMessage | Exception:
+def parse_line(line: bytes) -> Frame | Exception:
+    """One line from the server: the frame, or why it is not a JSON-RPC message."""
     try:
-        return SessionMessage(jsonrpc_message_adapter.validate_json(line, by_name=False))
+        value = pydantic_core.from_json(line, allow_inf_nan=False)
+    except ValueError:
+        pass  # (NaN and the like: the models read it, as they always have)
+    else:
+        frame = Frame.parsed(value, line)
+        if frame is not None:
+            return frame
+    try:
+        return Frame.of(jsonrpc_message_adapter.validate_json(line, by_name=False))
     except ValueError as exc:
         return exc
 
 
-async def read_lines(stream: anyio.abc.ByteReceiveStream) -> AsyncIterator[bytes]:
-    """Newline-delimited lines of `stream` until it ends (a last unterminated line too)."""
-    buffer = b""
-    async for chunk in stream:
-        lines = (buffer + chunk).split(b"\n")
-        buffer = lines.pop()
-        for line in lines:
-            if line.strip():
+async def read_lines(stream: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """Newline-delimited lines of `stream` until it ends (a last unterminated line too),
+    in time linear in a line's length however many reads it takes."""
+    pending: list[bytes] = []
+    while chunk := await stream.read(READ_SIZE):
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            line = chunk[start:end]
+            if pending:
+                pending.append(line)
+                line = b"".join(pending)
+                pending.clear()
+            start = end + 1
+            if line and not line.isspace():
                 yield line
-    if buffer.strip():
-        yield buffer
+        if start < len(chunk):
+            pending.append(chunk[start:] if start else chunk)
+    line = b"".join(pending)
+    if line and not line.isspace():
+        yield line
 
 
 def exit_code(returncode: int | None) -> int:
@@ -96,30 +118,45 @@ def describe_status(returncode: int | None) -> str:
     return f"exited with status {returncode}"
 
 
-@dataclass
 class ChildUpstream:
     """An MCP server run as a child process, spoken to over its stdin and stdout."""
 
-    process: anyio.abc.Process
-    _inbox: MemoryObjectReceiveStream[SessionMessage | Exception]
-    _lock: anyio.Lock = field(default_factory=anyio.Lock)
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self._messages: AsyncIterator[Frame | Exception] | None = None
 
     @property
-    def messages(self) -> AsyncIterable[SessionMessage | Exception]:
-        return self._inbox
+    def messages(self) -> AsyncIterable[Frame | Exception]:
+        """The child's lines, read as they come (one reader: the first to ask)."""
+        if self._messages is None:
+            self._messages = self._read()
+        return self._messages
+
+    async def _read(self) -> AsyncIterator[Frame | Exception]:
+        stdout = self.process.stdout
+        assert stdout is not None
+        with contextlib.suppress(OSError):
+            async for line in read_lines(stdout):
+                yield parse_line(line)
+        # Its stdout is closed: let it finish exiting, so the status can be reported.
+        await self.wait_exit(EXIT_GRACE)
 
     @property
     def returncode(self) -> int | None:
         return self.process.returncode
 
-    async def send(self, message: JSONRPCMessage) -> None:
+    async def send(self, message: Frame) -> None:
         stdin = self.process.stdin
         assert stdin is not None
-        async with self._lock:
-            try:
-                await stdin.send(encode(message))
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                raise UpstreamClosed(self.ended()) from exc
+        if stdin.is_closing():
+            raise UpstreamClosed(self.ended())
+        try:
+            # Into the pipe's buffer in order; drain() waits only while the child does
+            # not read.
+            stdin.write(message.line())
+            await stdin.drain()
+        except (ConnectionError, OSError, RuntimeError) as exc:
+            raise UpstreamClosed(self.ended()) from exc
 
     def negotiated(self, protocol_version: str) -> None:
         """Nothing to do: stdio carries no per-message headers."""
@@ -134,10 +171,9 @@ class ChildUpstream:
                 self.process.send_signal(signal.Signals(signum))
 
     async def wait_exit(self, timeout: float) -> bool:
-        """Wait (polling, as the SDK does) until the child has exited; whether it did."""
+        """Wait until the child has exited (at most `timeout` s); whether it did."""
         with anyio.move_on_after(timeout):
-            while self.process.returncode is None:
-                await anyio.sleep(0.01)
+            await self.process.wait()
         return self.process.returncode is not None
 
 
@@ -150,53 +186,62 @@ async def open_child(
     On exit its stdin is closed; it gets EXIT_GRACE seconds to exit, then its process
     group is terminated. Raises OSError when the command cannot be started.
     """
-    process = await anyio.open_process(
-        command,
+    process = await asyncio.create_subprocess_exec(
+        *command,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=None,
         env=dict(os.environ) if env is None else env,
         start_new_session=True,
+        limit=READ_SIZE,
     )
-    send: MemoryObjectSendStream[SessionMessage | Exception]
-    receive: MemoryObjectReceiveStream[SessionMessage | Exception]
-    send, receive = anyio.create_memory_object_stream[SessionMessage | Exception](0)
-    child = ChildUpstream(process, receive)
-
-    async def pump() -> None:
-        assert process.stdout is not None
-        async with send:
-            try:
-                async for line in read_lines(process.stdout):
-                    await send.send(parse_line(line))
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-                pass
-            # Its stdout is closed: let it finish exiting, so the status can be reported.
-            await child.wait_exit(EXIT_GRACE)
-
+    child = ChildUpstream(process)
     try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(pump)
-            try:
-                yield child
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await _stop(child)
-                tg.cancel_scope.cancel()
+        yield child
     finally:
         with anyio.CancelScope(shield=True):
-            await receive.aclose()
-            await process.aclose()
+            await _stop(child)
 
 
 async def _stop(child: ChildUpstream) -> None:
     process = child.process
     if process.stdin is not None:
-        with contextlib.suppress(OSError, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            await process.stdin.aclose()
+        with contextlib.suppress(OSError):
+            process.stdin.close()
     if not await child.wait_exit(EXIT_GRACE):
-        await terminate_posix_process_tree(process, KILL_GRACE)
-        await child.wait_exit(KILL_GRACE)
+        await _terminate_group(process, KILL_GRACE)
+        if not await child.wait_exit(KILL_GRACE):
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def _terminate_group(process: asyncio.subprocess.Process, timeout: float) -> None:
+    """SIGTERM the child's process group (it leads one: start_new_session), wait up to
+    `timeout` for it to go, then SIGKILL what is left (as the SDK's stdio client does)."""
+    pgid = process.pid
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    except PermissionError:
+        log.warning("no permission to signal some of process group %d", pgid)
+    with anyio.move_on_after(timeout):
+        while _group_alive(pgid):
+            await anyio.sleep(GROUP_POLL)
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 class _ErrorsAsResponses(httpx2.AsyncBaseTransport):
@@ -274,10 +319,11 @@ class HttpUpstream:
                 headers[MCP_NAME_HEADER] = encode_header_value(name)
         return headers
 
-    async def send(self, message: JSONRPCMessage) -> None:
-        metadata = ClientMessageMetadata(headers=self.headers_for(message))
+    async def send(self, message: Frame) -> None:
+        model = message.model
+        metadata = ClientMessageMetadata(headers=self.headers_for(model))
         try:
-            await self._write.send(SessionMessage(message, metadata))
+            await self._write.send(SessionMessage(model, metadata))
         except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
             raise UpstreamClosed(self.ended()) from exc
 
