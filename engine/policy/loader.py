@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,10 +17,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-
 from engine.errors import PolicyRejected, PolicyUnavailable
 from engine.models import PolicyResult
+from engine.policy import schema as policy_schema
 from engine.policy.inprocess import LOAD_ERRORS_QUERY, InProcessOpa
 from engine.policy.rest import Opa
 from engine.policy.source import PolicyBundle, read_bundle
@@ -125,7 +123,7 @@ class Policy:
         self.last_reload: ReloadStatus | None = None
         self.reloads = {"applied": 0, "unchanged": 0, "rejected": 0}
         self._schema: dict[str, Any] | None = (
-            json.loads(schema_path.read_text("utf-8")) if schema_path is not None else None
+            policy_schema.load(schema_path) if schema_path is not None else None
         )
         self._lock = asyncio.Lock()
         self.gate = Gate()
@@ -170,13 +168,11 @@ class Policy:
         """Check the policy data against the schema; raise PolicyRejected listing problems."""
         if self._schema is None:
             return
-        validator = jsonschema.Draft202012Validator(self._schema)
-        problems = sorted(validator.iter_errors(bundle.data), key=lambda e: list(e.path))
-        if problems:
-            messages = [
-                "data." + ".".join(str(p) for p in problem.absolute_path) + f": {problem.message}"
-                for problem in problems
-            ]
+        messages = [
+            "data." + ".".join(str(part) for part in path) + f": {error.message}"
+            for path, error in policy_schema.problems(bundle.data, self._schema)
+        ]
+        if messages:
             raise PolicyRejected(
                 "the policy data does not match the schema: " + "; ".join(messages[:5]), messages
             )

@@ -26,6 +26,7 @@ import yaml
 from jsonschema.exceptions import ValidationError
 
 from engine.errors import EngineError, PolicyRejected, PolicyUnavailable
+from engine.policy import schema as policy_schema
 from engine.policy.opa_process import OpaProcess
 from engine.policy.rest import Opa
 from engine.policy.source import DATA_SUFFIXES, MODULE_PREFIX, PolicyBundle, read_bundle
@@ -238,13 +239,12 @@ def schema_errors(data: dict[str, Any], schema: Path, files: list[Path]) -> list
     unknown action, not "is not valid under any of the given schemas"), and the
     schema's if/then rules said in words ("action rate_limit needs a rate_limit").
     """
-    root = json.loads(schema.read_text("utf-8"))
-    validator = jsonschema.Draft202012Validator(root)
+    root = policy_schema.load(schema)
     out = []
-    for error in sorted(validator.iter_errors(data), key=lambda e: list(map(str, e.path))):
+    for _, error in policy_schema.problems(data, root):
         best = _narrow(error, root)
         message = (_no_branch(best, root) if best.context else None) or _explain(best, root)
-        path = list(best.absolute_path)
+        path: list[str | int] = [policy_schema.KEY, *best.absolute_path]
         where = locate(path, files)
         what = "data." + ".".join(str(part) for part in path)
         out.append(f"{where + ': ' if where else ''}{what}: {message}")

@@ -7,6 +7,8 @@
 #   size. Names match exactly (case-sensitive, byte for byte). An entry under
 #   the called server beats one under "*" (the tool on any server).
 #   Used by the decision (its "tool" field) and by the YAML rules package.
+# schemas:
+#   - data.mcp_policy: schema["mcp_policy.schema"]
 package mcp.catalog
 
 # METADATA

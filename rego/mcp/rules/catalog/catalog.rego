@@ -32,6 +32,8 @@
 #   number >= 0 is denied (catalog.rate_limit_cost_invalid), also for a shadow
 #   rule. The denies reporting a problem (unusable or missing rule, invalid
 #   cost) are never shadow.
+# schemas:
+#   - data.mcp_policy: schema["mcp_policy.schema"]
 package mcp.rules.catalog
 
 import data.mcp.catalog
