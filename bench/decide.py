@@ -34,7 +34,7 @@ from engine.policy.opa_process import OpaProcess, free_loopback_port
 from engine.policy.rest import Opa
 from engine.policy.source import read_bundle
 from engine.settings import PROJECT_ROOT
-from mcppolicy.v1 import decision_pb2, decision_pb2_grpc
+from mcppolicy.v1 import decision_pb2, decision_pb2_grpc, types_pb2
 
 SERVER = "awslabs.healthimaging-mcp-server"
 
@@ -165,12 +165,12 @@ async def main() -> int:
                         server=SERVER,
                         tool="copy_image_set",
                         arguments=arguments,
-                        principal=decision_pb2.Principal(
+                        principal=types_pb2.Principal(
                             agent_id="bench", session_id=f"{run_id}-g{i}"
                         ),
                     )
                 )
-                assert response.verdict == decision_pb2.VERDICT_ALLOW, response
+                assert response.verdict == types_pb2.VERDICT_ALLOW, response
 
             authz = external_auth_pb2_grpc.AuthorizationStub(channel)
 

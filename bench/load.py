@@ -79,7 +79,7 @@ from engine.policy.opa_process import OpaProcess, die_with_parent, free_loopback
 from engine.policy.rest import Opa
 from engine.policy.source import read_bundle
 from engine.settings import PROJECT_ROOT
-from mcppolicy.v1 import decision_pb2, decision_pb2_grpc
+from mcppolicy.v1 import decision_pb2, decision_pb2_grpc, types_pb2
 
 SERVER = "awslabs.healthimaging-mcp-server"
 TOOL = "copy_image_set"
@@ -222,7 +222,7 @@ def build_inputs() -> Inputs:
         server=SERVER,
         tool=TOOL,
         arguments=arguments,
-        principal=decision_pb2.Principal(agent_id=AGENT, session_id=SESSION),
+        principal=types_pb2.Principal(agent_id=AGENT, session_id=SESSION),
     )
     return Inputs({"input": opa_input}, decide_body, decide_grpc, check_request(ARGUMENTS))
 
@@ -841,7 +841,7 @@ def targets(
             response = await decide_stub.Decide(inputs.decide_grpc, timeout=5)
         except grpc.aio.AioRpcError as exc:
             return f"gRPC Decide failed: {exc.code().name} {exc.details()}"
-        if response.verdict != decision_pb2.VERDICT_ALLOW:
+        if response.verdict != types_pb2.VERDICT_ALLOW:
             return f"gRPC Decide answered {response.verdict} {response.reason}"
         return None
 

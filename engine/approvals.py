@@ -10,17 +10,25 @@ What may happen to an approval is decided here once, by pure functions over one 
 of one record (`_update`) and of the fingerprint index (`open_or_get`): memory by not
 awaiting, SQLite by an IMMEDIATE transaction, Redis by a compare-and-set script on keys
 of one hash tag (so a Redis Cluster runs it on one node).
+
+Listing is newest first (ties by id), in pages: `page()` reads on from where the previous
+page ended, an `ApprovalCursor` (the last approval's creation time and id), which the
+transports hand out as an opaque page token (`ApprovalCursor.token`).
 """
 
 from __future__ import annotations
 
 import abc
+import base64
+import binascii
+import re
 import secrets
 import sqlite3
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -28,7 +36,7 @@ from typing import Any, Protocol, TypeVar
 from pydantic import BaseModel
 
 from engine import jsonstrict
-from engine.errors import Conflict, NotFound
+from engine.errors import Conflict, InvalidRequest, NotFound
 from engine.models import Approval, ApprovalStatus, Principal, ToolCall
 from engine.ratelimit import RedisGate, SqliteDb, is_cluster, open_cluster
 
@@ -84,9 +92,78 @@ class Stored(BaseModel):
 
 
 def _epoch(seconds: float) -> Any:
-    from datetime import UTC, datetime
-
     return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_CURSOR = re.compile(r"a1:(-?[0-9]{1,19}):([A-Za-z0-9_-]{1,128})")
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]{1,256}")
+
+
+def _micros(moment: datetime) -> int:
+    """`moment` as whole microseconds since the epoch (exact: no float on the way)."""
+    return (moment - EPOCH) // _MICROSECOND
+
+
+@dataclass(frozen=True, order=True)
+class ApprovalCursor:
+    """Where a page of the listing ended: the last approval's creation time and id.
+
+    Listing order is newest first, ties by id descending, so the next page holds the
+    approvals whose (created_us, id) is less than this one's (compared as a tuple)."""
+
+    created_us: int
+    id: str
+
+    @classmethod
+    def of(cls, approval: Approval) -> ApprovalCursor:
+        return cls(_micros(approval.created_at), approval.id)
+
+    @property
+    def created_at(self) -> datetime:
+        return EPOCH + self.created_us * _MICROSECOND
+
+    def token(self) -> str:
+        """The opaque page token for this position (base64url of a versioned text)."""
+        raw = f"a1:{self.created_us}:{self.id}".encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def from_token(cls, token: str, *, field: str) -> ApprovalCursor:
+        """The position a page token names; InvalidRequest for anything not made here."""
+        invalid = InvalidRequest(f"{field}: not a token from a previous page", field=field)
+        if not _BASE64URL.fullmatch(token):
+            raise invalid
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
+        except (binascii.Error, ValueError) as exc:
+            raise invalid from exc
+        match = _CURSOR.fullmatch(raw)
+        if match is None:
+            raise invalid
+        cursor = cls(int(match.group(1)), match.group(2))
+        try:
+            cursor.created_at.timestamp()
+        except (OverflowError, ValueError, OSError) as exc:  # past what a datetime holds
+            raise invalid from exc
+        return cursor
+
+
+@dataclass(frozen=True)
+class ApprovalPage:
+    """One page of a listing; `next` is where the following page starts (None: the last)."""
+
+    approvals: list[Approval]
+    next: ApprovalCursor | None
+
+
+def _older(stored: Stored, after: ApprovalCursor | None) -> bool:
+    return after is None or ApprovalCursor.of(stored.approval) < after
+
+
+def _newest_first(records: list[Stored]) -> list[Stored]:
+    return sorted(records, key=lambda s: ApprovalCursor.of(s.approval), reverse=True)
 
 
 def _new(
@@ -198,6 +275,15 @@ class ApprovalStore(Protocol):
 
     async def list(self, status: ApprovalStatus | None, limit: int) -> list[Approval]: ...
 
+    async def page(
+        self,
+        status: ApprovalStatus | None,
+        size: int,
+        *,
+        after: ApprovalCursor | None = None,
+        keep: Callable[[Approval], bool] | None = None,
+    ) -> ApprovalPage: ...
+
     async def decide(
         self, approval_id: str, *, approve: bool, approver: str, comment: str, grant_ttl: float
     ) -> Approval: ...
@@ -215,8 +301,8 @@ class _RecordStore(abc.ABC):
         """Apply `change(record, now)` to one record atomically; store what it returns."""
 
     @abc.abstractmethod
-    async def _records(self, limit: int, status: ApprovalStatus | None) -> list[Stored]:
-        """Newest first; at most `limit` when no status is asked for."""
+    async def _records(self, count: int, after: ApprovalCursor | None) -> list[Stored]:
+        """At most `count` records older than `after` (all, if None), newest first."""
 
     async def consume(self, approval_id: str, fp: str, *, decision_id: str) -> UseResult:
         return await self._update(
@@ -251,15 +337,42 @@ class _RecordStore(abc.ABC):
         return await self._update(approval_id, read)
 
     async def list(self, status: ApprovalStatus | None, limit: int) -> list[Approval]:
+        return (await self.page(status, limit)).approvals
+
+    async def page(
+        self,
+        status: ApprovalStatus | None,
+        size: int,
+        *,
+        after: ApprovalCursor | None = None,
+        keep: Callable[[Approval], bool] | None = None,
+    ) -> ApprovalPage:
+        """Up to `size` approvals older than `after`, newest first, in `status` (None:
+        any) and, with `keep`, those it keeps (an approver's view).
+
+        A status is a matter of time (open ones expire), so filters are applied after
+        reading: unfiltered, `size + 1` records are read (the one more tells whether
+        there is a next page); filtered, up to max(10 * size, 1000). A page that used up
+        that many before `size` matched is cut short there and still has a `next`."""
+        filtered = status is not None or keep is not None
+        budget = max(size * 10, 1000) if filtered else size + 1
+        records = await self._records(budget, after)
+        read_all = len(records) < budget
         now = self.clock()
-        out = []
-        for stored in await self._records(limit, status):
+        out: list[Approval] = []
+        for i, stored in enumerate(records):
             approval = stored.effective(now)
-            if status is None or approval.status is status:
-                out.append(approval)
-                if len(out) >= limit:
-                    break
-        return out
+            if status is not None and approval.status is not status:
+                continue
+            if keep is not None and not keep(approval):
+                continue
+            out.append(approval)
+            if len(out) == size:
+                last = read_all and i + 1 == len(records)
+                return ApprovalPage(out, None if last else ApprovalCursor.of(approval))
+        if read_all:
+            return ApprovalPage(out, None)
+        return ApprovalPage(out, ApprovalCursor.of(records[-1].approval))
 
 
 class MemoryApprovalStore(_RecordStore):
@@ -284,8 +397,8 @@ class MemoryApprovalStore(_RecordStore):
             self._by_id[approval_id] = new
         return result
 
-    async def _records(self, limit: int, status: ApprovalStatus | None) -> list[Stored]:
-        return sorted(self._by_id.values(), key=lambda s: s.approval.created_at, reverse=True)
+    async def _records(self, count: int, after: ApprovalCursor | None) -> list[Stored]:
+        return _newest_first([s for s in self._by_id.values() if _older(s, after)])[:count]
 
     async def open_or_get(
         self,
@@ -319,6 +432,7 @@ CREATE TABLE IF NOT EXISTS approval_records (
 );
 CREATE INDEX IF NOT EXISTS approval_records_fp ON approval_records (fingerprint, created_at);
 CREATE INDEX IF NOT EXISTS approval_records_created ON approval_records (created_at);
+CREATE INDEX IF NOT EXISTS approval_records_listing ON approval_records (created_at, id);
 """
 
 
@@ -369,14 +483,19 @@ class SqliteApprovalStore(_RecordStore):
 
         return await self.db.transaction(work)
 
-    async def _records(self, limit: int, status: ApprovalStatus | None) -> list[Stored]:
-        # A status filter is applied after reading (expiry is a matter of time), so read
-        # more than `limit` then.
-        scan = limit if status is None else max(limit * 10, 1000)
+    async def _records(self, count: int, after: ApprovalCursor | None) -> list[Stored]:
+        # created_at holds approval.created_at.timestamp(), and the cursor's time gives
+        # the same float: the comparison is exact. The first page starts below +inf.
+        if after is None:
+            position: tuple[float, str] = (float("inf"), "")
+        else:
+            position = (after.created_at.timestamp(), after.id)
 
         def work(db: sqlite3.Connection, now: float) -> list[Stored]:
             rows = db.execute(
-                "SELECT record FROM approval_records ORDER BY created_at DESC LIMIT ?", (scan,)
+                "SELECT record FROM approval_records WHERE (created_at, id) < (?, ?) "
+                "ORDER BY created_at DESC, id DESC LIMIT ?",
+                (*position, count),
             ).fetchall()
             return [Stored.model_validate_json(row[0]) for row in rows]
 
@@ -509,49 +628,56 @@ class RedisApprovalStore(_RecordStore):
             if int(await self._gate.run(self._swap(keys=[key], args=args))):
                 return result
 
-    async def _records(self, limit: int, status: ApprovalStatus | None) -> list[Stored]:
-        scan = limit if status is None else max(limit * 10, 1000)
-        ids = await self._newest(scan)
+    async def _records(self, count: int, after: ApprovalCursor | None) -> list[Stored]:
+        ids = await self._newest(count, after)
         if not ids:
             return []
         pipe = self._client.pipeline(transaction=False)
         for approval_id in ids:
             pipe.get(self.record_key(approval_id))
         raws = await self._gate.run(pipe.execute())
-        return [Stored.model_validate_json(raw) for raw in raws if raw is not None]
+        return _newest_first([Stored.model_validate_json(raw) for raw in raws if raw is not None])
 
-    async def _newest(self, count: int) -> list[str]:
-        """The ids of the `count` newest approvals in the index, newest first.
+    async def _newest(self, count: int, after: ApprovalCursor | None = None) -> list[str]:
+        """The ids of the `count` newest approvals in the index older than `after`,
+        newest first (by creation time to the microsecond, then id: as records compare).
 
         Each round reads the next page of every shard that could still hold one of them
         (it has more, and its last entry read is not older than the count-th newest seen
         so far), doubling the page: a shard is read past its share only as far as its
-        entries are among the newest.
+        entries are among the newest. An entry's score is the time its record's
+        `created_at` was made from, so it gives the record's position exactly. With
+        `after`, shards are read from a microsecond above the cursor's time, and the
+        entries there that are not older than the cursor are passed over.
         """
         horizon = self._horizon(self.clock())
+        top = "+inf" if after is None else repr((after.created_us + 1) / 1e6)
         page = max(4, -(-2 * count // len(TAGS)))
         offsets = dict.fromkeys(TAGS, 0)
-        newest: list[tuple[float, str]] = []
+        newest: list[ApprovalCursor] = []
         pending = list(TAGS)
         while pending:
             pipe = self._client.pipeline(transaction=False)
             for tag in pending:
                 pipe.zrevrangebyscore(
-                    self.index_key(tag), "+inf", horizon, offsets[tag], page, withscores=True
+                    self.index_key(tag), top, horizon, offsets[tag], page, withscores=True
                 )
             pages = await self._gate.run(pipe.execute())
-            more: list[tuple[str, float]] = []
+            more: list[tuple[str, int]] = []
             for tag, entries in zip(pending, pages, strict=True):
-                newest.extend((float(score), approval_id) for approval_id, score in entries)
+                for approval_id, score in entries:
+                    position = ApprovalCursor(_micros(_epoch(float(score))), approval_id)
+                    if after is None or position < after:
+                        newest.append(position)
                 offsets[tag] += len(entries)
                 if len(entries) == page:
-                    more.append((tag, float(entries[-1][1])))
+                    more.append((tag, _micros(_epoch(float(entries[-1][1])))))
             newest.sort(reverse=True)
             del newest[count:]
-            cutoff = newest[-1][0] if len(newest) == count else float("-inf")
+            cutoff = newest[-1].created_us if len(newest) == count else -(2**63)
             pending = [tag for tag, last in more if last >= cutoff]
             page *= 2
-        return [approval_id for _, approval_id in newest]
+        return [position.id for position in newest]
 
     async def open_or_get(
         self,

@@ -1,4 +1,7 @@
-"""gRPC transport: converts protobuf messages to the domain and back, decides nothing.
+"""gRPC transport: wires the servicers to the service, decides nothing.
+
+Every message is converted to the domain and back by `engine.wire` (which the gRPC
+clients use too).
 
 Also serves grpc.health.v1 (SERVING only while OPA answers and the policy is loaded)
 and server reflection, so `grpcurl -plaintext localhost:50051 list` works.
@@ -12,19 +15,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
-from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
-from pydantic import ValidationError
 
-from engine import approver_auth, extauthz, jsonstrict, paging
+from engine import approver_auth, extauthz, wire
 from engine.errors import (
     MAX_MESSAGE_CHARS,
     Conflict,
@@ -37,41 +36,18 @@ from engine.errors import (
     StateUnavailable,
     Unauthenticated,
     bounded,
-    from_validation,
 )
 from engine.identity.base import Identity
 from engine.metrics import Metrics
-from engine.models import (
-    Approval,
-    ApprovalAction,
-    ApprovalStatus,
-    DecideRequest,
-    Decision,
-    Verdict,
-)
+from engine.models import Approval, OutcomeAck
 from engine.runtime import Runtime
 from engine.tls import ClientNameInterceptor, ServerTls, load_server_tls, peer_identity
 from mcppolicy.v1 import approval_pb2, approval_pb2_grpc, decision_pb2, decision_pb2_grpc
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-MAX_ID_CHARS = 256
 GRPC_IDLE_MS = 5 * 60 * 1000
 
-VERDICTS = {
-    Verdict.ALLOW: decision_pb2.VERDICT_ALLOW,
-    Verdict.DENY: decision_pb2.VERDICT_DENY,
-    Verdict.RATE_LIMITED: decision_pb2.VERDICT_RATE_LIMITED,
-    Verdict.APPROVAL_REQUIRED: decision_pb2.VERDICT_APPROVAL_REQUIRED,
-}
-APPROVAL_STATUSES = {
-    ApprovalStatus.PENDING: decision_pb2.APPROVAL_STATUS_PENDING,
-    ApprovalStatus.APPROVED: decision_pb2.APPROVAL_STATUS_APPROVED,
-    ApprovalStatus.DENIED: decision_pb2.APPROVAL_STATUS_DENIED,
-    ApprovalStatus.USED: decision_pb2.APPROVAL_STATUS_USED,
-    ApprovalStatus.EXPIRED: decision_pb2.APPROVAL_STATUS_EXPIRED,
-}
-STATUS_FROM_PROTO = {value: key for key, value in APPROVAL_STATUSES.items()}
 SERVICE_NAMES = (
     decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name,
     decision_pb2.DESCRIPTOR.services_by_name["DecisionLogService"].full_name,
@@ -131,12 +107,21 @@ class _Undecodable:
     """What StrictDecoding's deserializer yields for bytes that are not the message."""
 
 
+class _Ambiguous:
+    """What it yields for bytes that set two members of a oneof (`wire.check_oneofs`)."""
+
+    def __init__(self, error: InvalidRequest) -> None:
+        self.error = error
+
+
 class StrictDecoding(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Answer INVALID_ARGUMENT, not UNKNOWN, for request bytes that do not decode.
 
     grpc's own deserializer failure (truncated bytes, a string field that is not UTF-8,
     nesting past protobuf's limit) ends the call with an opaque status carrying the
     exception; here the deserializer never raises and the handler answers the failure.
+    Bytes that set two members of one oneof (decoding would keep the last) are refused
+    here too, since the decoded message no longer shows it.
     """
 
     async def intercept_service(
@@ -150,11 +135,18 @@ class StrictDecoding(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         def deserialize(data: bytes) -> Any:
             try:
-                return decode(data)
+                message = decode(data)
             except Exception:  # noqa: BLE001 - any failure to decode is the caller's
                 return _Undecodable()
+            try:
+                wire.check_oneofs(message, data)
+            except InvalidRequest as exc:
+                return _Ambiguous(exc)
+            return message
 
         async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Ambiguous):
+                await _abort(context, request.error)
             if isinstance(request, _Undecodable):
                 await _abort(
                     context,
@@ -174,149 +166,23 @@ class StrictDecoding(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
 
 
-def _struct_to_dict(message: struct_pb2.Struct, max_depth: int, what: str) -> dict[str, Any]:
-    try:
-        value = jsonstrict.normalise_numbers(json_format.MessageToDict(message))
-    except ValueError as exc:  # NaN or Infinity in a number_value
-        raise InvalidRequest(f"{what} contains a non-finite number", field=what) from exc
-    jsonstrict.check_value(value, max_depth=max_depth, what=what)
-    assert isinstance(value, dict)
-    return value
-
-
-def _check_id(value: str, field: str) -> None:
-    if len(value) > MAX_ID_CHARS:
-        raise InvalidRequest(f"{field}: at most {MAX_ID_CHARS} characters", field=field)
-
-
-def _instant(message: Any, field: str) -> datetime | None:
-    """A Timestamp field as a datetime; InvalidRequest when it is out of range."""
-    if not message.HasField(field):
-        return None
-    try:
-        value: datetime = getattr(message, field).ToDatetime(UTC)
-    except (ValueError, OverflowError, OSError) as exc:
-        raise InvalidRequest(f"{field}: a time out of range", field=field) from exc
-    return value
-
-
-def _dict_to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
-    struct = struct_pb2.Struct()
-    struct.update(value)
-    return struct
-
-
-def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
-
-
-def decide_request(message: Any, max_depth: int) -> DecideRequest:
-    try:
-        return _decide_request(message, max_depth)
-    except DecodeError as exc:  # protobuf's own nesting limit, met while reading a Struct
-        raise InvalidRequest(
-            f"request could not be decoded (nests deeper than {max_depth} levels?)",
-            syntax=True,
-        ) from exc
-
-
-def _decide_request(message: Any, max_depth: int) -> DecideRequest:
-    fields: dict[str, Any] = {"server": message.server}
-    if message.HasField("tool"):
-        fields["tool"] = message.tool
-    if message.HasField("arguments"):
-        fields["arguments"] = _struct_to_dict(message.arguments, max_depth, "arguments")
-    if message.HasField("message"):
-        fields["message"] = message.message
-    if message.HasField("approval_id"):
-        fields["approval_id"] = message.approval_id
-    if message.HasField("context"):
-        fields["context"] = _struct_to_dict(message.context, max_depth, "context")
-    fields["dry_run"] = message.dry_run
-    if message.HasField("credential"):
-        fields["credential"] = message.credential
-    p = message.principal
-    fields["principal"] = {
-        "session_id": p.session_id,
-        "agent_id": p.agent_id or None,
-        "user_id": p.user_id or None,
-        "roles": list(p.roles),
-    }
-    try:
-        return DecideRequest.model_validate(fields)
-    except ValidationError as exc:
-        raise from_validation(exc) from exc
-
-
-def decide_response(decision: Decision) -> Any:
-    response = decision_pb2.DecideResponse(
-        decision_id=decision.decision_id,
-        verdict=VERDICTS[decision.verdict],
-        reason=decision.reason,
-        rule=decision.rule,
-        policy_revision=decision.policy_revision,
-        dry_run=bool(decision.dry_run),
-        outcome_token=decision.outcome_token or "",
-    )
-    if decision.rate_limit is not None:
-        response.rate_limit.CopyFrom(
-            decision_pb2.RateLimitStatus(**decision.rate_limit.model_dump())
-        )
-    if decision.approval is not None:
-        response.approval.CopyFrom(
-            decision_pb2.ApprovalRef(
-                id=decision.approval.id,
-                status=APPROVAL_STATUSES[decision.approval.status],
-                expires_at=_timestamp(decision.approval.expires_at),
-            )
-        )
-    if decision.mcp_result is not None:
-        response.mcp_result.CopyFrom(_dict_to_struct(decision.mcp_result))
-    return response
-
-
-def approval_message(approval: Approval) -> Any:
-    return approval_pb2.Approval(
-        id=approval.id,
-        status=APPROVAL_STATUSES[approval.status],
-        server=approval.server,
-        tool=approval.tool,
-        arguments=_dict_to_struct(approval.arguments),
-        principal=decision_pb2.Principal(
-            session_id=approval.principal.session_id,
-            agent_id=approval.principal.agent_id or "",
-            user_id=approval.principal.user_id or "",
-            roles=approval.principal.roles,
-        ),
-        rule=approval.rule,
-        reason=approval.reason,
-        decision_id=approval.decision_id,
-        created_at=_timestamp(approval.created_at),
-        expires_at=_timestamp(approval.expires_at),
-        decided_at=_timestamp(approval.decided_at),
-        approver=approval.approver or "",
-        comment=approval.comment or "",
-        fingerprint=approval.fingerprint,
-    )
-
-
-class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):  # type: ignore[misc]
+class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
 
-    async def Decide(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        async def work() -> Any:
+    async def Decide(  # noqa: N802
+        self, request: decision_pb2.DecideRequest, context: grpc.aio.ServicerContext
+    ) -> decision_pb2.DecideResponse:
+        async def work() -> decision_pb2.DecideResponse:
             caller = self._caller(context)
-            parsed = decide_request(request, self._runtime.settings.max_json_depth)
+            parsed = wire.decide_request_from_proto(
+                request, max_depth=self._runtime.settings.max_json_depth
+            )
             decision = await self._runtime.service.decide(
                 parsed, transport="grpc", asserted_by=caller
             )
             try:
-                return decide_response(decision)
+                return wire.decision_to_proto(decision)
             except BaseException:
                 await self._runtime.service.abandon(decision)  # never delivered
                 raise
@@ -334,26 +200,21 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):  # type: igno
             self._runtime.metrics.unauthenticated_callers.labels("grpc").inc()
             raise
 
-    async def ReportOutcome(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        async def work() -> Any:
+    async def ReportOutcome(  # noqa: N802
+        self, request: decision_pb2.ReportOutcomeRequest, context: grpc.aio.ServicerContext
+    ) -> decision_pb2.ReportOutcomeResponse:
+        async def work() -> decision_pb2.ReportOutcomeResponse:
             self._caller(context)
-            if not request.decision_id:
-                raise InvalidRequest("decision_id: required", field="decision_id")
-            _check_id(request.decision_id, "decision_id")
-            _check_id(request.outcome_token, "outcome_token")
+            decision_id, report = wire.report_outcome_from_proto(request)
             released = await self._runtime.service.report_outcome(
-                request.decision_id,
-                outcome_token=request.outcome_token,
-                succeeded=request.succeeded,
+                decision_id, outcome_token=report.outcome_token or "", succeeded=report.succeeded
             )
-            return decision_pb2.ReportOutcomeResponse(
-                decision_id=request.decision_id, released=released
-            )
+            return wire.outcome_ack_to_proto(OutcomeAck(decision_id=decision_id, released=released))
 
         return await _answer(context, work())
 
 
-class ApprovalServicer(approval_pb2_grpc.ApprovalServiceServicer):  # type: ignore[misc]
+class ApprovalServicer(approval_pb2_grpc.ApprovalServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
 
@@ -368,82 +229,76 @@ class ApprovalServicer(approval_pb2_grpc.ApprovalServiceServicer):  # type: igno
 
         return await _answer(context, checked())
 
-    async def ListApprovals(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        async def work(who: Identity) -> Any:
-            status = STATUS_FROM_PROTO.get(request.status)
-            if status is None and request.status != decision_pb2.APPROVAL_STATUS_UNSPECIFIED:
-                raise InvalidRequest(
-                    f"status: {request.status} is not an ApprovalStatus", field="status"
-                )
-            limit = paging.page_size(request.limit, field="limit")
-            found = await self._runtime.service.list_approvals(
-                status, approver_auth.scan_limit(who, limit)
+    async def ListApprovals(  # noqa: N802
+        self, request: approval_pb2.ListApprovalsRequest, context: grpc.aio.ServicerContext
+    ) -> approval_pb2.ListApprovalsResponse:
+        async def work(who: Identity) -> approval_pb2.ListApprovalsResponse:
+            listing = wire.approval_listing_from_proto(request)
+
+            def visible(approval: Approval) -> bool:
+                return approver_auth.refusal(who, approval, "view") is None
+
+            page = await self._runtime.service.approvals.page(
+                listing.status, listing.size, after=listing.after, keep=visible
             )
-            return approval_pb2.ListApprovalsResponse(
-                approvals=[approval_message(a) for a in approver_auth.visible(who, found, limit)]
-            )
+            return wire.approvals_page_to_proto(page)
 
         return await self._as_approver(context, work)
 
-    async def GetApproval(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        async def work(who: Identity) -> Any:
-            _check_id(request.id, "id")
-            approval = await self._runtime.service.get_approval(request.id)
+    async def GetApproval(  # noqa: N802
+        self, request: approval_pb2.GetApprovalRequest, context: grpc.aio.ServicerContext
+    ) -> approval_pb2.GetApprovalResponse:
+        async def work(who: Identity) -> approval_pb2.GetApprovalResponse:
+            approval_id = wire.approval_id_from_proto(request)
+            approval = await self._runtime.service.get_approval(approval_id)
             approver_auth.check_may_act(who, approval, "view")
-            return approval_pb2.GetApprovalResponse(approval=approval_message(approval))
+            return approval_pb2.GetApprovalResponse(approval=wire.approval_to_proto(approval))
 
         return await self._as_approver(context, work)
 
-    async def _act(self, request: Any, context: grpc.aio.ServicerContext, approve: bool) -> Any:
-        async def work(who: Identity) -> Any:
-            _check_id(request.id, "id")
-            declared = request.approver if request.HasField("approver") else None
-            try:  # the same limits as the HTTP body
-                action = ApprovalAction(approver=declared, comment=request.comment)
-            except ValidationError as exc:
-                raise from_validation(exc) from exc
+    async def _act(
+        self,
+        request: approval_pb2.ApproveRequest | approval_pb2.DenyRequest,
+        context: grpc.aio.ServicerContext,
+        approve: bool,
+    ) -> approval_pb2.Approval:
+        async def work(who: Identity) -> approval_pb2.Approval:
+            approval_id, action = wire.approval_action_from_proto(request)
             approval = await self._runtime.service.decide_approval(
-                request.id,
+                approval_id,
                 approve=approve,
                 approver=who,
                 comment=action.comment,
                 declared=action.approver,
             )
-            return approval_message(approval)
+            return wire.approval_to_proto(approval)
 
         return await self._as_approver(context, work)
 
-    async def Approve(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def Approve(  # noqa: N802
+        self, request: approval_pb2.ApproveRequest, context: grpc.aio.ServicerContext
+    ) -> approval_pb2.ApproveResponse:
         return approval_pb2.ApproveResponse(approval=await self._act(request, context, True))
 
-    async def Deny(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+    async def Deny(  # noqa: N802
+        self, request: approval_pb2.DenyRequest, context: grpc.aio.ServicerContext
+    ) -> approval_pb2.DenyResponse:
         return approval_pb2.DenyResponse(approval=await self._act(request, context, False))
 
 
-class DecisionLogServicer(decision_pb2_grpc.DecisionLogServiceServicer):  # type: ignore[misc]
+class DecisionLogServicer(decision_pb2_grpc.DecisionLogServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
 
-    async def ListDecisions(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        async def checked() -> Any:
+    async def ListDecisions(  # noqa: N802
+        self, request: decision_pb2.ListDecisionsRequest, context: grpc.aio.ServicerContext
+    ) -> decision_pb2.ListDecisionsResponse:
+        async def checked() -> decision_pb2.ListDecisionsResponse:
             metadata = dict(context.invocation_metadata() or ())
             await self._runtime.check_operator(metadata.get("authorization"))
-            query = paging.decision_query(
-                session_id=request.session_id,
-                agent_id=request.agent_id,
-                tool=request.tool,
-                verdict=request.verdict,
-                since=_instant(request, "since"),
-                until=_instant(request, "until"),
-                limit=request.page_size,
-                token=request.page_token,
-                names={"limit": "page_size", "token": "page_token"},
-            )
-            records, next_cursor = await self._runtime.service.list_decisions(query)
-            return decision_pb2.ListDecisionsResponse(
-                decisions=[_dict_to_struct(r) for r in records],
-                next_page_token=next_cursor or "",
-            )
+            query = wire.decision_query_from_proto(request)
+            records, next_token = await self._runtime.service.list_decisions(query)
+            return wire.decisions_page_to_proto(records, next_token)
 
         return await _answer(context, checked())
 

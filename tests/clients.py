@@ -125,6 +125,19 @@ class GrpcClient:
         body = dict(body)
         if isinstance(body.get("message"), dict | list):
             body["message"] = json.dumps(body["message"])
+        if "tool" in body and "message" in body:
+            # `tool` and `message` are one oneof: a message holds only one, so the bytes
+            # of both are sent as a client built before the oneof would send them.
+            message = body.pop("message")
+            first = json_format.ParseDict(body, decision_pb2.DecideRequest())
+            second = decision_pb2.DecideRequest(message=message)
+            raw = self.channel.unary_unary(
+                "/mcppolicy.v1.DecisionService/Decide",
+                request_serializer=lambda data: data,
+                response_deserializer=decision_pb2.DecideResponse.FromString,
+            )
+            data = first.SerializeToString() + second.SerializeToString()
+            return _from_proto(await self._call(raw, data))
         request = json_format.ParseDict(body, decision_pb2.DecideRequest())
         return _from_proto(await self._call(self.decisions.Decide, request))
 

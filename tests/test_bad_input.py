@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from google.protobuf import struct_pb2
 
-from mcppolicy.v1 import decision_pb2
+from mcppolicy.v1 import decision_pb2, types_pb2
 from tests.clients import ApiError, GrpcClient, HttpClient
 from tests.conftest import copy_call
 
@@ -152,7 +152,7 @@ async def test_grpc_non_finite_argument_is_refused(grpc_client: GrpcClient) -> N
         server="awslabs.healthimaging-mcp-server",
         tool="copy_image_set",
         arguments=arguments,
-        principal=decision_pb2.Principal(session_id="s-nan"),
+        principal=types_pb2.Principal(session_id="s-nan"),
     )
     with pytest.raises(ApiError) as caught:
         await grpc_client._call(grpc_client.decisions.Decide, request)

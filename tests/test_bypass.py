@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
-from engine import grpc_server
+from engine import wire
 from engine.server import Servers
 from tests.clients import ApiError, GrpcClient, HttpClient
 from tests.conftest import copy_call, session
@@ -104,7 +104,7 @@ async def test_an_answer_that_cannot_be_sent_consumes_nothing(
     def broken(_: Any) -> Any:
         raise ValueError("cannot encode")
 
-    monkeypatch.setattr(grpc_server, "decide_response", broken)
+    monkeypatch.setattr(wire, "decision_to_proto", broken)
     for _ in range(LIMIT):
         with pytest.raises(ApiError) as failed:
             await grpc_client.decide(copy_call(sid))

@@ -22,7 +22,7 @@ import pytest
 
 from engine.identity import add_entry, revoke_entry
 from engine.server import Servers, start_servers
-from mcppolicy.v1 import decision_pb2, decision_pb2_grpc
+from mcppolicy.v1 import decision_pb2, decision_pb2_grpc, types_pb2
 from tests.conftest import APPROVER_TOKEN, copy_call, copy_policy, session, settings_for
 from tests.fixtures.issuer import Issuer
 from tests.test_faults import add_rule_package
@@ -130,7 +130,7 @@ async def test_a_caller_that_proves_nothing_gets_no_decision(
         request = decision_pb2.DecideRequest(
             server="awslabs.healthimaging-mcp-server",
             tool="copy_image_set",
-            principal=decision_pb2.Principal(session_id=sid),
+            principal=types_pb2.Principal(session_id=sid),
         )
         for metadata in (None, (("authorization", "Bearer nope"),)):
             with pytest.raises(grpc.aio.AioRpcError) as refused:
@@ -157,7 +157,7 @@ async def test_a_known_client_is_answered_and_named_to_the_policy(
             decision_pb2.DecideRequest(
                 server="awslabs.healthimaging-mcp-server",
                 tool="whoami",
-                principal=decision_pb2.Principal(session_id=sid),
+                principal=types_pb2.Principal(session_id=sid),
             ),
             metadata=(("authorization", f"Bearer {token}"),),
         )

@@ -40,7 +40,13 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from engine.settings import PROJECT_ROOT
-from mcppolicy.v1 import approval_pb2, approval_pb2_grpc, decision_pb2, decision_pb2_grpc
+from mcppolicy.v1 import (
+    approval_pb2,
+    approval_pb2_grpc,
+    decision_pb2,
+    decision_pb2_grpc,
+    types_pb2,
+)
 from tests.conftest import APPROVER_TOKEN, HEALTHIMAGING, copy_call, copy_policy, session
 from tests.fixtures.proxy_harness import FIXTURE, PROXY, clean_env
 from tests.processes import Serve
@@ -94,10 +100,10 @@ GRPC_ANSWERS = {
     grpc.StatusCode.FAILED_PRECONDITION,
 }
 VERDICT_NAMES = {
-    decision_pb2.VERDICT_ALLOW: "allow",
-    decision_pb2.VERDICT_DENY: "deny",
-    decision_pb2.VERDICT_RATE_LIMITED: "rate_limited",
-    decision_pb2.VERDICT_APPROVAL_REQUIRED: "approval_required",
+    types_pb2.VERDICT_ALLOW: "allow",
+    types_pb2.VERDICT_DENY: "deny",
+    types_pb2.VERDICT_RATE_LIMITED: "rate_limited",
+    types_pb2.VERDICT_APPROVAL_REQUIRED: "approval_required",
 }
 
 
@@ -538,7 +544,7 @@ def _valid_requests(sid: str, decision_id: str, token: str) -> dict[str, tuple[A
     decide = decision_pb2.DecideRequest(
         server=HEALTHIMAGING,
         tool="copy_image_set",
-        principal=decision_pb2.Principal(agent_id="fuzz-agent", session_id=sid),
+        principal=types_pb2.Principal(agent_id="fuzz-agent", session_id=sid),
     )
     decide.arguments.update(COPY_ARGS)
     unknown = "apr_fuzz_no_such_approval"
@@ -552,7 +558,7 @@ def _valid_requests(sid: str, decision_id: str, token: str) -> dict[str, tuple[A
         ),
         "/mcppolicy.v1.ApprovalService/ListApprovals": (
             approval_pb2.ListApprovalsRequest,
-            approval_pb2.ListApprovalsRequest(status=decision_pb2.APPROVAL_STATUS_PENDING, limit=5),
+            approval_pb2.ListApprovalsRequest(status=types_pb2.APPROVAL_STATUS_PENDING, limit=5),
         ),
         "/mcppolicy.v1.ApprovalService/GetApproval": (
             approval_pb2.GetApprovalRequest,
@@ -614,7 +620,7 @@ def test_raw_protobuf_bytes_to_every_method(service: Service) -> None:
         if method == DECIDE:
             response = decision_pb2.DecideResponse.FromString(answer)
             if decoded.principal.session_id == sid and response.outcome_token:
-                assert response.verdict == decision_pb2.VERDICT_ALLOW
+                assert response.verdict == types_pb2.VERDICT_ALLOW
                 used["decide"] += 1
         elif method == REPORT:
             response = decision_pb2.ReportOutcomeResponse.FromString(answer)

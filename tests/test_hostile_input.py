@@ -16,7 +16,7 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from engine.server import Servers
-from mcppolicy.v1 import approval_pb2, decision_pb2
+from mcppolicy.v1 import approval_pb2, decision_pb2, types_pb2
 from tests.clients import ApiError, GrpcClient, HttpClient
 from tests.conftest import APPROVER_TOKEN, HEALTHIMAGING, copy_call, session
 
@@ -145,7 +145,7 @@ async def test_hostile_message_text_over_grpc(
 ) -> None:
     sid = session()
     request = decision_pb2.DecideRequest(
-        server=HEALTHIMAGING, message=text, principal=decision_pb2.Principal(session_id=sid)
+        server=HEALTHIMAGING, message=text, principal=types_pb2.Principal(session_id=sid)
     )
     with pytest.raises(grpc.aio.AioRpcError) as failed:
         await grpc_client.decisions.Decide(request)
@@ -160,7 +160,7 @@ def valid_request_bytes(sid: str) -> bytes:
     message = decision_pb2.DecideRequest(
         server=HEALTHIMAGING,
         tool="copy_image_set",
-        principal=decision_pb2.Principal(session_id=sid),
+        principal=types_pb2.Principal(session_id=sid),
     )
     message.arguments.update(copy_call()["arguments"])
     data: bytes = message.SerializeToString()

@@ -1,11 +1,10 @@
 """The proxy's parts on their own: reading agent lines, which tools are hidden (and how
 often the decision service is asked), what counts as a failed call, the headers sent to
-an HTTP upstream, the gRPC conversions, and the scaffold's guesses."""
+an HTTP upstream, and the scaffold's guesses. (The gRPC conversions: tests/test_wire.py.)"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,25 +14,15 @@ from mcp.shared.message import SessionMessage
 from mcp_types import ErrorData, JSONRPCError, JSONRPCNotification, JSONRPCRequest, JSONRPCResponse
 
 from engine.cli import build_parser
-from engine.grpc_server import decide_request, decide_response
-from engine.models import (
-    ApprovalRef,
-    ApprovalStatus,
-    DecideRequest,
-    Decision,
-    Principal,
-    RateLimitInfo,
-    Verdict,
-)
+from engine.models import DecideRequest, Decision, Principal, Verdict
 from engine.proxy.cli import PROXY_COMMANDS, run_proxy_command
 from engine.proxy.core import MalformedMessage, call_failed
-from engine.proxy.decider import EmbeddedDecider, decide_message, decision_from_message
+from engine.proxy.decider import EmbeddedDecider
 from engine.proxy.listing import ToolFilter, hides
 from engine.proxy.scan import classify, parameters
 from engine.proxy.stdio import parse_agent_line
 from engine.proxy.upstream import HttpUpstream, exit_code
 from engine.runtime import Runtime
-from engine.service import mcp_result
 from tests.conftest import HEALTHIMAGING, settings_for
 
 
@@ -120,43 +109,6 @@ def test_headers_for_an_http_upstream() -> None:
 
 def test_exit_codes_as_a_shell_reports_them() -> None:
     assert [exit_code(0), exit_code(3), exit_code(-15), exit_code(None)] == [0, 3, 143, 1]
-
-
-def test_grpc_conversions_round_trip() -> None:
-    request = DecideRequest(
-        server=HEALTHIMAGING,
-        message={"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {"name": "x"}},
-        principal=Principal(agent_id="a", session_id="s", user_id="u", roles=["r"]),
-        approval_id="apr_1",
-        context={"k": "v"},
-        dry_run=True,
-    )
-    back = decide_request(decide_message(request), max_depth=24)
-    assert back.model_dump(exclude={"message"}) == request.model_dump(exclude={"message"})
-    assert isinstance(back.message, str)
-
-    refused = Decision(
-        decision_id="dec_1",
-        verdict=Verdict.APPROVAL_REQUIRED,
-        reason="needs a human",
-        rule="catalog.rule.x",
-        policy_revision="sha256:1",
-        rate_limit=RateLimitInfo(
-            limit=10,
-            remaining=9,
-            window_seconds=60,
-            retry_after_seconds=0,
-            rule="catalog.rule.x",
-            scope="session",
-        ),
-        approval=ApprovalRef(
-            id="apr_1",
-            status=ApprovalStatus.PENDING,
-            expires_at=datetime(2030, 1, 1, 12, 0, tzinfo=UTC),
-        ),
-    )
-    refused.mcp_result = mcp_result(refused)
-    assert decision_from_message(decide_response(refused)) == refused
 
 
 def test_scan_guesses_from_annotations() -> None:

@@ -16,6 +16,8 @@ import pytest
 import redis.asyncio
 
 from engine.approvals import (
+    ApprovalCursor,
+    ApprovalPage,
     ApprovalStore,
     MemoryApprovalStore,
     RedisApprovalStore,
@@ -23,8 +25,8 @@ from engine.approvals import (
     Use,
     fingerprint,
 )
-from engine.errors import Conflict, NotFound
-from engine.models import ApprovalStatus, Principal, ToolCall
+from engine.errors import Conflict, InvalidRequest, NotFound
+from engine.models import Approval, ApprovalStatus, Principal, ToolCall
 from engine.ratelimit import (
     Limit,
     MemoryRateLimitStore,
@@ -254,6 +256,119 @@ async def test_denial_expiry_and_listing(backend: Backend) -> None:
         assert len(await store.list(None, 2)) == 2
     finally:
         await store.close()
+
+
+async def every_page(
+    store: ApprovalStore,
+    status: ApprovalStatus | None,
+    size: int,
+    keep: Callable[[Approval], bool] | None = None,
+) -> list[list[str]]:
+    """The ids of each page, following the pages' tokens (as a client would) to the end."""
+    pages: list[list[str]] = []
+    after = None
+    while True:
+        page: ApprovalPage = await store.page(status, size, after=after, keep=keep)
+        pages.append([a.id for a in page.approvals])
+        if page.next is None:
+            return pages
+        after = ApprovalCursor.from_token(page.next.token(), field="page_token")
+        assert len(pages) < 100, "the pages end"
+
+
+async def test_listing_pages_newest_first_without_gaps(backend: Backend) -> None:
+    store = await opened(backend.open_approvals())
+    try:
+        made = [
+            await _open(store, ToolCall(server="srv", name="p", arguments={"i": i}))
+            for i in range(7)
+        ]
+        for approval in made[::3]:
+            await store.decide(approval.id, approve=False, approver="o", comment="", grant_ttl=1)
+        newest_first = [a.id for a in reversed(made)]
+        pages = await every_page(store, None, 3)
+        assert pages == [newest_first[:3], newest_first[3:6], newest_first[6:]]
+        denied = await every_page(store, ApprovalStatus.DENIED, 2)
+        assert sum(denied, []) == [a.id for a in reversed(made[::3])]
+        assert all(len(page) <= 2 for page in denied)
+
+        def even(approval: Approval) -> bool:
+            return int(approval.arguments["i"]) % 2 == 0
+
+        evens = await every_page(store, None, 2, keep=even)
+        assert evens == [[made[6].id, made[4].id], [made[2].id, made[0].id]], "no empty last page"
+        assert await store.list(None, 7) == (await store.page(None, 7)).approvals
+        assert (await store.page(None, 7)).next is None
+    finally:
+        await store.close()
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis", "valkey"])
+async def approvals_at(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Callable[[Callable[[], float]], ApprovalStore]]:
+    """Approval stores of each kind, on a clock the test gives."""
+    clients: list[Any] = []
+    kind = request.param
+    kv: KvServer | None = None
+    if kind in ("redis", "valkey"):
+        kv = request.getfixturevalue("kv_pool").get(kind)
+
+    def make(clock: Callable[[], float]) -> ApprovalStore:
+        if kind == "memory":
+            return MemoryApprovalStore(clock)
+        if kv is None:
+            return SqliteApprovalStore(tmp_path / "approvals.sqlite3", clock=clock)
+        client = redis.asyncio.Redis.from_url(kv.url, decode_responses=True)
+        clients.append(client)
+        return RedisApprovalStore(client, f"test-{uuid.uuid4().hex[:8]}:", clock)
+
+    yield make
+    for client in clients:
+        await client.aclose()
+
+
+async def test_pages_split_approvals_made_in_the_same_microsecond(
+    approvals_at: Callable[[Callable[[], float]], ApprovalStore],
+) -> None:
+    """Ties in time are ordered by id, so a page boundary inside them loses nothing."""
+    store = await opened(approvals_at(lambda: 1_700_000_000.25))
+    try:
+        made = [
+            await _open(store, ToolCall(server="srv", name="tie", arguments={"i": i}))
+            for i in range(5)
+        ]
+        pages = await every_page(store, None, 2)
+        assert [len(page) for page in pages] == [2, 2, 1]
+        assert sum(pages, []) == sorted((a.id for a in made), reverse=True)
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "",
+        "123",
+        "ZDE6NQ",  # a decision-log token ("d1:5")
+        ApprovalCursor(10**18, "apr_1").token() + "!",
+        ApprovalCursor(10**18, "apr_1").token(),  # past what a datetime holds
+        ApprovalCursor(5, "apr 1").token(),  # not an id made here
+        "YTE6MTox" * 100,
+    ],
+)
+def test_approval_page_tokens_are_checked(token: str) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        ApprovalCursor.from_token(token, field="page_token")
+    assert refused.value.field == "page_token"
+    assert "not a token from a previous page" in refused.value.message
+
+
+def test_approval_page_tokens_round_trip() -> None:
+    cursor = ApprovalCursor(1_700_000_000_250_000, "apr_" + "ab" * 16)
+    token = cursor.token()
+    assert not token.isdigit() and "=" not in token
+    assert ApprovalCursor.from_token(token, field="page_token") == cursor
 
 
 async def test_approvals_survive_reopening(backend: Backend) -> None:

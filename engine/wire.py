@@ -1,0 +1,564 @@
+"""Protobuf <-> domain: every conversion between mcppolicy.v1 messages and engine models.
+
+The one place the generated messages meet the domain, used by the gRPC server
+(`engine.grpc_server`) and by every gRPC client (the proxy's `GrpcDecider`), so a client
+never reads the server's tables and nothing is converted twice. Conversions come in
+pairs, `x_to_proto` and `x_from_proto`; the side that receives a message checks it while
+converting and raises `InvalidRequest` naming the field (the server answers it as
+INVALID_ARGUMENT with a google.rpc.BadRequest).
+
+The rules the protos state in their comments (required fields, lengths, exactly one of
+`tool` and `message`) are enforced here and by the domain models. (They are not
+protovalidate annotations in the protos: those need the buf.build/bufbuild/protovalidate
+module from the Buf Schema Registry, which this build cannot fetch.)
+
+A member of a `oneof` replaces the other when protobuf decodes bytes that carry both, so
+a request whose bytes set two (as a client built before `tool`/`message` became the
+oneof `call` could send) is caught on the bytes: `check_oneofs`, which the server's
+deserializer runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import (
+    descriptor,
+    empty_pb2,
+    json_format,
+    struct_pb2,
+    timestamp_pb2,
+    unknown_fields,
+)
+from google.protobuf import message as protobuf_message
+from google.protobuf.message import DecodeError
+from pydantic import ValidationError
+
+from engine import jsonstrict, paging
+from engine.approvals import ApprovalCursor, ApprovalPage
+from engine.decision_log import DecisionQuery
+from engine.errors import InvalidRequest, from_validation
+from engine.models import (
+    Approval,
+    ApprovalAction,
+    ApprovalRef,
+    ApprovalStatus,
+    DecideRequest,
+    Decision,
+    OutcomeAck,
+    OutcomeReport,
+    Principal,
+    RateLimitInfo,
+    Verdict,
+)
+from mcppolicy.v1 import approval_pb2, decision_pb2, types_pb2
+
+MAX_ID_CHARS = 256
+
+_VERDICTS: dict[Verdict, types_pb2.Verdict] = {
+    Verdict.ALLOW: types_pb2.VERDICT_ALLOW,
+    Verdict.DENY: types_pb2.VERDICT_DENY,
+    Verdict.RATE_LIMITED: types_pb2.VERDICT_RATE_LIMITED,
+    Verdict.APPROVAL_REQUIRED: types_pb2.VERDICT_APPROVAL_REQUIRED,
+}
+_VERDICTS_FROM_PROTO: dict[int, Verdict] = {int(v): k for k, v in _VERDICTS.items()}
+_APPROVAL_STATUSES: dict[ApprovalStatus, types_pb2.ApprovalStatus] = {
+    ApprovalStatus.PENDING: types_pb2.APPROVAL_STATUS_PENDING,
+    ApprovalStatus.APPROVED: types_pb2.APPROVAL_STATUS_APPROVED,
+    ApprovalStatus.DENIED: types_pb2.APPROVAL_STATUS_DENIED,
+    ApprovalStatus.USED: types_pb2.APPROVAL_STATUS_USED,
+    ApprovalStatus.EXPIRED: types_pb2.APPROVAL_STATUS_EXPIRED,
+}
+_STATUSES_FROM_PROTO: dict[int, ApprovalStatus] = {int(v): k for k, v in _APPROVAL_STATUSES.items()}
+# How a message object goes into DecideRequest.message (one encoder, not one per call).
+_MESSAGE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+# -- values -------------------------------------------------------------------------------
+
+
+def _struct_to_dict(
+    message: struct_pb2.Struct, what: str, max_depth: int | None = None
+) -> dict[str, Any]:
+    """A Struct as JSON (integral numbers as ints); with `max_depth`, checked as a
+    request's JSON is (depth, finite numbers, valid Unicode)."""
+    try:
+        value = jsonstrict.normalise_numbers(json_format.MessageToDict(message))
+    except ValueError as exc:  # NaN or Infinity in a number_value
+        raise InvalidRequest(f"{what} contains a non-finite number", field=what) from exc
+    if max_depth is not None:
+        jsonstrict.check_value(value, max_depth=max_depth, what=what)
+    assert isinstance(value, dict)
+    return value
+
+
+def _dict_to_struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(value)
+    return struct
+
+
+def _request_struct(value: Any, what: str) -> struct_pb2.Struct:
+    """A client's JSON object for a request Struct; InvalidRequest for anything else."""
+    if not isinstance(value, Mapping):
+        raise InvalidRequest(f"`{what}` must be a JSON object", field=what)
+    try:
+        return _dict_to_struct(value)
+    except (TypeError, ValueError) as exc:  # a value a Struct cannot hold
+        raise InvalidRequest(f"`{what}` holds a value JSON cannot", field=what) from exc
+
+
+def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def _instant(message: protobuf_message.Message, field: str) -> datetime | None:
+    """A Timestamp field as a datetime (None when unset); InvalidRequest out of range."""
+    if not message.HasField(field):
+        return None
+    stamp: timestamp_pb2.Timestamp = getattr(message, field)
+    try:
+        return stamp.ToDatetime(UTC)
+    except (ValueError, OverflowError, OSError) as exc:
+        raise InvalidRequest(f"{field}: a time out of range", field=field) from exc
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def check_id(value: str, field: str, *, required: bool = False) -> str:
+    """An id field: at most MAX_ID_CHARS characters; with `required`, not empty."""
+    if required and not value:
+        raise InvalidRequest(f"{field}: required", field=field)
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidRequest(f"{field}: at most {MAX_ID_CHARS} characters", field=field)
+    return value
+
+
+# -- oneofs on the wire -------------------------------------------------------------------
+
+
+@functools.cache
+def _oneof_members(message_type: descriptor.Descriptor) -> dict[int, descriptor.OneofDescriptor]:
+    """Field number -> its oneof, for the oneofs of `message_type` with several members
+    (a proto3 `optional` is a oneof of one: it cannot be set twice)."""
+    return {
+        field.number: oneof
+        for oneof in message_type.oneofs
+        if len(oneof.fields) > 1
+        for field in oneof.fields
+    }
+
+
+def check_oneofs(message: protobuf_message.Message, data: bytes) -> None:
+    """Refuse `data` (the bytes `message` was decoded from) if it sets two members of one
+    of the message's oneofs: decoding kept only the last, so the request is ambiguous."""
+    members = _oneof_members(message.DESCRIPTOR)
+    if not members:
+        return
+    try:
+        fields = unknown_fields.UnknownFieldSet(empty_pb2.Empty.FromString(data))
+    except DecodeError as exc:  # decoded as the message, so not expected
+        raise InvalidRequest("the request bytes do not decode", syntax=True) from exc
+    seen: dict[str, str] = {}
+    for i in range(len(fields)):
+        number: int = fields[i].field_number
+        oneof = members.get(number)
+        if oneof is None:
+            continue
+        name = oneof.containing_type.fields_by_number[number].name
+        first = seen.setdefault(oneof.name, name)
+        if first != name:
+            names = " or ".join(f"`{f.name}`" for f in oneof.fields)
+            raise InvalidRequest(f"give exactly one of {names}, not both", field=first)
+
+
+# -- enums --------------------------------------------------------------------------------
+
+
+def verdict_to_proto(verdict: Verdict) -> types_pb2.Verdict:
+    return _VERDICTS[verdict]
+
+
+def verdict_from_proto(value: int, *, field: str = "verdict") -> Verdict | None:
+    """None for VERDICT_UNSPECIFIED; InvalidRequest for a number that is no Verdict.
+    (A client reading a decision treats both as a deny: `decision_from_proto`.)"""
+    if value == types_pb2.VERDICT_UNSPECIFIED:
+        return None
+    verdict = _VERDICTS_FROM_PROTO.get(value)
+    if verdict is None:
+        raise InvalidRequest(f"{field}: {value} is not a Verdict", field=field)
+    return verdict
+
+
+def approval_status_to_proto(status: ApprovalStatus) -> types_pb2.ApprovalStatus:
+    return _APPROVAL_STATUSES[status]
+
+
+def approval_status_from_proto(value: int, *, field: str = "status") -> ApprovalStatus | None:
+    """None for APPROVAL_STATUS_UNSPECIFIED; InvalidRequest for a number that is none."""
+    if value == types_pb2.APPROVAL_STATUS_UNSPECIFIED:
+        return None
+    status = _STATUSES_FROM_PROTO.get(value)
+    if status is None:
+        raise InvalidRequest(f"{field}: {value} is not an ApprovalStatus", field=field)
+    return status
+
+
+# -- principal ----------------------------------------------------------------------------
+
+
+def principal_to_proto(principal: Principal) -> types_pb2.Principal:
+    return types_pb2.Principal(
+        session_id=principal.session_id,
+        agent_id=principal.agent_id or "",
+        user_id=principal.user_id or "",
+        roles=principal.roles,
+    )
+
+
+def _principal_fields(message: types_pb2.Principal) -> dict[str, Any]:
+    """Empty agent and user ids are "not given" (proto3 strings have no absence)."""
+    return {
+        "session_id": message.session_id,
+        "agent_id": message.agent_id or None,
+        "user_id": message.user_id or None,
+        "roles": list(message.roles),
+    }
+
+
+def principal_from_proto(message: types_pb2.Principal) -> Principal:
+    try:
+        return Principal.model_validate(_principal_fields(message))
+    except ValidationError as exc:
+        error = from_validation(exc, "principal.")
+        raise InvalidRequest(error.message, field=f"principal.{error.field}") from exc
+
+
+# -- Decide -------------------------------------------------------------------------------
+
+
+def decide_request_to_proto(request: DecideRequest) -> decision_pb2.DecideRequest:
+    """The message for `request`: the call as `tool` (+ `arguments`) or `message` text (a
+    message object is sent as its JSON text). Both or neither: InvalidRequest, as the
+    service would answer."""
+    has_tool, has_message = request.tool is not None, request.message is not None
+    if has_tool == has_message:
+        raise InvalidRequest(
+            "give exactly one of `tool` (with `arguments`) or `message`, not "
+            + ("both" if has_tool else "neither"),
+            field="tool" if has_tool else "message",
+        )
+    message = decision_pb2.DecideRequest(
+        server=request.server,
+        principal=principal_to_proto(request.principal),
+        dry_run=request.dry_run,
+    )
+    if request.tool is not None:
+        message.tool = request.tool
+    else:
+        text = request.message
+        if not isinstance(text, str):
+            try:
+                text = _MESSAGE_JSON.encode(text)
+            except ValueError as exc:
+                raise InvalidRequest(
+                    "message contains a non-finite number", field="message"
+                ) from exc
+        message.message = text
+    if request.arguments is not None:  # with `message` too: the service refuses that
+        message.arguments.CopyFrom(_request_struct(request.arguments, "arguments"))
+    if request.approval_id is not None:
+        message.approval_id = request.approval_id
+    if request.context:
+        message.context.CopyFrom(_request_struct(request.context, "context"))
+    if request.credential is not None:
+        message.credential = request.credential
+    return message
+
+
+def decide_request_from_proto(
+    message: decision_pb2.DecideRequest, *, max_depth: int
+) -> DecideRequest:
+    try:
+        return _decide_request(message, max_depth)
+    except DecodeError as exc:  # protobuf's own nesting limit, met while reading a Struct
+        raise InvalidRequest(
+            f"request could not be decoded (nests deeper than {max_depth} levels?)",
+            syntax=True,
+        ) from exc
+
+
+def _decide_request(message: decision_pb2.DecideRequest, max_depth: int) -> DecideRequest:
+    fields: dict[str, Any] = {"server": message.server, "dry_run": message.dry_run}
+    call = message.WhichOneof("call")
+    if call == "tool":
+        fields["tool"] = message.tool
+    elif call == "message":
+        fields["message"] = message.message
+    if message.HasField("arguments"):
+        fields["arguments"] = _struct_to_dict(message.arguments, "arguments", max_depth)
+    if message.HasField("approval_id"):
+        fields["approval_id"] = message.approval_id
+    if message.HasField("context"):
+        fields["context"] = _struct_to_dict(message.context, "context", max_depth)
+    if message.HasField("credential"):
+        fields["credential"] = message.credential
+    fields["principal"] = _principal_fields(message.principal)
+    try:
+        return DecideRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise from_validation(exc) from exc
+
+
+def decision_to_proto(decision: Decision) -> decision_pb2.DecideResponse:
+    response = decision_pb2.DecideResponse(
+        decision_id=decision.decision_id,
+        verdict=verdict_to_proto(decision.verdict),
+        reason=decision.reason,
+        rule=decision.rule,
+        policy_revision=decision.policy_revision,
+        dry_run=bool(decision.dry_run),
+        outcome_token=decision.outcome_token or "",
+    )
+    if decision.rate_limit is not None:
+        limit = decision.rate_limit
+        response.rate_limit.CopyFrom(
+            decision_pb2.RateLimitStatus(
+                limit=limit.limit,
+                remaining=limit.remaining,
+                window_seconds=limit.window_seconds,
+                retry_after_seconds=limit.retry_after_seconds,
+                rule=limit.rule,
+                scope=limit.scope,
+            )
+        )
+    if decision.approval is not None:
+        response.approval.CopyFrom(
+            decision_pb2.ApprovalRef(
+                id=decision.approval.id,
+                status=approval_status_to_proto(decision.approval.status),
+                expires_at=_timestamp(decision.approval.expires_at),
+            )
+        )
+    if decision.mcp_result is not None:
+        response.mcp_result.CopyFrom(_dict_to_struct(decision.mcp_result))
+    return response
+
+
+def decision_from_proto(response: decision_pb2.DecideResponse) -> Decision:
+    """The domain Decision for a DecideResponse. A verdict this client does not know
+    (VERDICT_UNSPECIFIED, or a newer one) is a deny; so is an approval status it does
+    not know for the approval (then left out)."""
+    rate_limit = None
+    if response.HasField("rate_limit"):
+        limit = response.rate_limit
+        rate_limit = RateLimitInfo(
+            limit=_number(limit.limit),
+            remaining=_number(limit.remaining),
+            window_seconds=limit.window_seconds,
+            retry_after_seconds=limit.retry_after_seconds,
+            rule=limit.rule,
+            scope=limit.scope,
+        )
+    approval = None
+    if response.HasField("approval"):
+        ref = response.approval
+        status = _STATUSES_FROM_PROTO.get(ref.status)
+        if status is not None:
+            approval = ApprovalRef(
+                id=ref.id, status=status, expires_at=ref.expires_at.ToDatetime(tzinfo=UTC)
+            )
+    mcp_result = None
+    if response.HasField("mcp_result"):
+        mcp_result = _struct_to_dict(response.mcp_result, "mcp_result")
+    return Decision(
+        decision_id=response.decision_id,
+        verdict=_VERDICTS_FROM_PROTO.get(response.verdict, Verdict.DENY),
+        reason=response.reason,
+        rule=response.rule,
+        policy_revision=response.policy_revision,
+        rate_limit=rate_limit,
+        approval=approval,
+        mcp_result=mcp_result,
+        dry_run=True if response.dry_run else None,
+        outcome_token=response.outcome_token or None,
+    )
+
+
+# -- ReportOutcome ------------------------------------------------------------------------
+
+
+def report_outcome_to_proto(
+    decision_id: str, outcome_token: str, *, succeeded: bool
+) -> decision_pb2.ReportOutcomeRequest:
+    return decision_pb2.ReportOutcomeRequest(
+        decision_id=decision_id, outcome_token=outcome_token, succeeded=succeeded
+    )
+
+
+def report_outcome_from_proto(
+    request: decision_pb2.ReportOutcomeRequest,
+) -> tuple[str, OutcomeReport]:
+    """The decision id (required) and the report; ids and token at most 256 characters."""
+    check_id(request.decision_id, "decision_id", required=True)
+    check_id(request.outcome_token, "outcome_token")
+    report = OutcomeReport(succeeded=request.succeeded, outcome_token=request.outcome_token)
+    return request.decision_id, report
+
+
+def outcome_ack_to_proto(ack: OutcomeAck) -> decision_pb2.ReportOutcomeResponse:
+    return decision_pb2.ReportOutcomeResponse(decision_id=ack.decision_id, released=ack.released)
+
+
+def outcome_ack_from_proto(response: decision_pb2.ReportOutcomeResponse) -> OutcomeAck:
+    return OutcomeAck(decision_id=response.decision_id, released=response.released)
+
+
+# -- approvals ----------------------------------------------------------------------------
+
+
+def approval_to_proto(approval: Approval) -> approval_pb2.Approval:
+    message = approval_pb2.Approval(
+        id=approval.id,
+        status=approval_status_to_proto(approval.status),
+        server=approval.server,
+        tool=approval.tool,
+        arguments=_dict_to_struct(approval.arguments),
+        principal=principal_to_proto(approval.principal),
+        rule=approval.rule,
+        reason=approval.reason,
+        decision_id=approval.decision_id,
+        created_at=_timestamp(approval.created_at),
+        expires_at=_timestamp(approval.expires_at),
+        approver=approval.approver or "",
+        comment=approval.comment or "",
+        fingerprint=approval.fingerprint,
+    )
+    if approval.decided_at is not None:
+        message.decided_at.CopyFrom(_timestamp(approval.decided_at))
+    return message
+
+
+def approval_from_proto(message: approval_pb2.Approval) -> Approval:
+    """The domain Approval for an Approval message (a client reading the service's)."""
+    status = approval_status_from_proto(message.status)
+    if status is None:
+        raise InvalidRequest("status: required", field="status")
+    created_at = _instant(message, "created_at")
+    expires_at = _instant(message, "expires_at")
+    if created_at is None or expires_at is None:
+        missing = "created_at" if created_at is None else "expires_at"
+        raise InvalidRequest(f"{missing}: required", field=missing)
+    return Approval(
+        id=message.id,
+        status=status,
+        server=message.server,
+        tool=message.tool,
+        arguments=_struct_to_dict(message.arguments, "arguments"),
+        principal=principal_from_proto(message.principal),
+        rule=message.rule,
+        reason=message.reason,
+        decision_id=message.decision_id,
+        fingerprint=message.fingerprint,
+        created_at=created_at,
+        expires_at=expires_at,
+        decided_at=_instant(message, "decided_at"),
+        approver=message.approver or None,
+        comment=message.comment or None,
+    )
+
+
+@dataclass(frozen=True)
+class ApprovalListing:
+    """A ListApprovalsRequest as the store takes it."""
+
+    status: ApprovalStatus | None
+    size: int
+    after: ApprovalCursor | None
+
+
+def approval_listing_from_proto(request: approval_pb2.ListApprovalsRequest) -> ApprovalListing:
+    """Status, page size and position. The deprecated `limit` still works as the page
+    size; set together with `page_size` it must be the same."""
+    status = approval_status_from_proto(request.status, field="status")
+    if request.limit and request.page_size and request.limit != request.page_size:
+        raise InvalidRequest(
+            "limit (deprecated) and page_size differ: set page_size only", field="limit"
+        )
+    if request.page_size or not request.limit:
+        size = paging.page_size(request.page_size, field="page_size")
+    else:
+        size = paging.page_size(request.limit, field="limit")
+    after = None
+    if request.page_token:
+        after = ApprovalCursor.from_token(request.page_token, field="page_token")
+    return ApprovalListing(status=status, size=size, after=after)
+
+
+def approvals_page_to_proto(page: ApprovalPage) -> approval_pb2.ListApprovalsResponse:
+    return approval_pb2.ListApprovalsResponse(
+        approvals=[approval_to_proto(a) for a in page.approvals],
+        next_page_token="" if page.next is None else page.next.token(),
+    )
+
+
+def approval_id_from_proto(request: approval_pb2.GetApprovalRequest) -> str:
+    return check_id(request.id, "id", required=True)
+
+
+def approval_action_from_proto(
+    request: approval_pb2.ApproveRequest | approval_pb2.DenyRequest,
+) -> tuple[str, ApprovalAction]:
+    """The approval id (required) and the action, with the limits of the HTTP body."""
+    check_id(request.id, "id", required=True)
+    declared = request.approver if request.HasField("approver") else None
+    try:
+        return request.id, ApprovalAction(approver=declared, comment=request.comment)
+    except ValidationError as exc:
+        raise from_validation(exc) from exc
+
+
+# -- decision log -------------------------------------------------------------------------
+
+
+def decision_query_from_proto(request: decision_pb2.ListDecisionsRequest) -> DecisionQuery:
+    """The query; the verdict from `verdict_value`, or from the deprecated string
+    `verdict` (both may be set if they name the same verdict)."""
+    chosen = verdict_from_proto(request.verdict_value, field="verdict_value")
+    text = request.verdict
+    known = {v.value for v in Verdict}
+    if chosen is not None and text in known and text != chosen.value:
+        raise InvalidRequest(
+            f"verdict (deprecated) {text!r} and verdict_value "
+            f"{types_pb2.Verdict.Name(request.verdict_value)} differ: set verdict_value only",
+            field="verdict",
+        )
+    return paging.decision_query(
+        session_id=request.session_id,
+        agent_id=request.agent_id,
+        tool=request.tool,
+        verdict=text or (chosen.value if chosen is not None else None),
+        since=_instant(request, "since"),
+        until=_instant(request, "until"),
+        limit=request.page_size,
+        token=request.page_token,
+        names={"limit": "page_size", "token": "page_token"},
+    )
+
+
+def decisions_page_to_proto(
+    records: list[dict[str, Any]], next_page_token: str | None
+) -> decision_pb2.ListDecisionsResponse:
+    return decision_pb2.ListDecisionsResponse(
+        decisions=[_dict_to_struct(r) for r in records],
+        next_page_token=next_page_token or "",
+    )
