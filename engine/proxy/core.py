@@ -641,11 +641,13 @@ class ProxySession:
                 ]
                 hidden = await self.tool_filter.hidden(self.server_name, names, self.principal)
                 if hidden:
-                    kept = [
+                    tools = [
                         t for t in tools if not (isinstance(t, dict) and t.get("name") in hidden)
                     ]
-                    frame = Frame.response(frame.id, {**result, "tools": kept})
                     log.info("tools/list: hid %s", ", ".join(sorted(hidden)))
+                # Written anew whatever was hidden: the agent gets the very list the proxy
+                # read (never the server's text, which another parser might read otherwise).
+                frame = Frame.response(frame.id, {**result, "tools": tools})
             await self._to_agent(frame)
         finally:
             self._listings.pop(frame.id, None)

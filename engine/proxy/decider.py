@@ -4,43 +4,29 @@
 over one long-lived gRPC channel (`--decision-url host:port`); `EmbeddedDecider` runs the
 service in-process around its own `Runtime` (`--embedded`), so one command serves a single
 user with nothing else running. Both take and return the engine's domain models; proto
-messages exist only inside `GrpcDecider`.
+messages exist only inside `GrpcDecider`, converted by `engine.wire` (as the server does).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from datetime import UTC
 from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
-from google.protobuf import json_format
 
-from engine import jsonstrict
+from engine import wire
 from engine.errors import EngineError, InvalidRequest
-from engine.grpc_server import APPROVAL_STATUSES, VERDICTS
 from engine.identity.base import Identity
-from engine.models import (
-    ApprovalRef,
-    DecideRequest,
-    Decision,
-    RateLimitInfo,
-    Verdict,
-)
+from engine.models import DecideRequest, Decision
 from engine.runtime import Runtime
 from engine.settings import Settings
 from engine.translate import proven_principal
-from mcppolicy.v1 import decision_pb2, decision_pb2_grpc
+from mcppolicy.v1 import decision_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 TRANSPORT = "proxy"
-VERDICT_FROM_PROTO = {value: key for key, value in VERDICTS.items()}
-# How a message object goes into DecideRequest.message (one encoder, not one per call).
-_MESSAGE_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-STATUS_FROM_PROTO = {value: key for key, value in APPROVAL_STATUSES.items()}
 
 
 class DecisionUnavailable(EngineError):
@@ -101,78 +87,15 @@ class EmbeddedDecider:
             await self.runtime.stop()
 
 
-def _number(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else value
-
-
 def decide_message(request: DecideRequest) -> Any:
-    """The protobuf DecideRequest for `request` (the call as `message` text or tool+args)."""
-    principal = request.principal
-    message = decision_pb2.DecideRequest(
-        server=request.server,
-        principal=decision_pb2.Principal(
-            session_id=principal.session_id,
-            agent_id=principal.agent_id or "",
-            user_id=principal.user_id or "",
-            roles=principal.roles,
-        ),
-    )
-    if request.message is not None:
-        text = request.message
-        if not isinstance(text, str):
-            text = _MESSAGE_JSON.encode(text)
-        message.message = text
-    if request.tool is not None:
-        message.tool = request.tool
-        if request.arguments is not None:
-            message.arguments.update(request.arguments)
-    if request.approval_id is not None:
-        message.approval_id = request.approval_id
-    if request.context:
-        message.context.update(request.context)
-    message.dry_run = request.dry_run
-    return message
+    """The protobuf DecideRequest for `request` (see `engine.wire`)."""
+    return wire.decide_request_to_proto(request)
 
 
 def decision_from_message(response: Any) -> Decision:
-    """The domain Decision for a protobuf DecideResponse (VERDICT_UNSPECIFIED is a deny)."""
-    rate_limit = None
-    if response.HasField("rate_limit"):
-        limit = response.rate_limit
-        rate_limit = RateLimitInfo(
-            limit=_number(limit.limit),
-            remaining=_number(limit.remaining),
-            window_seconds=limit.window_seconds,
-            retry_after_seconds=limit.retry_after_seconds,
-            rule=limit.rule,
-            scope=limit.scope,
-        )
-    approval = None
-    if response.HasField("approval"):
-        ref = response.approval
-        status = STATUS_FROM_PROTO.get(ref.status)
-        if status is not None:
-            approval = ApprovalRef(
-                id=ref.id,
-                status=status,
-                expires_at=ref.expires_at.ToDatetime(tzinfo=UTC),
-            )
-    mcp_result = None
-    if response.HasField("mcp_result"):
-        value = jsonstrict.normalise_numbers(json_format.MessageToDict(response.mcp_result))
-        mcp_result = value if isinstance(value, dict) else None
-    return Decision(
-        decision_id=response.decision_id,
-        verdict=VERDICT_FROM_PROTO.get(response.verdict, Verdict.DENY),
-        reason=response.reason,
-        rule=response.rule,
-        policy_revision=response.policy_revision,
-        rate_limit=rate_limit,
-        approval=approval,
-        mcp_result=mcp_result,
-        dry_run=True if response.dry_run else None,
-        outcome_token=response.outcome_token or None,
-    )
+    """The domain Decision for a protobuf DecideResponse (see `engine.wire`: a verdict
+    this proxy does not know is a deny)."""
+    return wire.decision_from_proto(response)
 
 
 class GrpcDecider:
@@ -245,15 +168,13 @@ class GrpcDecider:
     ) -> bool:
         try:
             response = await self._stub.ReportOutcome(
-                decision_pb2.ReportOutcomeRequest(
-                    decision_id=decision_id, outcome_token=outcome_token, succeeded=succeeded
-                ),
+                wire.report_outcome_to_proto(decision_id, outcome_token, succeeded=succeeded),
                 timeout=self.timeout,
                 metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "take the outcome report") from exc
-        return bool(response.released)
+        return wire.outcome_ack_from_proto(response).released
 
     async def close(self) -> None:
         await self._channel.close()

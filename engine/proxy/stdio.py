@@ -53,7 +53,9 @@ class _Output:
         self._lock = asyncio.Lock()
 
     async def send(self, item: SessionMessage, /) -> None:
-        await self._write(Frame.of(item.message).line())
+        await self._write(
+            (item.message.model_dump_json(by_alias=True, exclude_unset=True) + "\n").encode()
+        )
 
     async def send_frame(self, frame: Frame, /) -> None:
         await self._write(frame.line())
