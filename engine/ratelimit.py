@@ -20,6 +20,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import sqlite3
 import time
 from collections import deque
@@ -92,13 +93,12 @@ class RateLimitStore(Protocol):
 
 def _check(limit: Limit, hits: Sequence[tuple[float, float]], now: float) -> LimitState:
     """Judge `limit` given the (time, cost) hits inside its window, oldest first."""
-    used = sum(cost for _, cost in hits)
+    used = math.fsum(cost for _, cost in hits)
     if used + limit.cost <= limit.max:
         return LimitState(limit, limit.max - used - limit.cost, 0.0, True)
     retry = limit.window  # a cost above `max` never passes; waiting a window is the answer
-    freed = 0.0
-    for at, cost in hits:
-        freed += cost
+    for i, (at, _) in enumerate(hits):
+        freed = math.fsum(cost for _, cost in hits[: i + 1])
         if used - freed + limit.cost <= limit.max:
             retry = max(at + limit.window - now, 0.0)
             break
@@ -109,6 +109,44 @@ def _settle(states: list[LimitState]) -> Outcome:
     return Outcome(all(state.ok for state in states), tuple(states))
 
 
+class _Window:
+    """One key's hits inside its window, oldest first, and the sum of their costs (kept as
+    hits come and go, so a call that passes costs O(1) whatever the limit)."""
+
+    __slots__ = ("hits", "used", "window")
+
+    def __init__(self, window: float) -> None:
+        self.hits: deque[tuple[float, float, str]] = deque()
+        self.window = window
+        self.used = 0.0
+
+    def expire(self, now: float) -> None:
+        start = now - self.window
+        hits = self.hits
+        while hits and hits[0][0] <= start:
+            self.used -= hits.popleft()[1]
+        if not hits:
+            self.used = 0.0  # no rounding left over from fractional costs
+
+    def add(self, at: float, cost: float, token: str) -> None:
+        self.hits.append((at, cost, token))
+        self.used += cost
+
+    def remove(self, token: str) -> None:
+        for hit in self.hits:
+            if hit[2] == token:
+                self.hits.remove(hit)
+                self.used = math.fsum(cost for _, cost, _ in self.hits)
+                return
+
+    def check(self, limit: Limit, now: float) -> LimitState:
+        used = self.used
+        if used + limit.cost <= limit.max and not math.isclose(used + limit.cost, limit.max):
+            return LimitState(limit, limit.max - used - limit.cost, 0.0, True)
+        # At the edge (or over it), judge on the exact hits, as the other stores do.
+        return _check(limit, [(at, cost) for at, cost, _ in self.hits], now)
+
+
 class MemoryRateLimitStore:
     """Per-process limits in memory; keys vanish once their window has passed."""
 
@@ -116,8 +154,7 @@ class MemoryRateLimitStore:
         self, clock: Callable[[], float] = time.monotonic, sweep_every: int = 4096
     ) -> None:
         self._clock = clock
-        # key -> (hits as [time, cost, token], window)
-        self._hits: dict[LimitKey, tuple[deque[tuple[float, float, str]], float]] = {}
+        self._hits: dict[LimitKey, _Window] = {}
         self._held: dict[str, tuple[float, list[LimitKey]]] = {}
         self._sweep_every = sweep_every
         self._since_sweep = 0
@@ -141,14 +178,11 @@ class MemoryRateLimitStore:
         self._since_sweep += 1
         if self._since_sweep >= self._sweep_every:
             self.sweep(now)
-        states = []
-        for limit in limits:
-            hits = self._window(limit, now)
-            states.append(_check(limit, [(at, cost) for at, cost, _ in hits], now))
-        outcome = _settle(states)
+        windows = [self._window(limit, now) for limit in limits]
+        outcome = _settle([w.check(limit, now) for w, limit in zip(windows, limits, strict=True)])
         if outcome.allowed and record:
-            for limit in limits:
-                self._hits[limit.key][0].append((now, limit.cost, token))
+            for w, limit in zip(windows, limits, strict=True):
+                w.add(now, limit.cost, token)
             if token and limits:
                 self._held[token] = (
                     now + max(lim.window for lim in limits),
@@ -156,31 +190,23 @@ class MemoryRateLimitStore:
                 )
         return outcome
 
-    def _window(self, limit: Limit, now: float) -> deque[tuple[float, float, str]]:
-        entry = self._hits.get(limit.key)
-        if entry is None:
-            hits: deque[tuple[float, float, str]] = deque()
-            self._hits[limit.key] = (hits, limit.window)
-            return hits
-        hits = entry[0]
-        if entry[1] != limit.window:
-            self._hits[limit.key] = (hits, limit.window)
-        start = now - limit.window
-        while hits and hits[0][0] <= start:
-            hits.popleft()
-        return hits
+    def _window(self, limit: Limit, now: float) -> _Window:
+        w = self._hits.get(limit.key)
+        if w is None:
+            w = self._hits[limit.key] = _Window(limit.window)
+            return w
+        w.window = limit.window
+        w.expire(now)
+        return w
 
     async def release(self, token: str) -> bool:
         held = self._held.pop(token, None)
         if held is None:
             return False
         for key in held[1]:
-            entry = self._hits.get(key)
-            if entry is not None:
-                for hit in entry[0]:
-                    if hit[2] == token:
-                        entry[0].remove(hit)
-                        break
+            w = self._hits.get(key)
+            if w is not None:
+                w.remove(token)
         return True
 
     async def forget(self, token: str) -> bool:
@@ -191,9 +217,7 @@ class MemoryRateLimitStore:
         now = self._clock() if now is None else now
         self._since_sweep = 0
         stale = [
-            key
-            for key, (hits, window) in self._hits.items()
-            if not hits or hits[-1][0] <= now - window
+            key for key, w in self._hits.items() if not w.hits or w.hits[-1][0] <= now - w.window
         ]
         for key in stale:
             del self._hits[key]

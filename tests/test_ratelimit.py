@@ -4,6 +4,7 @@ sliding window checked against a reference model with hypothesis."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 
 import pytest
@@ -160,6 +161,47 @@ async def test_release_gives_the_slot_back() -> None:
     assert await store.release("d1")
     assert not await store.release("d1"), "a slot is given back once"
     assert store.acquire_now([limit], "d3").allowed
+
+
+@given(
+    costs=st.lists(st.sampled_from([0.1, 0.2, 0.25, 0.5, 1.0, 0.0]), min_size=1, max_size=60),
+    gaps=st.lists(st.floats(min_value=0, max_value=4), min_size=60, max_size=60),
+    release_every=st.integers(min_value=2, max_value=9),
+)
+@settings(max_examples=50, deadline=None)
+def test_fractional_costs_are_exact_as_hits_come_and_go(
+    costs: list[float], gaps: list[float], release_every: int
+) -> None:
+    """The store keeps a running sum of each window; at the edge it must agree with the
+    exact sum of the hits in the window, however costs were added, expired and released."""
+    clock = Clock()
+    store = MemoryRateLimitStore(clock=clock)
+    held: list[tuple[float, float, str]] = []  # (time, cost, token) counted now
+    for i, (cost, gap) in enumerate(zip(costs, gaps, strict=False)):
+        clock.now += gap
+        limit = Limit(key=("k",), max=1.0, window=5, cost=cost)
+        held = [h for h in held if h[0] > clock.now - 5]
+        exact = math.fsum(c for _, c, _ in held)
+        outcome = store.acquire_now([limit], f"t{i}")
+        assert outcome.allowed == (exact + cost <= 1.0)
+        if outcome.allowed:
+            held.append((clock.now, cost, f"t{i}"))
+        if i % release_every == 0 and held:
+            _, _, token = held.pop(0)
+            assert asyncio.run(store.release(token))
+
+
+def test_a_large_limit_stays_exact() -> None:
+    clock = Clock()
+    store = MemoryRateLimitStore(clock=clock)
+    limit = Limit(key=("k",), max=5000, window=60)
+    allowed = 0
+    for _ in range(5100):
+        clock.now += 0.001
+        allowed += store.acquire_now([limit]).allowed
+    assert allowed == 5000
+    clock.now += 60
+    assert store.acquire_now([limit]).states[0].remaining == 4999
 
 
 def test_idle_keys_are_swept() -> None:
