@@ -6,7 +6,7 @@ approval back. An approved grant lets exactly one matching call through, once, b
 expires.
 
 What may happen to an approval is decided here once, by pure functions over one record
-(`_consume`, `_decide`, `_release`); each store only supplies an atomic read-modify-write
+(`_consume`, `_decide`); each store only supplies an atomic read-modify-write
 of one record (`_update`) and of the fingerprint index (`open_or_get`): memory by not
 awaiting, SQLite by an IMMEDIATE transaction, Redis by a compare-and-set script on keys
 of one hash tag (so a Redis Cluster runs it on one node).
@@ -211,13 +211,6 @@ def _consume(
     return UseResult(Use(current.status.value), current), None
 
 
-def _release(stored: Stored | None, now: float) -> tuple[None, Stored | None]:
-    if stored is None or stored.approval.status is not ApprovalStatus.USED:
-        return None, None
-    back = stored.approval.model_copy(update={"status": ApprovalStatus.APPROVED})
-    return None, Stored(approval=back)
-
-
 def _decide(
     stored: Stored | None,
     approval_id: str,
@@ -269,8 +262,6 @@ class ApprovalStore(Protocol):
 
     async def consume(self, approval_id: str, fp: str, *, decision_id: str) -> UseResult: ...
 
-    async def release(self, approval_id: str) -> None: ...
-
     async def get(self, approval_id: str) -> Approval: ...
 
     async def list(self, status: ApprovalStatus | None, limit: int) -> list[Approval]: ...
@@ -308,9 +299,6 @@ class _RecordStore(abc.ABC):
         return await self._update(
             approval_id, lambda stored, now: _consume(stored, fp, decision_id, now)
         )
-
-    async def release(self, approval_id: str) -> None:
-        await self._update(approval_id, _release)
 
     async def decide(
         self, approval_id: str, *, approve: bool, approver: str, comment: str, grant_ttl: float

@@ -201,8 +201,6 @@ async def test_approval_lifecycle(backend: Backend) -> None:
         used = await store.consume(first.id, fp, decision_id="d")
         assert used.use is Use.GRANTED
         assert (await store.consume(first.id, fp, decision_id="d")).use is Use.USED
-        await store.release(first.id)
-        assert (await store.consume(first.id, fp, decision_id="d")).use is Use.GRANTED
         assert (await store.get(first.id)).status is ApprovalStatus.USED
         with pytest.raises(Conflict):
             await store.decide(first.id, approve=False, approver="ops", comment="", grant_ttl=60)
