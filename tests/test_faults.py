@@ -240,3 +240,31 @@ async def test_service_refuses_to_start_on_a_broken_policy(tmp_path: Path) -> No
         await start_servers(settings_for(tmp_path, policy_paths=[rego, data]))
     assert caught.value.errors
     assert "decision.rego" in caught.value.errors[0]
+
+
+async def test_load_errors_reject_a_change_in_both_engines(
+    tmp_path: Path, external_opa: OpaProcess | None
+) -> None:
+    """A rule package reporting a load error stops the change whole; the running policy
+    (and its revision) keeps deciding, in-process and in an OPA server alike."""
+    rego, data = copy_policy(tmp_path)
+    servers = await _service_on(tmp_path, external_opa, rego, data)
+    try:
+        policy = servers.runtime.policy
+        before = policy.revision
+        add_rule_package(
+            rego,
+            "checked",
+            'load_errors contains "checked: always wrong"\n\n'
+            'deny contains {"rule": "checked.all", "reason": "no"} if true',
+        )
+        with pytest.raises(PolicyRejected) as caught:
+            await policy.load(read_bundle([rego, data]))
+        assert "mcp.rules.checked: checked: always wrong" in caught.value.errors
+        assert policy.revision == before
+        async with httpx.AsyncClient(base_url=servers.http_url) as raw:
+            decision = await HttpClient(raw).decide(copy_call())
+        assert decision["verdict"] == "allow", "the refused package is not live"
+        assert decision["policy_revision"] == before
+    finally:
+        await servers.stop()

@@ -154,10 +154,14 @@ class Policy:
             return
         async with self.gate.changing():
             await self.opa.load(bundle)
-            errors = await self.opa.load_errors()
+            try:
+                errors = await self.opa.load_errors()
+            except BaseException:
+                # Unchecked: never leave it serving under the old revision's name.
+                await self._restore_running()
+                raise
             if errors:
-                if self.bundle is not None and self.loaded:
-                    await self.opa.load(self.bundle)
+                await self._restore_running()
                 raise PolicyRejected(
                     "the policy data has errors; the running policy is unchanged: "
                     + "; ".join(errors[:5]),
@@ -176,6 +180,11 @@ class Policy:
             raise PolicyRejected(
                 "the policy data does not match the schema: " + "; ".join(messages[:5]), messages
             )
+
+    async def _restore_running(self) -> None:
+        """Put the running bundle back into the OPA server after a refused change."""
+        if self.bundle is not None and self.loaded:
+            await self.opa.load(self.bundle)
 
     async def load(self, bundle: PolicyBundle | None = None) -> str:
         """Load `bundle` (default: read from `paths`); return the revision now running."""

@@ -188,3 +188,28 @@ test_missing_rule_when_rules_and_risk_defaults_wrong_type if {
 		]),
 	}}
 }
+
+# _usable (read per call) and _rule_problems (the messages, at load) are two readings of
+# one rule; they must agree on every shape, or a rule could pass the load check and then
+# deny (or fail it and read fine).
+test_usable_exactly_when_no_problems if {
+	rules := [
+		"allow", "deny", "rate_limit", "maybe", 7, null, [], {},
+		{"action": "allow"}, {"action": "deny", "reason": "no"}, {"action": "require_approval"},
+		{"action": "rate_limit"}, {"action": 5}, {"reason": "x"},
+		_rl("10/minute"), _rl("0/minute"), _rl("10 per minute"), _rl(10), _rl(null),
+		_rl({"max": 10, "window": 60}), _rl({"max": 0, "window": 60}), _rl({"max": 2.5, "window": 60}),
+		_rl({"max": 10, "window": 60, "scope": "team"}), _rl({"max": 10, "window": 60, "scope": "user"}),
+		_rl({"max": "10", "window": 60}), _rl({"window": 60}),
+		{"action": "allow", "rate_limit": "5/hour"}, {"action": "deny", "rate_limit": "5/hour"},
+		{"action": "require_approval", "rate_limit": {"max": 3, "window": 1}},
+	]
+	disagree := [raw |
+		some raw in rules
+		usable := count([x | catalog._usable(catalog._as_rule(raw)); x := true]) == 1
+		clean := count(catalog._rule_problems(raw)) == 0
+		usable != clean
+	]
+	disagree == []
+	count(rules) == 29
+}
