@@ -22,87 +22,88 @@ import data.mcp.catalog
 
 _levels := ["deny", "require_approval", "rate_limit", "allow"]
 
-_is_rule_id(c) if {
+_rank := {"deny": 0, "require_approval": 1, "rate_limit": 2, "allow": 3}
+
+_scopes := {"session", "agent", "user", "global"}
+
+# Whether contribution c is well formed for the level of rank r, with a boolean
+# "shadow" when it has one. Always defined: false for anything else (a
+# contribution that is not an object too).
+default _valid(_, _) := false
+
+_valid(0, c) if {
 	is_string(c.rule)
 	c.rule != ""
-}
-
-_has_reason(c) if {
-	_is_rule_id(c)
 	is_string(c.reason)
-}
-
-_is_positive(x) if {
-	is_number(x)
-	x > 0
-}
-
-_is_cost(x) if {
-	is_number(x)
-	x >= 0
-}
-
-_well_formed("deny", c) if _has_reason(c)
-
-_well_formed("require_approval", c) if {
-	_has_reason(c)
-	_is_positive(object.get(c, "ttl_seconds", 1))
-}
-
-_well_formed("rate_limit", c) if {
-	_has_reason(c)
-	is_number(c.max)
-	floor(c.max) == c.max
-	c.max >= 1
-	_is_positive(c.window_seconds)
-	c.scope in {"session", "agent", "user", "global"}
-	_is_cost(object.get(c, "cost", 1))
-}
-
-_well_formed("allow", c) if {
-	_is_rule_id(c)
-	is_string(object.get(c, "reason", ""))
-}
-
-# Well formed for its level, with a boolean "shadow" when there is one.
-_valid(level, c) if {
-	_well_formed(level, c)
 	is_boolean(object.get(c, "shadow", false))
 }
 
-_is_shadow(c) if c.shadow == true
+_valid(1, c) if {
+	is_string(c.rule)
+	c.rule != ""
+	is_string(c.reason)
+	ttl := object.get(c, "ttl_seconds", 1)
+	is_number(ttl)
+	ttl > 0
+	is_boolean(object.get(c, "shadow", false))
+}
 
-# The contribution sets of every rule package directly under data.mcp.rules.
-# One body per level so that only those four rules of each package are evaluated.
-_sets contains {"package": name, "level": "deny", "value": value} if {
+_valid(2, c) if {
+	is_string(c.rule)
+	c.rule != ""
+	is_string(c.reason)
+	is_number(c.max)
+	floor(c.max) == c.max
+	c.max >= 1
+	is_number(c.window_seconds)
+	c.window_seconds > 0
+	c.scope in _scopes
+	cost := object.get(c, "cost", 1)
+	is_number(cost)
+	cost >= 0
+	is_boolean(object.get(c, "shadow", false))
+}
+
+_valid(3, c) if {
+	is_string(c.rule)
+	c.rule != ""
+	is_string(object.get(c, "reason", ""))
+	is_boolean(object.get(c, "shadow", false))
+}
+
+# The contribution sets of every rule package directly under data.mcp.rules, as
+# [level rank, package, set]. One body per level so that only those four rules
+# of each package are evaluated.
+_sets contains [0, name, value] if {
 	some name
 	value := data.mcp.rules[name].deny
 }
 
-_sets contains {"package": name, "level": "require_approval", "value": value} if {
+_sets contains [1, name, value] if {
 	some name
 	value := data.mcp.rules[name].require_approval
 }
 
-_sets contains {"package": name, "level": "rate_limit", "value": value} if {
+_sets contains [2, name, value] if {
 	some name
 	value := data.mcp.rules[name].rate_limit
 }
 
-_sets contains {"package": name, "level": "allow", "value": value} if {
+_sets contains [3, name, value] if {
 	some name
 	value := data.mcp.rules[name].allow
 }
 
-# Every entry of every contribution set, with the package that made it.
-_entries contains {"package": s.package, "level": s.level, "entry": entry} if {
+# Every entry of every contribution set, checked once:
+# [level rank, package, entry, well formed].
+_entries := [[s[0], s[1], entry, _valid(s[0], entry)] |
 	some s in _sets
-	some entry in s.value
-}
+	some entry in s[2]
+]
 
-_invalid(name, level) := {
+_invalid(name, r) := {
 	"rule": "decision.invalid_contribution",
-	"reason": sprintf("policy package mcp.rules.%s produced a malformed %s contribution", [name, level]),
+	"reason": sprintf("policy package mcp.rules.%s produced a malformed %s contribution", [name, _levels[r]]),
 }
 
 # METADATA
@@ -121,57 +122,38 @@ contributions contains {"level": _levels[x[0]], "entry": x[2]} if some x in _ran
 #   {"level", "entry"} for every well-formed contribution with "shadow": true.
 #   They decide nothing; decision.shadow lists them.
 # scope: document
-shadow_contributions contains {"level": e.level, "entry": e.entry} if {
-	some e in _entries
-	_is_shadow(e.entry)
-	not e in _malformed
+shadow_contributions contains {"level": _levels[x[0]], "entry": x[2]} if {
+	some x in _entries
+	x[3]
+	x[2].shadow == true
 }
-
-_rank := {"deny": 0, "require_approval": 1, "rate_limit": 2, "allow": 3}
 
 # Every enforced contribution as [level rank, rule id, entry], sorted: the most
 # restrictive level first, then by rule id (ties in value order, which is
 # deterministic). Malformed entries and sets become invalid-contribution denies.
 _ranked := sort(_enforced | _broken)
 
-_enforced contains [_rank[e.level], e.entry.rule, e.entry] if {
-	some e in _entries
-	not e in _malformed
-	not _is_shadow(e.entry)
+_enforced contains [x[0], x[2].rule, x[2]] if {
+	some x in _entries
+	x[3]
+	not x[2].shadow == true
 }
 
-# The entries that are not well formed for their level (each checked once).
-_malformed contains e if {
-	some e in _entries
-	not _valid(e.level, e.entry)
-}
-
-_broken contains [0, "decision.invalid_contribution", _invalid(e.package, e.level)] if {
-	some e in _malformed
-}
-
-_broken contains [0, "decision.invalid_contribution", _invalid(s.package, s.level)] if {
+_broken := {[0, "decision.invalid_contribution", _invalid(x[1], x[0])] |
+	some x in _entries
+	not x[3]
+} | {[0, "decision.invalid_contribution", _invalid(s[1], s[0])] |
 	some s in _sets
-	not type_name(s.value) in {"set", "array"}
+	not is_set(s[2])
+	not is_array(s[2])
 }
 
 _unique(xs) := [x | some i, x in xs; not x in array.slice(xs, 0, i)]
 
-default _top := 0
-
+# The rank of the winning level (only when something contributed).
 _top := _ranked[0][0]
 
-default _action := "deny"
-
-_action := _levels[_top] if count(_ranked) > 0
-
 _winners := [x[2] | some x in _ranked; x[0] == _top]
-
-default _rule := "default.no_match"
-
-_rule := _ranked[0][1]
-
-default _reason := "no policy rule matched this call"
 
 _reason := _winners[0].reason if {
 	count(_winners) == 1
@@ -180,19 +162,17 @@ _reason := _winners[0].reason if {
 } else := joined if {
 	joined := concat("; ", _unique([c.reason | some c in _winners; is_string(c.reason); c.reason != ""]))
 	joined != ""
-} else := sprintf("%s by rule %s", [_action, _rule]) if {
-	count(_ranked) > 0
-}
+} else := sprintf("%s by rule %s", [_levels[_top], _ranked[0][1]])
 
 _limit_fields := ["rule", "max", "window_seconds", "scope", "reason", "cost"]
 
-default _rate_limits := []
-
-_rate_limits := [object.filter(x[2], _limit_fields) | some x in _ranked; x[0] == 2] if _top > 0
+_rate_limits := [] if {
+	_top == 0
+} else := [object.filter(x[2], _limit_fields) | some x in _ranked; x[0] == 2]
 
 default _approval := {}
 
-_approval := {"approval": object.union({"rule": _rule, "reason": _reason}, _ttl)} if _top == 1
+_approval := {"approval": object.union({"rule": _ranked[0][1], "reason": _reason}, _ttl)} if _top == 1
 
 _ttls := [c.ttl_seconds | some c in _winners; is_number(c.ttl_seconds)]
 
@@ -223,7 +203,8 @@ default _shadow := []
 _shadow := [x[2] |
 	some x in sort({[c.entry.rule, _rank[c.level], _shadow_view(c.level, c.entry)] | some c in shadow_contributions})
 ] if {
-	count(shadow_contributions) > 0
+	some x in _entries
+	x[2].shadow == true
 }
 
 # METADATA
@@ -250,8 +231,8 @@ _shadow := [x[2] |
 # entrypoint: true
 decision := object.union(
 	{
-		"action": _action,
-		"rule": _rule,
+		"action": _levels[_top],
+		"rule": _ranked[0][1],
 		"reason": _reason,
 		"rate_limits": _rate_limits,
 		"matched": sort({x[1] | some x in _ranked}),
@@ -259,7 +240,17 @@ decision := object.union(
 		"tool": catalog.tool,
 	},
 	_approval,
-)
+) if {
+	_top
+} else := {
+	"action": "deny",
+	"rule": "default.no_match",
+	"reason": "no policy rule matched this call",
+	"rate_limits": [],
+	"matched": [],
+	"shadow": _shadow,
+	"tool": catalog.tool,
+}
 
 # METADATA
 # title: Load errors

@@ -161,10 +161,6 @@ _as_rule(raw) := raw if is_object(raw)
 
 _as_rule(raw) := {"action": raw} if is_string(raw)
 
-# Each contributing rule as an object, by id (absent for a rule that is
-# neither an object nor an action name: catalog.invalid_rule).
-_rule[c.id] := _as_rule(c.rule) if some c in _reached
-
 _has(obj, key) if key in object.keys(obj)
 
 _show(value) := json.marshal(value)
@@ -206,21 +202,27 @@ _limit_of(rule) := {
 # title: Rate limits of the contributing rules
 # description: By contribution id, the limit of each contributing rule that has one.
 # scope: document
-limit[id] := _limit_of(rule) if some id, rule in _rule
+limit[c.id] := _limit_of(_as_rule(c.rule)) if some c in _reached
 
-# A rule this package can read: a known action, and a readable limit with a
-# whole max >= 1 and a known scope when it has one (action rate_limit must).
-_usable(rule) if {
+# A rule (as written) as this package reads it: [the rule as an object, its
+# limit or null without rate_limit]. Defined only for a rule it can use: a
+# known action, and a readable limit with a whole max >= 1 and a known scope
+# when it has one (action rate_limit must).
+_read(raw) := [rule, null] if {
+	rule := _as_rule(raw)
 	rule.action in {"allow", "deny", "require_approval"}
 	not _has(rule, "rate_limit")
 }
 
-_usable(rule) if {
+_read(raw) := [rule, lim] if {
+	rule := _as_rule(raw)
 	rule.action in _actions
 	lim := _limit_of(rule)
 	_is_count(lim.max)
 	lim.scope in _scopes
 }
+
+_usable(rule) if _read(rule)
 
 # What keeps a rule (as written) from being used, one message per problem;
 # empty exactly when _usable. Only what the reading above needs: the schema
@@ -252,11 +254,12 @@ _limit_problems(rule) := {"action rate_limit needs a rate_limit, e.g. {max: 10, 
 	not _limit_of(rule).scope in _scopes
 } else := set()
 
-# Ids of the contributing rules this package can use (each checked once).
-_valid contains id if {
-	some id, rule in _rule
-	_usable(rule)
-}
+# The contributing rules this package can use, each read once, in chain
+# order: [link, the rule as an object, its limit or null].
+_usable_links := [[c, r[0], r[1]] |
+	some c in _reached
+	r := _read(c.rule)
+]
 
 # METADATA
 # title: Contributing rules this package cannot use
@@ -265,20 +268,11 @@ _valid contains id if {
 #   reject such data; a policy that skipped them still never lets these rules
 #   allow anything: each is a catalog.invalid_rule deny.
 # scope: document
-unusable contains id if {
-	some id, _ in _rule
-	not id in _valid
-}
+unusable := {c.id | some c in _reached} - {l[0].id | some l in _usable_links}
 
-unusable contains c.id if {
-	some c in _reached
-	not _as_rule(c.rule)
-}
-
-# The argument named by a weighted limit (the object form of rate_limit with
-# increment_from; the string form never has one), as written, by id.
-_increment_from[id] := rule.rate_limit.increment_from if {
-	some id, rule in _rule
+# The argument a weighted limit counts (the object form of rate_limit with
+# increment_from; the string form never has one), as written.
+_weight_of(rule) := rule.rate_limit.increment_from if {
 	is_object(rule.rate_limit)
 	_has(rule.rate_limit, "increment_from")
 }
@@ -291,8 +285,9 @@ _increment_from[id] := rule.rate_limit.increment_from if {
 #   rule's limit is not weighted, or when the argument is missing, not a number
 #   or negative (see catalog.rate_limit_cost_invalid).
 # scope: document
-cost[id] := value if {
-	some id, name in _increment_from
+cost[c.id] := value if {
+	some [c, rule, _] in _usable_links
+	name := _weight_of(rule)
 	_is_name(name)
 	value := input.tool.arguments[name]
 	is_number(value)
@@ -302,17 +297,17 @@ cost[id] := value if {
 # What a contribution made for a rule adds to its fields: {"shadow": true} for
 # a shadow rule, else nothing; for its limit also {"cost": <argument>} when
 # weighted (undefined, no contribution, when that argument is unusable).
-_extra(id) := {} if {
-	not _is_shadow(_entry[id].rule)
+_extra(c) := {} if {
+	not _is_shadow(c.rule)
 } else := {"shadow": true}
 
-_limit_extra(id) := _extra(id) if {
-	not _increment_from[id]
-} else := object.union(_extra(id), {"cost": cost[id]})
+_limit_extra(c, rule) := _extra(c) if {
+	not _weight_of(rule)
+} else := object.union(_extra(c), {"cost": cost[c.id]})
 
-_reason(id, rule) := rule.reason if {
+_reason(c, rule) := rule.reason if {
 	_has(rule, "reason")
-} else := sprintf("%s %s (%s)", [_subject, _verbs[rule.action], _origin_of(_entry[id])])
+} else := sprintf("%s %s (%s)", [_subject, _verbs[rule.action], _origin_of(c)])
 
 _calls(1) := "1 call"
 
@@ -323,15 +318,15 @@ _per_window(1) := "per second"
 _per_window(w) := sprintf("per %v seconds", [w]) if w != 1
 
 # How much a rule's limit allows: calls, or a total of the counted argument.
-_allowance(id, max_calls) := sprintf("a total %q of %d", [_increment_from[id], max_calls]) if {
-	_increment_from[id]
+_allowance(rule, max_calls) := sprintf("a total %q of %d", [_weight_of(rule), max_calls]) if {
+	_weight_of(rule)
 } else := _calls(max_calls)
 
-_limit_reason(id, rule, lim) := rule.reason if {
+_limit_reason(rule, lim) := rule.reason if {
 	rule.action == "rate_limit"
 	_has(rule, "reason")
 } else := sprintf("at most %s %s %s", [
-	_allowance(id, floor(lim.max)),
+	_allowance(rule, floor(lim.max)),
 	_per_window(lim.window_seconds),
 	_per_scope[lim.scope],
 ])
@@ -374,23 +369,23 @@ _no_risk_default := sprintf("; risk_defaults has no rule for risk %s", [_risk]) 
 #   argument counted by a contributing rule's weighted rate limit is missing,
 #   not a number or negative.
 # scope: document
-deny contains object.union({"rule": id, "reason": _reason(id, rule)}, _extra(id)) if {
-	some id, rule in _rule
+deny contains object.union({"rule": c.id, "reason": _reason(c, rule)}, _extra(c)) if {
+	some [c, rule, _] in _usable_links
 	rule.action == "deny"
-	id in _valid
 }
 
 deny contains {"rule": "catalog.rate_limit_cost_invalid", "reason": reason} if {
-	some id, name in _increment_from
-	id in _valid
-	not cost[id]
+	some [c, rule, _] in _usable_links
+	name := _weight_of(rule)
+	not cost[c.id]
 	reason := sprintf("%s: rate limit counts argument %q, which must be a number >= 0", [_subject, name])
 }
 
 deny contains {"rule": "catalog.invalid_rule", "reason": reason} if {
-	some id in unusable
-	problems := concat("; ", sort(_rule_problems(_entry[id].rule)))
-	reason := sprintf("invalid policy rule %s for %s: %s", [_where_of(_entry[id]), _subject, problems])
+	some c in _reached
+	c.id in unusable
+	problems := concat("; ", sort(_rule_problems(c.rule)))
+	reason := sprintf("invalid policy rule %s for %s: %s", [_where_of(c), _subject, problems])
 }
 
 deny contains {"rule": "catalog.missing_rule", "reason": _missing_reason} if not _enforced
@@ -401,10 +396,9 @@ deny contains {"rule": "catalog.missing_rule", "reason": _missing_reason} if not
 #   Each contributing rule whose action is require_approval (with ttl_seconds
 #   from approval.ttl; shadow when the rule is).
 # scope: document
-require_approval contains object.union_n([{"rule": id, "reason": _reason(id, rule)}, _ttl(rule), _extra(id)]) if {
-	some id, rule in _rule
+require_approval contains object.union_n([{"rule": c.id, "reason": _reason(c, rule)}, _ttl(rule), _extra(c)]) if {
+	some [c, rule, _] in _usable_links
 	rule.action == "require_approval"
-	id in _valid
 }
 
 # METADATA
@@ -418,17 +412,16 @@ require_approval contains object.union_n([{"rule": id, "reason": _reason(id, rul
 # scope: document
 rate_limit contains object.union(
 	{
-		"rule": id,
+		"rule": c.id,
 		"max": floor(lim.max),
 		"window_seconds": lim.window_seconds,
 		"scope": lim.scope,
-		"reason": _limit_reason(id, rule, lim),
+		"reason": _limit_reason(rule, lim),
 	},
-	_limit_extra(id), # undefined for an unusable argument: no contribution
+	_limit_extra(c, rule), # undefined for an unusable argument: no contribution
 ) if {
-	some id, lim in limit
-	id in _valid
-	rule := _rule[id]
+	some [c, rule, lim] in _usable_links
+	lim != null
 	rule.action != "deny"
 }
 
@@ -436,10 +429,9 @@ rate_limit contains object.union(
 # title: Allow contributions
 # description: Each contributing rule whose action is allow (shadow when the rule is).
 # scope: document
-allow contains object.union({"rule": id, "reason": _reason(id, rule)}, _extra(id)) if {
-	some id, rule in _rule
+allow contains object.union({"rule": c.id, "reason": _reason(c, rule)}, _extra(c)) if {
+	some [c, rule, _] in _usable_links
 	rule.action == "allow"
-	id in _valid
 }
 
 # Every rule in the policy data, with where it sits (load_errors only: this
