@@ -107,8 +107,9 @@ class _Undecodable:
     """What StrictDecoding's deserializer yields for bytes that are not the message."""
 
 
-class _Ambiguous:
-    """What it yields for bytes that set two members of a oneof (`wire.check_oneofs`)."""
+class _Refused:
+    """What it yields for bytes that set two members of a oneof (`wire.check_oneofs`) or
+    a message that breaks a buf.validate rule of its proto (`wire.check_rules`)."""
 
     def __init__(self, error: InvalidRequest) -> None:
         self.error = error
@@ -121,7 +122,9 @@ class StrictDecoding(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     nesting past protobuf's limit) ends the call with an opaque status carrying the
     exception; here the deserializer never raises and the handler answers the failure.
     Bytes that set two members of one oneof (decoding would keep the last) are refused
-    here too, since the decoded message no longer shows it.
+    here too, since the decoded message no longer shows it, and so is a message that breaks
+    a buf.validate rule of its proto: every RPC, before the handler or any credential check
+    runs, at the cost of a few microseconds.
     """
 
     async def intercept_service(
@@ -140,12 +143,13 @@ class StrictDecoding(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 return _Undecodable()
             try:
                 wire.check_oneofs(message, data)
+                wire.check_rules(message)
             except InvalidRequest as exc:
-                return _Ambiguous(exc)
+                return _Refused(exc)
             return message
 
         async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if isinstance(request, _Ambiguous):
+            if isinstance(request, _Refused):
                 await _abort(context, request.error)
             if isinstance(request, _Undecodable):
                 await _abort(

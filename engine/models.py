@@ -136,6 +136,7 @@ class PolicyResult(BaseModel):
     approval: ApprovalSpec | None = None
     matched: list[str] = Field(default_factory=list)
     shadow: list[ShadowSpec] = Field(default_factory=list)
+    denies_tool: StrictBool = False
     tool: ToolInfo | None = None
 
 
@@ -169,6 +170,12 @@ class Decision(BaseModel):
         description="For every non-allow verdict: an MCP CallToolResult to hand to the agent.",
     )
     dry_run: bool | None = Field(default=None, description="True when nothing was changed.")
+    denies_tool: bool | None = Field(
+        default=None,
+        description="True on a deny that holds for every call to this tool on this server "
+        "by this principal, whatever the arguments (the policy says so: a proxy hides such "
+        "a tool from tools/list).",
+    )
     outcome_token: str | None = Field(
         default=None,
         description="For an allowed call that holds rate-limit slots: the secret that "

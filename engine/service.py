@@ -302,7 +302,9 @@ class DecisionService:
 
     async def _enforce(self, ctx: Ctx, result: PolicyResult) -> Decision:
         if result.action == "deny":
-            return self._refuse(ctx, Verdict.DENY, result.rule, result.reason)
+            return self._refuse(
+                ctx, Verdict.DENY, result.rule, result.reason, denies_tool=result.denies_tool
+            )
         limits, problem = self._limits(ctx, result.rate_limits)
         if problem is not None:
             return self._refuse(ctx, Verdict.DENY, RULE_LIMIT_UNUSABLE, problem)
@@ -611,6 +613,7 @@ class DecisionService:
         *,
         rate_limit: RateLimitInfo | None = None,
         approval: ApprovalRef | None = None,
+        denies_tool: bool = False,
     ) -> Decision:
         decision = Decision(
             decision_id=ctx.decision_id,
@@ -621,6 +624,7 @@ class DecisionService:
             rate_limit=rate_limit,
             approval=approval,
             dry_run=ctx.dry_run or None,
+            denies_tool=denies_tool or None,
         )
         decision.mcp_result = mcp_result(decision)
         return decision

@@ -7,10 +7,10 @@ pairs, `x_to_proto` and `x_from_proto`; the side that receives a message checks 
 converting and raises `InvalidRequest` naming the field (the server answers it as
 INVALID_ARGUMENT with a google.rpc.BadRequest).
 
-The rules the protos state in their comments (required fields, lengths, exactly one of
-`tool` and `message`) are enforced here and by the domain models. (They are not
-protovalidate annotations in the protos: those need the buf.build/bufbuild/protovalidate
-module from the Buf Schema Registry, which this build cannot fetch.)
+The rules the protos carry as buf.validate annotations (required fields, lengths, exactly
+one of `tool` and `message`) are checked by protovalidate on every request the server
+decodes (`check_rules`), before anything else runs; the domain models hold the same limits
+for the HTTP API (tests/test_wire_rules.py checks that the two agree).
 
 A member of a `oneof` replaces the other when protobuf decodes bytes that carry both, so
 a request whose bytes set two (as a client built before `tool`/`message` became the
@@ -37,6 +37,7 @@ from google.protobuf import (
 )
 from google.protobuf import message as protobuf_message
 from google.protobuf.message import DecodeError
+from protovalidate import collect_violations
 from pydantic import ValidationError
 
 from engine import jsonstrict, paging
@@ -179,6 +180,32 @@ def check_oneofs(message: protobuf_message.Message, data: bytes) -> None:
         if first != name:
             names = " or ".join(f"`{f.name}`" for f in oneof.fields)
             raise InvalidRequest(f"give exactly one of {names}, not both", field=first)
+
+
+# -- buf.validate rules -------------------------------------------------------------------
+
+
+def check_rules(message: protobuf_message.Message) -> None:
+    """Refuse a request that breaks a buf.validate rule of its proto: InvalidRequest naming
+    the field of the first violation (e.g. `principal.roles[2]`) and what is wrong."""
+    violations = collect_violations(message)
+    if not violations:
+        return
+    found = violations[0].proto
+    elements = found.field.elements if found.field is not None else []
+    path = ".".join(_path_element(e) for e in elements) or None
+    oneof = message.DESCRIPTOR.oneofs_by_name.get(path or "")
+    if oneof is not None and found.rule_id == "required":
+        names = " or ".join(f"`{f.name}`" for f in oneof.fields)
+        raise InvalidRequest(f"give exactly one of {names}, not neither", field=path)
+    raise InvalidRequest(f"{path or 'request'}: {found.message}", field=path)
+
+
+def _path_element(element: Any) -> str:
+    subscript = element.subscript
+    if subscript is None:
+        return str(element.field_name)
+    return f"{element.field_name}[{subscript.value!r}]"
 
 
 # -- enums --------------------------------------------------------------------------------
@@ -328,6 +355,7 @@ def decision_to_proto(decision: Decision) -> decision_pb2.DecideResponse:
         policy_revision=decision.policy_revision,
         dry_run=bool(decision.dry_run),
         outcome_token=decision.outcome_token or "",
+        denies_tool=bool(decision.denies_tool),
     )
     if decision.rate_limit is not None:
         limit = decision.rate_limit
@@ -390,6 +418,7 @@ def decision_from_proto(response: decision_pb2.DecideResponse) -> Decision:
         approval=approval,
         mcp_result=mcp_result,
         dry_run=True if response.dry_run else None,
+        denies_tool=True if response.denies_tool else None,
         outcome_token=response.outcome_token or None,
     )
 

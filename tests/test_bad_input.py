@@ -165,14 +165,25 @@ async def test_grpc_error_carries_bad_request_details(grpc_client: GrpcClient) -
     from google.rpc import error_details_pb2
     from grpc_status import rpc_status
 
-    request = decision_pb2.DecideRequest(server="x", tool="copy_image_set")
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await grpc_client.decisions.Decide(request)
-    status = rpc_status.from_call(caught.value)
-    assert status is not None
-    detail = error_details_pb2.BadRequest()
-    assert status.details[0].Unpack(detail)
-    assert detail.field_violations[0].field == "principal.session_id"
+    async def violation(request: decision_pb2.DecideRequest) -> str:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await grpc_client.decisions.Decide(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        status = rpc_status.from_call(caught.value)
+        assert status is not None
+        detail = error_details_pb2.BadRequest()
+        assert status.details[0].Unpack(detail)
+        return str(detail.field_violations[0].field)
+
+    no_principal = decision_pb2.DecideRequest(server="x", tool="copy_image_set")
+    assert await violation(no_principal) == "principal"
+    no_session = decision_pb2.DecideRequest(server="x", tool="copy_image_set")
+    no_session.principal.agent_id = "a-1"
+    assert await violation(no_session) == "principal.session_id"
+    long_role = decision_pb2.DecideRequest(server="x", tool="copy_image_set")
+    long_role.principal.session_id = "s-1"
+    long_role.principal.roles.extend(["reader", "r" * 257])
+    assert await violation(long_role) == "principal.roles[1]"
 
 
 async def test_openapi_documents_the_decide_body(http: HttpClient) -> None:

@@ -30,7 +30,16 @@ from engine.policy.source import read_bundle
 from engine.settings import PROJECT_ROOT
 from tests.conftest import copy_call
 
-SOURCES = ("pyproject.toml", "README.md", "engine", "mcppolicy", "rego", "policies", "schema")
+SOURCES = (
+    "pyproject.toml",
+    "README.md",
+    "engine",
+    "mcppolicy",
+    "buf",
+    "rego",
+    "policies",
+    "schema",
+)
 SHIPPED_REVISION = read_bundle([PROJECT_ROOT / "rego", PROJECT_ROOT / "policies"]).revision
 
 
@@ -131,6 +140,7 @@ def test_the_wheel_holds_the_code_the_shipped_policy_and_the_native_source(
     native = {"evaluator.go", "go.mod", "go.sum"}
     assert {f"engine/policy/native/{name}" for name in native} <= names
     assert "mcppolicy/v1/decision_pb2.py" in names
+    assert "buf/validate/validate_pb2.py" in names
 
 
 def test_the_venv_imports_the_installed_copy_not_the_checkout(installed: Installed) -> None:

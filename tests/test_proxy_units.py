@@ -49,25 +49,34 @@ def test_agent_lines() -> None:
     assert (scalar.error.code, scalar.request_id) == (-32600, None)
 
 
-def decision(verdict: Verdict, rule: str) -> Decision:
-    return Decision(decision_id="d", verdict=verdict, reason="r", rule=rule, policy_revision="p")
+def decision(verdict: Verdict, rule: str, denies_tool: bool | None) -> Decision:
+    return Decision(
+        decision_id="d",
+        verdict=verdict,
+        reason="r",
+        rule=rule,
+        policy_revision="p",
+        denies_tool=denies_tool,
+    )
 
 
 @pytest.mark.parametrize(
-    ("verdict", "rule", "tool", "hidden"),
+    ("verdict", "rule", "denies_tool", "hidden"),
     [
-        (Verdict.DENY, "catalog.default", "delete_datastore", True),
-        (Verdict.DENY, "catalog.risk_default.critical", "drop_all", True),
-        (Verdict.DENY, "catalog.rule.wipe", "wipe", True),
-        (Verdict.DENY, "catalog.rule.wipe", "wipe_not", False),
-        (Verdict.DENY, "copy_image_set.datastore_id_invalid", "copy_image_set", False),
-        (Verdict.DENY, "engine.unavailable", "copy_image_set", False),
-        (Verdict.APPROVAL_REQUIRED, "catalog.risk_default.high", "copy_image_set", False),
-        (Verdict.RATE_LIMITED, "catalog.rule.copy_image_set", "copy_image_set", False),
+        (Verdict.DENY, "catalog.default", True, True),
+        (Verdict.DENY, "team.no_exports_for_interns", True, True),
+        (Verdict.DENY, "catalog.default", None, False),
+        (Verdict.DENY, "copy_image_set.datastore_id_invalid", None, False),
+        (Verdict.DENY, "engine.unavailable", False, False),
+        (Verdict.APPROVAL_REQUIRED, "catalog.risk_default.high", True, False),
+        (Verdict.RATE_LIMITED, "catalog.rule.copy_image_set", True, False),
     ],
 )
-def test_which_denials_hide_a_tool(verdict: Verdict, rule: str, tool: str, hidden: bool) -> None:
-    assert hides(decision(verdict, rule), tool) is hidden
+def test_which_denials_hide_a_tool(
+    verdict: Verdict, rule: str, denies_tool: bool | None, hidden: bool
+) -> None:
+    """Only the decision's denies_tool on a deny hides a tool, whatever the rule id."""
+    assert hides(decision(verdict, rule, denies_tool)) is hidden
 
 
 def test_what_counts_as_a_failed_call() -> None:

@@ -10,6 +10,9 @@
 #                       (cost: a number >= 0 this call counts against the
 #                       limit; the engine counts 1 when it is absent)
 #     allow             {"rule", "reason"?}
+#   A deny entry may carry "whole_tool": true when it holds for every call to the
+#   tool on that server by that principal, whatever the arguments (the decision's
+#   denies_tool; a proxy hides such a tool from tools/list).
 #   Any entry may also carry "shadow": a boolean, false when absent. A shadow
 #   entry (true) is tried, not enforced: it never changes the decision and is
 #   listed in decision.shadow instead ("would deny", "would rate-limit", ...).
@@ -35,6 +38,7 @@ _valid(0, c) if {
 	is_string(c.rule)
 	c.rule != ""
 	is_string(c.reason)
+	is_boolean(object.get(c, "whole_tool", false))
 	is_boolean(object.get(c, "shadow", false))
 }
 
@@ -170,6 +174,16 @@ _rate_limits := [] if {
 	_top == 0
 } else := [object.filter(x[2], _limit_fields) | some x in _ranked; x[0] == 2]
 
+# The call is denied by an enforced deny that holds whatever the arguments.
+default _denies_tool := false
+
+_denies_tool if {
+	_top == 0
+	some x in _ranked
+	x[0] == 0
+	x[2].whole_tool == true
+}
+
 default _approval := {}
 
 _approval := {"approval": object.union({"rule": _ranked[0][1], "reason": _reason}, _ttl)} if _top == 1
@@ -227,6 +241,9 @@ _shadow := [x[2] |
 #                  allow); each {level, rule, reason} and, for a rate_limit,
 #                  {max, window_seconds, scope, cost?}; [] when none. Listed
 #                  whatever the action (also on deny).
+#     denies_tool  true when an enforced deny that holds whatever the arguments
+#                  ("whole_tool": true) decides: every call to this tool on this
+#                  server by this principal is denied; else false
 #     tool         {known, category?, risk?} from the catalog
 # entrypoint: true
 decision := object.union(
@@ -237,6 +254,7 @@ decision := object.union(
 		"rate_limits": _rate_limits,
 		"matched": sort({x[1] | some x in _ranked}),
 		"shadow": _shadow,
+		"denies_tool": _denies_tool,
 		"tool": catalog.tool,
 	},
 	_approval,
@@ -249,6 +267,7 @@ decision := object.union(
 	"rate_limits": [],
 	"matched": [],
 	"shadow": _shadow,
+	"denies_tool": false,
 	"tool": catalog.tool,
 }
 

@@ -23,6 +23,7 @@ _no_match := {
 	"reason": "no policy rule matched this call",
 	"rate_limits": [],
 	"matched": [],
+	"denies_tool": false,
 	"tool": _unknown_tool,
 }
 
@@ -68,6 +69,7 @@ test_allow_when_shadow_deny_next_to_enforced_allow if {
 		"rate_limits": [],
 		"matched": ["a.one"],
 		"shadow": [_seen_deny("t.no_copies")],
+		"denies_tool": false,
 		"tool": _unknown_tool,
 	}
 }
@@ -145,6 +147,7 @@ test_enforced_when_shadow_false if {
 		"rate_limits": [_limit("l.one", 5)],
 		"matched": ["a.one", "l.one"],
 		"shadow": [],
+		"denies_tool": false,
 		"tool": _unknown_tool,
 	}
 }

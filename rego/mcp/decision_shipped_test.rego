@@ -46,6 +46,7 @@ test_shipped_rate_limit_when_valid_copy_on_either_server if {
 			"rate_limits": [_shipped_limit],
 			"matched": ["catalog.rule.copy_image_set"],
 			"shadow": [],
+			"denies_tool": false,
 			"tool": _copy_tool,
 		}
 	}
@@ -60,6 +61,7 @@ test_shipped_deny_when_copy_on_unknown_server if {
 		"rate_limits": [],
 		"matched": ["catalog.default"],
 		"shadow": [],
+		"denies_tool": true,
 		"tool": {"known": false},
 	}
 }
@@ -112,6 +114,7 @@ test_shipped_require_approval_with_limit_when_force_true if {
 		},
 		"matched": ["catalog.rule.copy_image_set", "copy_image_set.force_overwrite"],
 		"shadow": [],
+		"denies_tool": false,
 		"tool": _copy_tool,
 	}
 }
@@ -348,6 +351,18 @@ test_shipped_limit_enforced_and_trial_limit_listed_when_user_package_adds_shadow
 		"rate_limits": [_shipped_limit],
 		"matched": ["catalog.rule.copy_image_set"],
 		"shadow": [object.union(object.remove(trial, ["shadow"]), {"level": "rate_limit"})],
+		"denies_tool": false,
 		"tool": _copy_tool,
 	}
+}
+
+test_shipped_denies_tool_only_for_denies_that_hold_whatever_the_arguments if {
+	critical := {"tool": {"name": "drop", "server": "srv", "arguments": {}}, "principal": {"session_id": "s-1"}}
+	policy := object.union(data.mcp_policy, {"catalog": {"srv": {"drop": {"category": "delete", "risk": "critical"}}}})
+	d := mcp.decision with data.mcp_policy as policy with input as critical
+	d.rule == "catalog.risk_default.critical"
+	d.denies_tool == true
+	bad := mcp.decision with input as _request(_hi, "copy_image_set", {})
+	bad.action == "deny"
+	bad.denies_tool == false
 }

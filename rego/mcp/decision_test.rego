@@ -42,6 +42,7 @@ test_allow_when_only_allow if {
 		"rate_limits": [],
 		"matched": ["a.one"],
 		"shadow": [],
+		"denies_tool": false,
 		"tool": _unknown_tool,
 	}
 }
@@ -55,6 +56,7 @@ test_rate_limit_when_only_rate_limit if {
 		"rate_limits": [_limit("l.one", 5)],
 		"matched": ["l.one"],
 		"shadow": [],
+		"denies_tool": false,
 		"tool": _unknown_tool,
 	}
 }
@@ -69,6 +71,7 @@ test_require_approval_when_only_require_approval if {
 		"approval": {"rule": "r.one", "reason": "r.one wants a human"},
 		"matched": ["r.one"],
 		"shadow": [],
+		"denies_tool": false,
 		"tool": _unknown_tool,
 	}
 }
@@ -82,6 +85,7 @@ test_deny_when_only_deny if {
 		"rate_limits": [],
 		"matched": ["d.one"],
 		"shadow": [],
+		"denies_tool": false,
 		"tool": _unknown_tool,
 	}
 }
@@ -95,6 +99,7 @@ test_deny_no_match_when_no_contribution if {
 		"rate_limits": [],
 		"matched": [],
 		"shadow": [],
+		"denies_tool": false,
 		"tool": _unknown_tool,
 	}
 }
@@ -332,4 +337,42 @@ test_every_scope_accepted_when_well_formed if {
 		d := mcp.decision with mcp.rules as rules
 		d.action == "rate_limit"
 	}
+}
+
+# --- denies_tool: an enforced deny that holds whatever the arguments ----------------
+
+_whole(c) := object.union(c, {"whole_tool": true})
+
+test_denies_tool_when_a_whole_tool_deny_decides if {
+	rules := {"p": {"deny": {_whole(_deny("d.tool")), _deny("d.args")}, "allow": {_allow("a.one")}}}
+	d := mcp.decision with mcp.rules as rules
+	d.action == "deny"
+	d.denies_tool == true
+}
+
+test_denies_tool_false_when_every_deny_depends_on_the_arguments if {
+	d := mcp.decision with mcp.rules as {"p": {"deny": {_deny("d.args")}}}
+	d.action == "deny"
+	d.denies_tool == false
+}
+
+test_denies_tool_false_when_the_whole_tool_deny_is_shadow if {
+	shadow := object.union(_whole(_deny("d.tool")), {"shadow": true})
+	d := mcp.decision with mcp.rules as {"p": {"deny": {shadow}, "allow": {_allow("a.one")}}}
+	d.action == "allow"
+	d.denies_tool == false
+}
+
+test_denies_tool_false_when_whole_tool_false if {
+	entry := object.union(_deny("d.x"), {"whole_tool": false})
+	d := mcp.decision with mcp.rules as {"p": {"deny": {entry}}}
+	d.rule == "d.x"
+	d.denies_tool == false
+}
+
+test_invalid_contribution_when_whole_tool_not_a_boolean if {
+	entry := object.union(_deny("d.x"), {"whole_tool": "yes"})
+	d := mcp.decision with mcp.rules as {"p": {"deny": {entry}}}
+	d.rule == "decision.invalid_contribution"
+	d.denies_tool == false
 }

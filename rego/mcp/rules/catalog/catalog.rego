@@ -367,9 +367,10 @@ _no_risk_default := sprintf("; risk_defaults has no rule for risk %s", [_risk]) 
 #   cannot use; catalog.missing_rule when no rule is enforced (none applies,
 #   or all of the chain is shadow); catalog.rate_limit_cost_invalid when the
 #   argument counted by a contributing rule's weighted rate limit is missing,
-#   not a number or negative.
+#   not a number or negative. All but the last hold whatever the arguments
+#   ("whole_tool": true: the tool is hidden from tools/list).
 # scope: document
-deny contains object.union({"rule": c.id, "reason": _reason(c, rule)}, _extra(c)) if {
+deny contains object.union({"rule": c.id, "reason": _reason(c, rule), "whole_tool": true}, _extra(c)) if {
 	some [c, rule, _] in _usable_links
 	rule.action == "deny"
 }
@@ -381,14 +382,14 @@ deny contains {"rule": "catalog.rate_limit_cost_invalid", "reason": reason} if {
 	reason := sprintf("%s: rate limit counts argument %q, which must be a number >= 0", [_subject, name])
 }
 
-deny contains {"rule": "catalog.invalid_rule", "reason": reason} if {
+deny contains {"rule": "catalog.invalid_rule", "reason": reason, "whole_tool": true} if {
 	some c in _reached
 	c.id in unusable
 	problems := concat("; ", sort(_rule_problems(c.rule)))
 	reason := sprintf("invalid policy rule %s for %s: %s", [_where_of(c), _subject, problems])
 }
 
-deny contains {"rule": "catalog.missing_rule", "reason": _missing_reason} if not _enforced
+deny contains {"rule": "catalog.missing_rule", "reason": _missing_reason, "whole_tool": true} if not _enforced
 
 # METADATA
 # title: Require-approval contributions

@@ -188,6 +188,7 @@ test_decision_rate_limit_carries_cost_when_weighted if {
 		"rate_limits": [_spend_limit(12.5)],
 		"matched": ["catalog.rule.pay"],
 		"shadow": [],
+		"denies_tool": false,
 		"tool": {"known": true, "category": "write", "risk": "medium"},
 	}
 }
@@ -201,6 +202,7 @@ test_decision_deny_when_weighted_argument_invalid if {
 		"rate_limits": [],
 		"matched": ["catalog.rate_limit_cost_invalid"],
 		"shadow": [],
+		"denies_tool": false,
 		"tool": {"known": true, "category": "write", "risk": "medium"},
 	}
 }

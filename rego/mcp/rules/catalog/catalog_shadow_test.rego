@@ -345,6 +345,7 @@ test_decision_shipped_risk_default_and_shadow_limit_when_copy_rule_shadow if {
 			"window_seconds": 60,
 			"scope": "session",
 		}],
+		"denies_tool": false,
 		"tool": _copy_tool,
 	}
 }
@@ -379,6 +380,7 @@ test_decision_missing_rule_with_shadow_when_risk_default_shadow_and_no_tool_rule
 			"rule": "catalog.risk_default.medium",
 			"reason": `tool "write_thing" on server "srv" is allowed (default for medium-risk tools)`,
 		}],
+		"denies_tool": true,
 		"tool": {"known": true, "category": "write", "risk": "medium"},
 	}
 }
@@ -397,6 +399,7 @@ test_decision_missing_rule_with_shadow_when_default_shadow_and_tool_unknown if {
 			"rule": "catalog.default",
 			"reason": `tool "unlisted" on server "srv" is allowed (not in the policy catalog)`,
 		}],
+		"denies_tool": true,
 		"tool": {"known": false},
 	}
 }

@@ -35,9 +35,10 @@ _copy := _call("copy_image_set")
 
 _subject := `tool "copy_image_set" on server "srv"`
 
-# Everything the package contributes, by level.
+# Everything the package contributes, by level, each deny without "whole_tool"
+# (the tests named test_whole_tool_* check that field on its own).
 _out := {
-	"deny": catalog.deny,
+	"deny": {object.remove(d, ["whole_tool"]) | some d in catalog.deny},
 	"require_approval": catalog.require_approval,
 	"rate_limit": catalog.rate_limit,
 	"allow": catalog.allow,
@@ -329,5 +330,50 @@ test_shipped_risk_defaults_when_tool_has_no_rule if {
 		out := _out with data.mcp_policy.catalog as catalog_entries with input as _call("t")
 		{c.rule | some c in out[level]} == {sprintf("catalog.risk_default.%s", [risk])}
 		((count(out.deny) + count(out.require_approval)) + count(out.rate_limit)) + count(out.allow) == 1
+	}
+}
+
+# --- whole_tool: the denies that hold whatever the arguments ---------------------
+
+# {rule id: whole_tool} of the denies given.
+_whole_tool(denies) := {d.rule: object.get(d, "whole_tool", false) | some d in denies}
+
+test_whole_tool_when_the_chain_rule_denies if {
+	own := catalog.deny with data.mcp_policy as _with_rule("deny") with input as _copy
+	_whole_tool(own) == {"catalog.rule.copy_image_set": true}
+	risky := object.union(_policy({}), {"risk_defaults": {"medium": "deny"}})
+	by_risk := catalog.deny with data.mcp_policy as risky with input as _call("write_thing")
+	_whole_tool(by_risk) == {"catalog.risk_default.medium": true}
+	fallback := catalog.deny with data.mcp_policy as _policy({}) with input as _call("unlisted")
+	_whole_tool(fallback) == {"catalog.default": true}
+}
+
+test_whole_tool_when_the_chain_rule_is_unusable_or_missing if {
+	unusable := catalog.deny with data.mcp_policy as _with_rule({"action": "maybe"}) with input as _copy
+	_whole_tool(unusable) == {"catalog.invalid_rule": true}
+	no_default := object.remove(_policy({}), ["default"])
+	missing := catalog.deny with data.mcp_policy as no_default with input as _call("unlisted")
+	_whole_tool(missing) == {"catalog.missing_rule": true}
+}
+
+test_whole_tool_not_when_the_deny_depends_on_an_argument if {
+	weighted := {"action": "rate_limit", "rate_limit": {"max": 9, "window": 60, "increment_from": "n"}}
+	denies := catalog.deny with data.mcp_policy as _with_rule(weighted) with input as _copy
+	_whole_tool(denies) == {"catalog.rate_limit_cost_invalid": false}
+}
+
+test_whole_tool_never_on_other_levels if {
+	every rule in ["allow", "require_approval", {"action": "rate_limit", "rate_limit": "5/minute"}] {
+		out := {level: contributions |
+			some level in ["require_approval", "rate_limit", "allow"]
+			contributions := catalog[level] with data.mcp_policy as _with_rule(rule) with input as _copy
+		}
+		every level, contributions in out {
+			every c in contributions {
+				not c.whole_tool
+				level != "deny"
+			}
+		}
+		count(((out.require_approval | out.rate_limit) | out.allow)) > 0
 	}
 }
