@@ -97,7 +97,7 @@ START_TIMEOUT_SECONDS = 60.0
 OTHERS_WARN_PERCENT = 20  # of one core, used by processes outside this run during a case
 
 # The peer's policy entry point: Envoy's input turned into the decision input the service
-# builds for a Check (engine/extauthz.py, engine/translate.py), for the one shape sent
+# builds for a Check (engine/transports/extauthz.py, engine/translate.py), for the one shape sent
 # here (a tools/call JSON-RPC body), then data.mcp.decision of the same modules and data.
 # Allow and rate_limit allow (the peer keeps no counters); anything else denies.
 PEER_WRAPPER = """\

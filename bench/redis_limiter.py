@@ -23,7 +23,7 @@ from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from bench.common import drive
-from engine.ratelimit import Limit, RedisRateLimitStore
+from engine.state.ratelimit import Limit, RedisRateLimitStore
 from tests.kv import KvServer
 
 Hit = Callable[[int, str], Awaitable[bool]]

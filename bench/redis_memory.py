@@ -30,7 +30,7 @@ import redis
 import redis.asyncio
 
 from bench.common import drive
-from engine.ratelimit import Limit, RedisGate, RedisRateLimitStore, cluster_client
+from engine.state.ratelimit import Limit, RedisGate, RedisRateLimitStore, cluster_client
 from tests.kv import KvCluster, KvServer
 
 PREFIX = "mcp-policy:"

@@ -29,9 +29,9 @@ from engine.models import DecideRequest
 from engine.policy.opa_process import OpaProcess
 from engine.policy.rest import Opa
 from engine.policy.source import read_bundle
-from engine.ratelimit import Limit
 from engine.runtime import Runtime
 from engine.settings import PROJECT_ROOT, Settings
+from engine.state.ratelimit import Limit
 from tests.kv import KvServer
 
 
@@ -117,7 +117,7 @@ async def main() -> int:
 
 
 async def redis_memory(kv: KvServer, sessions: int) -> tuple[int, int]:
-    from engine.ratelimit import RedisRateLimitStore
+    from engine.state.ratelimit import RedisRateLimitStore
 
     client = redis.asyncio.Redis.from_url(kv.url, decode_responses=True)
     try:

@@ -33,9 +33,9 @@ from engine.models import DecideRequest
 from engine.policy.opa_process import ToolMissing
 from engine.proxy.cli import PROXY_COMMANDS, add_proxy_commands, run_proxy_command
 from engine.runtime import Runtime
-from engine.server import start_servers
 from engine.settings import Settings
-from engine.tls import StartupRefused
+from engine.transports.server import start_servers
+from engine.transports.tls import StartupRefused
 
 EXIT_POLICY_REJECTED = 2
 EXIT_TOOL_MISSING = 2  # OPA is not installed (the message says how to get it)

@@ -30,13 +30,13 @@ from urllib.parse import urlsplit
 import aiohttp
 
 import engine
+from engine.authoring.validate import schema_errors, validate
 from engine.errors import EngineError, PolicyRejected
 from engine.policy.inprocess import LOAD_ERRORS_QUERY, InProcessOpa, library_version
 from engine.policy.opa_process import OPA_VERSION, ToolMissing, find_opa
 from engine.policy.source import DATA_SUFFIXES, MODULE_PREFIX, PolicyBundle, read_bundle
-from engine.proxy.validate import schema_errors, validate
 from engine.settings import IN_CHECKOUT, Settings
-from engine.tls import StartupRefused, check_exposure, load_server_tls
+from engine.transports.tls import StartupRefused, check_exposure, load_server_tls
 
 DISTRIBUTION = "mcp-policy-engine"
 OPA_VERSION_TIMEOUT = 5.0  # `opa version`
@@ -337,7 +337,7 @@ async def _redis_answers(settings: Settings) -> str | None:
     """Why the Redis at redis_url does not answer PING, or None."""
     import redis.asyncio
 
-    from engine.ratelimit import cluster_client
+    from engine.state.ratelimit import cluster_client
 
     assert settings.redis_url is not None
     url = settings.redis_url.get_secret_value()

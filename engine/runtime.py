@@ -14,31 +14,31 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from engine import tracing
-from engine.approvals import (
+from engine.approver_auth import ApproverAuth
+from engine.identity.base import Identity
+from engine.identity.callers import AgentCredentials, DecisionClients
+from engine.identity.jwt import JwtVerifier
+from engine.obs import tracing
+from engine.obs.metrics import Metrics
+from engine.policy.inprocess import InProcessOpa
+from engine.policy.loader import Policy
+from engine.policy.opa_process import OpaProcess
+from engine.policy.rest import Opa
+from engine.service import DecisionService, Limits
+from engine.settings import Settings
+from engine.state.approvals import (
     ApprovalStore,
     MemoryApprovalStore,
     RedisApprovalStore,
     SqliteApprovalStore,
 )
-from engine.approver_auth import ApproverAuth
-from engine.decision_log import DecisionLog
-from engine.identity.base import Identity
-from engine.identity.callers import AgentCredentials, DecisionClients
-from engine.identity.jwt import JwtVerifier
-from engine.metrics import Metrics
-from engine.policy.inprocess import InProcessOpa
-from engine.policy.loader import Policy
-from engine.policy.opa_process import OpaProcess
-from engine.policy.rest import Opa
-from engine.ratelimit import (
+from engine.state.decision_log import DecisionLog
+from engine.state.ratelimit import (
     MemoryRateLimitStore,
     RateLimitStore,
     RedisRateLimitStore,
     SqliteRateLimitStore,
 )
-from engine.service import DecisionService, Limits
-from engine.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class Runtime:
             raise ValueError("state_store redis needs MCP_POLICY_REDIS_URL")
         import redis.asyncio
 
-        from engine.ratelimit import RedisGate, cluster_client
+        from engine.state.ratelimit import RedisGate, cluster_client
 
         timeout = settings.redis_timeout_ms / 1000
         url = settings.redis_url.get_secret_value()

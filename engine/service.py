@@ -24,9 +24,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from engine import approver_auth, paging, translate
-from engine.approvals import ApprovalStore, Use, UseResult, fingerprint
-from engine.decision_log import DecisionLog, DecisionQuery
+from engine import approver_auth, translate
 from engine.errors import (
     EngineError,
     InvalidRequest,
@@ -37,7 +35,6 @@ from engine.errors import (
 )
 from engine.identity.base import CredentialRejected, Identity
 from engine.identity.callers import AgentCredentials
-from engine.metrics import UNKNOWN_TOOL, Metrics
 from engine.models import (
     Approval,
     ApprovalRef,
@@ -51,8 +48,12 @@ from engine.models import (
     ToolCall,
     Verdict,
 )
+from engine.obs.metrics import UNKNOWN_TOOL, Metrics
 from engine.policy.loader import Policy
-from engine.ratelimit import Limit, Outcome, RateLimitStore
+from engine.state.approvals import ApprovalStore, Use, UseResult, fingerprint
+from engine.state.decision_log import DecisionLog, DecisionQuery
+from engine.state.ratelimit import Limit, Outcome, RateLimitStore
+from engine.transports import paging
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from engine.decision_log import LogSettings
+from engine.state.decision_log import LogSettings
 
 # Run from a checkout, the shipped Rego, policy pack and schema are the checkout's own
 # top-level rego/, policies/ and schema/ (what `opa test rego/ policies/` tests). An installed

@@ -17,8 +17,8 @@ import httpx
 import pytest
 import yaml
 
-from engine.server import Servers, start_servers
 from engine.settings import PROJECT_ROOT, Settings
+from engine.transports.server import Servers, start_servers
 from tests.clients import GrpcClient, HttpClient
 from tests.kv import KvPool, KvServer
 

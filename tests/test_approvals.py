@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from engine.server import start_servers
+from engine.transports.server import start_servers
 from tests.clients import ApiError, GrpcClient, HttpClient
 from tests.conftest import APPROVER_TOKEN, DATASTORE_2, copy_call, session, settings_for
 

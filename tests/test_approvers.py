@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from engine.identity import add_entry
-from engine.server import Servers, start_servers
+from engine.transports.server import Servers, start_servers
 from mcppolicy.v1 import decision_pb2, decision_pb2_grpc
 from tests.clients import ApiError, GrpcClient, HttpClient
 from tests.conftest import (

@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 import pytest
 
-from engine import wire
-from engine.server import Servers
+from engine.transports import wire
+from engine.transports.server import Servers
 from tests.clients import ApiError, GrpcClient, HttpClient
 from tests.conftest import copy_call, session
 

@@ -21,7 +21,7 @@ import jwt
 import pytest
 
 from engine.identity import add_entry, revoke_entry
-from engine.server import Servers, start_servers
+from engine.transports.server import Servers, start_servers
 from mcppolicy.v1 import decision_pb2, decision_pb2_grpc, types_pb2
 from tests.conftest import APPROVER_TOKEN, copy_call, copy_policy, session, settings_for
 from tests.fixtures.issuer import Issuer

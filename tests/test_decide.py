@@ -13,7 +13,7 @@ import grpc
 import httpx
 import pytest
 
-from engine.server import Servers, start_servers
+from engine.transports.server import Servers, start_servers
 from tests.clients import GrpcClient, HttpClient
 from tests.conftest import (
     DATASTORE,

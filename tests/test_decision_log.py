@@ -15,7 +15,7 @@ import httpx
 import pytest
 from google.protobuf import json_format, timestamp_pb2
 
-from engine.server import Servers, start_servers
+from engine.transports.server import Servers, start_servers
 from mcppolicy.v1 import decision_pb2, decision_pb2_grpc
 from tests.clients import GrpcClient, HttpClient
 from tests.conftest import APPROVER_TOKEN, DATASTORE, copy_call, session, settings_for

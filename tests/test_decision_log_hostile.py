@@ -20,7 +20,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.decision_log import (
+from engine.models import DecideRequest, Decision, Principal, ToolCall, Verdict
+from engine.state.decision_log import (
     ELLIPSIS,
     NAME_MAX,
     RECORD_MAX_BYTES,
@@ -29,8 +30,7 @@ from engine.decision_log import (
     DecisionQuery,
     LogSettings,
 )
-from engine.models import DecideRequest, Decision, Principal, ToolCall, Verdict
-from engine.server import Servers, start_servers
+from engine.transports.server import Servers, start_servers
 from tests.clients import HttpClient
 from tests.conftest import APPROVER_TOKEN, HEALTHIMAGING, copy_call, session, settings_for
 
@@ -281,7 +281,7 @@ async def test_a_failing_batch_is_rolled_back_and_its_other_records_kept(
 async def test_a_full_database_shows_in_readyz_metrics_and_the_log_then_recovers(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="engine.decision_log")
+    caplog.set_level(logging.WARNING, logger="engine.state.decision_log")
     servers = await start_servers(settings_for(tmp_path, decision_log=None))
     log = servers.runtime.decision_log
     try:

@@ -21,10 +21,10 @@ from envoy.service.auth.v3 import (
 from google.rpc import code_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from engine import extauthz
 from engine.identity import add_entry
 from engine.policy.opa_process import OpaProcess
-from engine.server import Servers, start_servers
+from engine.transports import extauthz
+from engine.transports.server import Servers, start_servers
 from tests.conftest import (
     DATASTORE,
     HEALTHIMAGING,

@@ -15,7 +15,7 @@ import pytest
 from engine.errors import PolicyRejected
 from engine.policy.opa_process import OpaProcess
 from engine.policy.source import read_bundle
-from engine.server import Servers, start_servers
+from engine.transports.server import Servers, start_servers
 from tests.clients import HttpClient
 from tests.conftest import copy_call, copy_policy, settings_for
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from engine.identity import add_entry
-from engine.server import start_servers
+from engine.transports.server import start_servers
 from tests.clients import HttpClient
 from tests.conftest import (
     APPROVER_TOKEN,

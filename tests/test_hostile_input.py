@@ -15,7 +15,7 @@ import httpx
 import pytest
 from google.protobuf import timestamp_pb2
 
-from engine.server import Servers
+from engine.transports.server import Servers
 from mcppolicy.v1 import approval_pb2, decision_pb2, types_pb2
 from tests.clients import ApiError, GrpcClient, HttpClient
 from tests.conftest import APPROVER_TOKEN, HEALTHIMAGING, copy_call, session

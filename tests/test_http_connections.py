@@ -20,7 +20,7 @@ import h11
 import httpx
 import pytest
 
-from engine.server import (
+from engine.transports.server import (
     BODY_TIMEOUT,
     HEADER_TIMEOUT,
     BoundedH11Protocol,

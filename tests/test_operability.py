@@ -13,10 +13,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine import tracing
 from engine.models import DecideRequest
+from engine.obs import tracing
 from engine.runtime import Runtime
-from engine.server import Servers, start_servers
+from engine.transports.server import Servers, start_servers
 from tests.clients import GrpcClient, HttpClient
 from tests.conftest import APPROVER_TOKEN, copy_call, copy_policy, session, settings_for
 

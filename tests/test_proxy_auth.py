@@ -40,8 +40,8 @@ from engine.proxy.decider import EmbeddedDecider, GrpcDecider
 from engine.proxy.http import HttpProxy, start_http_proxy
 from engine.proxy.upstream import open_child, open_http
 from engine.runtime import Runtime
-from engine.server import Servers, start_servers
 from engine.settings import PROJECT_ROOT
+from engine.transports.server import Servers, start_servers
 from tests.conftest import HEALTHIMAGING, add_tools, settings_for
 from tests.fixtures.imaging_server import ENV_ENV, HEADERS_ENV, INBOUND_ENV
 from tests.fixtures.issuer import Issuer as RealIssuer

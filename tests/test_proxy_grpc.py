@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from engine.policy.opa_process import free_loopback_port
-from engine.server import Servers, start_servers
+from engine.transports.server import Servers, start_servers
 from tests.conftest import APPROVER_TOKEN, DATASTORE, DATASTORE_2, HEALTHIMAGING, settings_for
 from tests.fixtures.proxy_harness import (
     EXPORT_LIMIT,

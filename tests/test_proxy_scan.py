@@ -12,9 +12,9 @@ from pathlib import Path
 import mcp_types as types
 import yaml
 
+from engine.authoring.scan import Scanned, scaffold
+from engine.authoring.validate import schema_errors
 from engine.models import DecideRequest, Principal, Verdict
-from engine.proxy.scan import Scanned, scaffold
-from engine.proxy.validate import schema_errors
 from engine.runtime import Runtime
 from engine.settings import PROJECT_ROOT
 from tests.conftest import DATASTORE, HEALTHIMAGING, IMAGE_SET, copy_policy, settings_for

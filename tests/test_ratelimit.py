@@ -12,8 +12,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.ratelimit import Limit, MemoryRateLimitStore
-from engine.server import Servers, start_servers
+from engine.state.ratelimit import Limit, MemoryRateLimitStore
+from engine.transports.server import Servers, start_servers
 from tests.clients import GrpcClient, HttpClient
 from tests.conftest import copy_call, copy_policy, session, settings_for
 

@@ -25,11 +25,11 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from engine.approvals import RedisApprovalStore
 from engine.models import Principal, ToolCall
 from engine.policy.opa_process import OpaProcess
-from engine.ratelimit import Limit, RedisGate, RedisRateLimitStore, cluster_client
-from engine.server import start_servers
+from engine.state.approvals import RedisApprovalStore
+from engine.state.ratelimit import Limit, RedisGate, RedisRateLimitStore, cluster_client
+from engine.transports.server import start_servers
 from tests import test_stores
 from tests.conftest import add_tools, copy_call, copy_policy, session, settings_for
 from tests.kv import KvCluster

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from engine.server import Servers, start_servers
+from engine.transports.server import Servers, start_servers
 from tests.clients import HttpClient
 from tests.conftest import APPROVER_TOKEN, copy_call, copy_policy, session, settings_for
 

@@ -20,7 +20,7 @@ import yaml
 from engine.errors import StateUnavailable
 from engine.policy.opa_process import OpaProcess
 from engine.policy.source import read_bundle
-from engine.server import Servers, start_servers
+from engine.transports.server import Servers, start_servers
 from tests.clients import GrpcClient, HttpClient
 from tests.conftest import APPROVER_TOKEN, copy_call, copy_policy, session, settings_for
 from tests.kv import KvServer

@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 import redis.asyncio
 
-from engine.approvals import (
+from engine.errors import Conflict, InvalidRequest, NotFound
+from engine.models import Approval, ApprovalStatus, Principal, ToolCall
+from engine.state.approvals import (
     ApprovalCursor,
     ApprovalPage,
     ApprovalStore,
@@ -25,9 +27,7 @@ from engine.approvals import (
     Use,
     fingerprint,
 )
-from engine.errors import Conflict, InvalidRequest, NotFound
-from engine.models import Approval, ApprovalStatus, Principal, ToolCall
-from engine.ratelimit import (
+from engine.state.ratelimit import (
     Limit,
     MemoryRateLimitStore,
     RateLimitStore,

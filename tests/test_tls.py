@@ -28,9 +28,9 @@ from engine.models import DecideRequest
 from engine.policy.opa_process import free_loopback_port
 from engine.proxy import cli as proxy_cli
 from engine.proxy.decider import DecisionUnavailable, GrpcDecider
-from engine.server import Servers, listen_http, start_servers
 from engine.settings import Settings
-from engine.tls import (
+from engine.transports.server import Servers, listen_http, start_servers
+from engine.transports.tls import (
     ClientNameInterceptor,
     ClientNameMiddleware,
     StartupRefused,

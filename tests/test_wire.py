@@ -1,4 +1,4 @@
-"""engine/wire.py, the one conversion between protobuf and the domain: every conversion
+"""engine/transports/wire.py, the one conversion between protobuf and the domain: every conversion
 round-trips, the receiving side refuses what the protos' rules refuse, and through a
 running service: ListApprovals pages like ListDecisions, the decision log filters by the
 Verdict enum (and still by the deprecated string), and a Decide whose bytes carry both
@@ -16,8 +16,6 @@ import pytest
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
 
-from engine import wire
-from engine.approvals import ApprovalCursor, ApprovalPage
 from engine.errors import InvalidRequest
 from engine.identity import add_entry
 from engine.models import (
@@ -32,8 +30,10 @@ from engine.models import (
     RateLimitInfo,
     Verdict,
 )
-from engine.server import Servers, start_servers
 from engine.service import mcp_result
+from engine.state.approvals import ApprovalCursor, ApprovalPage
+from engine.transports import wire
+from engine.transports.server import Servers, start_servers
 from mcppolicy.v1 import (
     approval_pb2,
     approval_pb2_grpc,

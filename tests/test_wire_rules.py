@@ -14,8 +14,9 @@ import pytest
 from pydantic import BaseModel
 
 from buf.validate import validate_pb2
-from engine import models, paging, wire
+from engine import models
 from engine.errors import InvalidRequest
+from engine.transports import paging, wire
 from mcppolicy.v1 import approval_pb2, decision_pb2, types_pb2
 
 

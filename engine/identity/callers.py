@@ -1,7 +1,7 @@
 """Who may ask for decisions, and the agent credentials a decision may carry.
 
 `DecisionClients` proves the caller of `Decide` / `ReportOutcome` (a proxy or gateway):
-by its TLS client certificate (the name `engine.tls` checked) or by a bearer client
+by its TLS client certificate (the name `engine.transports.tls` checked) or by a bearer client
 token from the clients file (`mcp-policy clients add`). With neither configured the
 service answers anyone who reaches it (loopback, one user); with either, a caller that
 proves nothing gets UNAUTHENTICATED / 401 before anything is parsed, decided, logged as a

@@ -43,7 +43,7 @@ from starlette.types import Scope
 
 from engine.identity.base import CredentialRejected, Identity, IdentityUnavailable
 from engine.identity.secrets_file import SecretsFile
-from engine.tls import is_loopback
+from engine.transports.tls import is_loopback
 
 if TYPE_CHECKING:
     from engine.identity.jwt import JwtVerifier

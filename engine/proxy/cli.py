@@ -456,7 +456,7 @@ def _resource_server(args: argparse.Namespace) -> ResourceServer | None | int:
 
 
 def _scan(args: argparse.Namespace) -> int:
-    from engine.proxy.scan import scaffold, scan
+    from engine.authoring.scan import scaffold, scan
 
     upstream = _upstream(args, "scan")
     if upstream is None:
@@ -483,7 +483,7 @@ def _scan(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from engine.proxy.validate import validate
+    from engine.authoring.validate import validate
 
     paths = args.paths or [PROJECT_ROOT / "rego", PROJECT_ROOT / "policies"]
     defaults: dict[str, Any] = {}

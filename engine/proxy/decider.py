@@ -4,7 +4,8 @@
 over one long-lived gRPC channel (`--decision-url host:port`); `EmbeddedDecider` runs the
 service in-process around its own `Runtime` (`--embedded`), so one command serves a single
 user with nothing else running. Both take and return the engine's domain models; proto
-messages exist only inside `GrpcDecider`, converted by `engine.wire` (as the server does).
+messages exist only inside `GrpcDecider`, converted by `engine.transports.wire` (as the
+server does).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from typing import Any, Protocol
 
 import grpc
 
-from engine import wire
 from engine.errors import EngineError, InvalidRequest
 from engine.identity.base import Identity
 from engine.models import DecideRequest, Decision
 from engine.runtime import Runtime
 from engine.settings import Settings
 from engine.translate import proven_principal
+from engine.transports import wire
 from mcppolicy.v1 import decision_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -88,12 +89,12 @@ class EmbeddedDecider:
 
 
 def decide_message(request: DecideRequest) -> Any:
-    """The protobuf DecideRequest for `request` (see `engine.wire`)."""
+    """The protobuf DecideRequest for `request` (see `engine.transports.wire`)."""
     return wire.decide_request_to_proto(request)
 
 
 def decision_from_message(response: Any) -> Decision:
-    """The domain Decision for a protobuf DecideResponse (see `engine.wire`: a verdict
+    """The domain Decision for a protobuf DecideResponse (see `engine.transports.wire`: a verdict
     this proxy does not know is a deny)."""
     return wire.decision_from_proto(response)
 

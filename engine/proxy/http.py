@@ -112,8 +112,8 @@ from engine.proxy.core import (
 from engine.proxy.decider import Decider
 from engine.proxy.listing import ToolFilter
 from engine.proxy.screen import MAX_DEPTH, screen_line
-from engine.server import QuietUvicornServer, listen_http
-from engine.tls import is_loopback
+from engine.transports.server import QuietUvicornServer, listen_http
+from engine.transports.tls import is_loopback
 
 log = logging.getLogger(__name__)
 

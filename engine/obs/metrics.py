@@ -28,8 +28,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from engine.decision_log import DecisionLog
     from engine.policy.loader import Policy
+    from engine.state.decision_log import DecisionLog
 
 UNKNOWN_TOOL = "(unknown)"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

@@ -14,9 +14,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from engine import jsonstrict
-from engine.decision_log import DecisionQuery
 from engine.errors import InvalidRequest
 from engine.models import Verdict
+from engine.state.decision_log import DecisionQuery
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000

@@ -47,13 +47,13 @@ from pydantic import ValidationError
 
 from engine import jsonstrict, translate
 from engine.errors import InvalidRequest, RequestTooLarge, Unauthenticated, from_validation
-from engine.http_app import error_response
-from engine.http_app import read_body as read_request_body
 from engine.identity.callers import bearer, gateway_session
 from engine.models import DecideRequest, Decision, Verdict
 from engine.runtime import Runtime
 from engine.service import mcp_result
-from engine.tls import current_peer
+from engine.transports.http_app import error_response
+from engine.transports.http_app import read_body as read_request_body
+from engine.transports.tls import current_peer
 
 FORWARD_AUTH = "forward-auth"
 AUTHZEN = "authzen"

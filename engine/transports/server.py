@@ -23,11 +23,11 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from engine.grpc_server import create_server
-from engine.http_app import create_app
 from engine.runtime import Runtime
 from engine.settings import Settings
-from engine.tls import (
+from engine.transports.grpc_server import create_server
+from engine.transports.http_app import create_app
+from engine.transports.tls import (
     ClientNameMiddleware,
     StartupRefused,
     check_exposure,
@@ -167,7 +167,7 @@ async def listen_http(
     uvicorn.Config (TLS: `ssl_certfile`, `ssl_keyfile`, `ssl_ca_certs`, `ssl_cert_reqs`).
     A client that disconnects mid-request is not logged as an error. On a TLS connection
     each request's scope carries the ASGI TLS extension with the verified client
-    certificate (`engine.tls.with_peer_certificate`).
+    certificate (`engine.transports.tls.with_peer_certificate`).
 
     The socket is made here so the port is known before serving; it is created with
     IPPROTO_TCP explicitly, because asyncio sets TCP_NODELAY only on sockets that say

@@ -38,7 +38,7 @@ from pydantic import BaseModel
 from engine import jsonstrict
 from engine.errors import Conflict, InvalidRequest, NotFound
 from engine.models import Approval, ApprovalStatus, Principal, ToolCall
-from engine.ratelimit import RedisGate, SqliteDb, is_cluster, open_cluster
+from engine.state.ratelimit import RedisGate, SqliteDb, is_cluster, open_cluster
 
 T = TypeVar("T")
 

@@ -48,8 +48,8 @@ from engine.identity.callers import bearer, gateway_session
 from engine.models import DecideRequest, Decision, Verdict
 from engine.runtime import Runtime
 from engine.settings import Settings
-from engine.tls import peer_identity
 from engine.translate import parse_tools_call
+from engine.transports.tls import peer_identity
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from engine import approver_auth, jsonstrict, paging
+from engine import approver_auth, jsonstrict
 from engine.errors import (
     MAX_FIELD_CHARS,
     MAX_MESSAGE_CHARS,
@@ -50,7 +50,8 @@ from engine.models import (
     Verdict,
 )
 from engine.runtime import Runtime
-from engine.tls import current_peer
+from engine.transports import paging
+from engine.transports.tls import current_peer
 
 
 def status_for(exc: EngineError) -> int:
@@ -345,7 +346,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    from engine.gateway_http import add_gateway_routes  # here: it imports this module
+    from engine.transports.gateway_http import add_gateway_routes  # here: it imports this module
 
     add_gateway_routes(app, runtime)
     return app

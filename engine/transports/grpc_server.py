@@ -1,6 +1,6 @@
 """gRPC transport: wires the servicers to the service, decides nothing.
 
-Every message is converted to the domain and back by `engine.wire` (which the gRPC
+Every message is converted to the domain and back by `engine.transports.wire` (which the gRPC
 clients use too).
 
 Also serves grpc.health.v1 (SERVING only while OPA answers and the policy is loaded)
@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from engine import approver_auth, extauthz, wire
+from engine import approver_auth
 from engine.errors import (
     MAX_MESSAGE_CHARS,
     Conflict,
@@ -38,10 +38,11 @@ from engine.errors import (
     bounded,
 )
 from engine.identity.base import Identity
-from engine.metrics import Metrics
 from engine.models import Approval, OutcomeAck
+from engine.obs.metrics import Metrics
 from engine.runtime import Runtime
-from engine.tls import ClientNameInterceptor, ServerTls, load_server_tls, peer_identity
+from engine.transports import extauthz, wire
+from engine.transports.tls import ClientNameInterceptor, ServerTls, load_server_tls, peer_identity
 from mcppolicy.v1 import approval_pb2, approval_pb2_grpc, decision_pb2, decision_pb2_grpc
 
 T = TypeVar("T")
@@ -315,7 +316,7 @@ def create_server(
     With TLS in the settings (`tls`, or else read from `runtime.settings`) the port is a
     TLS port; with a client CA, callers need a certificate it signed, and
     `ClientNameInterceptor` checks its names against `tls_client_names` (any, if empty)
-    and makes the name `engine.tls.current_peer()` for the call.
+    and makes the name `engine.transports.tls.current_peer()` for the call.
     """
     if tls is None:
         tls = load_server_tls(runtime.settings)

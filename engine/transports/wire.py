@@ -1,7 +1,7 @@
 """Protobuf <-> domain: every conversion between mcppolicy.v1 messages and engine models.
 
 The one place the generated messages meet the domain, used by the gRPC server
-(`engine.grpc_server`) and by every gRPC client (the proxy's `GrpcDecider`), so a client
+(`engine.transports.grpc_server`) and by every gRPC client (the proxy's `GrpcDecider`), so a client
 never reads the server's tables and nothing is converted twice. Conversions come in
 pairs, `x_to_proto` and `x_from_proto`; the side that receives a message checks it while
 converting and raises `InvalidRequest` naming the field (the server answers it as
@@ -40,9 +40,7 @@ from google.protobuf.message import DecodeError
 from protovalidate import collect_violations
 from pydantic import ValidationError
 
-from engine import jsonstrict, paging
-from engine.approvals import ApprovalCursor, ApprovalPage
-from engine.decision_log import DecisionQuery
+from engine import jsonstrict
 from engine.errors import InvalidRequest, from_validation
 from engine.models import (
     Approval,
@@ -57,6 +55,9 @@ from engine.models import (
     RateLimitInfo,
     Verdict,
 )
+from engine.state.approvals import ApprovalCursor, ApprovalPage
+from engine.state.decision_log import DecisionQuery
+from engine.transports import paging
 from mcppolicy.v1 import approval_pb2, decision_pb2, types_pb2
 
 MAX_ID_CHARS = 256
