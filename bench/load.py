@@ -87,8 +87,6 @@ AGENT = "bench-agent"
 SESSION = "bench-session"
 RAISED_LIMIT = 1_000_000_000  # calls per 60 s session window: never reached
 TOOLS_BIN = PROJECT_ROOT / ".tools" / "bin"
-PROTO_ROOT = PROJECT_ROOT / "proto"
-DECIDE_PROTO = PROTO_ROOT / "mcppolicy" / "v1" / "decision.proto"
 DECIDE_CALL = "mcppolicy.v1.DecisionService.Decide"
 CHECK_CALL = "envoy.service.auth.v3.Authorization.Check"
 PEER_RULE = "envoy/mcp_bench/allow"
@@ -772,7 +770,9 @@ def targets(
     check_set = files / "external_auth.protoset"
     check_set.write_bytes(protoset(external_auth_pb2.DESCRIPTOR))
     post = ["-m", "POST", "-T", "application/json", "-D"]
-    decide_proto = ["--proto", str(DECIDE_PROTO), "--import-paths", str(PROTO_ROOT)]
+    decide_set = files / "decision.protoset"
+    decide_set.write_bytes(protoset(decision_pb2.DESCRIPTOR))
+    decide_proto = ["--protoset", str(decide_set)]
     check_proto = ["--protoset", str(check_set), "--call", CHECK_CALL, "-D", str(check)]
     decision_url = f"{opa.url}/v1/data/mcp/decision"
 
