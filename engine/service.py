@@ -48,6 +48,7 @@ from engine.models import (
     ToolCall,
     Verdict,
 )
+from engine.obs import tracing
 from engine.obs.metrics import UNKNOWN_TOOL, Metrics
 from engine.policy.loader import Policy
 from engine.state.approvals import ApprovalStore, Use, UseResult, fingerprint
@@ -183,7 +184,7 @@ class DecisionService:
     ) -> Decision:
         started = time.perf_counter()
         now = datetime.now(UTC)
-        with self.tracer.start_as_current_span("decide") as span:
+        with tracing.span(self.tracer, "decide") as span:
             span.set_attribute("mcp_policy.decision_id", decision_id)
             try:
                 call = translate.tool_call(request, max_depth=self.limits.max_json_depth)
@@ -295,7 +296,7 @@ class DecisionService:
 
     async def _evaluate(self, input_doc: dict[str, Any]) -> tuple[PolicyResult, str]:
         """The policy's result and the revision it was evaluated with."""
-        with self.tracer.start_as_current_span("opa.evaluate"):
+        with tracing.span(self.tracer, "opa.evaluate"):
             started = time.perf_counter()
             evaluated = await self.policy.evaluate(input_doc)
             self.metrics.opa_seconds.observe(time.perf_counter() - started)
@@ -338,7 +339,7 @@ class DecisionService:
                     f"{reason}; a human approval would be required",
                 )
             ttl = spec.ttl_seconds if spec and spec.ttl_seconds else self.limits.approval_ttl
-            with self.tracer.start_as_current_span("approvals.open"):
+            with tracing.span(self.tracer, "approvals.open"):
                 opened = await self.approvals.open_or_get(
                     ctx.call,
                     request.principal,
@@ -393,7 +394,7 @@ class DecisionService:
     async def _use(self, ctx: Ctx, approval_id: str) -> UseResult:
         """Use the grant (or, in a dry run, only look at it)."""
         fp = fingerprint(ctx.call, ctx.request.principal.session_id)
-        with self.tracer.start_as_current_span("approvals.use"):
+        with tracing.span(self.tracer, "approvals.use"):
             if not ctx.dry_run:
                 return await self.approvals.consume(approval_id, fp, decision_id=ctx.decision_id)
             try:
@@ -437,7 +438,7 @@ class DecisionService:
         if not limits:
             return Outcome(True, ())
         try:
-            with self.tracer.start_as_current_span("ratelimit.acquire"):
+            with tracing.span(self.tracer, "ratelimit.acquire"):
                 outcome = await self.rate_limits.acquire(
                     [limit for limit, _ in limits], ctx.reservation, record=not ctx.dry_run
                 )

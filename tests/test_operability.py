@@ -225,6 +225,13 @@ async def test_traces_cover_decide_opa_and_stores(tmp_path: Path) -> None:
 def test_no_exporter_means_no_tracing() -> None:
     assert tracing.provider_for("none") is None
     assert tracing.provider_for("console") is not None
+    # Without an exporter a span is one shared context that records nothing.
+    tracer = tracing.tracer_from(None)
+    with tracing.span(tracer, "decide") as span:
+        span.set_attribute("mcp_policy.verdict", "allow")
+    assert tracing.span(tracer, "decide") is tracing.span(tracer, "opa.evaluate")
+    recording = tracing.tracer_from(TracerProvider())
+    assert tracing.span(recording, "decide") is not tracing.span(recording, "decide")
 
 
 async def test_a_failing_store_for_a_shadow_limit_changes_nothing(

@@ -222,8 +222,20 @@ def _problem_text(problem: dict[str, Any]) -> str:
     return str(problem.get("message", problem))
 
 
-def _decision(value: Any) -> PolicyResult:
-    """The decision value as a PolicyResult; a malformed one is PolicyUnavailable."""
+def _decision(body: bytes) -> PolicyResult:
+    """The decision (the JSON text the library answered) as a PolicyResult, parsed and
+    checked in one pass; a malformed one is PolicyUnavailable, described as the REST
+    engine describes it (the Python value checked, not the text)."""
+    try:
+        return PolicyResult.model_validate_json(body)
+    except ValidationError:
+        pass
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise PolicyUnavailable(
+            f"the policy gave a malformed decision (not JSON: {exc})", kind="malformed"
+        ) from exc
     try:
         return PolicyResult.model_validate(value)
     except ValidationError as exc:
@@ -326,12 +338,12 @@ class InProcessOpa:
 
     def evaluate_json(self, input_json: bytes) -> tuple[PolicyResult, str]:
         """`evaluate` for an input already in JSON text (what the library is given)."""
-        value, revision = self._run(0, input_json)
-        if value is None:
+        body, revision = self._call(0, input_json)
+        if body is None:
             raise PolicyUnavailable(
                 "the policy gave no decision (data.mcp.decision is undefined)", kind="undefined"
             )
-        return _decision(value[0]), revision
+        return _decision(body), revision
 
     async def query(self, name: str, input_doc: Any = None) -> Any:
         """The value of another prepared query of the running bundle (None: undefined), for
@@ -363,6 +375,19 @@ class InProcessOpa:
 
     def _run(self, query: int | str, input_json: bytes | None) -> tuple[list[Any] | None, str]:
         """([value], revision), or (None, revision) when undefined; PolicyUnavailable else."""
+        body, revision = self._call(query, input_json)
+        if body is None:
+            return None, revision
+        try:
+            return [json.loads(body)], revision
+        except (ValueError, RecursionError) as exc:
+            raise PolicyUnavailable(
+                f"the policy gave a malformed decision (not JSON: {exc})", kind="malformed"
+            ) from exc
+
+    def _call(self, query: int | str, input_json: bytes | None) -> tuple[bytes | None, str]:
+        """(the value as JSON text, revision), or (None, revision) when undefined;
+        PolicyUnavailable for every other answer."""
         while True:
             loaded = self._loaded
             lib = self._lib
@@ -376,12 +401,7 @@ class InProcessOpa:
                 continue  # released by a load between reading it and the call: use the new
             break
         if status == OK:
-            try:
-                return [json.loads(body)], loaded.revision
-            except (ValueError, RecursionError) as exc:
-                raise PolicyUnavailable(
-                    f"the policy gave a malformed decision (not JSON: {exc})", kind="malformed"
-                ) from exc
+            return body, loaded.revision
         if status == UNDEFINED:
             return None, loaded.revision
         if status == CANCELLED:
