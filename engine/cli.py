@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from engine import doctor, jsonstrict, translate
+from engine import jsonstrict, translate
 from engine import status as status_view
 from engine.authoring import migrate as migrate_command
 from engine.errors import (
@@ -34,7 +34,6 @@ from engine.policy.opa_process import ToolMissing
 from engine.proxy.cli import PROXY_COMMANDS, add_proxy_commands, run_proxy_command
 from engine.runtime import Runtime
 from engine.settings import Settings
-from engine.transports.server import start_servers
 from engine.transports.tls import StartupRefused
 
 EXIT_POLICY_REJECTED = 2
@@ -148,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _serve(settings: Settings) -> int:
+    # The listeners (FastAPI, uvicorn, gRPC) are imported by the commands that serve only:
+    # every other command starts in a fraction of the time.
+    from engine.transports.server import start_servers
+
     servers = await start_servers(settings)
     runtime = servers.runtime
     # Signals first: whoever waits for the line below may stop us at once.
@@ -278,6 +281,8 @@ def _run(args: argparse.Namespace) -> int:
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if args.command == "doctor":
+        from engine import doctor
+
         return doctor.run(settings, json_output=args.json)
     try:
         if args.command == "serve":
@@ -307,6 +312,8 @@ def _run(args: argparse.Namespace) -> int:
 def _check_ports(settings: Settings) -> None:
     """Refuse, in one line, to start on a port that is taken (before OPA is started, and
     before gRPC, which would log its own bind error, tries)."""
+    from engine import doctor
+
     for name, port in (("gRPC", settings.grpc_port), ("HTTP", settings.http_port)):
         problem = doctor.listen_problem(settings.host, port)
         if problem is not None:

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.approver_auth import ApproverAuth
 from engine.identity.base import Identity
@@ -23,7 +23,6 @@ from engine.obs.metrics import Metrics
 from engine.policy.inprocess import InProcessOpa
 from engine.policy.loader import Policy
 from engine.policy.opa_process import OpaProcess
-from engine.policy.rest import Opa
 from engine.service import DecisionService, Limits
 from engine.settings import Settings
 from engine.state.approvals import (
@@ -39,6 +38,9 @@ from engine.state.ratelimit import (
     RedisRateLimitStore,
     SqliteRateLimitStore,
 )
+
+if TYPE_CHECKING:
+    from engine.policy.rest import Opa
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ class Runtime:
             if opa_url is None:
                 self.opa_process = OpaProcess(settings.opa_binary)
                 opa_url = self.opa_process.url
+            from engine.policy.rest import Opa  # the REST client, for this engine only
+
             opa_token = settings.opa_token.get_secret_value() if settings.opa_token else None
             self.opa = Opa(opa_url, timeout=timeout, token=opa_token)
         self.policy = Policy(self.opa, settings.policy_paths, settings.policy_schema)

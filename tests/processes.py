@@ -18,7 +18,16 @@ CLI = [sys.executable, "-m", "engine.cli"]
 
 
 class Serve:
-    def __init__(self, tmp: Path, policy: list[Path], env: dict[str, str], *extra: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        policy: list[Path],
+        env: dict[str, str],
+        *extra: str,
+        measured: bool = True,
+    ) -> None:
+        """`measured=False`: no coverage in this process (replicas under load, whose code
+        the in-process tests cover, would spend the run's CPU on tracing it)."""
         self.http_port = free_loopback_port()
         self.grpc_port = free_loopback_port()
         args = [
@@ -37,6 +46,8 @@ class Serve:
             args += ["--policy", str(path)]
         args += extra
         environment = {k: v for k, v in os.environ.items() if not k.startswith("MCP_POLICY_")}
+        if not measured:
+            environment.pop("COVERAGE_PROCESS_CONFIG", None)
         self.proc = subprocess.Popen(
             args,
             stdout=subprocess.PIPE,

@@ -257,7 +257,16 @@ async def test_session_and_user_limits_of_one_call_are_exact_across_replicas(
         "MCP_POLICY_REDIS_TIMEOUT_MS": "10000",
     }
     services = [
-        Serve(tmp_path, [rego, data], env, "--opa-url", opa.url, "--decision-log", "off")
+        Serve(
+            tmp_path,
+            [rego, data],
+            env,
+            "--opa-url",
+            opa.url,
+            "--decision-log",
+            "off",
+            measured=False,
+        )
         for _ in range(3)
     ]
     sessions = [session() for _ in range(4)]

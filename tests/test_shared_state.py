@@ -96,6 +96,7 @@ def replicas(tmp: Path, opa: OpaProcess, env: dict[str, str], count: int = 3) ->
                     opa.url,
                     "--decision-log",
                     str(tmp / f"decisions-{i}.jsonl"),
+                    measured=False,
                 )
             )
     except BaseException:

@@ -25,14 +25,16 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import jwt
 from jwt.types import Options
 
 from engine.identity.base import CredentialRejected, Identity, IdentityUnavailable
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,8 @@ class JwtVerifier:
         """Discover the JWKS URL (unless given) and load the keys; IdentityUnavailable if
         the issuer cannot be reached or its metadata or keys are unusable."""
         if self._session is None:
+            import aiohttp  # here: only a service with an issuer to ask needs it
+
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.http_timeout),
                 headers={"Accept": "application/json"},
@@ -400,6 +404,8 @@ class JwtVerifier:
 
     async def _get_json(self, url: str) -> tuple[int, Any]:
         """(status, parsed JSON body, or None unless 200). No redirects, bounded size."""
+        import aiohttp
+
         if self._session is None:
             raise IdentityUnavailable("the JWT verifier is not started")
         try:

@@ -15,14 +15,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import PolicyRejected, PolicyUnavailable
 from engine.models import PolicyResult
 from engine.policy import schema as policy_schema
 from engine.policy.inprocess import LOAD_ERRORS_QUERY, InProcessOpa
-from engine.policy.rest import Opa
 from engine.policy.source import PolicyBundle, read_bundle
+
+if TYPE_CHECKING:
+    from engine.policy.rest import Opa
 
 log = logging.getLogger(__name__)
 

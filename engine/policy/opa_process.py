@@ -26,8 +26,6 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import aiohttp
-
 from engine.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -135,6 +133,8 @@ class OpaProcess:
         log.info("OPA %s listening on %s (pid %s)", self.binary, self.url, self._proc.pid)
 
     async def _wait_healthy(self) -> None:
+        import aiohttp  # here: a process with the in-process engine never needs it
+
         deadline = asyncio.get_running_loop().time() + self._start_timeout
         timeout = aiohttp.ClientTimeout(total=1.0)
         async with aiohttp.ClientSession(timeout=timeout) as session:
