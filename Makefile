@@ -160,7 +160,7 @@ test-rego:
 UNIT_TESTS := tests/test_units.py tests/test_proxy_units.py tests/test_migrate.py \
               tests/test_examples.py tests/test_wire_rules.py
 PY_COVERAGE_FLOOR := 90
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 3
 TEST_TIMEOUT ?= 300
 PY_COVERAGE := COVERAGE_FILE=$(CURDIR)/.tools/.coverage
 

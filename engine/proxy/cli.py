@@ -312,8 +312,6 @@ def _command(args: argparse.Namespace) -> list[str]:
 
 
 def _upstream(args: argparse.Namespace, what: str) -> UpstreamSpec | None:
-    from engine.proxy.serve import UpstreamSpec
-
     command = _command(args)
     if bool(command) == bool(args.url):
         print(
@@ -325,6 +323,8 @@ def _upstream(args: argparse.Namespace, what: str) -> UpstreamSpec | None:
     if args.header and not args.url:
         print(f"mcp-policy {what}: --header goes with --upstream URL", file=sys.stderr)
         return None
+    from engine.proxy.serve import UpstreamSpec
+
     return UpstreamSpec(command=command, url=args.url, headers=dict(args.header))
 
 
@@ -348,12 +348,8 @@ def _logging(level: str) -> None:
 
 
 def _proxy(args: argparse.Namespace) -> int:
-    from engine.proxy.core import ProxyOptions
-    from engine.proxy.decider import Decider, EmbeddedDecider, GrpcDecider
-    from engine.proxy.serve import run_http, run_stdio
-
-    upstream = _upstream(args, "proxy")
-    if upstream is None:
+    if bool(_command(args)) == bool(args.url):
+        _upstream(args, "proxy")  # says what is wrong
         return EXIT_USAGE
     if not args.embedded and not args.decision_url:
         print("mcp-policy proxy: give --decision-url HOST:PORT or --embedded", file=sys.stderr)
@@ -368,6 +364,14 @@ def _proxy(args: argparse.Namespace) -> int:
     resource = _resource_server(args)
     if isinstance(resource, int):
         return resource
+    upstream = _upstream(args, "proxy")
+    if upstream is None:
+        return EXIT_USAGE
+    # The proxy itself (and the MCP SDK) only once the command line is known to be good.
+    from engine.proxy.core import ProxyOptions
+    from engine.proxy.decider import Decider, EmbeddedDecider, GrpcDecider
+    from engine.proxy.serve import run_http, run_stdio
+
     try:
         settings = _settings(args) if args.embedded else None
     except ValidationError as exc:
