@@ -311,21 +311,20 @@ def _command(args: argparse.Namespace) -> list[str]:
     return command
 
 
-def _upstream(args: argparse.Namespace, what: str) -> UpstreamSpec | None:
-    command = _command(args)
-    if bool(command) == bool(args.url):
-        print(
-            f"mcp-policy {what}: give the MCP server as a command after --, or --upstream URL "
-            "(one of the two)",
-            file=sys.stderr,
-        )
-        return None
+def _upstream_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with how the command line names the MCP server, or None."""
+    if bool(_command(args)) == bool(args.url):
+        return "give the MCP server as a command after --, or --upstream URL (one of the two)"
     if args.header and not args.url:
-        print(f"mcp-policy {what}: --header goes with --upstream URL", file=sys.stderr)
-        return None
+        return "--header goes with --upstream URL"
+    return None
+
+
+def _upstream(args: argparse.Namespace) -> UpstreamSpec:
+    """The MCP server the command line names (checked by `_upstream_problem`)."""
     from engine.proxy.serve import UpstreamSpec
 
-    return UpstreamSpec(command=command, url=args.url, headers=dict(args.header))
+    return UpstreamSpec(command=_command(args), url=args.url, headers=dict(args.header))
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -348,8 +347,9 @@ def _logging(level: str) -> None:
 
 
 def _proxy(args: argparse.Namespace) -> int:
-    if bool(_command(args)) == bool(args.url):
-        _upstream(args, "proxy")  # says what is wrong
+    problem = _upstream_problem(args)
+    if problem is not None:
+        print(f"mcp-policy proxy: {problem}", file=sys.stderr)
         return EXIT_USAGE
     if not args.embedded and not args.decision_url:
         print("mcp-policy proxy: give --decision-url HOST:PORT or --embedded", file=sys.stderr)
@@ -364,9 +364,7 @@ def _proxy(args: argparse.Namespace) -> int:
     resource = _resource_server(args)
     if isinstance(resource, int):
         return resource
-    upstream = _upstream(args, "proxy")
-    if upstream is None:
-        return EXIT_USAGE
+    upstream = _upstream(args)
     # The proxy itself (and the MCP SDK) only once the command line is known to be good.
     from engine.proxy.core import ProxyOptions
     from engine.proxy.decider import Decider, EmbeddedDecider, GrpcDecider
@@ -462,9 +460,11 @@ def _resource_server(args: argparse.Namespace) -> ResourceServer | None | int:
 def _scan(args: argparse.Namespace) -> int:
     from engine.authoring.scan import scaffold, scan
 
-    upstream = _upstream(args, "scan")
-    if upstream is None:
+    problem = _upstream_problem(args)
+    if problem is not None:
+        print(f"mcp-policy scan: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    upstream = _upstream(args)
 
     async def main() -> str:
         async with asyncio.timeout(args.timeout):
