@@ -486,6 +486,8 @@ def on_term(signum, frame):
     print("terminated", flush=True)
     sys.exit(3)
 signal.signal(signal.SIGTERM, on_term)
+# Python leaves SIGINT ignored when it starts so (a background job of a shell does)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 print(opa.evaluate_sync({})[0].rule, flush=True)
 try:
     if sys.argv[1] == "busy":
@@ -529,6 +531,7 @@ def test_python_signal_handlers_still_run(
         out, err = proc.communicate(timeout=20)
     finally:
         proc.kill()
+        proc.communicate()  # reaped and its pipes closed, also after a timeout
     assert (out.strip(), proc.returncode) == (words, status), err
 
 
