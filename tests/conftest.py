@@ -6,7 +6,10 @@ Nothing here is mocked: the service runs in-process on the test event loop with 
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -20,6 +23,7 @@ import yaml
 from engine.settings import PROJECT_ROOT, Settings
 from engine.transports.server import Servers, start_servers
 from tests.clients import GrpcClient, HttpClient
+from tests.fixtures import forkserver
 from tests.kv import KvPool, KvServer
 
 APPROVER_TOKEN = "test-approver-token"
@@ -99,6 +103,27 @@ def copy_call(session_id: str | None = None, **arguments: Any) -> dict[str, Any]
             "user_id": "user-1",
         },
     }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fixture_fork_server() -> Iterator[None]:
+    """This worker's fork server for the fixture MCP server (tests/fixtures/forkserver.py).
+    It stops when its stdin closes, also when this process dies."""
+    environment = {k: v for k, v in os.environ.items() if k != "COVERAGE_PROCESS_CONFIG"}
+    with subprocess.Popen(
+        [sys.executable, "-m", "tests.fixtures.forkserver", "--serve", forkserver.socket_path()],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=environment,
+        cwd=PROJECT_ROOT,
+    ) as server:
+        assert server.stdin is not None and server.stdout is not None
+        try:
+            assert server.stdout.readline() == b"ready\n", "the fork server did not start"
+            yield
+        finally:
+            server.stdin.close()
+            server.wait(10)
 
 
 @pytest.fixture(scope="session")
