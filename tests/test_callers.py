@@ -265,7 +265,8 @@ async def test_the_proxy_presents_its_client_token(guarded: Guarded) -> None:
     service refuses it, and the proxy fails closed (no decision, an error it turns into
     a refusal)."""
     from engine.models import DecideRequest
-    from engine.proxy.decider import DecisionUnavailable, GrpcDecider
+    from engine.proxy.decider import DecisionUnavailable
+    from engine.proxy.grpc_decider import GrpcDecider
 
     request = DecideRequest.model_validate(copy_call(session()))
     known = GrpcDecider(guarded.servers.grpc_target, client_token=guarded.token_b)

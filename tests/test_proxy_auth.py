@@ -36,7 +36,8 @@ from engine.proxy.auth import (
     looks_like_jwt,
 )
 from engine.proxy.core import ProxyOptions
-from engine.proxy.decider import EmbeddedDecider, GrpcDecider
+from engine.proxy.embedded import EmbeddedDecider
+from engine.proxy.grpc_decider import GrpcDecider
 from engine.proxy.http import HttpProxy, start_http_proxy
 from engine.proxy.upstream import open_child, open_http
 from engine.runtime import Runtime

@@ -37,7 +37,7 @@ from mcp_types import JSONRPCError, JSONRPCNotification, JSONRPCRequest, JSONRPC
 
 from engine.models import DecideRequest, Decision
 from engine.proxy.core import ProxyOptions, ProxySession
-from engine.proxy.decider import EmbeddedDecider
+from engine.proxy.embedded import EmbeddedDecider
 from engine.proxy.http import HttpProxy, start_http_proxy
 from engine.proxy.upstream import open_child
 from engine.runtime import Runtime

@@ -20,7 +20,7 @@ from mcp.shared.exceptions import MCPError
 
 from engine.models import ApprovalStatus, DecideRequest, Principal, Verdict
 from engine.proxy.core import APPROVAL_META_KEY, ProxyOptions
-from engine.proxy.decider import EmbeddedDecider
+from engine.proxy.embedded import EmbeddedDecider
 from engine.proxy.http import HttpProxy, start_http_proxy
 from engine.proxy.upstream import open_child, open_http
 from engine.runtime import Runtime

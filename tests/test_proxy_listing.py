@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from engine.models import DecideRequest, Decision, Principal
-from engine.proxy.decider import EmbeddedDecider
+from engine.proxy.embedded import EmbeddedDecider
 from engine.proxy.listing import MAX_CACHED, ToolFilter
 from engine.runtime import Runtime
 from engine.settings import PROJECT_ROOT

@@ -47,7 +47,7 @@ from engine.proxy.core import (
     ProxySession,
     kind_of,
 )
-from engine.proxy.decider import EmbeddedDecider
+from engine.proxy.embedded import EmbeddedDecider
 from engine.proxy.screen import screen_line
 from engine.proxy.upstream import open_child, parse_line
 from engine.runtime import Runtime

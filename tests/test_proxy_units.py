@@ -18,7 +18,7 @@ from engine.cli import build_parser
 from engine.models import DecideRequest, Decision, Principal, Verdict
 from engine.proxy.cli import PROXY_COMMANDS, run_proxy_command
 from engine.proxy.core import MalformedMessage, call_failed
-from engine.proxy.decider import EmbeddedDecider
+from engine.proxy.embedded import EmbeddedDecider
 from engine.proxy.listing import ToolFilter, hides
 from engine.proxy.stdio import parse_agent_line
 from engine.proxy.upstream import HttpUpstream, exit_code

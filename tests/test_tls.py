@@ -27,7 +27,8 @@ from pydantic import ValidationError
 from engine.models import DecideRequest
 from engine.policy.opa_process import free_loopback_port
 from engine.proxy import cli as proxy_cli
-from engine.proxy.decider import DecisionUnavailable, GrpcDecider
+from engine.proxy.decider import DecisionUnavailable
+from engine.proxy.grpc_decider import GrpcDecider
 from engine.settings import Settings
 from engine.transports.server import Servers, listen_http, start_servers
 from engine.transports.tls import (

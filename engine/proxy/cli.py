@@ -367,7 +367,7 @@ def _proxy(args: argparse.Namespace) -> int:
     upstream = _upstream(args)
     # The proxy itself (and the MCP SDK) only once the command line is known to be good.
     from engine.proxy.core import ProxyOptions
-    from engine.proxy.decider import Decider, EmbeddedDecider, GrpcDecider
+    from engine.proxy.decider import Decider
     from engine.proxy.serve import run_http, run_stdio
 
     try:
@@ -390,8 +390,12 @@ def _proxy(args: argparse.Namespace) -> int:
     async def main() -> int:
         decider: Decider
         if settings is not None:
+            from engine.proxy.embedded import EmbeddedDecider
+
             decider = await EmbeddedDecider.start(settings)
         else:
+            from engine.proxy.grpc_decider import GrpcDecider
+
             decider = GrpcDecider(
                 args.decision_url,
                 timeout=args.decision_timeout,

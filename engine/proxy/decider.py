@@ -1,33 +1,22 @@
 """Where the proxy gets its decisions: one small interface, two implementations.
 
-`Decider` is all the proxy core knows. `GrpcDecider` asks a running decision service
-over one long-lived gRPC channel (`--decision-url host:port`); `EmbeddedDecider` runs the
-service in-process around its own `Runtime` (`--embedded`), so one command serves a single
-user with nothing else running. Both take and return the engine's domain models; proto
-messages exist only inside `GrpcDecider`, converted by `engine.transports.wire` (as the
-server does).
+`Decider` is all the proxy core knows. `GrpcDecider` (`engine.proxy.grpc_decider`) asks a
+running decision service over one long-lived gRPC channel (`--decision-url host:port`);
+`EmbeddedDecider` (`engine.proxy.embedded`) runs the service in-process around its own
+`Runtime` (`--embedded`), so one command serves a single user with nothing else running.
+Both take and return the engine's domain models. Each is imported only by the proxy that
+uses it: an embedded proxy loads no gRPC, a gRPC one no policy engine.
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import grpc
+from engine.errors import EngineError
 
-from engine.errors import EngineError, InvalidRequest
-from engine.identity.base import Identity
-from engine.models import DecideRequest, Decision
-from engine.runtime import Runtime
-from engine.settings import Settings
-from engine.translate import proven_principal
-from engine.transports import wire
-from mcppolicy.v1 import decision_pb2_grpc
-
-log = logging.getLogger(__name__)
-
-TRANSPORT = "proxy"
+if TYPE_CHECKING:
+    from engine.identity.base import Identity
+    from engine.models import DecideRequest, Decision
 
 
 class DecisionUnavailable(EngineError):
@@ -50,132 +39,3 @@ class Decider(Protocol):
     ) -> bool: ...
 
     async def close(self) -> None: ...
-
-
-class EmbeddedDecider:
-    """The decision service in this process, with its own OPA and state stores."""
-
-    def __init__(self, runtime: Runtime, *, owned: bool = False) -> None:
-        self.runtime = runtime
-        self._owned = owned
-
-    @classmethod
-    async def start(cls, settings: Settings) -> EmbeddedDecider:
-        """Start a Runtime (OPA, policy, stores) that `close()` stops again."""
-        runtime = Runtime(settings)
-        try:
-            await runtime.start()
-        except BaseException:
-            await runtime.stop()
-            raise
-        return cls(runtime, owned=True)
-
-    async def decide(self, request: DecideRequest, identity: Identity | None = None) -> Decision:
-        return await self.runtime.service.decide(request, transport=TRANSPORT, identity=identity)
-
-    async def report_outcome(
-        self, decision_id: str, outcome_token: str, *, succeeded: bool
-    ) -> bool:
-        try:
-            return await self.runtime.service.report_outcome(
-                decision_id, outcome_token=outcome_token, succeeded=succeeded
-            )
-        except EngineError as exc:
-            raise DecisionUnavailable(exc.message) from exc
-
-    async def close(self) -> None:
-        if self._owned:
-            await self.runtime.stop()
-
-
-def decide_message(request: DecideRequest) -> Any:
-    """The protobuf DecideRequest for `request` (see `engine.transports.wire`)."""
-    return wire.decide_request_to_proto(request)
-
-
-def decision_from_message(response: Any) -> Decision:
-    """The domain Decision for a protobuf DecideResponse (see `engine.transports.wire`: a verdict
-    this proxy does not know is a deny)."""
-    return wire.decision_from_proto(response)
-
-
-class GrpcDecider:
-    """A decision service over gRPC: one channel for the life of the proxy."""
-
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float = 5.0,
-        tls_ca: Path | bytes | None = None,
-        tls_cert: Path | bytes | None = None,
-        tls_key: Path | bytes | None = None,
-        client_token: str | None = None,
-    ) -> None:
-        """`tls_ca` (PEM roots to verify the service by; default: the system's) or a
-        client certificate (`tls_cert` with its `tls_key`, for mTLS) makes the channel TLS;
-        each is PEM bytes or a file to read them from. `client_token` is this proxy's
-        token from the service's clients file, sent with every call."""
-        self.target = target
-        self.timeout = timeout
-        self._metadata = (("authorization", f"Bearer {client_token}"),) if client_token else None
-        if (tls_cert is None) != (tls_key is None):
-            raise ValueError("tls_cert and tls_key go together")
-
-        def pem(value: Path | bytes | None) -> bytes | None:
-            return value if value is None or isinstance(value, bytes) else value.read_bytes()
-
-        if tls_ca is None and tls_cert is None:
-            self._channel = grpc.aio.insecure_channel(target)
-        else:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=pem(tls_ca),
-                private_key=pem(tls_key),
-                certificate_chain=pem(tls_cert),
-            )
-            self._channel = grpc.aio.secure_channel(target, credentials)
-        self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
-
-    def _error(self, exc: grpc.aio.AioRpcError, what: str) -> EngineError:
-        code = exc.code()
-        details = exc.details() or code.name
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return InvalidRequest(details)
-        return DecisionUnavailable(
-            f"decision service at {self.target} could not {what} ({code.name}: {details})"
-        )
-
-    async def decide(self, request: DecideRequest, identity: Identity | None = None) -> Decision:
-        """With an `identity`, the proven agent, user and roles go in the request's
-        principal, asserted by this proxy: the service believes them as far as it trusts
-        the proxy (`principal.asserted_by` names it; `principal.authenticated` stays false
-        there). A caller that wants the service to verify the agent itself sends the
-        agent's token in `DecideRequest.credential` instead.
-        """
-        if identity is not None:
-            request = request.model_copy(
-                update={"principal": proven_principal(request.principal, identity)}
-            )
-        try:
-            response = await self._stub.Decide(
-                decide_message(request), timeout=self.timeout, metadata=self._metadata
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise self._error(exc, "decide") from exc
-        return decision_from_message(response)
-
-    async def report_outcome(
-        self, decision_id: str, outcome_token: str, *, succeeded: bool
-    ) -> bool:
-        try:
-            response = await self._stub.ReportOutcome(
-                wire.report_outcome_to_proto(decision_id, outcome_token, succeeded=succeeded),
-                timeout=self.timeout,
-                metadata=self._metadata,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise self._error(exc, "take the outcome report") from exc
-        return wire.outcome_ack_from_proto(response).released
-
-    async def close(self) -> None:
-        await self._channel.close()
