@@ -243,9 +243,22 @@ async def test_conflicting_decision_is_an_error(opa: InProcessOpa) -> None:
     assert "conflict" in failed.value.message
 
 
-async def test_slow_policy_times_out_promptly(opa: InProcessOpa) -> None:
+# Slow in one builtin (numbers.range asks the deadline per element), or slow by running
+# many short expressions (the evaluator asks it before each one).
+BUSY_EXPRESSIONS = bundle(
+    'package mcp\n\ndecision := {"action": "allow", "rule": "slow"} if {\n'
+    "\tcount([x | some x in numbers.range(1, 2000000); x % 7 == 0; x % 3 == 0]) > 0\n}\n"
+)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [slow_policy(50_000_000), BUSY_EXPRESSIONS],
+    ids=["long builtin", "many expressions"],
+)
+async def test_slow_policy_times_out_promptly(opa: InProcessOpa, policy: PolicyBundle) -> None:
     opa.timeout = 0.05
-    await opa.load(slow_policy(50_000_000))
+    await opa.load(policy)
     started = time.monotonic()
     with pytest.raises(PolicyUnavailable) as slow:
         await opa.evaluate(CASES["valid copy"])
