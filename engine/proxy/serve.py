@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from engine.proxy.auth import ResourceServer
 from engine.proxy.core import ProxyOptions, ProxySession, Upstream
 from engine.proxy.decider import Decider
-from engine.proxy.http import start_http_proxy
 from engine.proxy.listing import ToolFilter
 from engine.proxy.stdio import stdio_agent
 from engine.proxy.upstream import exit_code, open_child, open_http
@@ -134,6 +133,8 @@ async def run_http(
     keys file and the issuer's keys loaded: IdentityUnavailable when they cannot be)
     before the listener opens, and closed after. Without it only loopback is served,
     unless `insecure` (ListenRefused)."""
+    from engine.proxy.http import start_http_proxy  # the listener only when it is wanted
+
     resource = auth
     if resource is not None:
         await resource.start()
