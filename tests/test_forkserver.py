@@ -44,7 +44,7 @@ def _stat(pid: int) -> list[str] | None:
     """The fields after `pid (comm)` of /proc/PID/stat, or None for no such process."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
+    except OSError:  # gone meanwhile
         return None
 
 
@@ -71,9 +71,14 @@ def _children(parent: int) -> list[int]:
 
 
 def _fork_server() -> int:
-    wanted = forkserver.socket_path().encode()
+    """This process's fork server (a launcher's command line names the socket too)."""
+    wanted = [b"--serve", forkserver.socket_path().encode()]
     for pid in _children(os.getpid()):
-        if wanted in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile
+            continue
+        if any(argv[i : i + 2] == wanted for i in range(len(argv))):
             return pid
     raise AssertionError("no fork server runs for this test process")
 
