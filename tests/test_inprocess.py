@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -265,6 +266,29 @@ async def test_slow_policy_times_out_promptly(opa: InProcessOpa, policy: PolicyB
     assert time.monotonic() - started < 1.0
     assert slow.value.kind == "timeout"
     assert slow.value.message == "OPA did not answer within 50 ms"
+
+
+async def test_a_policy_waiting_on_the_network_times_out_promptly(opa: InProcessOpa) -> None:
+    """http.send waits on the evaluation's context, not on the evaluator's cancel: the
+    context carries the same deadline, so a server that never answers costs 50 ms."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    try:
+        port = silent.getsockname()[1]
+        await opa.load(
+            bundle(
+                'package mcp\n\ndecision := {"action": "allow", "rule": "net"} if {\n'
+                f'\thttp.send({{"method": "get", "url": "http://127.0.0.1:{port}/", '
+                '"timeout": "30s"}).status_code == 200\n}\n'
+            )
+        )
+        opa.timeout = 0.05
+        started = time.monotonic()
+        with pytest.raises(PolicyUnavailable) as slow:
+            await opa.evaluate(CASES["valid copy"])
+        assert time.monotonic() - started < 1.0
+        assert slow.value.kind == "timeout"
+    finally:
+        silent.close()
 
 
 async def test_no_policy_loaded_is_unavailable() -> None:

@@ -203,8 +203,9 @@ func mcp_opa_prepare(bundleJSON *C.char, n C.size_t, out **C.char, outlen *C.siz
 // deadline is the topdown.Cancel of one evaluation: the evaluator asks it before every
 // expression (and in long builtins), and it answers from the clock, read every
 // deadlineStride questions. Given to OPA as an external cancel, it saves the goroutine
-// OPA would otherwise start per query to watch a context, and the wake-up of another
-// thread that goroutine costs on every decision.
+// OPA would otherwise start per query to watch the context, and the wake-up of another
+// thread that goroutine costs on every decision. The context keeps the same deadline
+// for the builtins that wait on it (http.send).
 type deadline struct {
 	at        time.Time // zero: no deadline
 	asked     atomic.Uint32
@@ -222,10 +223,11 @@ func (d *deadline) Cancelled() bool {
 	if d.at.IsZero() || d.asked.Add(1)%deadlineStride != 0 {
 		return false
 	}
-	if !time.Now().Before(d.at) {
-		d.cancelled.Store(true)
+	if time.Now().Before(d.at) {
+		return false
 	}
-	return d.cancelled.Load()
+	d.cancelled.Store(true)
+	return true
 }
 
 // evaluate runs one prepared query; input nil means no input document at all.
@@ -234,6 +236,9 @@ func evaluate(pq rego.PreparedEvalQuery, input []byte, timeout time.Duration) (i
 	limit := &deadline{}
 	if timeout > 0 {
 		limit.at = time.Now().Add(timeout)
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(ctx, limit.at)
+		defer cancel()
 	}
 	options := []rego.EvalOption{rego.EvalExternalCancel(limit)}
 	if input != nil {
