@@ -40,6 +40,7 @@ from engine.policy.opa_process import (
     OPA_VERSION,
     ToolMissing,
 )
+from engine.policy.result import checked_result
 from engine.policy.source import PolicyBundle
 
 LIBRARY_ENV = "MCP_POLICY_OPA_LIBRARY"
@@ -229,22 +230,16 @@ def _decision(body: bytes) -> PolicyResult:
     try:
         return PolicyResult.model_validate_json(body)
     except ValidationError:
-        pass
+        return checked_result(_json(body))
+
+
+def _json(body: bytes) -> Any:
+    """The library's JSON answer as a Python value; PolicyUnavailable when it is not JSON."""
     try:
-        value = json.loads(body)
+        return json.loads(body)
     except (ValueError, RecursionError) as exc:
         raise PolicyUnavailable(
             f"the policy gave a malformed decision (not JSON: {exc})", kind="malformed"
-        ) from exc
-    try:
-        return PolicyResult.model_validate(value)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'decision'}: {e['msg']}"
-            for e in exc.errors()[:3]
-        )
-        raise PolicyUnavailable(
-            f"the policy gave a malformed decision ({problems})", kind="malformed"
         ) from exc
 
 
@@ -378,12 +373,7 @@ class InProcessOpa:
         body, revision = self._call(query, input_json)
         if body is None:
             return None, revision
-        try:
-            return [json.loads(body)], revision
-        except (ValueError, RecursionError) as exc:
-            raise PolicyUnavailable(
-                f"the policy gave a malformed decision (not JSON: {exc})", kind="malformed"
-            ) from exc
+        return [_json(body)], revision
 
     def _call(self, query: int | str, input_json: bytes | None) -> tuple[bytes | None, str]:
         """(the value as JSON text, revision), or (None, revision) when undefined;

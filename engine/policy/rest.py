@@ -16,10 +16,10 @@ from urllib.parse import urlsplit
 import aiohttp
 from opa_client import AsyncOpaClient
 from opa_client.errors import RegoParseError
-from pydantic import ValidationError
 
 from engine.errors import PolicyRejected, PolicyUnavailable
 from engine.models import PolicyResult
+from engine.policy.result import checked_result
 from engine.policy.source import MODULE_PREFIX, PolicyBundle
 
 log = logging.getLogger(__name__)
@@ -100,16 +100,7 @@ class Opa:
             raise PolicyUnavailable(
                 "the policy gave no decision (data.mcp.decision is undefined)", kind="undefined"
             )
-        try:
-            return PolicyResult.model_validate(body["result"])
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'decision'}: {e['msg']}"
-                for e in exc.errors()[:3]
-            )
-            raise PolicyUnavailable(
-                f"the policy gave a malformed decision ({problems})", kind="malformed"
-            ) from exc
+        return checked_result(body["result"])
 
     async def load_errors(self) -> list[str]:
         """`data.mcp.load_errors` of the policy OPA holds now (sorted; [] when undefined)."""
