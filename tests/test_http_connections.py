@@ -163,12 +163,14 @@ async def test_a_keep_alive_client_makes_several_requests_on_one_connection(
         for n in range(6):
             if n % 2:
                 body = json.dumps(copy_call()).encode()
-                head = [("Host", "x"), ("Content-Type", "application/json")]
+                head = [("Host", "127.0.0.1"), ("Content-Type", "application/json")]
                 head.append(("Content-Length", str(len(body))))
                 request = h11.Request(method="POST", target="/v1/decide", headers=head)
                 writer.write(client.send(request) + client.send(h11.Data(data=body)))
             else:
-                request = h11.Request(method="GET", target="/healthz", headers=[("Host", "x")])
+                request = h11.Request(
+                    method="GET", target="/healthz", headers=[("Host", "127.0.0.1")]
+                )
                 writer.write(client.send(request))
             writer.write(client.send(h11.EndOfMessage()))
             await writer.drain()

@@ -5,12 +5,20 @@ with its pure-Python h11 protocol plus deadlines uvicorn lacks: a connection mus
 complete request head within `HEADER_TIMEOUT` of opening or of its previous response, and
 a request body must be complete within `BODY_TIMEOUT` of its head, or it is closed. Idle
 keep-alive connections are closed after `KEEP_ALIVE_TIMEOUT`.
+
+The same protocol refuses requests whose body could be framed two ways (request
+smuggling: a front end and this server disagreeing on where a request ends), before the
+application sees them: 400 with `Connection: close`, and nothing after it on that
+connection is read (RFC 9112 sections 6.1 and 6.3). What h11 already refuses (a
+Transfer-Encoding other than `chunked`, several of them, differing Content-Lengths) gets
+the same answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 from dataclasses import dataclass
@@ -19,10 +27,14 @@ from typing import Any
 import grpc
 import h11
 import uvicorn
+from h11._connection import DEFAULT_MAX_INCOMPLETE_EVENT_SIZE
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.server import ServerState
 
+from engine.errors import MAX_MESSAGE_CHARS, bounded
 from engine.runtime import Runtime
 from engine.settings import Settings
 from engine.transports.grpc_server import create_server
@@ -44,6 +56,47 @@ BODY_TIMEOUT = 30.0
 KEEP_ALIVE_TIMEOUT = 5
 
 
+def framing_problem(request: h11.Request) -> str | None:
+    """Why the body of `request` (as h11 parsed its head) cannot be framed one way only."""
+    names = {name for name, _ in request.headers}
+    if b"transfer-encoding" not in names:
+        return None
+    if b"content-length" in names:
+        return (
+            "a request with both Content-Length and Transfer-Encoding is refused: its end "
+            "could be read two ways (RFC 9112 section 6.3; request smuggling)"
+        )
+    if request.http_version != b"1.1":
+        return (
+            "Transfer-Encoding on an HTTP/1.0 request is refused: its framing is faulty "
+            "(RFC 9112 section 6.1)"
+        )
+    return None
+
+
+class StrictH11Connection(h11.Connection):
+    """h11's connection, also refusing the request framings of `framing_problem`.
+
+    A refused request raises RemoteProtocolError as h11's own refusals do (the protocol
+    answers 400 and closes the connection), with `refusal` saying why.
+    """
+
+    refusal: str | None = None
+
+    def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        try:
+            event = super().next_event()
+        except h11.RemoteProtocolError as exc:
+            self.refusal = f"invalid HTTP/1.1 request: {bounded(str(exc), 200)}"
+            raise
+        if isinstance(event, h11.Request):
+            problem = framing_problem(event)
+            if problem is not None:
+                self.refusal = problem
+                raise h11.RemoteProtocolError(problem)
+        return event
+
+
 class BoundedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, with deadlines for the request head and the request body.
 
@@ -54,12 +107,47 @@ class BoundedH11Protocol(H11Protocol):
     it, and once the head is in, `body_timeout` to finish the body; else the connection is
     closed, which the application sees as a disconnect. The deadline runs from the state
     change, not from the last byte, so trickling does not extend it.
+
+    Its h11 connection is a `StrictH11Connection`: a request whose framing is ambiguous
+    is answered 400 (`send_400_response`, which also answers what h11 itself refuses)
+    and the connection closed before anything behind it is read.
     """
 
     header_timeout: float = HEADER_TIMEOUT
     body_timeout: float = BODY_TIMEOUT
     _deadline: asyncio.TimerHandle | None = None
     _deadline_state: object = None
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        size = config.h11_max_incomplete_event_size
+        self.conn = StrictH11Connection(
+            h11.SERVER, DEFAULT_MAX_INCOMPLETE_EVENT_SIZE if size is None else size
+        )
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request h11 (or `StrictH11Connection`) refused, in this
+        service's error shape and saying why; the connection is closed after it, so
+        nothing sent behind the request is read."""
+        reason = getattr(self.conn, "refusal", None) or msg
+        error = {"code": "BadRequest", "message": bounded(reason, MAX_MESSAGE_CHARS)}
+        body = json.dumps({"error": error}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        response = h11.Response(status_code=400, headers=headers, reason=b"Bad Request")
+        self.transport.write(self.conn.send(response) or b"")
+        self.transport.write(self.conn.send(h11.Data(data=body)) or b"")
+        self.transport.write(self.conn.send(h11.EndOfMessage()) or b"")
+        self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
