@@ -196,6 +196,55 @@ async def test_exp_required(verifier: JwtVerifier, issuer: Issuer, keys: dict[st
     assert "'exp'" in (await rejected(verifier, token)).message
 
 
+@pytest.mark.parametrize(
+    ("claim", "value"),
+    [
+        ("exp", "str-future"),
+        ("nbf", True),
+        ("exp", [4102444800]),
+        ("exp", {"value": 4102444800}),
+        ("nbf", "0"),
+        ("iat", "str-now"),
+        ("sub", 12345),
+        ("jti", 7),
+        ("aud", {"aud": "AUDIENCE"}),
+        ("aud", ["AUDIENCE", 3]),
+    ],
+)
+async def test_registered_claims_of_the_wrong_type_refused(
+    verifier: JwtVerifier, issuer: Issuer, keys: dict[str, Key], claim: str, value: Any
+) -> None:
+    """A numeric string is not a NumericDate, a list is not an issuer: whatever PyJWT would
+    convert or let through, a registered claim of the wrong JSON type refuses the token."""
+    now = int(time.time())
+    value = (
+        {
+            "str-future": str(now + 3600),
+            "str-now": str(now),
+            "ISSUER": issuer.issuer,
+            "AUDIENCE": issuer.audience,
+        }.get(value, value)
+        if isinstance(value, str)
+        else value
+    )
+    if isinstance(value, list):
+        value = [{"ISSUER": issuer.issuer, "AUDIENCE": issuer.audience}.get(v, v) for v in value]
+    if isinstance(value, dict):
+        value = {k: {"AUDIENCE": issuer.audience}.get(v, v) for k, v in value.items()}
+    token = keys["RS256"].sign(issuer.claims(**{claim: value}))
+    message = (await rejected(verifier, token)).message.lower()
+    names = {"iss": "issuer", "sub": "subject", "jti": "jwt id"}
+    assert claim in message or names.get(claim, "-") in message, message
+
+
+async def test_numeric_dates_may_be_fractional(
+    verifier: JwtVerifier, issuer: Issuer, keys: dict[str, Key]
+) -> None:
+    now = time.time()
+    token = keys["RS256"].sign(issuer.claims(exp=now + 300.5, iat=now - 0.25))
+    assert (await verifier.verify(token)).subject == "alice"
+
+
 async def test_alg_none_refused(verifier: JwtVerifier, issuer: Issuer) -> None:
     for alg in ("none", "None", "NONE"):
         token = unsigned({"alg": alg, "typ": "JWT", "kid": "rsa-1"}, issuer.claims()) + "."

@@ -22,6 +22,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -32,6 +33,7 @@ import jwt
 from jwt.types import Options
 
 from engine.identity.base import CredentialRejected, Identity, IdentityUnavailable
+from engine.models import principal_id_problem
 
 if TYPE_CHECKING:
     import aiohttp
@@ -242,6 +244,7 @@ class JwtVerifier:
             raise CredentialRejected(f"malformed token: {exc}") from None
         except (jwt.PyJWTError, ValueError, TypeError) as exc:
             raise CredentialRejected(f"invalid token: {exc}") from None
+        _check_registered_claims(claims)
         return _identity(claims, self.roles_claim)
 
     def _header(self, token: str) -> tuple[str, str | None]:
@@ -429,6 +432,33 @@ class JwtVerifier:
 
 # -- claims → Identity ---------------------------------------------------------------------
 
+# RFC 7519 §4.1: the time claims are NumericDate (a JSON number), the others strings (`aud`
+# also a list of strings). PyJWT converts what it compares (`int("99999999999")` passes as
+# an `exp`), so the JSON types are checked here, after the signature: a registered claim of
+# the wrong type refuses the token.
+_NUMERIC_DATE_CLAIMS = ("exp", "nbf", "iat")
+_STRING_CLAIMS = ("iss", "sub", "jti")
+
+
+def _check_registered_claims(claims: Mapping[str, Any]) -> None:
+    for name in _NUMERIC_DATE_CLAIMS:
+        value = claims.get(name)
+        if name in claims and (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise CredentialRejected(f"token claim {name!r} must be a number (a NumericDate)")
+    for name in _STRING_CLAIMS:
+        if name in claims and not isinstance(claims[name], str):
+            raise CredentialRejected(f"token claim {name!r} must be a string")
+    audience = claims.get("aud")
+    if "aud" in claims and not (
+        isinstance(audience, str)
+        or (isinstance(audience, list) and all(isinstance(a, str) for a in audience))
+    ):
+        raise CredentialRejected("token claim 'aud' must be a string or a list of strings")
+
 
 def _claim_str(claims: Mapping[str, Any], name: str) -> str | None:
     value = claims.get(name)
@@ -438,6 +468,9 @@ def _claim_str(claims: Mapping[str, Any], name: str) -> str | None:
         raise CredentialRejected(f"token claim {name!r} must be a string")
     if len(value) > MAX_ID_CHARS:
         raise CredentialRejected(f"token claim {name!r} is longer than {MAX_ID_CHARS} characters")
+    problem = principal_id_problem(value)  # it becomes principal.agent_id/user_id/session_id
+    if problem is not None:
+        raise CredentialRejected(f"token claim {name!r} {problem}")
     return value
 
 

@@ -49,6 +49,7 @@ import yaml
 
 from engine.errors import Conflict, InvalidRequest, NotFound
 from engine.identity.base import Identity, IdentityUnavailable
+from engine.models import principal_id_problem
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,9 @@ def _entry(raw: Any, index: int) -> SecretEntry:
     for key in _STR_FIELDS:
         if raw.get(key) is not None:
             values[key] = _text(raw[key], f"{where}: {key}")
+            problem = principal_id_problem(values[key])  # it becomes principal.<key>
+            if problem is not None:
+                raise ValueError(f"{where}: {key} {problem}")
     for key in _LIST_FIELDS:
         items = raw.get(key)
         if items is None:
