@@ -20,8 +20,11 @@ log, status, policy reload), as `Authorization: Bearer <credential>`:
 
 `ApproverAuth.authenticate` proves one of them and returns the `Identity`; its `roles`
 are what it may do here: "approver" (decide approvals) and/or "operator". The rules of
-what an approver may act on (four eyes, allowed servers/tools) are `refusal`,
-`check_may_act` and `visible`; the body's `approver` field is checked by `recorded_name`.
+what an approver may view, approve or deny (four eyes, allowed servers/tools) are
+`refusal` and `check_may_act`, used by every surface: reading one approval, deciding it,
+and listing (the service's `page_approvals` pages through the store keeping only what
+`refusal` lets the approver view). The body's `approver` field is checked by
+`recorded_name`.
 """
 
 from __future__ import annotations
@@ -311,17 +314,6 @@ def check_may_act(identity: Identity, approval: Approval, verb: Verb) -> None:
     reason = refusal(identity, approval, verb)
     if reason is not None:
         raise PermissionDenied(reason)
-
-
-def scan_limit(identity: Identity, limit: int) -> int:
-    """How many approvals to read to list `limit` that `identity` may see."""
-    return limit if credential_of(identity) == "operator_token" else 1000
-
-
-def visible(identity: Identity, approvals: Iterable[Approval], limit: int) -> list[Approval]:
-    """The approvals `identity` may act on (the operator token: all), at most `limit`."""
-    shown = [a for a in approvals if refusal(identity, a, "view") is None]
-    return shown[:limit]
 
 
 def recorded_name(identity: Identity, declared: str | None) -> str:

@@ -30,8 +30,15 @@ from engine.policy.opa_process import OpaProcess
 from engine.state.approvals import RedisApprovalStore
 from engine.state.ratelimit import Limit, RedisGate, RedisRateLimitStore, cluster_client
 from engine.transports.server import start_servers
-from tests import test_stores
-from tests.conftest import add_tools, copy_call, copy_policy, session, settings_for
+from tests import test_approval_caps, test_stores
+from tests.conftest import (
+    add_tools,
+    copy_call,
+    copy_policy,
+    session,
+    settings_for,
+    without_agent_limit,
+)
 from tests.kv import KvCluster
 from tests.processes import Serve
 from tests.test_faults import add_rule_package
@@ -87,6 +94,7 @@ SHARED: list[Callable[[Backend], Awaitable[None]]] = [
     test_stores.test_one_grant_lets_exactly_one_concurrent_call_through,
     test_stores.test_denial_expiry_and_listing,
     test_stores.test_approvals_survive_reopening,
+    *test_approval_caps.STORE_PROMISES,
 ]
 
 
@@ -185,9 +193,9 @@ async def test_keys_spread_over_the_nodes(backend: Backend, cluster: KvCluster) 
             for s in range(4):
                 outcome = await limits.acquire(one_call(f"s-{s}", "u-1", tool), f"{tool}-{s}")
                 assert outcome.allowed
-        me = Principal(session_id="s-1", agent_id="a-1")
-        for i in range(48):
+        for i in range(48):  # approvals are tagged by agent: 48 agents spread them
             call = ToolCall(server="srv", name="t", arguments={"i": i})
+            me = Principal(session_id="s-1", agent_id=f"a-{i}")
             await approvals.open_or_get(call, me, rule="r", reason="why", decision_id="d", ttl=60)
         prefix = limits.counter_key(("x",)).split("rl:")[0]
         for kind in ("rl:", "held:", "apr:", "apr-fp:", "apr-index:"):
@@ -240,8 +248,10 @@ async def test_session_and_user_limits_of_one_call_are_exact_across_replicas(
     tmp_path: Path, opa: OpaProcess, cluster: KvCluster
 ) -> None:
     """copy_image_set at 100 per session and 150 per user; 1,000 calls at once from four
-    sessions of one user allow exactly 150, and no blocked call took a session slot."""
+    sessions of one user allow exactly 150, and no blocked call took a session slot (the
+    shipped per-agent limit left out: each session is an agent of its own here)."""
     rego, data = copy_policy(tmp_path)
+    without_agent_limit(rego)
     add_tools(
         data,
         rules={

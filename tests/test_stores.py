@@ -191,22 +191,26 @@ async def test_approval_lifecycle(backend: Backend) -> None:
         first = await _open(store)
         assert first.status is ApprovalStatus.PENDING
         assert (await _open(store)).id == first.id
-        assert (await store.consume(first.id, fp, decision_id="d")).use is Use.PENDING
+        assert (await store.consume(first.id, fp, principal=ME, decision_id="d")).use is Use.PENDING
         approved = await store.decide(
             first.id, approve=True, approver="ops", comment="ok", grant_ttl=60
         )
         assert approved.status is ApprovalStatus.APPROVED and approved.approver == "ops"
         assert (await _open(store)).id == first.id, "an unused grant is still the open one"
-        assert (await store.consume(first.id, "other", decision_id="d")).use is Use.MISMATCH
-        used = await store.consume(first.id, fp, decision_id="d")
+        assert (
+            await store.consume(first.id, "other", principal=ME, decision_id="d")
+        ).use is Use.MISMATCH
+        used = await store.consume(first.id, fp, principal=ME, decision_id="d")
         assert used.use is Use.GRANTED
-        assert (await store.consume(first.id, fp, decision_id="d")).use is Use.USED
+        assert (await store.consume(first.id, fp, principal=ME, decision_id="d")).use is Use.USED
         assert (await store.get(first.id)).status is ApprovalStatus.USED
         with pytest.raises(Conflict):
             await store.decide(first.id, approve=False, approver="ops", comment="", grant_ttl=60)
         with pytest.raises(NotFound):
             await store.get("apr_missing")
-        assert (await store.consume("apr_missing", fp, decision_id="d")).use is Use.NOT_FOUND
+        assert (
+            await store.consume("apr_missing", fp, principal=ME, decision_id="d")
+        ).use is Use.NOT_FOUND
         fresh = await _open(store)
         assert fresh.id != first.id, "a used approval is not reopened"
     finally:
@@ -220,7 +224,7 @@ async def test_one_grant_lets_exactly_one_concurrent_call_through(backend: Backe
         approval = await _open(store)
         await store.decide(approval.id, approve=True, approver="ops", comment="", grant_ttl=60)
         results = await asyncio.gather(
-            *[store.consume(approval.id, fp, decision_id=f"d{i}") for i in range(20)]
+            *[store.consume(approval.id, fp, principal=ME, decision_id=f"d{i}") for i in range(20)]
         )
         assert [r.use for r in results].count(Use.GRANTED) == 1
         opened_many = await asyncio.gather(
