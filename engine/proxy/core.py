@@ -116,6 +116,27 @@ def _plain_id(value: Any) -> bool:
     return kind is str or kind is int
 
 
+def id_key(request_id: RequestId) -> str:
+    """The key a request id is known by while it is in use: its text, so 7 and "7" are one
+    id. The SDK's streamable HTTP transports (the agent's side of `--listen`, and an
+    upstream URL's server) route each answer to its request's stream by `str(id)`: two
+    requests in flight whose ids have the same text would get one stream, and one answer
+    would be lost."""
+    return str(request_id)
+
+
+def id_in_use(request_id: RequestId) -> str:
+    """The message of the -32600 error that refuses a request whose id is in use."""
+    text = repr(request_id)
+    if len(text) > 80:
+        text = text[:77] + "..."
+    return (
+        f"Invalid Request: request id {text} is already in use in this session by a request "
+        "that has not been answered (or was cancelled, and the server may still answer it); "
+        "the request was neither decided nor forwarded: send it with an id of its own"
+    )
+
+
 def kind_of(value: dict[str, Any]) -> str | None:
     """The kind of JSON-RPC message `value` is, when the SDK's models would read it as
     exactly that object (the same kind, nothing dropped, nothing converted); else None,
@@ -400,10 +421,14 @@ class ProxySession:
         self._asserted = Principal(
             agent_id=options.agent_id, session_id=session_id, user_id=options.user_id
         )
-        self._calls: dict[RequestId, _Call] = {}
+        # Every id in use, by `id_key`: tools/calls from arrival until their answer has
+        # gone to the agent, other requests until the server answers them (the request's
+        # own id, and its method), and requests the agent no longer waits for (cancelled,
+        # timed out) whose answer the server may still send.
+        self._calls: dict[str, _Call] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._pending: dict[RequestId, str] = {}
-        self._abandoned: set[RequestId] = set()
+        self._pending: dict[str, tuple[RequestId, str]] = {}
+        self._abandoned: set[str] = set()
         self._listings: dict[RequestId, anyio.Event] = {}
         self._progress: dict[str | int, RequestId] = {}
         self._progress_of: dict[RequestId, str | int] = {}
@@ -413,6 +438,11 @@ class ProxySession:
         self._frames: FrameWriter | None = None
         self._messages: MessageWriter | None = None
         self._upstream: Upstream | None = None
+
+    def in_use(self, request_id: RequestId) -> bool:
+        """Whether a new request with this id would be refused (see `id_key`)."""
+        key = id_key(request_id)
+        return key in self._calls or key in self._pending or key in self._abandoned
 
     @property
     def principal(self) -> Principal:
@@ -477,23 +507,23 @@ class ProxySession:
             kind = frame.kind
             if kind == REQUEST:
                 request_id = frame.id
-                # A new request owns its id: a late answer to an abandoned one is not it.
-                self._abandoned.discard(request_id)
-                if request_id in self._calls or request_id in self._pending:
+                # The id is checked and taken with no await in between (and a tools/call
+                # takes it before its decision starts): of two requests with one id, the
+                # second is refused here, never decided, never forwarded. Its answer
+                # cannot be told from the first's (over HTTP it would take the first's
+                # stream). A request the agent gave up on keeps its id while the server
+                # may still answer it, so a late answer is never taken for a new one's.
+                if self.in_use(request_id):
+                    log.warning("refused a request whose id is in use: %.80r", request_id)
                     await self._to_agent(
-                        Frame.error(
-                            request_id,
-                            INVALID_REQUEST,
-                            f"request id {request_id!r} is already in use by a request "
-                            "that has not been answered",
-                        )
+                        Frame.error(request_id, INVALID_REQUEST, id_in_use(request_id))
                     )
                     continue
                 method = frame.method
                 if method == TOOLS_CALL:
                     self._start_call(frame)
                     continue
-                self._pending[request_id] = method or "?"
+                self._pending[id_key(request_id)] = (request_id, method or "?")
                 self._track_progress(frame)
             elif kind == NOTIFICATION:
                 method = frame.method
@@ -523,7 +553,7 @@ class ProxySession:
             await self._upstream.send(frame)
         except UpstreamClosed:
             if frame.kind == REQUEST:
-                self._pending.pop(frame.id, None)
+                self._pending.pop(id_key(frame.id), None)
                 await self._to_agent(
                     Frame.error(
                         frame.id,
@@ -539,14 +569,14 @@ class ProxySession:
         request_id = notification.params.get("requestId")
         if not isinstance(request_id, str | int) or isinstance(request_id, bool):
             return False
-        call = self._calls.get(request_id)
+        call = self._calls.get(id_key(request_id))
         if call is None:
             return False
         if call.forwarded:
             # The agent no longer waits; the call may still have run, so its slot stays
             # used (no outcome report).
             call.answered = True
-            self._abandoned.add(request_id)
+            self._abandoned.add(id_key(request_id))
             call.scope.cancel()
             return False
         call.answered = True
@@ -567,8 +597,10 @@ class ProxySession:
             kind = frame.kind
             if (kind == RESPONSE or kind == ERROR) and frame.id is not None:
                 request_id = frame.id
-                call = self._calls.get(request_id)
+                key = id_key(request_id)
+                call = self._calls.get(key)
                 if call is not None and call.forwarded:
+                    self._abandoned.discard(key)  # (given up on, it was still answered)
                     call.answer = frame
                     if not call.answered and not call_failed(frame):
                         # A success goes to the agent at once; the call's task reports
@@ -577,13 +609,15 @@ class ProxySession:
                         call.answered = True
                         self._untrack_progress(request_id)
                         await self._to_agent(frame)
+                        self._release(call)
                     call.arrived.set()
                     continue
-                if request_id in self._abandoned:
-                    self._abandoned.discard(request_id)
-                    log.info("dropped the late upstream answer to request %r", request_id)
+                if key in self._abandoned:
+                    self._abandoned.discard(key)
+                    log.info("dropped the late upstream answer to request %.80r", request_id)
                     continue
-                method = self._pending.pop(request_id, None)
+                pending = self._pending.pop(key, None)
+                method = pending[1] if pending is not None else None
                 self._untrack_progress(request_id)
                 if kind == RESPONSE:
                     if self.server_name is None:
@@ -671,7 +705,7 @@ class ProxySession:
                         f"upstream MCP server {why}; tools/call {call.tool!r} was not forwarded",
                     )
                 )
-        for request_id, method in list(self._pending.items()):
+        for request_id, method in list(self._pending.values()):
             await self._to_agent(
                 Frame.error(
                     request_id,
@@ -726,7 +760,7 @@ class ProxySession:
         # A plain task (the session's task group would cost more per call than the rest
         # of the relay); `_end_calls` ends those left when the session ends.
         call = _Call(request)
-        self._calls[request.id] = call
+        self._calls[id_key(request.id)] = call
         task = call.task = asyncio.get_running_loop().create_task(self._run_call(call))
         self._tasks.add(task)
         task.add_done_callback(self._call_done)
@@ -754,11 +788,18 @@ class ProxySession:
                 if not call.answered:
                     call.answered = True
                     await self._to_agent(answer)
+                    self._release(call)
                 if outcome is not None and outcome[1]:
                     await self._report(*outcome)
         finally:
-            if self._calls.get(call.request.id) is call:
-                del self._calls[call.request.id]
+            self._release(call)
+
+    def _release(self, call: _Call) -> None:
+        """The call's id is free again (its answer has gone to the agent, or the call is
+        over): a new request may use it."""
+        key = id_key(call.request.id)
+        if self._calls.get(key) is call:
+            del self._calls[key]
 
     async def _report(self, decision: Decision, succeeded: bool) -> None:
         """Tell the decision service how the call went (shielded: it must not be lost).
@@ -927,7 +968,7 @@ class ProxySession:
             self._untrack_progress(request_id)
             return answer, (decision, not call_failed(answer))
         if timed_out:
-            self._abandoned.add(request_id)
+            self._abandoned.add(id_key(request_id))
             self._untrack_progress(request_id)
             await self._to_upstream(
                 Frame.notification(
