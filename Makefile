@@ -29,7 +29,7 @@ VALIDATE_PROTO := $(PROTO_DEPS)/buf/validate/validate.proto
 GENERATED := mcppolicy/v1/decision_pb2.py
 
 .PHONY: help setup tools redis-server run test check fmt lint lint-rego lint-proto \
-        lint-python test-rego test-python bench clean fuzz interop-deps
+        lint-python test-rego test-python bench clean fuzz interop-deps real-server
 
 help:
 	@echo "make run    - install what is missing, then serve (gRPC :50051, HTTP :8080)"
@@ -102,7 +102,7 @@ redis-server:
 run: setup
 	$(VENV)/bin/mcp-policy serve
 
-test: setup redis-server interop-deps lint test-rego test-python
+test: setup redis-server interop-deps real-server lint test-rego test-python
 
 # The interop suite's real MCP clients (tests/test_interop.py): the TypeScript SDK, pinned
 # in tests/interop/package-lock.json, installed with `npm ci` into tests/interop/node_modules
@@ -113,6 +113,24 @@ interop-deps: $(INTEROP)/node_modules/.package-lock.json
 
 $(INTEROP)/node_modules/.package-lock.json: $(INTEROP)/package-lock.json $(INTEROP)/package.json
 	npm ci --prefix $(INTEROP) --no-audit --no-fund
+	touch $@
+
+# The real awslabs.healthimaging-mcp-server, which the fixture server stands in for
+# (tests/test_real_server.py compares their tools and runs the real one behind the proxy;
+# tests/test_interop.py too): installed from PyPI by package name into a virtualenv of its
+# own, .tools/realserver/ (it pins its own mcp and boto3, which must not meet the project's),
+# once per version (the stamp names it). tests/fixtures/real_server.py finds it there.
+REAL_SERVER_VERSION := 0.1.1
+REAL_SERVER_VENV := $(CURDIR)/.tools/realserver
+REAL_SERVER_STAMP := $(REAL_SERVER_VENV)/.installed-$(REAL_SERVER_VERSION)
+
+real-server: $(REAL_SERVER_STAMP)
+
+$(REAL_SERVER_STAMP):
+	rm -rf $(REAL_SERVER_VENV)
+	$(PYTHON) -m venv $(REAL_SERVER_VENV)
+	$(REAL_SERVER_VENV)/bin/pip install --quiet --disable-pip-version-check \
+	  "awslabs.healthimaging-mcp-server==$(REAL_SERVER_VERSION)"
 	touch $@
 
 check: test

@@ -15,11 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# A valid copy_image_set call: the shipped policy allows it (within its limit).
+# A valid copy_image_set call, as the real tool takes it: the shipped policy allows it
+# (within its limits).
 ARGUMENTS = {
     "datastore_id": "0123456789abcdef0123456789abcdef",
     "source_image_set_id": "00112233445566778899aabbccddeeff",
+    "copy_image_set_information": {"sourceImageSet": {"latestVersionId": "1"}},
 }
+
+# The shipped per-agent copy limit (20 per 60 s per agent): a file of its own in the
+# copy_image_set rule package.
+AGENT_LIMIT_MODULE = Path("mcp", "rules", "copy_image_set", "agent_limit.rego")
+
+
+def drop_agent_limit(rego: Path) -> None:
+    """In a copy of rego/, remove the shipped per-agent copy limit, so that it never blocks
+    a benchmark (the per-session limit, raised, still counts every call)."""
+    (rego / AGENT_LIMIT_MODULE).unlink()
 
 
 @dataclass(frozen=True)

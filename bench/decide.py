@@ -8,8 +8,9 @@ the input document the service would build: the baseline. All run in the same ru
 the same machine, with the same client concurrency, so the ratio shows what the service
 adds on top of OPA (translation, limits, approvals, the transports).
 
-Each call uses a fresh session so the shipped 10-per-minute limit never blocks it; the
-limiter still does its full work for every call.
+Each call uses a fresh session so the shipped 10-per-minute limit never blocks it (the
+shipped per-agent limit, 20 per minute, is dropped from a copy of rego/ for the same
+reason); the limiter still does its full work for every call.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -29,7 +32,7 @@ import grpc
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.protobuf import struct_pb2
 
-from bench.common import ARGUMENTS, drive
+from bench.common import ARGUMENTS, drive, drop_agent_limit
 from engine.policy.opa_process import OpaProcess, free_loopback_port
 from engine.policy.rest import Opa
 from engine.policy.source import read_bundle
@@ -99,7 +102,10 @@ async def main() -> int:
     await opa.start()
     loader = Opa(opa.url, timeout=10)
     await loader.open()
-    await loader.load(read_bundle([PROJECT_ROOT / "rego", PROJECT_ROOT / "policies"]))
+    policy = Path(tempfile.mkdtemp(prefix="mcp-policy-bench-policy-"))
+    shutil.copytree(PROJECT_ROOT / "rego", policy / "rego")
+    drop_agent_limit(policy / "rego")
+    await loader.load(read_bundle([policy / "rego", PROJECT_ROOT / "policies"]))
     await loader.close()
 
     http_port, grpc_port = free_loopback_port(), free_loopback_port()
@@ -113,6 +119,10 @@ async def main() -> int:
             "serve",
             "--opa-url",
             opa.url,
+            "--policy",
+            str(policy / "rego"),
+            "--policy",
+            str(PROJECT_ROOT / "policies"),
             "--http-port",
             str(http_port),
             "--grpc-port",

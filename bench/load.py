@@ -68,6 +68,7 @@ from bench.common import (
     children_cpu_seconds,
     cpu_seconds,
     descendants,
+    drop_agent_limit,
     machine,
     percentiles,
     process_name,
@@ -273,7 +274,8 @@ def protoset(file: Any) -> bytes:
 
 
 def copy_policy(into: Path) -> list[Path]:
-    """rego/ (without tests) and policies/ under `into`, copy_image_set's limit raised."""
+    """rego/ (without tests) and policies/ under `into`, copy_image_set's limit raised (and
+    its per-agent one dropped)."""
     rego = shutil.copytree(
         PROJECT_ROOT / "rego", into / "rego", ignore=shutil.ignore_patterns("*_test.rego")
     )
@@ -285,6 +287,7 @@ def copy_policy(into: Path) -> list[Path]:
         raise BenchError(f"policies/rules.yaml: {TOOL} is no longer a rate_limit rule")
     rule["rate_limit"] = {"max": RAISED_LIMIT, "window": 60, "scope": "session"}
     rules_file.write_text(yaml.safe_dump(doc))
+    drop_agent_limit(Path(rego))
     return [Path(rego), Path(policies)]
 
 

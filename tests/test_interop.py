@@ -5,13 +5,14 @@ by `make interop-deps` into tests/interop/node_modules, driven by tests/interop/
 and the Python SDK (`mcp` 2.3.0, in the venv). Each talks to `mcp-policy proxy` over stdio
 (the client spawns `mcp-policy proxy --embedded ... -- <fixture server>`) and over streamable
 HTTP (one in-process proxy for the module, a fixture child per MCP session), at each
-protocol version it can be made to speak, and calls a tool with a strict outputSchema
-(copy_image_set) and one with none (summarize_image_set) so that the policy allows, denies,
-rate-limits and asks for approval. Whatever the verdict, the client returns a result (it
-never throws), `isError` says whether the call was refused, the reason is the text content
-and the decision is under `_meta["mcp-policy/decision"]` (never `structuredContent`, which
-the TypeScript client checks against the outputSchema even for errors). Refused calls never
-reach the server. tools/list through the proxy passes each SDK's own validation.
+protocol version it can be made to speak, and calls a tool with an outputSchema
+(copy_image_set, declared as the real server declares it) and one with none
+(summarize_image_set) so that the policy allows, denies, rate-limits and asks for approval.
+Whatever the verdict, the client returns a result (it never throws), `isError` says whether
+the call was refused, the reason is the text content and the decision is under
+`_meta["mcp-policy/decision"]` (never `structuredContent`, which the TypeScript client checks
+against the outputSchema even for errors). Refused calls never reach the server. tools/list
+through the proxy passes each SDK's own validation.
 
 Protocol versions. The TypeScript SDK has no option for it: `Client.connect()` always asks
 for 2025-11-25 in `initialize` and accepts 2025-11-25, 2025-06-18, 2025-03-26, 2024-11-05
@@ -27,20 +28,16 @@ protocols). Pinned to 2026-07-28 the Python client sends no server/discover; the
 then learns the server's name from the `serverInfo` that 2026-07-28 results carry.
 
 And one end-to-end run against the real `awslabs.healthimaging-mcp-server` from PyPI
-(installed into .tools/ on first use), with AWS replaced by a loopback recorder.
+(`make real-server` installs it into .tools/realserver/), with AWS replaced by a loopback
+recorder.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import http.server
 import json
 import shutil
-import subprocess
-import sys
-import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -60,13 +57,16 @@ from engine.proxy.upstream import open_child
 from engine.runtime import Runtime
 from engine.settings import PROJECT_ROOT
 from tests.conftest import (
+    COPY_INFORMATION,
     DATASTORE,
     DATASTORE_2,
     HEALTHIMAGING,
+    INTO_EXISTING,
     add_tools,
     copy_policy,
     settings_for,
 )
+from tests.fixtures import real_server as real
 from tests.fixtures.proxy_harness import (
     FIXTURE,
     INTEROP_ENV,
@@ -249,19 +249,37 @@ class Expect:
     reason: str | None = None  # a part of the decision's reason
 
 
+def copy_arguments(image_set: str) -> dict[str, Any]:
+    """What the real copy_image_set takes, for a plain copy of `image_set`."""
+    return {
+        "datastore_id": DATASTORE,
+        "source_image_set_id": image_set,
+        "copy_image_set_information": COPY_INFORMATION,
+    }
+
+
 def matrix_steps(image_set: str) -> tuple[list[Step], list[Expect]]:
     """listTools, then for each tool: INTEROP_LIMIT allowed calls, a denied one, one that
     needs approval, and one over the limit; last a tool outside the catalog."""
     steps: list[Step] = [{"op": "listTools"}]
     expects: list[Expect] = []
+    # Per tool: its arguments, what makes a call need approval, the rule and a part of the
+    # reason: a copy into an existing image set; summarize_image_set's force.
     tools = {
         COPY_TOOL: (
-            {"datastore_id": DATASTORE, "source_image_set_id": image_set},
-            "force_overwrite",
+            copy_arguments(image_set),
+            {"copy_image_set_information": INTO_EXISTING},
+            "existing_destination",
+            "changing it",
         ),
-        SUMMARY_TOOL: ({"datastore_id": DATASTORE, "image_set_id": image_set}, "force"),
+        SUMMARY_TOOL: (
+            {"datastore_id": DATASTORE, "image_set_id": image_set},
+            {"force": True},
+            "force",
+            "force=true",
+        ),
     }
-    for tool, (args, approval_rule) in tools.items():
+    for tool, (args, needs_approval, approval_rule, why) in tools.items():
         for _ in range(INTEROP_LIMIT):
             steps.append({"op": "callTool", "name": tool, "arguments": args})
             expects.append(Expect(tool, "allow"))
@@ -271,8 +289,8 @@ def matrix_steps(image_set: str) -> tuple[list[Step], list[Expect]]:
         expects.append(
             Expect(tool, "deny", f"{tool}.datastore_id_invalid", "32-character lowercase hex id")
         )
-        steps.append({"op": "callTool", "name": tool, "arguments": {**args, "force": True}})
-        expects.append(Expect(tool, "approval_required", f"{tool}.{approval_rule}", "force=true"))
+        steps.append({"op": "callTool", "name": tool, "arguments": {**args, **needs_approval}})
+        expects.append(Expect(tool, "approval_required", f"{tool}.{approval_rule}", why))
         steps.append({"op": "callTool", "name": tool, "arguments": args})
         expects.append(Expect(tool, "rate_limited", f"catalog.rule.{tool}", "rate limit exceeded"))
     steps.append(
@@ -319,8 +337,8 @@ def check_allowed(line: Line, expect: Expect, image_set: str, where: str) -> Non
     assert DECISION_KEY not in (result.get("_meta") or {}), f"{where}: {result}"
     if expect.tool == COPY_TOOL:
         structured = result["structuredContent"]
-        assert structured["datastoreId"] == DATASTORE
-        assert structured["sourceImageSetProperties"]["imageSetId"] == image_set
+        assert structured["datastore_id"] == DATASTORE
+        assert structured["source_image_set_properties"]["image_set_id"] == image_set
     else:
         assert "structuredContent" not in result, f"{where}: {result}"
         assert any(image_set in text for text in texts(result)), f"{where}: {result}"
@@ -334,11 +352,10 @@ def check_listing(line: Line, where: str) -> None:
     assert "delete_datastore" not in tools  # outside the catalog: hidden
     schema = tools[COPY_TOOL]["outputSchema"]
     assert sorted(schema["required"]) == [
-        "datastoreId",
-        "destinationImageSetProperties",
-        "sourceImageSetProperties",
+        "datastore_id",
+        "destination_image_set_properties",
+        "source_image_set_properties",
     ]
-    assert schema["additionalProperties"] is False
     assert "outputSchema" not in tools[SUMMARY_TOOL]
 
 
@@ -366,10 +383,7 @@ def check_reached(record: Path, image_set: str) -> None:
         for call in calls(record)
         if image_set in json.dumps(call) or call["tool"] == "delete_datastore"
     ]
-    copy = {
-        "tool": COPY_TOOL,
-        "arguments": {"datastore_id": DATASTORE, "source_image_set_id": image_set},
-    }
+    copy = {"tool": COPY_TOOL, "arguments": copy_arguments(image_set)}
     summary = {
         "tool": SUMMARY_TOOL,
         "arguments": {"datastore_id": DATASTORE, "image_set_id": image_set},
@@ -508,7 +522,7 @@ async def test_pinned_2026_client_and_a_proxy_without_a_name(
     record = tmp_path / "calls.jsonl"
     env = clean_env(**{RECORD_ENV: str(record), INTEROP_ENV: "1"})
     image_set = uuid.uuid4().hex
-    args = {"datastore_id": DATASTORE, "source_image_set_id": image_set}
+    args = copy_arguments(image_set)
     plan = {
         "transport": stdio_transport(tmp_path, policy, env, FIXTURE),
         "protocolVersion": "2026-07-28",
@@ -543,122 +557,24 @@ async def test_the_typescript_client_asks_for_2025_11_25_by_itself(
     }
 
 
-# The real awslabs.healthimaging-mcp-server.
-
-REAL_SERVER = "awslabs.healthimaging-mcp-server"
-REAL_SERVER_VERSION = "0.1.1"  # the newest on PyPI (`pip index versions`) when pinned
-REAL_SERVER_DIR = PROJECT_ROOT / ".tools" / f"healthimaging-mcp-server-{REAL_SERVER_VERSION}"
-REQUIREMENT = f"{REAL_SERVER}=={REAL_SERVER_VERSION}"
+# The real awslabs.healthimaging-mcp-server (tests/fixtures/real_server.py).
 
 
 @pytest.fixture(scope="session")
 def real_server() -> list[str]:
-    """The real server's command, from a virtualenv of its own under .tools/ (installed from
-    PyPI on first use, reused while it holds the pinned version)."""
-    executable = REAL_SERVER_DIR / "bin" / REAL_SERVER
-    stamp = REAL_SERVER_DIR / ".installed"
-    REAL_SERVER_DIR.parent.mkdir(parents=True, exist_ok=True)
-    with (REAL_SERVER_DIR.parent / f"{REAL_SERVER_DIR.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (stamp.exists() and stamp.read_text() == REQUIREMENT and executable.exists()):
-            shutil.rmtree(REAL_SERVER_DIR, ignore_errors=True)
-            for command in (
-                [sys.executable, "-m", "venv", str(REAL_SERVER_DIR)],
-                [
-                    str(REAL_SERVER_DIR / "bin" / "python"),
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    REQUIREMENT,
-                ],
-            ):
-                done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-                if done.returncode != 0:
-                    pytest.fail(
-                        f"could not install {REQUIREMENT} ({' '.join(command)} exited "
-                        f"{done.returncode}):\n{done.stdout}\n{done.stderr}"
-                    )
-            stamp.write_text(REQUIREMENT)
-    return [str(executable)]
-
-
-@dataclass(frozen=True)
-class AwsRequest:
-    method: str
-    path: str
-    authorization: str
-
-
-class Recorder:
-    """Stands in for AWS on loopback: records every request, answers each one 403
-    AccessDeniedException (restJson style), so the server fails fast."""
-
-    def __init__(self) -> None:
-        self.requests: list[AwsRequest] = []
-        seen = self.requests
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def answer(self) -> None:
-                length = int(self.headers.get("content-length") or 0)
-                self.rfile.read(length)
-                seen.append(
-                    AwsRequest(self.command, self.path, self.headers.get("authorization", ""))
-                )
-                body = json.dumps({"message": "interop recorder: access denied"}).encode()
-                self.send_response(403)
-                self.send_header("content-type", "application/json")
-                self.send_header("x-amzn-ErrorType", "AccessDeniedException")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = answer
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(10)
+    """The real server's command, from its own virtualenv (`make real-server`)."""
+    return real.command()
 
 
 @pytest.fixture
-def recorder() -> Iterator[Recorder]:
-    running = Recorder()
+def recorder() -> Iterator[real.Recorder]:
+    running = real.Recorder()
     yield running
     running.stop()
 
 
-FAKE_KEY_ID = "AKIAINTEROPTEST00000"
-
-
-def aws_env(recorder: Recorder, tmp: Path) -> dict[str, str]:
-    """Fake credentials and the recorder as the medical-imaging endpoint. botocore reads the
-    region from AWS_DEFAULT_REGION (AWS_REGION alone gives NoRegionError), and CopyImageSet
-    has a `runtime-` host prefix that would turn the endpoint into runtime-127.0.0.1."""
-    env = {k: v for k, v in clean_env().items() if not k.startswith("AWS_")}
-    env.update(
-        AWS_ACCESS_KEY_ID=FAKE_KEY_ID,
-        AWS_SECRET_ACCESS_KEY="interop-test-fake-secret",
-        AWS_REGION="us-east-1",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_EC2_METADATA_DISABLED="true",
-        AWS_CONFIG_FILE=str(tmp / "no-aws-config"),
-        AWS_SHARED_CREDENTIALS_FILE=str(tmp / "no-aws-credentials"),
-        AWS_ENDPOINT_URL_MEDICAL_IMAGING=recorder.url,
-        AWS_DISABLE_HOST_PREFIX_INJECTION="true",
-        AWS_MAX_ATTEMPTS="1",
-        COLUMNS="400",  # the server's rich log lines unwrapped, so the log can be read
-    )
-    return env
+def aws_env(recorder: real.Recorder, tmp: Path) -> dict[str, str]:
+    return real.aws_env(clean_env(), recorder.url, tmp)
 
 
 def real_server_policy(tmp: Path) -> list[Path]:
@@ -671,12 +587,7 @@ def real_server_policy(tmp: Path) -> list[Path]:
 
 
 def real_steps(image_set: str) -> list[Step]:
-    copy = {
-        "datastore_id": DATASTORE,
-        "source_datastore_id": DATASTORE,
-        "source_image_set_id": image_set,
-        "copy_image_set_information": {"sourceImageSet": {"latestVersionId": "1"}},
-    }
+    copy = {**copy_arguments(image_set), "source_datastore_id": DATASTORE}
     return [
         {"op": "listTools"},
         {"op": "callTool", "name": COPY_TOOL, "arguments": copy},
@@ -692,7 +603,7 @@ def real_steps(image_set: str) -> list[Step]:
 
 
 def check_real_server(
-    lines: list[Line], recorder: Recorder, server_log: Path | None, where: str
+    lines: list[Line], recorder: real.Recorder, server_log: Path | None, where: str
 ) -> None:
     connect, listing, copied, listed, malformed, cross, delete = lines
     assert connect["ok"] is True, f"{where}: {connect}"
@@ -733,11 +644,11 @@ def check_real_server(
     # What reached "AWS": the one ListDatastores, signed with the fake key; no CopyImageSet,
     # no DeleteDatastore.
     assert [(r.method, r.path) for r in recorder.requests] == [("GET", "/datastore")]
-    assert f"Credential={FAKE_KEY_ID}/" in recorder.requests[0].authorization
+    assert f"Credential={real.FAKE_KEY_ID}/" in recorder.requests[0].authorization
 
 
 async def test_real_server_behind_the_stdio_proxy_typescript_client(
-    tmp_path: Path, node: str, real_server: list[str], recorder: Recorder
+    tmp_path: Path, node: str, real_server: list[str], recorder: real.Recorder
 ) -> None:
     """The original bug: the real server declares a strict outputSchema for copy_image_set,
     and the TypeScript client read every refusal of it without throwing."""
@@ -751,7 +662,7 @@ async def test_real_server_behind_the_stdio_proxy_typescript_client(
 
 
 async def test_real_server_behind_the_stdio_proxy_python_client(
-    tmp_path: Path, real_server: list[str], recorder: Recorder
+    tmp_path: Path, real_server: list[str], recorder: real.Recorder
 ) -> None:
     spec = stdio_transport(
         tmp_path, real_server_policy(tmp_path), aws_env(recorder, tmp_path), real_server
@@ -764,7 +675,7 @@ async def test_real_server_behind_the_stdio_proxy_python_client(
 
 
 async def test_real_server_behind_the_http_proxy_typescript_client(
-    tmp_path: Path, node: str, real_server: list[str], recorder: Recorder
+    tmp_path: Path, node: str, real_server: list[str], recorder: real.Recorder
 ) -> None:
     runtime = Runtime(
         settings_for(tmp_path, decision_log="off", policy_paths=real_server_policy(tmp_path))

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
+import grpc
+import httpx
 import pytest
 import yaml
 from hypothesis import given, settings
@@ -16,6 +21,8 @@ from engine.state.ratelimit import Limit, MemoryRateLimitStore
 from engine.transports.server import Servers, start_servers
 from tests.clients import GrpcClient, HttpClient
 from tests.conftest import copy_call, copy_policy, session, settings_for
+
+Client = HttpClient | GrpcClient
 
 
 async def test_limit_is_exact_under_concurrent_calls(
@@ -42,6 +49,80 @@ async def test_limits_are_per_session(http: HttpClient) -> None:
         assert (await http.decide(copy_call(first)))["verdict"] == "allow"
     assert (await http.decide(copy_call(first)))["verdict"] == "rate_limited"
     assert (await http.decide(copy_call(second)))["verdict"] == "allow"
+
+
+AGENT_LIMIT = 20  # copy_image_set: 20 per 60 s per agent (rego/mcp/rules/copy_image_set/)
+
+
+def as_agent(body: dict[str, Any], agent: str | None) -> dict[str, Any]:
+    """`body` with principal.agent_id `agent` (None: naming no agent)."""
+    principal = {k: v for k, v in body["principal"].items() if k != "agent_id"}
+    if agent is not None:
+        principal["agent_id"] = agent
+    return {**body, "principal": principal}
+
+
+@pytest.fixture(scope="module")
+async def shipped(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Servers]:
+    """A service of this module's own with the shipped policy as it is (the shared one
+    leaves the per-agent limit out: tests/conftest.py)."""
+    running = await start_servers(settings_for(tmp_path_factory.mktemp("shipped")))
+    yield running
+    await running.stop()
+
+
+@pytest.fixture(params=["http", "grpc"])
+async def shipped_client(request: pytest.FixtureRequest, shipped: Servers) -> AsyncIterator[Client]:
+    if request.param == "http":
+        async with httpx.AsyncClient(base_url=shipped.http_url, timeout=10) as raw:
+            yield HttpClient(raw)
+    else:
+        async with grpc.aio.insecure_channel(shipped.grpc_target) as channel:
+            yield GrpcClient(channel)
+
+
+async def test_sessions_of_one_agent_share_its_limit(shipped_client: Client) -> None:
+    """Three sessions of one agent, 11 copies each, in turn (33 within the window): each
+    session alone would allow 10 (30 in all), the agent allows 20, and a fourth session is
+    no way round it. Another agent is untouched."""
+    client = shipped_client
+    agent = "agent-" + uuid.uuid4().hex[:12]
+    sessions = [session() for _ in range(3)]
+    decisions = [
+        await client.decide(as_agent(copy_call(sid), agent)) for _ in range(11) for sid in sessions
+    ]
+    verdicts = [d["verdict"] for d in decisions]
+    assert verdicts == ["allow"] * AGENT_LIMIT + ["rate_limited"] * (33 - AGENT_LIMIT)
+    for refused in decisions[AGENT_LIMIT:]:
+        assert refused["rule"] == "copy_image_set.agent_limit", refused
+        assert refused["rate_limit"]["scope"] == "agent"
+        assert refused["rate_limit"]["limit"] == AGENT_LIMIT
+        assert refused["rate_limit"]["remaining"] == 0
+    fourth = await client.decide(as_agent(copy_call(), agent))
+    assert (fourth["verdict"], fourth["rule"]) == ("rate_limited", "copy_image_set.agent_limit")
+    other = await client.decide(copy_call())
+    assert other["verdict"] == "allow"
+    assert other["rate_limit"]["remaining"] == 9, "the session's own limit is the tighter"
+
+
+async def test_calls_naming_no_agent_share_one_agent_limit(tmp_path: Path) -> None:
+    """Calls that name no agent cannot be told apart by agent: they share one counter,
+    however many sessions they open (a service of its own, so no other test's anonymous
+    calls count here)."""
+    servers = await start_servers(settings_for(tmp_path))
+    try:
+        async with httpx.AsyncClient(base_url=servers.http_url) as raw:
+            http = HttpClient(raw)
+            decisions = [
+                await http.decide(as_agent(copy_call(), None)) for _ in range(AGENT_LIMIT + 1)
+            ]
+            named = await http.decide(copy_call())
+    finally:
+        await servers.stop()
+    assert [d["verdict"] for d in decisions] == ["allow"] * AGENT_LIMIT + ["rate_limited"]
+    assert decisions[-1]["rule"] == "copy_image_set.agent_limit"
+    assert decisions[-1]["rate_limit"]["scope"] == "global"
+    assert named["verdict"] == "allow", "an agent that names itself has its own counter"
 
 
 async def test_denied_calls_consume_no_quota(http: HttpClient) -> None:

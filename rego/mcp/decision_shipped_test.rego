@@ -15,7 +15,12 @@ _other_store := "fedcba9876543210fedcba9876543210"
 
 _image_set := "00112233445566778899aabbccddeeff"
 
-_args := {"datastore_id": _dest, "source_image_set_id": _image_set}
+_other_set := "ffeeddccbbaa99887766554433221100"
+
+# What the real copy_image_set takes (awslabs.healthimaging-mcp-server 0.1.1).
+_info := {"sourceImageSet": {"latestVersionId": "1"}}
+
+_args := {"datastore_id": _dest, "source_image_set_id": _image_set, "copy_image_set_information": _info}
 
 _request(server, name, args) := {
 	"tool": {"server": server, "name": name, "arguments": args},
@@ -34,6 +39,20 @@ _shipped_limit := {
 	"reason": "at most 10 calls per 60 seconds per session",
 }
 
+# Beside it, from rego/mcp/rules/copy_image_set: 20 per minute per agent, whatever
+# its sessions.
+_agent_limit := {
+	"rule": "copy_image_set.agent_limit",
+	"max": 20,
+	"window_seconds": 60,
+	"scope": "agent",
+	"reason": "at most 20 copies per 60 seconds per agent, over all its sessions",
+}
+
+_shipped_limits := [_shipped_limit, _agent_limit]
+
+_shipped_reason := concat("; ", [_shipped_limit.reason, _agent_limit.reason])
+
 _copy_tool := {"known": true, "category": "write", "risk": "medium"}
 
 test_shipped_rate_limit_when_valid_copy_on_either_server if {
@@ -42,14 +61,75 @@ test_shipped_rate_limit_when_valid_copy_on_either_server if {
 		d == {
 			"action": "rate_limit",
 			"rule": "catalog.rule.copy_image_set",
-			"reason": "at most 10 calls per 60 seconds per session",
-			"rate_limits": [_shipped_limit],
-			"matched": ["catalog.rule.copy_image_set"],
+			"reason": _shipped_reason,
+			"rate_limits": _shipped_limits,
+			"matched": ["catalog.rule.copy_image_set", "copy_image_set.agent_limit"],
 			"shadow": [],
 			"denies_tool": false,
 			"tool": _copy_tool,
 		}
 	}
+}
+
+# Three sessions of one agent share its agent limit: the key the engine counts it
+# under is the agent id (scope agent), never the session.
+test_shipped_agent_limit_same_whatever_the_session if {
+	limits := {json.marshal(d.rate_limits) |
+		some sid in ["s-1", "s-2", "s-3"]
+		request := json.patch(_copy({}), [{"op": "replace", "path": "/principal/session_id", "value": sid}])
+		d := mcp.decision with input as request
+	}
+	limits == {json.marshal(_shipped_limits)}
+}
+
+test_shipped_one_shared_limit_when_no_agent_named if {
+	d := mcp.decision with input as json.remove(_copy({}), ["principal/agent_id"])
+	d.action == "rate_limit"
+	d.rate_limits == [_shipped_limit, object.union(_agent_limit, {
+		"scope": "global",
+		"reason": "at most 20 copies per 60 seconds shared by all calls that name no agent",
+	})]
+}
+
+test_shipped_require_approval_when_copy_into_existing_image_set if {
+	info := object.union(_info, {"destinationImageSet": {"imageSetId": _other_set, "latestVersionId": "2"}})
+	d := mcp.decision with input as _copy({"copy_image_set_information": info})
+	reason := sprintf("copy_image_set copies into the existing image set %s of datastore %s, changing it", [
+		_other_set,
+		_dest,
+	])
+	d == {
+		"action": "require_approval",
+		"rule": "copy_image_set.existing_destination",
+		"reason": reason,
+		"rate_limits": _shipped_limits,
+		"approval": {"rule": "copy_image_set.existing_destination", "reason": reason},
+		"matched": ["catalog.rule.copy_image_set", "copy_image_set.agent_limit", "copy_image_set.existing_destination"],
+		"shadow": [],
+		"denies_tool": false,
+		"tool": _copy_tool,
+	}
+}
+
+test_shipped_deny_when_copy_image_set_information_missing if {
+	d := mcp.decision with input as _request(_hi, "copy_image_set", object.remove(_args, ["copy_image_set_information"]))
+	d.action == "deny"
+	d.rule == "copy_image_set.copy_image_set_information_invalid"
+	d.reason == `copy_image_set: argument "copy_image_set_information" is required`
+	d.rate_limits == []
+	d.denies_tool == false
+}
+
+test_shipped_deny_when_copy_image_set_information_malformed if {
+	info := {"sourceImageSet": {"latestVersionId": "latest"}, "destinationImageSet": "ffee"}
+	d := mcp.decision with input as _copy({"copy_image_set_information": info})
+	d.action == "deny"
+	d.rule == "copy_image_set.copy_image_set_information_invalid"
+	d.reason == concat("; ", [
+		"copy_image_set: copy_image_set_information.destinationImageSet must be an object {imageSetId, latestVersionId}",
+		"copy_image_set: copy_image_set_information.sourceImageSet.latestVersionId must be a version id (1 to 64 digits)",
+	])
+	not d.approval
 }
 
 test_shipped_deny_when_copy_on_unknown_server if {
@@ -59,7 +139,7 @@ test_shipped_deny_when_copy_on_unknown_server if {
 		"rule": "catalog.default",
 		"reason": `tool "copy_image_set" on server "awslabs.s3-mcp-server" is denied (not in the policy catalog)`,
 		"rate_limits": [],
-		"matched": ["catalog.default"],
+		"matched": ["catalog.default", "copy_image_set.agent_limit"],
 		"shadow": [],
 		"denies_tool": true,
 		"tool": {"known": false},
@@ -107,12 +187,12 @@ test_shipped_require_approval_with_limit_when_force_true if {
 		"action": "require_approval",
 		"rule": "copy_image_set.force_overwrite",
 		"reason": "copy_image_set with force=true overwrites a destination image set that has changed",
-		"rate_limits": [_shipped_limit],
+		"rate_limits": _shipped_limits,
 		"approval": {
 			"rule": "copy_image_set.force_overwrite",
 			"reason": "copy_image_set with force=true overwrites a destination image set that has changed",
 		},
-		"matched": ["catalog.rule.copy_image_set", "copy_image_set.force_overwrite"],
+		"matched": ["catalog.rule.copy_image_set", "copy_image_set.agent_limit", "copy_image_set.force_overwrite"],
 		"shadow": [],
 		"denies_tool": false,
 		"tool": _copy_tool,
@@ -122,7 +202,7 @@ test_shipped_require_approval_with_limit_when_force_true if {
 test_shipped_rate_limit_when_force_false if {
 	d := mcp.decision with input as _copy({"force": false})
 	d.action == "rate_limit"
-	d.rate_limits == [_shipped_limit]
+	d.rate_limits == _shipped_limits
 }
 
 test_shipped_deny_when_force_not_boolean if {
@@ -137,13 +217,20 @@ test_shipped_require_approval_when_cross_datastore if {
 	d.action == "require_approval"
 	d.rule == "copy_image_set.cross_datastore"
 	d.approval.rule == "copy_image_set.cross_datastore"
-	d.rate_limits == [_shipped_limit]
+	d.rate_limits == _shipped_limits
 }
 
 test_shipped_rate_limit_when_source_datastore_is_destination if {
 	d := mcp.decision with input as _copy({"source_datastore_id": _dest})
 	d.action == "rate_limit"
-	d.matched == ["catalog.rule.copy_image_set"]
+	d.matched == ["catalog.rule.copy_image_set", "copy_image_set.agent_limit"]
+}
+
+# The real tool's source_datastore_id is a string or null: null is a copy inside datastore_id.
+test_shipped_rate_limit_when_source_datastore_null if {
+	d := mcp.decision with input as _copy({"source_datastore_id": null})
+	d.action == "rate_limit"
+	d.matched == ["catalog.rule.copy_image_set", "copy_image_set.agent_limit"]
 }
 
 test_shipped_approval_lists_both_reasons_when_force_and_cross_datastore if {
@@ -160,8 +247,9 @@ test_shipped_approval_lists_both_reasons_when_force_and_cross_datastore if {
 test_shipped_deny_when_required_arguments_invalid if {
 	d := mcp.decision with input as _request(_hi, "copy_image_set", {"datastore_id": "DS-1"})
 	d.action == "deny"
-	d.rule == "copy_image_set.datastore_id_invalid"
+	d.rule == "copy_image_set.copy_image_set_information_invalid"
 	d.reason == concat("; ", [
+		`copy_image_set: argument "copy_image_set_information" is required`,
 		`copy_image_set: argument "datastore_id" must be a 32-character lowercase hex id`,
 		`copy_image_set: argument "source_image_set_id" is required`,
 	])
@@ -190,9 +278,9 @@ test_shipped_limits_stack_when_user_package_adds_limit if {
 	d := mcp.decision with input as _copy({}) with mcp.rules.extra.rate_limit as {per_user}
 	d.action == "rate_limit"
 	d.rule == "catalog.rule.copy_image_set"
-	d.rate_limits == [_shipped_limit, per_user]
-	d.reason == "at most 10 calls per 60 seconds per session; at most 100 copies per hour per user"
-	d.matched == ["catalog.rule.copy_image_set", "extra.per_user"]
+	d.rate_limits == [_shipped_limit, _agent_limit, per_user]
+	d.reason == concat("; ", [_shipped_reason, "at most 100 copies per hour per user"])
+	d.matched == ["catalog.rule.copy_image_set", "copy_image_set.agent_limit", "extra.per_user"]
 }
 
 test_shipped_user_package_limit_carries_cost_when_given if {
@@ -210,8 +298,8 @@ test_shipped_user_package_limit_carries_cost_when_given if {
 	d := mcp.decision with input as _copy({}) with mcp.rules.extra.rate_limit as {images}
 	d.action == "rate_limit"
 	d.rule == "catalog.rule.copy_image_set"
-	d.rate_limits == [_shipped_limit, images]
-	d.matched == ["catalog.rule.copy_image_set", "extra.images_per_hour"]
+	d.rate_limits == [_shipped_limit, _agent_limit, images]
+	d.matched == ["catalog.rule.copy_image_set", "copy_image_set.agent_limit", "extra.images_per_hour"]
 }
 
 test_shipped_user_package_limit_invalid_when_cost_malformed if {
@@ -232,7 +320,7 @@ test_shipped_user_package_limit_invalid_when_cost_malformed if {
 		d.rule == "decision.invalid_contribution"
 		d.reason == "policy package mcp.rules.extra produced a malformed rate_limit contribution"
 		d.rate_limits == []
-		d.matched == ["catalog.rule.copy_image_set", "decision.invalid_contribution"]
+		d.matched == ["catalog.rule.copy_image_set", "copy_image_set.agent_limit", "decision.invalid_contribution"]
 	}
 }
 
@@ -347,9 +435,9 @@ test_shipped_limit_enforced_and_trial_limit_listed_when_user_package_adds_shadow
 	d == {
 		"action": "rate_limit",
 		"rule": "catalog.rule.copy_image_set",
-		"reason": "at most 10 calls per 60 seconds per session",
-		"rate_limits": [_shipped_limit],
-		"matched": ["catalog.rule.copy_image_set"],
+		"reason": _shipped_reason,
+		"rate_limits": _shipped_limits,
+		"matched": ["catalog.rule.copy_image_set", "copy_image_set.agent_limit"],
 		"shadow": [object.union(object.remove(trial, ["shadow"]), {"level": "rate_limit"})],
 		"denies_tool": false,
 		"tool": _copy_tool,

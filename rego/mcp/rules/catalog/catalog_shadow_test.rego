@@ -302,13 +302,23 @@ test_missing_rule_never_shadow_when_risk_has_no_default if {
 
 # --- end to end through the decision ----------------------------------------------------
 
-# A valid copy_image_set call on "srv": the copy_image_set argument rules contribute nothing.
+# A valid copy_image_set call on "srv": the copy_image_set argument rules contribute nothing
+# but their per-agent limit (_agent_limit: the call names no agent).
 _valid_copy := {
 	"tool": {"server": "srv", "name": "copy_image_set", "arguments": {
 		"datastore_id": "0123456789abcdef0123456789abcdef",
 		"source_image_set_id": "00112233445566778899aabbccddeeff",
+		"copy_image_set_information": {"sourceImageSet": {"latestVersionId": "1"}},
 	}},
 	"principal": {"session_id": "s-1"},
+}
+
+_agent_limit := {
+	"rule": "copy_image_set.agent_limit",
+	"max": 20,
+	"window_seconds": 60,
+	"scope": "global",
+	"reason": "at most 20 copies per 60 seconds shared by all calls that name no agent",
 }
 
 _copy_tool := {"known": true, "category": "write", "risk": "medium"}
@@ -328,7 +338,7 @@ test_decision_shipped_risk_default_and_shadow_limit_when_copy_rule_shadow if {
 			`tool "copy_image_set" on server "awslabs.healthimaging-mcp-server" requires human approval `,
 			"(default for medium-risk tools)",
 		]),
-		"rate_limits": [],
+		"rate_limits": [_agent_limit],
 		"approval": {
 			"rule": "catalog.risk_default.medium",
 			"reason": concat("", [
@@ -336,7 +346,7 @@ test_decision_shipped_risk_default_and_shadow_limit_when_copy_rule_shadow if {
 				"(default for medium-risk tools)",
 			]),
 		},
-		"matched": ["catalog.risk_default.medium"],
+		"matched": ["catalog.risk_default.medium", "copy_image_set.agent_limit"],
 		"shadow": [{
 			"level": "rate_limit",
 			"rule": _copy_id,
@@ -355,7 +365,7 @@ test_decision_risk_default_with_shadow_when_only_tool_rule_is_shadow if {
 	d := data.mcp.decision with data.mcp_policy as _with_rule(rule) with input as _valid_copy
 	d.action == "require_approval"
 	d.rule == "catalog.risk_default.medium"
-	d.matched == ["catalog.risk_default.medium"]
+	d.matched == ["catalog.risk_default.medium", "copy_image_set.agent_limit"]
 	d.shadow == [{
 		"level": "rate_limit",
 		"rule": _copy_id,
@@ -419,7 +429,7 @@ test_decision_invalid_rule_deny_when_shadow_rule_invalid if {
 	d := data.mcp.decision with data.mcp_policy as _with_rule(rule) with input as _valid_copy
 	d.action == "deny"
 	d.rule == "catalog.invalid_rule"
-	d.matched == ["catalog.invalid_rule", "catalog.risk_default.medium"]
+	d.matched == ["catalog.invalid_rule", "catalog.risk_default.medium", "copy_image_set.agent_limit"]
 	d.shadow == []
 }
 
@@ -429,7 +439,7 @@ test_decision_enforced_and_shadow_when_yaml_rule_is_shadow_and_force_true if {
 	d := data.mcp.decision with data.mcp_policy as _with_rule(rule) with input as call
 	d.action == "require_approval"
 	d.rule == "catalog.risk_default.medium"
-	d.matched == ["catalog.risk_default.medium", "copy_image_set.force_overwrite"]
+	d.matched == ["catalog.risk_default.medium", "copy_image_set.agent_limit", "copy_image_set.force_overwrite"]
 	d.shadow == [{"level": "allow", "rule": _copy_id, "reason": "copies are fine"}]
 }
 
