@@ -7,13 +7,54 @@ generated protobuf messages.
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
+from pydantic_core import PydanticCustomError
 
 Id = Annotated[str, Field(min_length=1, max_length=256)]
+
+# A principal id (agent, session, user) keys rate limits, approvals and the decision log,
+# compared byte for byte: " a-1" or "a-1\n" would be another principal that looks like
+# a-1 wherever it is shown. So none begins or ends with whitespace (Unicode separators,
+# \p{Z}) or holds a control character anywhere (C0, DEL, C1: \p{Cc}). The same rule as one
+# regular expression (RE2 and Rust syntax), in the HTTP API's schema and as the
+# buf.validate `pattern` of the principal fields in proto/mcppolicy/v1/types.proto.
+PRINCIPAL_ID_PATTERN = r"^[^\p{Cc}\p{Z}](?:[^\p{Cc}]*[^\p{Cc}\p{Z}])?$"
+
+
+def principal_id_problem(text: str) -> str | None:
+    """What keeps `text` from being a principal id (PRINCIPAL_ID_PATTERN), or None."""
+    if not (text.isascii() and text.isprintable()):  # printable ASCII holds no control
+        for i, char in enumerate(text):
+            if unicodedata.category(char) == "Cc":
+                return f"holds a control character (U+{ord(char):04X}) at character {i}"
+    for where, edge in (("begins", text[:1]), ("ends", text[-1:])):
+        if edge and unicodedata.category(edge).startswith("Z"):
+            return f"{where} with whitespace (U+{ord(edge):04X})"
+    return None
+
+
+def _principal_id(text: str) -> str:
+    problem = principal_id_problem(text)
+    if problem is not None:
+        raise PydanticCustomError(
+            "principal_id",
+            "{problem}: a principal id never begins or ends with whitespace nor holds a "
+            "control character (C0, DEL, C1)",
+            {"problem": problem},
+        )
+    return text
+
+
+PrincipalId = Annotated[
+    str,
+    Field(min_length=1, max_length=256, json_schema_extra={"pattern": PRINCIPAL_ID_PATTERN}),
+    AfterValidator(_principal_id),
+]
 
 
 class Verdict(StrEnum):
@@ -36,9 +77,9 @@ class Principal(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    agent_id: Id | None = None
-    session_id: Id
-    user_id: Id | None = None
+    agent_id: PrincipalId | None = None
+    session_id: PrincipalId
+    user_id: PrincipalId | None = None
     roles: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=64)
 
 
@@ -69,6 +110,14 @@ class DecideRequest(BaseModel):
         description="The agent's own credential (its raw bearer token: a JWT or an API key). "
         "The service verifies it and takes the principal's agent, user and roles from it; "
         "one that does not verify is denied (rule identity.invalid_credential). Never logged.",
+    )
+    principal_verified: StrictBool = Field(
+        default=False,
+        description="The caller verified the principal's agent, user and roles itself (a "
+        "proxy or gateway that checked the agent's token). The service believes that only "
+        "from a caller it has authenticated (a client token or certificate): from any other "
+        "caller the call is denied (rule identity.unproven_caller), never decided on a "
+        "principal weaker than the one the caller proved.",
     )
 
 

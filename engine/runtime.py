@@ -28,6 +28,7 @@ from engine.settings import Settings
 from engine.state.approvals import (
     ApprovalStore,
     MemoryApprovalStore,
+    PendingCaps,
     RedisApprovalStore,
     SqliteApprovalStore,
 )
@@ -112,13 +113,17 @@ class Runtime:
         self._last_ready: bool | None = None
 
     def _stores(self, settings: Settings) -> tuple[RateLimitStore, ApprovalStore]:
+        caps = PendingCaps(
+            per_agent=settings.approval_max_pending_per_agent,
+            per_session=settings.approval_max_pending_per_session,
+        )
         if settings.store == "memory":
-            return MemoryRateLimitStore(), MemoryApprovalStore()
+            return MemoryRateLimitStore(), MemoryApprovalStore(caps=caps)
         if settings.store == "sqlite":
             busy = settings.sqlite_busy_timeout_ms
             return (
                 SqliteRateLimitStore(settings.rate_limits_db, busy_timeout_ms=busy),
-                SqliteApprovalStore(settings.approvals_db, busy_timeout_ms=busy),
+                SqliteApprovalStore(settings.approvals_db, busy_timeout_ms=busy, caps=caps),
             )
         if settings.redis_url is None:
             raise ValueError("state_store redis needs MCP_POLICY_REDIS_URL")
@@ -162,7 +167,7 @@ class Runtime:
             self._redis = redis.asyncio.Redis(connection_pool=pool)
         return (
             RedisRateLimitStore(self._redis, settings.redis_prefix, gate=gate),
-            RedisApprovalStore(self._redis, settings.redis_prefix, gate=gate),
+            RedisApprovalStore(self._redis, settings.redis_prefix, gate=gate, caps=caps),
         )
 
     @property

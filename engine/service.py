@@ -51,7 +51,17 @@ from engine.models import (
 from engine.obs import tracing
 from engine.obs.metrics import UNKNOWN_TOOL, Metrics
 from engine.policy.loader import Policy
-from engine.state.approvals import ApprovalStore, Use, UseResult, fingerprint
+from engine.state.approvals import (
+    ApprovalCursor,
+    ApprovalPage,
+    ApprovalStore,
+    TooManyPending,
+    Use,
+    UseResult,
+    agent_key,
+    fingerprint,
+    use_of,
+)
 from engine.state.decision_log import DecisionLog, DecisionQuery
 from engine.state.ratelimit import Limit, Outcome, RateLimitStore
 from engine.transports import paging
@@ -62,11 +72,25 @@ RULE_ENGINE_UNAVAILABLE = "engine.unavailable"
 RULE_STATE_UNAVAILABLE = "engine.state_unavailable"
 RULE_LIMIT_UNUSABLE = "engine.rate_limit"
 RULE_APPROVAL = "engine.approval"
+RULE_TOO_MANY_PENDING = "approval.too_many_pending"
+RULE_NOT_YOURS = "approval.not_yours"
 RULE_INVALID_CREDENTIAL = "identity.invalid_credential"
+RULE_UNPROVEN_CALLER = "identity.unproven_caller"
+
+UNPROVEN_CALLER_REASON = (
+    "the caller says it verified this principal, but this decision service does not know "
+    "the caller, so it cannot believe it; give the caller a client token "
+    "(mcp-policy clients add NAME, MCP_POLICY_CLIENTS_FILE) or a client certificate "
+    "(MCP_POLICY_TLS_CLIENT_CA)"
+)
 
 
 class _Rejected(Exception):
-    """The request's agent credential did not verify (the message says why)."""
+    """The call's principal cannot be believed: `rule` and the message say why."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(message)
+        self.rule = rule
 
 
 # Where a refusal's CallToolResult carries the structured decision: in `_meta`, which no
@@ -200,15 +224,22 @@ class DecisionService:
                 raise
             span.set_attribute("mcp.server", call.server)
             span.set_attribute("mcp.tool", call.name)
-            rejected: str | None = None
+            rejected: _Rejected | None = None
             if request.credential is not None:
                 try:
                     identity = await self.credentials.verify(request.credential)
                 except CredentialRejected as exc:
-                    rejected = exc.message
+                    rejected = _Rejected(
+                        RULE_INVALID_CREDENTIAL,
+                        f"the agent's credential was not accepted: {exc.message}",
+                    )
                 else:
                     proven = translate.proven_principal(request.principal, identity)
                     request = request.model_copy(update={"principal": proven})
+            if request.principal_verified and identity is None and asserted_by is None:
+                # A principal a caller proved arrives proven (asserted by that caller) or
+                # not at all: never decided as if nobody had proven anything.
+                rejected = _Rejected(RULE_UNPROVEN_CALLER, UNPROVEN_CALLER_REASON)
             input_doc = translate.input_document(
                 call,
                 request,
@@ -225,19 +256,17 @@ class DecisionService:
             shadow: list[dict[str, Any]] = []
             try:
                 if rejected is not None:
-                    raise _Rejected(rejected)
+                    raise rejected
                 result, revision = await self._evaluate(input_doc)
                 evaluated = time.perf_counter()
                 ctx = dataclasses.replace(ctx, revision=revision)
             except _Rejected as exc:
                 # Never decided on the fields the caller declared instead.
-                self.metrics.invalid_credentials.inc()
-                decision = self._refuse(
-                    ctx,
-                    Verdict.DENY,
-                    RULE_INVALID_CREDENTIAL,
-                    f"the agent's credential was not accepted: {exc}",
-                )
+                if exc.rule == RULE_INVALID_CREDENTIAL:
+                    self.metrics.invalid_credentials.inc()
+                else:
+                    self.metrics.unauthenticated_callers.labels(transport).inc()
+                decision = self._refuse(ctx, Verdict.DENY, exc.rule, str(exc))
             except PolicyUnavailable as exc:
                 if exc.kind == "undefined":
                     self.policy.mark_stale()
@@ -284,6 +313,7 @@ class DecisionService:
             matched=result.matched if result else [],
             shadow=shadow,
             dry_run=request.dry_run,
+            flood_key=_flood_key(request, result, decision),
         )
         self.metrics.stages.add(
             translated - started,
@@ -339,15 +369,19 @@ class DecisionService:
                     f"{reason}; a human approval would be required",
                 )
             ttl = spec.ttl_seconds if spec and spec.ttl_seconds else self.limits.approval_ttl
-            with tracing.span(self.tracer, "approvals.open"):
-                opened = await self.approvals.open_or_get(
-                    ctx.call,
-                    request.principal,
-                    rule=rule,
-                    reason=reason,
-                    decision_id=ctx.decision_id,
-                    ttl=ttl,
-                )
+            try:
+                with tracing.span(self.tracer, "approvals.open"):
+                    opened = await self.approvals.open_or_get(
+                        ctx.call,
+                        request.principal,
+                        rule=rule,
+                        reason=reason,
+                        decision_id=ctx.decision_id,
+                        ttl=ttl,
+                    )
+            except TooManyPending as full:  # the store's cap: nothing was opened or taken
+                self.metrics.approval_cap_refusals.labels(full.scope).inc()
+                return self._refuse(ctx, Verdict.DENY, RULE_TOO_MANY_PENDING, full.reason)
             self.metrics.approvals.labels("requested").inc()
             return self._approval_required(ctx, rule, reason, opened)
         # Take the rate-limit slot first so a blocked call does not burn its grant.
@@ -378,6 +412,15 @@ class DecisionService:
             )
         if used.use is Use.PENDING and approval is not None:
             return self._approval_required(ctx, rule, reason, approval)
+        if used.use is Use.NOT_YOURS:  # nothing of the other principal's approval is shown
+            return self._refuse(
+                ctx,
+                Verdict.DENY,
+                RULE_NOT_YOURS,
+                f"approval {request.approval_id} was opened for another agent or user: only "
+                "the principal it was opened for may use it; call without approval_id to ask "
+                "for an approval of your own",
+            )
         why = {
             Use.NOT_FOUND: f"approval {request.approval_id} does not exist",
             Use.MISMATCH: f"approval {request.approval_id} was granted for a different call",
@@ -392,20 +435,20 @@ class DecisionService:
         return self._refuse(ctx, Verdict.DENY, RULE_APPROVAL, why, approval=ref)
 
     async def _use(self, ctx: Ctx, approval_id: str) -> UseResult:
-        """Use the grant (or, in a dry run, only look at it)."""
-        fp = fingerprint(ctx.call, ctx.request.principal.session_id)
+        """Use the grant, if it is this principal's (or, in a dry run, only look at it)."""
+        principal = ctx.request.principal
+        fp = fingerprint(ctx.call, principal.session_id)
         with tracing.span(self.tracer, "approvals.use"):
             if not ctx.dry_run:
-                return await self.approvals.consume(approval_id, fp, decision_id=ctx.decision_id)
+                return await self.approvals.consume(
+                    approval_id, fp, principal=principal, decision_id=ctx.decision_id
+                )
             try:
                 approval = await self.approvals.get(approval_id)
             except NotFound:
                 return UseResult(Use.NOT_FOUND, None)
-            if approval.fingerprint != fp:
-                return UseResult(Use.MISMATCH, approval)
-            if approval.status is ApprovalStatus.APPROVED:
-                return UseResult(Use.GRANTED, approval)
-            return UseResult(Use(approval.status.value), approval)
+            use = use_of(approval, fp, principal)
+            return UseResult(use, None if use is Use.NOT_YOURS else approval)
 
     def _limits(self, ctx: Ctx, specs: list[RateLimitSpec]) -> tuple[Limits_, str | None]:
         principal = ctx.request.principal
@@ -647,6 +690,22 @@ class DecisionService:
     async def list_approvals(self, status: ApprovalStatus | None, limit: int) -> list[Approval]:
         return await self.approvals.list(status, max(1, min(limit, 1000)))
 
+    async def page_approvals(
+        self,
+        viewer: Identity,
+        status: ApprovalStatus | None,
+        size: int,
+        after: ApprovalCursor | None = None,
+    ) -> ApprovalPage:
+        """A page of the approvals `viewer` may see (approver_auth), newest first, from
+        `after`: what both transports list. A page may hold fewer than `size` (those the
+        viewer may not see are skipped) and still have a next one."""
+
+        def visible(approval: Approval) -> bool:
+            return approver_auth.refusal(viewer, approval, "view") is None
+
+        return await self.approvals.page(status, size, after=after, keep=visible)
+
     async def get_approval(self, approval_id: str) -> Approval:
         return await self.approvals.get(approval_id)
 
@@ -693,6 +752,21 @@ class DecisionService:
             event["declared_approver"] = declared  # single-token mode: the body's label
         self.log.write(event)
         return approval
+
+
+def _flood_key(
+    request: DecideRequest, result: PolicyResult | None, decision: Decision
+) -> str | None:
+    """For a refusal by the approval cap (which any agent can repeat at no cost): its agent,
+    whose records the decision log keeps within a per-agent budget. None for the rest."""
+    if (
+        decision.verdict is Verdict.DENY
+        and decision.rule == RULE_TOO_MANY_PENDING
+        and result is not None
+        and result.action == "require_approval"
+    ):
+        return agent_key(request.principal)
+    return None
 
 
 MAX_REASON_CHARS = 1024

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.state.decision_log import LogSettings
@@ -97,8 +97,46 @@ class Settings(BaseSettings):
     http_body_timeout_seconds: float = Field(
         30.0, gt=0, description="An HTTP request body must be complete this long after its head."
     )
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins (scheme://host[:port]) whose browser requests the HTTP API "
+        "accepts besides its own origin; a request with any other Origin header (null "
+        "included) is refused with 403. JSON list in the environment.",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host header values (a name: any port; name:port: that port) the HTTP API "
+        "answers besides loopback names and its own address, where Host is checked: bound "
+        "to loopback, or without clients_file / tls_client_ca. Others get 421 (DNS "
+        "rebinding). JSON list in the environment.",
+    )
+
+    @field_validator("allowed_origins", "allowed_hosts")
+    @classmethod
+    def _guard_entries(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if value:  # the guard's own parsers (imported only when there is something to check)
+            from engine.transports.guard import parse_host, parse_origin
+
+            parse = parse_origin if info.field_name == "allowed_origins" else parse_host
+            for entry in value:
+                parse(entry)
+        return value
+
     max_json_depth: int = Field(24, ge=2, le=30)
     approval_ttl_seconds: float = Field(900, gt=0, description="How long a pending approval waits.")
+    approval_max_pending_per_agent: int = Field(
+        20,
+        ge=1,
+        description="Approvals one agent may have waiting for a human at once, over all its "
+        "sessions (calls without an agent_id count as one agent). A call that would open "
+        "one more is denied (rule approval.too_many_pending). At least 1: there is no "
+        "'no cap'.",
+    )
+    approval_max_pending_per_session: int = Field(
+        10,
+        ge=1,
+        description="Approvals one session of an agent may have waiting at once; as above.",
+    )
     grant_ttl_seconds: float = Field(900, gt=0, description="How long an approved grant lasts.")
     state_store: Literal["memory", "sqlite", "redis"] | None = Field(
         None,
@@ -150,6 +188,13 @@ class Settings(BaseSettings):
         ge=0,
         description="invalid_request events written to the decision log per second at "
         "most; the rest are counted in one summary record. 0: only summaries.",
+    )
+    decision_log_too_many_pending_per_second: float = Field(
+        5,
+        ge=0,
+        description="approval.too_many_pending decisions written to the decision log per "
+        "second per agent at most; the rest are counted in one summary record. 0: only "
+        "summaries.",
     )
     decision_log_max_argument_bytes: int = Field(
         16 * 1024,
@@ -318,6 +363,7 @@ class Settings(BaseSettings):
             retention_days=self.decision_log_retention_days,
             max_argument_bytes=self.decision_log_max_argument_bytes,
             invalid_requests_per_second=self.decision_log_invalid_requests_per_second,
+            too_many_pending_per_second=self.decision_log_too_many_pending_per_second,
         )
 
     @property

@@ -7,6 +7,7 @@ policy denies, not a malformed request.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -115,6 +116,14 @@ def parse_tools_call(message: Any, *, server: str) -> ToolCall:
             "`message.params.arguments` must be an object", field="message.params.arguments"
         )
     return ToolCall(server=server, name=name, arguments=arguments, jsonrpc_id=jsonrpc_id)
+
+
+def gateway_principal_verified(principal: Mapping[str, Any]) -> bool:
+    """Whether a gateway's request says it verified who the agent is: it names the agent,
+    user or roles in its principal headers (set after its own token check). Such a
+    principal is believed only from a gateway the service authenticated; anonymous calls
+    (no principal headers) are decided as anonymous."""
+    return any(principal.get(key) for key in ("agent_id", "user_id", "roles"))
 
 
 def proven_principal(asserted: Principal, identity: Identity | None) -> Principal:

@@ -6,6 +6,7 @@ Nothing here is mocked: the service runs in-process on the test event loop with 
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -48,6 +49,11 @@ def settings_for(tmp: Path, **overrides: Any) -> Settings:
         "approver_token": APPROVER_TOKEN,
         "decision_log": str(tmp / "decisions.jsonl"),
         "reload_interval_seconds": 0,  # tests that watch files turn it on
+        # One service serves a whole test process, every test calling as agent-1: the
+        # default caps on pending approvals (20 per agent) would fill up with the
+        # approvals of earlier tests. tests/test_approval_caps.py tests the caps.
+        "approval_max_pending_per_agent": 100_000,
+        "approval_max_pending_per_session": 100_000,
     }
     values.update(overrides)
     return Settings(**values)
@@ -90,19 +96,43 @@ def session() -> str:
     return "s-" + uuid.uuid4().hex[:12]
 
 
+# What the real copy_image_set requires besides the ids: a plain copy (a new image set).
+COPY_INFORMATION: dict[str, Any] = {"sourceImageSet": {"latestVersionId": "1"}}
+# A copy into an existing image set instead (the shipped policy asks for approval).
+INTO_EXISTING: dict[str, Any] = {
+    "sourceImageSet": {"latestVersionId": "1"},
+    "destinationImageSet": {
+        "imageSetId": "ffeeddccbbaa99887766554433221100",
+        "latestVersionId": "1",
+    },
+}
+
+
 def copy_call(session_id: str | None = None, **arguments: Any) -> dict[str, Any]:
-    args: dict[str, Any] = {"datastore_id": DATASTORE, "source_image_set_id": IMAGE_SET}
+    """A copy_image_set call as the real tool takes it; an argument given replaces the
+    default (None leaves it out). The agent is the session's own, so that tests never share
+    the shipped per-agent copy limit by accident."""
+    sid = session_id or session()
+    args: dict[str, Any] = {
+        "datastore_id": DATASTORE,
+        "source_image_set_id": IMAGE_SET,
+        "copy_image_set_information": copy.deepcopy(COPY_INFORMATION),
+    }
     args.update(arguments)
     return {
         "server": HEALTHIMAGING,
         "tool": "copy_image_set",
         "arguments": {k: v for k, v in args.items() if v is not None},
-        "principal": {
-            "agent_id": "agent-1",
-            "session_id": session_id or session(),
-            "user_id": "user-1",
-        },
+        "principal": {"agent_id": f"agent-{sid}", "session_id": sid, "user_id": "user-1"},
     }
+
+
+def approval_call(session_id: str | None = None, **arguments: Any) -> dict[str, Any]:
+    """A copy_image_set call that needs a human's approval: a copy into an existing image
+    set (copy_image_set.existing_destination)."""
+    return copy_call(
+        session_id, copy_image_set_information=copy.deepcopy(INTO_EXISTING), **arguments
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -139,9 +169,33 @@ def kv_server(request: pytest.FixtureRequest, kv_pool: KvPool) -> KvServer:
     return kv_pool.get(request.param)
 
 
+# The per-agent copy limit: a file of its own in the copy_image_set rule package.
+AGENT_LIMIT_MODULE = Path("mcp", "rules", "copy_image_set", "agent_limit.rego")
+
+
+def without_agent_limit(rego: Path) -> Path:
+    """A copy of rego/ (copy_policy) without the shipped per-agent copy limit (20 per
+    minute per agent; calls that name no agent share one counter): for services many
+    tests share, and for tests that raise copy_image_set's per-session limit."""
+    (rego / AGENT_LIMIT_MODULE).unlink()
+    return rego
+
+
+def shared_policy(tmp: Path) -> list[Path]:
+    """The policy of the shared service (`servers`): the shipped one, in a copy under
+    `tmp`, without the per-agent copy limit."""
+    rego, data = copy_policy(tmp)
+    return [without_agent_limit(rego), data]
+
+
 @pytest.fixture(scope="session")
 async def servers(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Servers]:
-    running = await start_servers(settings_for(tmp_path_factory.mktemp("service")))
+    """The service the tests of a worker share: the shipped policy, without the per-agent
+    copy limit. Every test here has sessions (and agents) of its own, but the calls that
+    name no agent (forward-auth, ext_authz) would all count against that limit's one
+    counter, test after test. tests/test_ratelimit.py checks it on services of its own."""
+    tmp = tmp_path_factory.mktemp("service")
+    running = await start_servers(settings_for(tmp, policy_paths=shared_policy(tmp)))
     yield running
     await running.stop()
 

@@ -39,6 +39,7 @@ from typing import Any
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+from engine.models import principal_id_problem
 from tests.conftest import DATASTORE, HEALTHIMAGING, IMAGE_SET, VALKEY
 
 QUICK_EXAMPLES = 50
@@ -108,7 +109,13 @@ HOSTILE_WORDS = (
 )
 # Names the shipped copy_image_set rules look at; hostile extra arguments avoid them.
 COPY_ARGUMENT_NAMES = frozenset(
-    {"datastore_id", "source_image_set_id", "source_datastore_id", "force"}
+    {
+        "datastore_id",
+        "source_image_set_id",
+        "source_datastore_id",
+        "copy_image_set_information",
+        "force",
+    }
 )
 
 
@@ -601,7 +608,11 @@ def protobuf_noise(valid: bytes, *, deep_field: int | None = None) -> st.SearchS
 # --------------------------------------------------------------------------------------
 # Requests of this service's API, built from the above.
 
-COPY_ARGS: dict[str, Any] = {"datastore_id": DATASTORE, "source_image_set_id": IMAGE_SET}
+COPY_ARGS: dict[str, Any] = {
+    "datastore_id": DATASTORE,
+    "source_image_set_id": IMAGE_SET,
+    "copy_image_set_information": {"sourceImageSet": {"latestVersionId": "1"}},
+}
 HEX_ID = re.compile(r"[0-9a-f]{32}")
 OTHER_SESSION = "s-fuzz-other-session"  # a second principal in duplicate-member bodies
 
@@ -629,13 +640,19 @@ def tools_call(request_id: int | str, name: str, arguments: Any) -> dict[str, An
     }
 
 
+def fuzz_agent(session_id: str) -> str:
+    """The agent of `session_id`'s calls: the session's own, so that no two sessions share
+    the shipped per-agent copy limit (20 a minute) by accident."""
+    return f"fuzz-agent-{session_id}"
+
+
 def _members(session_id: str) -> dict[str, str]:
     """A valid decide body's members as JSON text (an allowed copy for `session_id`)."""
     return {
         "server": json.dumps(HEALTHIMAGING),
         "tool": json.dumps("copy_image_set"),
         "arguments": json.dumps(COPY_ARGS),
-        "principal": json.dumps({"agent_id": "fuzz-agent", "session_id": session_id}),
+        "principal": json.dumps({"agent_id": fuzz_agent(session_id), "session_id": session_id}),
     }
 
 
@@ -675,7 +692,7 @@ def malformed_decide_bodies(
     poison = {"values": values, "members": members}
     body = _members(session_id)
     placement = draw(st.sampled_from(placements))
-    arguments = {**COPY_ARGS, "copy_image_set_information": draw(hostile_values(3))}
+    arguments = {**COPY_ARGS, "notes": draw(hostile_values(3))}
     if placement == "arguments":
         body["arguments"] = draw(poisoned(arguments, **poison))
     elif placement == "context":
@@ -694,7 +711,7 @@ def malformed_decide_bodies(
         body[name] = draw(poison_values() if values is None else values)
     elif placement == "principal":
         body["principal"] = draw(
-            poisoned({"agent_id": "fuzz-agent", "session_id": session_id}, **poison)
+            poisoned({"agent_id": fuzz_agent(session_id), "session_id": session_id}, **poison)
         )
     elif placement == "top-level":
         items = list(body.items())
@@ -752,7 +769,7 @@ def hostile_decide_bodies(draw: st.DrawFn, session_id: str) -> tuple[dict[str, A
         "server": HEALTHIMAGING,
         "tool": "copy_image_set",
         "arguments": dict(COPY_ARGS),
-        "principal": {"agent_id": "fuzz-agent", "session_id": session_id},
+        "principal": {"agent_id": fuzz_agent(session_id), "session_id": session_id},
     }
     kind = draw(st.sampled_from(["tool", "server", "datastore", "payload"]))
     if kind == "tool":
@@ -770,11 +787,13 @@ def hostile_decide_bodies(draw: st.DrawFn, session_id: str) -> tuple[dict[str, A
         expected = "deny copy_image_set.datastore_id_invalid"
     else:
         body["arguments"].update(draw(extra_arguments()))
-        body["arguments"]["copy_image_set_information"] = draw(hostile_values(5))
+        body["arguments"]["notes"] = draw(hostile_values(5))
         body["context"] = draw(hostile_objects(5))
         short = hostile_strings(max_long=256).filter(lambda s: 0 < len(s) <= 256)
-        body["principal"]["agent_id"] = draw(short)
-        body["principal"]["user_id"] = draw(short)
+        # odd ids, yet ids (tests/test_principal_ids.py has the spoiled ones)
+        odd_id = short.filter(lambda s: principal_id_problem(s) is None)
+        body["principal"]["agent_id"] = draw(odd_id)
+        body["principal"]["user_id"] = draw(odd_id)
         body["principal"]["roles"] = draw(
             st.lists(hostile_strings(max_long=256).filter(lambda s: len(s) <= 256), max_size=5)
         )
@@ -794,7 +813,7 @@ def hostile_tools_calls() -> st.SearchStrategy[dict[str, Any]]:
     """Well-formed JSON-RPC tools/call requests with hostile ids, names and arguments; some
     are copies the policy allows (valid ids, hostile content where the policy ignores it)."""
     allowed_shape = st.builds(
-        lambda extra, info: {**COPY_ARGS, **extra, "copy_image_set_information": info},
+        lambda extra, notes: {**COPY_ARGS, **extra, "notes": notes},
         extra_arguments(),
         hostile_values(4),
     )

@@ -12,20 +12,28 @@ import pytest
 
 from engine.transports.server import start_servers
 from tests.clients import ApiError, GrpcClient, HttpClient
-from tests.conftest import APPROVER_TOKEN, DATASTORE_2, copy_call, session, settings_for
+from tests.conftest import (
+    APPROVER_TOKEN,
+    DATASTORE_2,
+    approval_call,
+    copy_call,
+    session,
+    settings_for,
+)
 
 Client = HttpClient | GrpcClient
 
 
-def force_call(sid: str | None = None, **arguments: Any) -> dict[str, Any]:
-    return copy_call(sid or session(), force=True, **arguments)
+def needs_approval(sid: str | None = None, **arguments: Any) -> dict[str, Any]:
+    """A call that needs approval: a copy into an existing image set."""
+    return approval_call(sid or session(), **arguments)
 
 
 async def test_approval_flow(client: Client) -> None:
-    call = force_call()
+    call = needs_approval()
     first = await client.decide(call)
     assert first["verdict"] == "approval_required"
-    assert first["rule"] == "copy_image_set.force_overwrite"
+    assert first["rule"] == "copy_image_set.existing_destination"
     approval_id = first["approval"]["id"]
     assert first["approval"]["status"] == "pending"
     assert approval_id in first["mcp_result"]["content"][0]["text"]
@@ -49,14 +57,14 @@ async def test_approval_flow(client: Client) -> None:
 
     # A different call cannot ride on the grant...
     other = {
-        **force_call(call["principal"]["session_id"], source_image_set_id="f" * 32),
+        **needs_approval(call["principal"]["session_id"], source_image_set_id="f" * 32),
         "approval_id": approval_id,
     }
     mismatch = await client.decide(other)
     assert mismatch["verdict"] == "deny"
     assert "different call" in mismatch["reason"]
     # ...nor can the same call from another session.
-    stolen = {**force_call(), "approval_id": approval_id}
+    stolen = {**needs_approval(), "approval_id": approval_id}
     assert (await client.decide(stolen))["verdict"] == "deny"
 
     # The identical call passes exactly once.
@@ -87,14 +95,14 @@ async def test_denied_approval_denies_with_the_comment(client: Client) -> None:
 
 
 async def test_unknown_approval_id_is_denied(client: Client) -> None:
-    decision = await client.decide({**force_call(), "approval_id": "apr_nope"})
+    decision = await client.decide({**needs_approval(), "approval_id": "apr_nope"})
     assert decision["verdict"] == "deny"
     assert "does not exist" in decision["reason"]
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token", ""])
 async def test_agent_side_cannot_approve(client: Client, token: str | None) -> None:
-    approval_id = (await client.decide(force_call()))["approval"]["id"]
+    approval_id = (await client.decide(needs_approval()))["approval"]["id"]
     expected = {
         None: (401, "UNAUTHENTICATED"),
         "": (401, "UNAUTHENTICATED"),
@@ -120,7 +128,7 @@ async def test_unknown_approval_is_not_found(client: Client) -> None:
 
 async def test_approved_call_still_counts_against_rate_limit(http: HttpClient) -> None:
     sid = session()
-    call = force_call(sid)
+    call = needs_approval(sid)
     approval_id = (await http.decide(call))["approval"]["id"]
     await http.act(APPROVER_TOKEN, approval_id, "approve", "dr-ops")
     for _ in range(10):
@@ -132,7 +140,7 @@ async def test_approved_call_still_counts_against_rate_limit(http: HttpClient) -
 
 
 async def test_concurrent_use_of_one_grant_lets_one_call_through(http: HttpClient) -> None:
-    call = force_call()
+    call = needs_approval()
     approval_id = (await http.decide(call))["approval"]["id"]
     await http.act(APPROVER_TOKEN, approval_id, "approve", "dr-ops")
     decisions = await asyncio.gather(
@@ -150,9 +158,9 @@ async def test_expired_approvals(tmp_path: Path) -> None:
     try:
         async with httpx.AsyncClient(base_url=servers.http_url) as raw:
             client = HttpClient(raw)
-            unused = force_call()
+            unused = needs_approval()
             pending_id = (await client.decide(unused))["approval"]["id"]
-            granted = force_call()
+            granted = needs_approval()
             granted_id = (await client.decide(granted))["approval"]["id"]
             await client.act(APPROVER_TOKEN, granted_id, "approve", "dr-ops")
             await asyncio.sleep(0.4)

@@ -32,6 +32,7 @@ from tests.conftest import (
     HEALTHIMAGING,
     VALKEY,
     add_tools,
+    approval_call,
     copy_call,
     copy_policy,
     session,
@@ -149,7 +150,7 @@ def named(request: pytest.FixtureRequest, named_http: HttpClient, named_grpc: Gr
 
 
 async def pending(client: Client, call: dict[str, Any] | None = None) -> str:
-    decision = await client.decide(call or copy_call(force=True))
+    decision = await client.decide(call or approval_call())
     assert decision["verdict"] == "approval_required", decision
     approval_id: str = decision["approval"]["id"]
     return approval_id
@@ -179,7 +180,7 @@ async def approval_events(world: World, approval_id: str) -> list[dict[str, Any]
 
 
 async def test_the_record_names_the_approver_from_the_file(named: Client, world: World) -> None:
-    call = copy_call(force=True)
+    call = approval_call()
     approval_id = await pending(named, call)
     approved = await named.act_as(world.tokens["alice"], approval_id, "approve", "ok once")
     assert (approved["status"], approved["approver"]) == ("approved", "alice")
@@ -231,7 +232,7 @@ async def test_nobody_approves_a_call_made_on_their_own_behalf(named: Client, wo
     assert error.status == status_of(named, 403, "PERMISSION_DENIED")
 
     # An approver named like the calling agent is that agent.
-    by_alice = copy_call(force=True)
+    by_alice = approval_call()
     by_alice["principal"] = {"agent_id": "alice", "session_id": session(), "user_id": "user-9"}
     own = await pending(named, by_alice)
     error = await refused(named.act_as(world.tokens["alice"], own, "approve"))
@@ -254,7 +255,7 @@ async def test_a_limited_approver_decides_only_its_tool_on_its_server(
     carol = world.tokens["carol"]
     mine = await pending(named)
     other_tool = await pending(named, other_tool_call())
-    other_server = await pending(named, {**copy_call(force=True), "server": VALKEY})
+    other_server = await pending(named, {**approval_call(), "server": VALKEY})
 
     error = await refused(named.act_as(carol, other_tool, "approve"))
     assert error.status == status_of(named, 403, "PERMISSION_DENIED")
@@ -325,7 +326,7 @@ async def test_a_revoked_approver_token_is_refused_within_seconds(
 
 async def test_jwt_approver_with_the_approver_role(named: Client, world: World) -> None:
     token = approver_token(world.issuer, "jane", roles=["approver", "imaging"])
-    call = copy_call(force=True)
+    call = approval_call()
     approval_id = await pending(named, call)
     assert approval_id in [a["id"] for a in await named.approvals(token, status="pending")]
     approved = await named.act_as(token, approval_id, "approve", approver="jane")
@@ -447,7 +448,7 @@ async def test_with_named_approvers_the_operator_token_reads_but_does_not_decide
 async def test_single_token_mode_approver_is_the_operator(client: Client) -> None:
     """No approvers file, no issuer: the approver token approves, as "operator"; a body
     approver (clients of this mode always sent one) is accepted and not recorded."""
-    call = copy_call(force=True)
+    call = approval_call()
     approval_id = await pending(client, call)
     approved = await client.act(APPROVER_TOKEN, approval_id, "approve", "dr-ops", "ok")
     assert (approved["status"], approved["approver"]) == ("approved", "operator")

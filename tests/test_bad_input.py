@@ -141,7 +141,9 @@ async def test_chunked_body_over_the_limit_is_refused(http: HttpClient) -> None:
         for _ in range(20):
             yield b" " * (64 * 1024)
 
-    response = await http.raw.post("/v1/decide", content=chunks())
+    response = await http.raw.post(
+        "/v1/decide", content=chunks(), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 413
 
 

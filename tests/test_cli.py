@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import APPROVER_TOKEN, copy_call, copy_policy
+from tests.conftest import APPROVER_TOKEN, approval_call, copy_call, copy_policy
 from tests.processes import CLI, Serve
 
 
@@ -133,7 +133,7 @@ def test_serve_reloads_on_sighup_and_stops_cleanly(tmp_path: Path) -> None:
     try:
         token_line = server.wait_for("approver token")
         token = token_line.rsplit(" ", 1)[1].strip()
-        pending = server.decide(copy_call(force=True))["approval"]["id"]
+        pending = server.decide(approval_call())["approval"]["id"]
         listed = httpx.get(
             f"{server.url}/v1/approvals",
             params={"status": "pending"},
@@ -196,7 +196,7 @@ async def test_status_prints_a_summary_of_a_running_service(servers: Any, http: 
     import asyncio
 
     denied = await http.decide(copy_call(datastore_id="nope"))
-    pending = await http.decide(copy_call(force=True))
+    pending = await http.decide(approval_call())
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_POLICY_")}
     command = [*CLI, "status", "--url", servers.http_url]
 

@@ -20,9 +20,11 @@ from tests.conftest import (
     DATASTORE_2,
     IMAGE_SET,
     VALKEY,
+    approval_call,
     copy_call,
     session,
     settings_for,
+    shared_policy,
 )
 
 Client = HttpClient | GrpcClient
@@ -37,6 +39,13 @@ def renamed(tool: str) -> dict[str, Any]:
 def on_server(server: str) -> dict[str, Any]:
     call = copy_call()
     call["server"] = server
+    return call
+
+
+def with_arguments(**arguments: Any) -> dict[str, Any]:
+    """copy_call, with `arguments` set as given (None too: sent as JSON null)."""
+    call = copy_call()
+    call["arguments"] = {**call["arguments"], **arguments}
     return call
 
 
@@ -65,7 +74,16 @@ CASES: list[tuple[str, dict[str, Any], str, str, list[str]]] = [
         "catalog.rule.copy_image_set",
         [],
     ),
+    # force is no parameter of the real tool; the shipped pack still checks it for servers
+    # that take it
     ("force-false", copy_call(force=False), "allow", "catalog.rule.copy_image_set", []),
+    (
+        "source-datastore-null",
+        with_arguments(source_datastore_id=None),  # the real tool's default: a string or null
+        "allow",
+        "catalog.rule.copy_image_set",
+        [],
+    ),
     ("raw-jsonrpc-message", as_message(), "allow", "catalog.rule.copy_image_set", []),
     (
         "raw-jsonrpc-string-id",
@@ -115,6 +133,27 @@ CASES: list[tuple[str, dict[str, Any], str, str, list[str]]] = [
         ["approval"],
     ),
     (
+        "into-existing-image-set",
+        approval_call(),
+        "approval_required",
+        "copy_image_set.existing_destination",
+        ["approval", "existing image set"],
+    ),
+    (
+        "missing-copy-information",
+        copy_call(copy_image_set_information=None),
+        "deny",
+        "copy_image_set.copy_image_set_information_invalid",
+        ["copy_image_set_information", "required"],
+    ),
+    (
+        "malformed-copy-information",
+        copy_call(copy_image_set_information={"sourceImageSet": {"latestVersionId": 1}}),
+        "deny",
+        "copy_image_set.copy_image_set_information_invalid",
+        ["latestVersionId"],
+    ),
+    (
         "cross-datastore",
         copy_call(source_datastore_id=DATASTORE_2),
         "approval_required",
@@ -126,8 +165,10 @@ CASES: list[tuple[str, dict[str, Any], str, str, list[str]]] = [
 
 @pytest.fixture(scope="module")
 async def opa_servers(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Servers]:
-    """The service with the other engine: an OPA server it starts, asked over REST."""
-    running = await start_servers(settings_for(tmp_path_factory.mktemp("rest"), engine="opa"))
+    """The service with the other engine: an OPA server it starts, asked over REST (with
+    the shared service's policy)."""
+    tmp = tmp_path_factory.mktemp("rest")
+    running = await start_servers(settings_for(tmp, engine="opa", policy_paths=shared_policy(tmp)))
     yield running
     await running.stop()
 

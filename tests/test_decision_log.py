@@ -18,7 +18,14 @@ from google.protobuf import json_format, timestamp_pb2
 from engine.transports.server import Servers, start_servers
 from mcppolicy.v1 import decision_pb2, decision_pb2_grpc
 from tests.clients import GrpcClient, HttpClient
-from tests.conftest import APPROVER_TOKEN, DATASTORE, copy_call, session, settings_for
+from tests.conftest import (
+    APPROVER_TOKEN,
+    DATASTORE,
+    approval_call,
+    copy_call,
+    session,
+    settings_for,
+)
 
 AUTH = {"Authorization": f"Bearer {APPROVER_TOKEN}"}
 
@@ -120,7 +127,8 @@ async def test_control_characters_cannot_forge_records(
     body = copy_call(sid)
     body["tool"] = f"copy_image_set\n{forged}\r\n"
     body["arguments"]["source_image_set_id"] = f"x\n{forged}\u2028"
-    body["principal"]["agent_id"] = f"a\n{forged}"
+    # (A principal id with a control character is refused before anything is logged:
+    # tests/test_principal_ids.py.)
     decision = await http.decide(body)
     assert decision["verdict"] == "deny"
     await logged.runtime.decision_log.flush()
@@ -177,7 +185,7 @@ async def test_status_summary(logged: Servers, clients: tuple[HttpClient, GrpcCl
     before = (await http.raw.get("/v1/status", headers=AUTH)).json()
     await http.decide(copy_call(datastore_id="bad"))
     await http.decide({**copy_call(), "tool": "delete_datastore"})
-    pending = await http.decide(copy_call(force=True))
+    pending = await http.decide(approval_call())
     after = (await http.raw.get("/v1/status", headers=AUTH)).json()
     assert after["calls"] == before["calls"] + 3
     rules = {d["rule"]: d["count"] for d in after["denials_by_rule"]}

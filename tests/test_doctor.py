@@ -66,7 +66,7 @@ def test_a_good_setup_is_all_ok_and_exits_0(tmp_path: Path) -> None:
     assert line(result, "opa") == f"OK    opa          {CHECKOUT_OPA} (OPA {OPA_VERSION})"
     assert f"OK    policy path  {PROJECT_ROOT / 'rego'}" in result.stdout.splitlines()
     assert f"OK    policy path  {PROJECT_ROOT / 'policies'}" in result.stdout.splitlines()
-    assert line(result, "policy").startswith(f"OK    policy       {SHIPPED_REVISION} (5 Rego")
+    assert line(result, "policy").startswith(f"OK    policy       {SHIPPED_REVISION} (6 Rego")
     assert line(result, "store") == f"OK    store        sqlite in {tmp_path / 'state'}: writable"
     assert line(result, "http") == "OK    http         127.0.0.1:(any free port), TLS off: free"
     assert result.stdout.splitlines()[-1].endswith("everything the service needs is usable")

@@ -26,9 +26,11 @@ from engine.policy.opa_process import OpaProcess
 from engine.transports import extauthz
 from engine.transports.server import Servers, start_servers
 from tests.conftest import (
+    COPY_INFORMATION,
     DATASTORE,
     HEALTHIMAGING,
     IMAGE_SET,
+    INTO_EXISTING,
     VALKEY,
     copy_policy,
     session,
@@ -39,7 +41,11 @@ from tests.test_faults import add_rule_package
 
 
 def arguments(**extra: Any) -> dict[str, Any]:
-    args: dict[str, Any] = {"datastore_id": DATASTORE, "source_image_set_id": IMAGE_SET}
+    args: dict[str, Any] = {
+        "datastore_id": DATASTORE,
+        "source_image_set_id": IMAGE_SET,
+        "copy_image_set_information": COPY_INFORMATION,
+    }
     args.update(extra)
     return {k: v for k, v in args.items() if v is not None}
 
@@ -166,10 +172,10 @@ CASES: list[tuple[str, str, str, str, list[str]]] = [
         ["delete_datastore"],
     ),
     (
-        "force-overwrite",
-        tools_call(force=True),
+        "into-an-existing-image-set",
+        tools_call(copy_image_set_information=INTO_EXISTING),
         "approval_required",
-        "copy_image_set.force_overwrite",
+        "copy_image_set.existing_destination",
         ["approval"],
     ),
 ]

@@ -35,7 +35,11 @@ COPY = {
     "method": "tools/call",
     "params": {
         "name": "copy_image_set",
-        "arguments": {"datastore_id": "0" * 32, "source_image_set_id": "1" * 32},
+        "arguments": {
+            "datastore_id": "0" * 32,
+            "source_image_set_id": "1" * 32,
+            "copy_image_set_information": {"sourceImageSet": {"latestVersionId": "1"}},
+        },
     },
 }
 

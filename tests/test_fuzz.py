@@ -47,7 +47,14 @@ from mcppolicy.v1 import (
     decision_pb2_grpc,
     types_pb2,
 )
-from tests.conftest import APPROVER_TOKEN, HEALTHIMAGING, copy_call, copy_policy, session
+from tests.conftest import (
+    APPROVER_TOKEN,
+    HEALTHIMAGING,
+    approval_call,
+    copy_call,
+    copy_policy,
+    session,
+)
 from tests.fixtures.proxy_harness import FIXTURE, PROXY, clean_env
 from tests.processes import Serve
 from tests.strategies import (
@@ -56,6 +63,7 @@ from tests.strategies import (
     FUZZ,
     AgentLine,
     agent_lines,
+    fuzz_agent,
     hostile_decide_bodies,
     hostile_ints,
     hostile_objects,
@@ -285,7 +293,11 @@ def test_the_text_around_each_poison_is_a_valid_request(service: Service) -> Non
         response = post(service, "/v1/decide", body)
         assert response.status_code == 200, response.text[:500]
         decision = response.json()
-        assert decision["verdict"] in ("allow", "rate_limited"), decision
+        # A stand-in inside copy_image_set_information (an extra key there) makes it one the
+        # real tool does not take: decided too, as that.
+        assert decision["verdict"] in ("allow", "rate_limited") or (
+            decision["rule"] == "copy_image_set.copy_image_set_information_invalid"
+        ), decision
         decisions.append(decision)
 
     examples()
@@ -380,7 +392,7 @@ def test_outcome_reports_that_are_malformed_release_nothing(service: Service) ->
 def test_approval_actions_that_are_malformed_change_nothing(service: Service) -> None:
     """Malformed or ill-typed approve/deny bodies, with the approver token or without:
     a 4xx each, and the approval stays pending."""
-    pending = service.decide(copy_call(force=True))
+    pending = service.decide(approval_call())
     assert pending["verdict"] == "approval_required", pending
     approval_id = pending["approval"]["id"]
     action = {"approver": "fuzz-approver", "comment": "looks fine"}
@@ -544,7 +556,7 @@ def _valid_requests(sid: str, decision_id: str, token: str) -> dict[str, tuple[A
     decide = decision_pb2.DecideRequest(
         server=HEALTHIMAGING,
         tool="copy_image_set",
-        principal=types_pb2.Principal(agent_id="fuzz-agent", session_id=sid),
+        principal=types_pb2.Principal(agent_id=fuzz_agent(sid), session_id=sid),
     )
     decide.arguments.update(COPY_ARGS)
     unknown = "apr_fuzz_no_such_approval"
@@ -671,10 +683,10 @@ def grpc_decide_cases(draw: st.DrawFn, sid: str) -> tuple[Any, str]:
     kind = draw(st.sampled_from(["message", "non-finite", "values", "values"]))
     base = {
         "server": HEALTHIMAGING,
-        "principal": {"agent_id": "fuzz-agent", "session_id": sid},
+        "principal": {"agent_id": fuzz_agent(sid), "session_id": sid},
     }
     if kind == "message":
-        arguments = {**COPY_ARGS, "copy_image_set_information": draw(hostile_values(3))}
+        arguments = {**COPY_ARGS, "notes": draw(hostile_values(3))}
         text = draw(poisoned(tools_call(draw(request_ids()), "copy_image_set", arguments)))
         return to_proto({**base, "message": text}), "invalid"
     if kind == "non-finite":

@@ -4,16 +4,20 @@ allow, and nothing is consumed from the session it names."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
 from tests.clients import HttpClient
-from tests.conftest import DATASTORE, HEALTHIMAGING, IMAGE_SET, session
+from tests.conftest import COPY_INFORMATION, DATASTORE, HEALTHIMAGING, IMAGE_SET, session
 from tests.test_extauthz import Envoy, envoy  # noqa: F401 (the fixture)
 from tests.test_gateway_http import forwarded
 
-ARGS = f'{{"datastore_id":"{DATASTORE}","source_image_set_id":"{IMAGE_SET}"'
+ARGS = (
+    f'{{"datastore_id":"{DATASTORE}","source_image_set_id":"{IMAGE_SET}",'
+    f'"copy_image_set_information":{json.dumps(COPY_INFORMATION)}'
+)
 
 
 def call_text(extra: str = "", name: str = '"copy_image_set"', jsonrpc_id: str = "7") -> str:
@@ -51,8 +55,12 @@ async def full_quota_via_forward_auth(http: HttpClient, sid: str, *, used: int =
         json={
             "server": HEALTHIMAGING,
             "tool": "copy_image_set",
-            "arguments": {"datastore_id": DATASTORE, "source_image_set_id": IMAGE_SET},
-            "principal": {"session_id": sid, "agent_id": "agent-1", "user_id": "user-1"},
+            "arguments": {
+                "datastore_id": DATASTORE,
+                "source_image_set_id": IMAGE_SET,
+                "copy_image_set_information": COPY_INFORMATION,
+            },
+            "principal": {"session_id": sid, "agent_id": f"agent-{sid}", "user_id": "user-1"},
             "dry_run": True,
         },
     )
@@ -91,7 +99,7 @@ async def test_extauthz_refuses_hostile_bodies(
 
 def evaluation(sid: str, arguments: Any) -> dict[str, Any]:
     return {
-        "subject": {"type": "agent", "id": "agent-1", "properties": {"session_id": sid}},
+        "subject": {"type": "agent", "id": f"agent-{sid}", "properties": {"session_id": sid}},
         "action": {"name": "tools/call"},
         "resource": {"type": "mcp_tool", "id": f"{HEALTHIMAGING}/copy_image_set"},
         "context": {"arguments": arguments},
@@ -106,7 +114,11 @@ def evaluation(sid: str, arguments: Any) -> dict[str, Any]:
 async def test_authzen_refuses_hostile_bodies(http: HttpClient, poison: str) -> None:
     sid = session()
     text = (
-        '{"subject":{"type":"agent","id":"agent-1","properties":{"session_id":"' + sid + '"}},'
+        '{"subject":{"type":"agent","id":"agent-'
+        + sid
+        + '","properties":{"session_id":"'
+        + sid
+        + '"}},'
         '"action":{"name":"tools/call"},'
         f'"resource":{{"type":"mcp_tool","id":"{HEALTHIMAGING}/copy_image_set"}},'
         '"context":{"arguments":{"datastore_id":' + poison + "}}}"
@@ -116,7 +128,14 @@ async def test_authzen_refuses_hostile_bodies(http: HttpClient, poison: str) -> 
     )
     assert answer.status_code == 400, answer.text[:300]
     assert set(answer.json()) == {"error"}
-    good = evaluation(sid, {"datastore_id": DATASTORE, "source_image_set_id": IMAGE_SET})
+    good = evaluation(
+        sid,
+        {
+            "datastore_id": DATASTORE,
+            "source_image_set_id": IMAGE_SET,
+            "copy_image_set_information": COPY_INFORMATION,
+        },
+    )
     first = (await http.raw.post("/access/v1/evaluation", json=good)).json()
     assert first["decision"] is True
     assert first["context"]["rate_limit"]["remaining"] == 9, "the refused body took nothing"

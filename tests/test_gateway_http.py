@@ -17,10 +17,12 @@ from engine.transports.server import start_servers
 from tests.clients import HttpClient
 from tests.conftest import (
     APPROVER_TOKEN,
+    COPY_INFORMATION,
     DATASTORE,
     DATASTORE_2,
     HEALTHIMAGING,
     IMAGE_SET,
+    INTO_EXISTING,
     VALKEY,
     copy_policy,
     session,
@@ -36,7 +38,11 @@ MAPPED_HOST = "imaging.gateway.example"
 def tools_call(
     jsonrpc_id: Any = 7, name: str = "copy_image_set", **arguments: Any
 ) -> dict[str, Any]:
-    args: dict[str, Any] = {"datastore_id": DATASTORE, "source_image_set_id": IMAGE_SET}
+    args: dict[str, Any] = {
+        "datastore_id": DATASTORE,
+        "source_image_set_id": IMAGE_SET,
+        "copy_image_set_information": COPY_INFORMATION,
+    }
     args.update(arguments)
     return {
         "jsonrpc": "2.0",
@@ -47,14 +53,13 @@ def tools_call(
 
 
 def forwarded(sid: str | None = None, **extra: str) -> dict[str, str]:
-    """Headers as Traefik forwards them (the original host names the server)."""
+    """Headers as Traefik forwards them (the original host names the server). No principal
+    headers: a gateway that names the agent must prove itself (see `guarded`)."""
     headers = {
         "X-Forwarded-Method": "POST",
         "X-Forwarded-Uri": "/mcp",
         "X-Forwarded-Host": HEALTHIMAGING,
         "Mcp-Session-Id": sid or session(),
-        "X-MCP-Agent-Id": "agent-1",
-        "X-MCP-User-Id": "user-1",
         "Content-Type": "application/json",
     }
     headers.update(extra)
@@ -129,12 +134,14 @@ async def test_forward_auth_rate_limits_after_ten_in_one_session(
     assert other.status_code == 200, "another session has its own limit"
 
 
-async def test_forward_auth_requires_approval_for_force(raw: httpx.AsyncClient) -> None:
-    response = await check(raw, tools_call(force=True), forwarded())
+async def test_forward_auth_requires_approval_for_a_copy_into_an_existing_image_set(
+    raw: httpx.AsyncClient,
+) -> None:
+    response = await check(raw, tools_call(copy_image_set_information=INTO_EXISTING), forwarded())
     assert response.status_code == 403
     decision = refusal(response)
     assert decision["verdict"] == "approval_required"
-    assert decision["rule"] == "copy_image_set.force_overwrite"
+    assert decision["rule"] == "copy_image_set.existing_destination"
     assert decision["approval"]["status"] == "pending"
 
 
@@ -196,20 +203,22 @@ async def test_forward_auth_passes_other_mcp_messages(raw: httpx.AsyncClient) ->
         assert "X-MCP-Policy-Decision-Id" not in response.headers
 
 
-async def test_forward_auth_envoy_style_path_and_method(raw: httpx.AsyncClient) -> None:
-    """Envoy appends the original path to path_prefix and keeps the original method;
-    the original Host is the server when nothing else names one."""
+async def test_forward_auth_envoy_style_path_and_method(plain: httpx.AsyncClient) -> None:
+    """Envoy appends the original path to path_prefix and keeps the original method and
+    Host (so the service must answer that host: MCP_POLICY_ALLOWED_HOSTS); the original
+    Host is the server when nothing else names one."""
     headers = {
         "Host": HEALTHIMAGING,
         "Mcp-Session-Id": session(),
         "Content-Type": "application/json",
     }
-    allowed = await check(raw, tools_call(), headers, path="/v1/check/mcp/v1")
+    allowed = await check(plain, tools_call(), headers, path="/v1/check/mcp/v1")
     assert allowed.status_code == 200
+    assert "X-MCP-Policy-Decision-Id" in allowed.headers
     denied = await check(
-        raw, tools_call(datastore_id="abc"), headers, path="/v1/check/mcp", method="PUT"
+        plain, tools_call(datastore_id="abc"), headers, path="/v1/check/mcp", method="PUT"
     )
-    assert denied.status_code == 403
+    assert denied.status_code == 200  # plain's refusal status
     assert refusal(denied)["verdict"] == "deny"
 
 
@@ -262,6 +271,7 @@ async def plain(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx
         gateway_servers={MAPPED_HOST: HEALTHIMAGING},
         gateway_refusal_status=200,
         gateway_non_mcp="allow",
+        allowed_hosts=[HEALTHIMAGING],  # the Host Envoy's HTTP ext_authz keeps
     )
     running = await start_servers(settings)
     async with httpx.AsyncClient(base_url=running.http_url, timeout=10) as client:
@@ -289,9 +299,12 @@ async def test_forward_auth_non_mcp_allowed_when_configured(plain: httpx.AsyncCl
     assert (await plain.get("/v1/check/mcp", headers=forwarded())).status_code == 200
 
 
-async def test_forward_auth_principal_from_gateway_headers(plain: httpx.AsyncClient) -> None:
-    """No agent credentials configured: the agent's bearer token is not a credential, the
-    principal is what the gateway asserts."""
+async def test_forward_auth_gateway_headers_from_an_unknown_gateway_are_refused(
+    plain: httpx.AsyncClient,
+) -> None:
+    """No decision clients configured: a gateway that names the agent (after its own token
+    check) cannot be known to be the gateway, so the call is denied with the fix in the
+    reason, never decided as if nobody had proven anything; it consumes nothing."""
     headers = forwarded(
         **{
             "X-Forwarded-Host": MAPPED_HOST,
@@ -301,12 +314,14 @@ async def test_forward_auth_principal_from_gateway_headers(plain: httpx.AsyncCli
             "Authorization": "Bearer some-agent-jwt",
         }
     )
-    response = await check(plain, tools_call(name="whoami"), headers)
-    seen = policy_saw(refusal(response)["reason"])
-    assert seen["agent_id"] == "agent-g"
-    assert seen["user_id"] == "gina"
-    assert seen["roles"] == ["reader", "writer"]
-    assert seen["authenticated"] is False
+    for _ in range(12):  # past copy_image_set's limit of 10: nothing was counted
+        response = await check(plain, tools_call(), headers)
+        decision = refusal(response)
+        assert decision["verdict"] == "deny"
+        assert decision["rule"] == "identity.unproven_caller"
+        assert "mcp-policy clients add" in decision["reason"]
+    anonymous = {k: v for k, v in headers.items() if not k.startswith("X-MCP-")}
+    assert (await check(plain, tools_call(), anonymous)).status_code == 200
 
 
 # ---- with decision clients and agent credentials configured -----------------------------
@@ -385,13 +400,18 @@ async def test_authzen_needs_a_proven_caller(guarded: Guarded) -> None:
 def evaluation(
     sid: str | None = None, server: str = HEALTHIMAGING, tool: str = "copy_image_set", **args: Any
 ) -> dict[str, Any]:
-    arguments: dict[str, Any] = {"datastore_id": DATASTORE, "source_image_set_id": IMAGE_SET}
+    arguments: dict[str, Any] = {
+        "datastore_id": DATASTORE,
+        "source_image_set_id": IMAGE_SET,
+        "copy_image_set_information": COPY_INFORMATION,
+    }
     arguments.update(args)
+    sid = sid or session()
     return {
         "subject": {
             "type": "agent",
-            "id": "agent-1",
-            "properties": {"session_id": sid or session(), "user_id": "user-1", "roles": []},
+            "id": f"agent-{sid}",  # the session's own: tests share no per-agent copy limit
+            "properties": {"session_id": sid, "user_id": "user-1", "roles": []},
         },
         "action": {"name": "tools/call"},
         "resource": {"type": "mcp_tool", "id": f"{server}/{tool}"},
@@ -407,7 +427,12 @@ def evaluation(
         (evaluation(datastore_id="abc"), False, "deny", "copy_image_set.datastore_id_invalid"),
         (evaluation(server="some.other-server"), False, "deny", "catalog.default"),
         (evaluation(tool="delete_datastore"), False, "deny", "catalog.default"),
-        (evaluation(force=True), False, "approval_required", "copy_image_set.force_overwrite"),
+        (
+            evaluation(copy_image_set_information=INTO_EXISTING),
+            False,
+            "approval_required",
+            "copy_image_set.existing_destination",
+        ),
         (
             evaluation(source_datastore_id=DATASTORE_2),
             False,
@@ -449,7 +474,7 @@ async def test_authzen_rate_limit_and_dry_run(raw: httpx.AsyncClient) -> None:
 
 async def test_authzen_approved_call_passes_once(raw: httpx.AsyncClient) -> None:
     sid = session()
-    body = evaluation(sid, force=True)
+    body = evaluation(sid, copy_image_set_information=INTO_EXISTING)
     first = (await raw.post("/access/v1/evaluation", json=body)).json()
     approval_id = first["context"]["approval"]["id"]
     auth = {"Authorization": f"Bearer {APPROVER_TOKEN}"}
@@ -475,8 +500,13 @@ def batch(sid: str, items: list[dict[str, Any]], semantic: str | None = None) ->
     return body
 
 
-GOOD = {"context": {"arguments": {"datastore_id": DATASTORE, "source_image_set_id": IMAGE_SET}}}
-BAD = {"context": {"arguments": {"datastore_id": "abc", "source_image_set_id": IMAGE_SET}}}
+_COPY = {
+    "datastore_id": DATASTORE,
+    "source_image_set_id": IMAGE_SET,
+    "copy_image_set_information": COPY_INFORMATION,
+}
+GOOD = {"context": {"arguments": _COPY}}
+BAD = {"context": {"arguments": {**_COPY, "datastore_id": "abc"}}}
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from google.protobuf import timestamp_pb2
 from engine.transports.server import Servers
 from mcppolicy.v1 import approval_pb2, decision_pb2, types_pb2
 from tests.clients import ApiError, GrpcClient, HttpClient
-from tests.conftest import APPROVER_TOKEN, HEALTHIMAGING, copy_call, session
+from tests.conftest import APPROVER_TOKEN, HEALTHIMAGING, approval_call, copy_call, session
 
 Client = HttpClient | GrpcClient
 AUTH = {"Authorization": f"Bearer {APPROVER_TOKEN}"}
@@ -44,7 +44,7 @@ def body_text(sid: str, *, tool: str = '"copy_image_set"', arguments: str = "", 
         "server": json.dumps(HEALTHIMAGING),
         "tool": tool,
         "arguments": args,
-        "principal": json.dumps({"agent_id": "agent-1", "session_id": sid}),
+        "principal": json.dumps({"agent_id": f"agent-{sid}", "session_id": sid}),
         **raw,
     }
     return "{" + ",".join(f'"{k}":{v}' for k, v in fields.items()) + "}"
@@ -334,7 +334,7 @@ async def test_list_decisions_refuses_bad_queries(grpc_client: GrpcClient, reque
 
 
 async def pending_approval(client: Client) -> str:
-    decision = await client.decide(copy_call(force=True))  # an overwrite needs approval
+    decision = await client.decide(approval_call())  # a copy into an image set that exists
     assert decision["verdict"] == "approval_required", decision
     approval_id: str = decision["approval"]["id"]
     return approval_id

@@ -31,7 +31,7 @@ from engine.policy.opa_process import OpaProcess, ToolMissing
 from engine.policy.rest import Opa
 from engine.policy.source import MODULE_PREFIX, PolicyBundle, read_bundle
 from engine.settings import PROJECT_ROOT
-from tests.conftest import DATASTORE_2, HEALTHIMAGING, VALKEY, copy_call
+from tests.conftest import DATASTORE_2, HEALTHIMAGING, VALKEY, approval_call, copy_call
 
 TIMEOUT = 5.0  # generous: these tests are about answers, not speed
 
@@ -124,6 +124,14 @@ CASES: dict[str, dict[str, Any]] = {
     "malformed datastore id": input_for(copy_call("s-parity", datastore_id="not-a-hex-id")),
     "missing image set id": input_for(copy_call("s-parity", source_image_set_id=None)),
     "cross datastore": input_for(copy_call("s-parity", source_datastore_id=DATASTORE_2)),
+    "into an existing image set": input_for(approval_call("s-parity")),
+    "no copy_image_set_information": input_for(
+        copy_call("s-parity", copy_image_set_information=None)
+    ),
+    "malformed copy_image_set_information": input_for(
+        copy_call("s-parity", copy_image_set_information={"sourceImageSet": {}, "x": 1})
+    ),
+    # force: a flag of servers other than the real one, which the shipped pack still checks
     "force true": input_for(copy_call("s-parity", force=True)),
     "force not boolean": input_for(copy_call("s-parity", force="yes")),
     "force by an asserted caller without the role": input_for(

@@ -17,7 +17,15 @@ from engine.models import DecideRequest, Principal
 from engine.policy.source import read_bundle
 from engine.runtime import Runtime
 from engine.settings import PROJECT_ROOT
-from tests.conftest import DATASTORE, HEALTHIMAGING, IMAGE_SET, VALKEY, copy_policy, settings_for
+from tests.conftest import (
+    COPY_INFORMATION,
+    DATASTORE,
+    HEALTHIMAGING,
+    IMAGE_SET,
+    VALKEY,
+    copy_policy,
+    settings_for,
+)
 
 DESCRIPTION = (
     "AWS HealthImaging CopyImageSet: copy an image set, optionally into another "
@@ -274,7 +282,11 @@ async def decisions(tmp: Path, paths: list[Path]) -> dict[tuple[str, str], tuple
                 DecideRequest(
                     server=server,
                     tool=tool,
-                    arguments={"datastore_id": DATASTORE, "source_image_set_id": IMAGE_SET},
+                    arguments={
+                        "datastore_id": DATASTORE,
+                        "source_image_set_id": IMAGE_SET,
+                        "copy_image_set_information": COPY_INFORMATION,
+                    },
                     principal=Principal(session_id="migrate-check"),
                     dry_run=True,
                 ),

@@ -18,7 +18,14 @@ from engine.obs import tracing
 from engine.runtime import Runtime
 from engine.transports.server import Servers, start_servers
 from tests.clients import GrpcClient, HttpClient
-from tests.conftest import APPROVER_TOKEN, copy_call, copy_policy, session, settings_for
+from tests.conftest import (
+    APPROVER_TOKEN,
+    approval_call,
+    copy_call,
+    copy_policy,
+    session,
+    settings_for,
+)
 
 Client = HttpClient | GrpcClient
 AUTH = {"Authorization": f"Bearer {APPROVER_TOKEN}"}
@@ -30,7 +37,7 @@ rate_limit contains {
 	"max": 2, "window_seconds": 60, "scope": "agent", "shadow": true,
 } if input.tool.name == "copy_image_set"
 
-# A trial deny of forced copies from agent "bot".
+# A trial deny of copies from agent "bot".
 deny contains {"rule": "trial.no_bots", "reason": "trial: no bots", "shadow": true} if {
 	input.tool.name == "copy_image_set"
 	input.principal.agent_id == "bot"
@@ -115,19 +122,19 @@ async def test_dry_run_changes_nothing(client: Client, http: HttpClient) -> None
     assert real["rate_limit"]["remaining"] == 9
     assert not real.get("dry_run")
 
-    forced = copy_call(sid, force=True)
-    would = await client.decide({**forced, "dry_run": True})
+    held = approval_call(sid)  # a copy into an existing image set needs approval
+    would = await client.decide({**held, "dry_run": True})
     assert would["verdict"] == "approval_required"
     assert "approval" not in would, "a dry run creates no approval"
     pending = await http.approvals(APPROVER_TOKEN, status="pending")
     assert all(a["principal"]["session_id"] != sid for a in pending)
 
-    approval_id = (await client.decide(forced))["approval"]["id"]
+    approval_id = (await client.decide(held))["approval"]["id"]
     await http.act(APPROVER_TOKEN, approval_id, "approve", "ops")
-    peek = await client.decide({**forced, "approval_id": approval_id, "dry_run": True})
+    peek = await client.decide({**held, "approval_id": approval_id, "dry_run": True})
     assert peek["verdict"] == "allow"
     assert (await http.get_approval(APPROVER_TOKEN, approval_id))["status"] == "approved"
-    used = await client.decide({**forced, "approval_id": approval_id})
+    used = await client.decide({**held, "approval_id": approval_id})
     assert used["verdict"] == "allow"
     assert used["rate_limit"]["remaining"] == 8
 
@@ -150,9 +157,9 @@ async def test_metrics_after_a_known_sequence(tmp_path: Path) -> None:
                 await http.decide(copy_call(sid))  # 10 allowed, 1 rate limited
             await http.decide(copy_call(datastore_id="bad"))
             await http.decide({**copy_call(), "tool": "made_up_tool"})
-            approval = (await http.decide(copy_call(force=True)))["approval"]["id"]
+            approval = (await http.decide(approval_call()))["approval"]["id"]
             await http.act(APPROVER_TOKEN, approval, "approve", "ops")
-            await raw.post("/v1/decide", content=b"{")
+            await raw.post("/v1/decide", content=b"{", headers={"content-type": "application/json"})
             text = (await raw.get("/metrics")).text
     finally:
         await servers.stop()
@@ -167,7 +174,9 @@ async def test_metrics_after_a_known_sequence(tmp_path: Path) -> None:
     assert decisions("rate_limited", "copy_image_set", "catalog.rule.copy_image_set") == 1
     assert decisions("deny", "copy_image_set", "copy_image_set.datastore_id_invalid") == 1
     assert decisions("deny", "(unknown)", "catalog.default") == 1, "unknown tools: one label"
-    assert decisions("approval_required", "copy_image_set", "copy_image_set.force_overwrite") == 1
+    assert (
+        decisions("approval_required", "copy_image_set", "copy_image_set.existing_destination") == 1
+    )
     assert m[("mcp_policy_decision_seconds_count", (("transport", "http"),))] == 14
     assert m[("mcp_policy_opa_seconds_count", ())] == 14
     assert m[("mcp_policy_rate_limit_checks_total", (("outcome", "allowed"),))] == 10

@@ -736,20 +736,24 @@ async def test_agent_and_user_limits_follow_the_token(
 
 
 @pytest.fixture(scope="module")
-async def service(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Servers]:
+async def service(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[tuple[Servers, str]]:
+    """A decision service that knows one proxy (its client token comes along)."""
     tmp = tmp_path_factory.mktemp("proxy-auth-grpc")
-    running = await start_servers(settings_for(tmp, policy_paths=auth_policy(tmp)))
-    yield running
+    token = add_entry(tmp / "clients.yaml", "client_token", "proxy-a")
+    settings = settings_for(tmp, policy_paths=auth_policy(tmp), clients_file=tmp / "clients.yaml")
+    running = await start_servers(settings)
+    yield running, token
     await running.stop()
 
 
 async def test_grpc_decider_sends_the_proven_principal(
-    service: Servers, issuer: Issuer, upstream: Upstream
+    service: tuple[Servers, str], issuer: Issuer, upstream: Upstream
 ) -> None:
+    running_service, token = service
     agent, user = "agent-g" + uuid.uuid4().hex[:6], "user-g" + uuid.uuid4().hex[:6]
     resource = ResourceServer(AuthConfig(issuer=issuer.issuer, audience=AUDIENCE))
     await resource.start()
-    decider = GrpcDecider(service.grpc_target)
+    decider = GrpcDecider(running_service.grpc_target, client_token=token)
     env = upstream.env()
     try:
         running = await start_http_proxy(
@@ -774,8 +778,8 @@ async def test_grpc_decider_sends_the_proven_principal(
         await resource.close()
 
     assert [r.is_error for r in results] == [False] * COPY_LIMIT + [True]
-    await service.runtime.decision_log.flush()
-    log_file = Path(service.runtime.settings.decision_log)
+    await running_service.runtime.decision_log.flush()
+    log_file = Path(running_service.runtime.settings.decision_log)
     records = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
     mine = [
         r

@@ -24,6 +24,7 @@ from tests.fixtures.proxy_harness import (
     clean_env,
     copy_args,
     decision_of,
+    export_args,
     proxy_policy,
     stdio_session,
 )
@@ -69,8 +70,7 @@ async def test_decisions_over_grpc_with_an_http_approval(service: Servers, tmp_p
         assert answer.status_code == 200, answer.text
         approved = await session.call_tool("copy_image_set", approval_args)
         failures = [
-            await session.call_tool(EXPORT_TOOL, {"datastore_id": DATASTORE})
-            for _ in range(EXPORT_LIMIT + 1)
+            await session.call_tool(EXPORT_TOOL, export_args()) for _ in range(EXPORT_LIMIT + 1)
         ]
         check = await approver.post(
             "/v1/decide",
@@ -99,7 +99,7 @@ async def test_decisions_over_grpc_with_an_http_approval(service: Servers, tmp_p
     assert [(c["tool"], c["arguments"]) for c in calls(record)] == [
         ("copy_image_set", allowed_args),
         ("copy_image_set", approval_args),
-        *[(EXPORT_TOOL, {"datastore_id": DATASTORE})] * (EXPORT_LIMIT + 1),
+        *[(EXPORT_TOOL, export_args())] * (EXPORT_LIMIT + 1),
     ]
 
 

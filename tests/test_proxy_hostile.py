@@ -41,7 +41,13 @@ from engine.proxy.embedded import EmbeddedDecider
 from engine.proxy.http import HttpProxy, start_http_proxy
 from engine.proxy.upstream import open_child
 from engine.runtime import Runtime
-from tests.conftest import DATASTORE, HEALTHIMAGING, copy_policy, settings_for
+from tests.conftest import (
+    DATASTORE,
+    HEALTHIMAGING,
+    copy_policy,
+    settings_for,
+    without_agent_limit,
+)
 from tests.fixtures.imaging_server import INBOUND_ENV
 from tests.fixtures.proxy_harness import (
     FIXTURE,
@@ -216,9 +222,10 @@ def check_error(error: dict[str, Any], case: Hostile) -> None:
 
 
 def relaxed_policy(tmp: Path) -> list[Path]:
-    """The shipped policy, with copy_image_set's limit raised so one session can make an
-    allowed call after every hostile message."""
+    """The shipped policy, with copy_image_set's limit raised (and its per-agent one left
+    out) so one session can make an allowed call after every hostile message."""
     rego, data = copy_policy(tmp)
+    without_agent_limit(rego)
     rules_file = data / "rules.yaml"
     rules = yaml.safe_load(rules_file.read_text())
     rules["mcp_policy"]["rules"]["copy_image_set"]["rate_limit"]["max"] = 10_000
@@ -291,7 +298,7 @@ async def test_stdio_hostile_line(stdio_rig: StdioRig, case: Hostile) -> None:
 
     check_error(answer, case)
     assert allowed["result"]["isError"] is False, allowed
-    assert allowed["result"]["structuredContent"]["datastoreId"] == DATASTORE
+    assert allowed["result"]["structuredContent"]["datastore_id"] == DATASTORE
     only_the_allowed_call(lines_of(stdio_rig.inbound)[inbound_before:], args)
     assert calls(stdio_rig.record)[calls_before:] == [{"tool": "copy_image_set", "arguments": args}]
 
@@ -364,7 +371,7 @@ async def test_http_hostile_post(runtime: Runtime, tmp_path: Path, case: Hostile
     check_error(response.json(), case)
     assert allowed.is_error is False
     assert allowed.structured_content is not None
-    assert allowed.structured_content["datastoreId"] == DATASTORE
+    assert allowed.structured_content["datastore_id"] == DATASTORE
     assert sessions == {session_id}
     received = lines_of(inbound)
     assert [m["method"] for m in received[:2]] == ["initialize", "notifications/initialized"]

@@ -25,7 +25,14 @@ from engine.proxy.http import HttpProxy, start_http_proxy
 from engine.proxy.upstream import open_child, open_http
 from engine.runtime import Runtime
 from engine.settings import PROJECT_ROOT
-from tests.conftest import DATASTORE, DATASTORE_2, HEALTHIMAGING, copy_call, settings_for
+from tests.conftest import (
+    DATASTORE,
+    DATASTORE_2,
+    HEALTHIMAGING,
+    INTO_EXISTING,
+    copy_call,
+    settings_for,
+)
 from tests.fixtures.proxy_harness import (
     EXPORT_LIMIT,
     EXPORT_TOOL,
@@ -39,6 +46,7 @@ from tests.fixtures.proxy_harness import (
     copy_args,
     decision_of,
     embedded_args,
+    export_args,
     http_session,
     proxy_policy,
 )
@@ -109,7 +117,7 @@ async def test_decisions_enforced_over_http(runtime: Runtime, record: Path) -> N
     assert sorted(tool.name for tool in listed.tools) == ["copy_image_set", EXPORT_TOOL]
     assert [result.is_error for result in allowed] == [False] * 10
     assert allowed[0].structured_content is not None
-    assert allowed[0].structured_content["datastoreId"] == DATASTORE
+    assert allowed[0].structured_content["datastore_id"] == DATASTORE
     assert limited.is_error is True
     assert decision_of(limited) is not None
     assert decision_of(limited)["verdict"] == "rate_limited"
@@ -136,7 +144,7 @@ async def test_sdk_client_in_auto_mode_speaks_the_2026_protocol(
 
 
 async def test_approval_id_in_meta(runtime: Runtime, record: Path) -> None:
-    args = copy_args(force=True)
+    args = copy_args(copy_image_set_information=INTO_EXISTING)
     async with proxy(runtime, record) as running, http_session(running.url) as session:
         asked = await session.call_tool("copy_image_set", args)
         assert decision_of(asked) is not None
@@ -150,7 +158,7 @@ async def test_approval_id_in_meta(runtime: Runtime, record: Path) -> None:
 
     assert asked.is_error is True
     assert decision_of(asked)["verdict"] == "approval_required"
-    assert "force=true" in text_of(asked)
+    assert "into the existing image set" in text_of(asked)
     assert approved.is_error is False
     assert again.is_error is True
     assert decision_of(again) is not None
@@ -190,8 +198,8 @@ async def test_proxy_waits_for_the_approval(runtime: Runtime, record: Path) -> N
 
 
 async def test_waiting_ends_with_a_denial_or_the_wait(runtime: Runtime, record: Path) -> None:
-    refused_args = copy_args(force=True)
-    unanswered_args = copy_args(force=True)
+    refused_args = copy_args(copy_image_set_information=INTO_EXISTING)
+    unanswered_args = copy_args(copy_image_set_information=INTO_EXISTING)
     async with (
         proxy(runtime, record, approval_wait=30, approval_poll=0.05) as running,
         http_session(running.url) as session,
@@ -226,8 +234,7 @@ async def test_failed_upstream_calls_give_their_rate_limit_slot_back(
         http_session(running.url) as session,
     ):
         results = [
-            await session.call_tool(EXPORT_TOOL, {"datastore_id": DATASTORE})
-            for _ in range(EXPORT_LIMIT + 1)
+            await session.call_tool(EXPORT_TOOL, export_args()) for _ in range(EXPORT_LIMIT + 1)
         ]
 
     # Each call reached the server and failed there, so none of them used up the limit.

@@ -17,7 +17,14 @@ from engine.authoring.validate import schema_errors
 from engine.models import DecideRequest, Principal, Verdict
 from engine.runtime import Runtime
 from engine.settings import PROJECT_ROOT
-from tests.conftest import DATASTORE, HEALTHIMAGING, IMAGE_SET, copy_policy, settings_for
+from tests.conftest import (
+    COPY_INFORMATION,
+    DATASTORE,
+    HEALTHIMAGING,
+    IMAGE_SET,
+    copy_policy,
+    settings_for,
+)
 from tests.fixtures.proxy_harness import FIXTURE, PROXY, HttpFixture, clean_env
 
 
@@ -83,24 +90,35 @@ async def test_scan_writes_a_catalog_file_of_the_server_alone(tmp_path: Path) ->
     text = out.read_text()
     doc = yaml.safe_load(text)
     # Only the server's part of the catalog: nothing that would clash with
-    # policies/rules.yaml when the files are merged.
+    # policies/rules.yaml when the files are merged. The fixture declares its tools as the
+    # real server does, without annotations: no hint says read-only or destructive, so
+    # every tool is guessed a medium-risk write.
     assert doc == {
         "mcp_policy": {
             "catalog": {
                 HEALTHIMAGING: {
                     "copy_image_set": {"category": "write", "risk": "medium"},
-                    "delete_datastore": {"category": "delete", "risk": "high"},
-                    "list_datastores": {"category": "read", "risk": "low"},
+                    "delete_datastore": {"category": "write", "risk": "medium"},
+                    "list_datastores": {"category": "write", "risk": "medium"},
                     "start_dicom_export_job": {"category": "write", "risk": "medium"},
                 }
             }
         }
     }
-    # Descriptions, parameters and annotations as comments.
-    assert "#   Copy an image set (AWS HealthImaging CopyImageSet)." in text
+    # Descriptions and parameters as comments.
+    assert "#   Copy an image set." in text
     assert "#     datastore_id: string, required" in text
-    assert "#     copy_image_set_information: object | null, optional (default null)" in text
-    assert "#     force: boolean, optional (default false)" in text
+    assert "#     copy_image_set_information: object, required" in text
+    assert "#     source_datastore_id: string | null, optional (default null)" in text
+    assert "force" not in text
+    assert "annotations:" not in text
+
+
+async def test_scan_writes_the_annotations_a_server_gives(tmp_path: Path) -> None:
+    out = tmp_path / "scanned.yaml"
+    status, _, err = await cli("scan", "--out", str(out), "--", *other_server(tmp_path, NOTES))
+    assert status == 0, err
+    text = out.read_text()
     assert "#   annotations: readOnlyHint=true" in text
     # The header says which rule each tool gets and where to give it its own.
     header = text[: text.index("mcp_policy:")]
@@ -155,7 +173,11 @@ async def test_scanned_servers_merge_with_the_shipped_policy_and_decide(tmp_path
                 DecideRequest(
                     server=server,
                     tool=tool,
-                    arguments={"datastore_id": DATASTORE, "source_image_set_id": IMAGE_SET},
+                    arguments={
+                        "datastore_id": DATASTORE,
+                        "source_image_set_id": IMAGE_SET,
+                        "copy_image_set_information": COPY_INFORMATION,
+                    },
                     principal=Principal(session_id="scan-check"),
                     dry_run=True,
                 ),
@@ -166,10 +188,13 @@ async def test_scanned_servers_merge_with_the_shipped_policy_and_decide(tmp_path
         await runtime.stop()
     assert got == {
         # The guessed risk picks the shipped risk default...
-        (STAGING, "list_datastores"): (Verdict.ALLOW, "catalog.risk_default.low"),
+        (STAGING, "list_datastores"): (
+            Verdict.APPROVAL_REQUIRED,
+            "catalog.risk_default.medium",
+        ),
         (STAGING, "delete_datastore"): (
             Verdict.APPROVAL_REQUIRED,
-            "catalog.risk_default.high",
+            "catalog.risk_default.medium",
         ),
         (NOTES, "read_note"): (Verdict.ALLOW, "catalog.risk_default.low"),
         (NOTES, "purge_notes"): (Verdict.APPROVAL_REQUIRED, "catalog.risk_default.high"),

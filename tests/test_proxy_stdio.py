@@ -46,7 +46,7 @@ async def test_allowed_call_reaches_the_server_with_exactly_the_evaluated_argume
     tmp_path: Path, record: Path
 ) -> None:
     env = clean_env(**{RECORD_ENV: str(record)})
-    args = copy_args(copy_image_set_information={"sourceImageSet": {"latestVersionId": "1"}})
+    args = copy_args()
     async with stdio_session(
         [*embedded_args(tmp_path), "--", *FIXTURE], env, tmp_path / "proxy.log"
     ) as session:
@@ -54,9 +54,9 @@ async def test_allowed_call_reaches_the_server_with_exactly_the_evaluated_argume
 
     assert result.is_error is False
     assert result.structured_content is not None
-    assert result.structured_content["datastoreId"] == DATASTORE
+    assert result.structured_content["datastore_id"] == DATASTORE
     assert (
-        result.structured_content["sourceImageSetProperties"]["imageSetId"]
+        result.structured_content["source_image_set_properties"]["image_set_id"]
         == (args["source_image_set_id"])
     )
     # The environment reached the child (the record file is named by an env var) and the
@@ -121,7 +121,11 @@ async def test_tools_list_hides_tools_the_policy_always_denies(
     # copy_image_set is catalogued (its deny for empty arguments depends on the arguments);
     # the others are not in the catalog, so every call to them is denied.
     assert [tool.name for tool in listed.tools] == ["copy_image_set"]
-    assert listed.tools[0].input_schema["required"] == ["datastore_id", "source_image_set_id"]
+    assert listed.tools[0].input_schema["required"] == [
+        "datastore_id",
+        "source_image_set_id",
+        "copy_image_set_information",
+    ]
     assert sorted(tool.name for tool in everything.tools) == [
         "copy_image_set",
         "delete_datastore",

@@ -22,7 +22,15 @@ from engine.policy.opa_process import OpaProcess
 from engine.policy.source import read_bundle
 from engine.transports.server import Servers, start_servers
 from tests.clients import GrpcClient, HttpClient
-from tests.conftest import APPROVER_TOKEN, copy_call, copy_policy, session, settings_for
+from tests.conftest import (
+    APPROVER_TOKEN,
+    approval_call,
+    copy_call,
+    copy_policy,
+    session,
+    settings_for,
+    without_agent_limit,
+)
 from tests.kv import KvServer
 from tests.processes import Serve
 
@@ -31,9 +39,11 @@ PAY = {"server": "payments-mcp", "tool": "pay"}
 
 
 def edit_policy(tmp: Path, copy_limit: int) -> tuple[Path, Path]:
-    """The shipped policy with copy_image_set at `copy_limit` per minute, plus a `pay` tool
-    whose limit is a spend cap of 100 per minute counting its `amount` argument."""
+    """The shipped policy with copy_image_set at `copy_limit` per minute (without its
+    per-agent limit), plus a `pay` tool whose limit is a spend cap of 100 per minute
+    counting its `amount` argument."""
     rego, data = copy_policy(tmp)
+    without_agent_limit(rego)
     rules_file = data / "rules.yaml"
     rules = yaml.safe_load(rules_file.read_text())
     rules["mcp_policy"]["rules"]["copy_image_set"]["rate_limit"]["max"] = copy_limit
@@ -148,9 +158,9 @@ async def test_counters_and_approvals_survive_a_restart(
     tmp_path: Path, kind: str, kv_pool: Any
 ) -> None:
     settings = store_settings(kind, tmp_path, kv_pool.get("redis") if kind == "redis" else None)
-    counted, pending, granted = copy_call(), copy_call(force=True), copy_call(force=True)
+    counted, pending, granted = copy_call(), approval_call(), approval_call()
     granted["arguments"]["source_datastore_id"] = "a" * 32
-    used = copy_call(force=True, source_datastore_id="b" * 32)
+    used = approval_call(source_datastore_id="b" * 32)
     servers = await start_servers(settings)
     try:
         async with httpx.AsyncClient(base_url=servers.http_url) as raw:
@@ -302,8 +312,8 @@ async def test_rate_limit_fail_open_is_an_explicit_choice(
             decision = await client.decide(copy_call())
             assert decision["verdict"] == "allow"
             assert "rate_limit" not in decision
-            forced = await client.decide(copy_call(force=True))
-            assert forced["verdict"] == "deny", "approvals always fail closed"
+            held = await client.decide(approval_call())
+            assert held["verdict"] == "deny", "approvals always fail closed"
     finally:
         kv_server.start()
         await servers.stop()

@@ -42,7 +42,14 @@ from mcppolicy.v1 import (
     types_pb2,
 )
 from tests.clients import GrpcClient
-from tests.conftest import APPROVER_TOKEN, HEALTHIMAGING, copy_call, session, settings_for
+from tests.conftest import (
+    APPROVER_TOKEN,
+    HEALTHIMAGING,
+    approval_call,
+    copy_call,
+    session,
+    settings_for,
+)
 
 DEPTH = 24
 OPERATOR = (("authorization", f"Bearer {APPROVER_TOKEN}"),)
@@ -422,7 +429,7 @@ async def make_approvals(service: Service, count: int, *, user: str = "user-1") 
     """`count` pending approvals (one per session), oldest first."""
     ids = []
     for _ in range(count):
-        body = copy_call(force=True)  # an overwrite needs approval
+        body = approval_call()  # a copy into an existing image set needs approval
         body["principal"]["user_id"] = user
         decision = await service.client.decide(body)
         assert decision["verdict"] == "approval_required", decision

@@ -6,7 +6,8 @@ inventing tool names cannot grow the series without bound).
 
 The decision log's series are read from it at scrape time:
 `mcp_policy_decision_log_records_total{result}` — written (to every sink), dropped (lost
-by a sink), suppressed (invalid_request events only counted in a summary record);
+by a sink), suppressed (invalid_request events, and approval.too_many_pending decisions
+past their per-agent budget, only counted in a summary record);
 `mcp_policy_decision_log_modified_records_total{change}` — sanitised, truncated;
 `mcp_policy_decision_log_failed_batches_total{sink}` — jsonl, database;
 `mcp_policy_decision_log_healthy` (1 while the writer runs and every sink's last write
@@ -101,7 +102,8 @@ class _DecisionLogCollector(Collector):
         )
         records.add_metric(["written"], health["written"])
         records.add_metric(["dropped"], health["dropped"])
-        records.add_metric(["suppressed"], health["suppressed_invalid_requests"])
+        suppressed = health["suppressed_invalid_requests"] + health["suppressed_decisions"]
+        records.add_metric(["suppressed"], suppressed)
         yield records
         modified = CounterMetricFamily(
             "mcp_policy_decision_log_modified_records",
@@ -182,6 +184,13 @@ class Metrics:
             "mcp_policy_shadow",
             "Shadow rules that matched: what they would have done.",
             ["level", "rule"],
+            registry=r,
+        )
+        self.approval_cap_refusals = Counter(
+            "mcp_policy_approval_cap_refusals",
+            "Calls denied (rule approval.too_many_pending) because they would have opened "
+            "one approval more than the cap allows to wait at once, by cap (agent, session).",
+            ["cap"],
             registry=r,
         )
         self.invalid_requests = Counter(

@@ -24,7 +24,7 @@ from engine.settings import PROJECT_ROOT, Settings
 
 if TYPE_CHECKING:
     from engine.proxy.auth import AuthConfig, ResourceServer
-    from engine.proxy.serve import UpstreamSpec
+    from engine.proxy.serve import SessionLimits, UpstreamSpec
 
 # The commands import the proxy (and the MCP SDK) only when they run, so `mcp-policy
 # serve` and `decide` start as fast as before.
@@ -69,6 +69,28 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def _principal_id(text: str) -> str:
+    from engine.models import principal_id_problem
+
+    problem = principal_id_problem(text) if text else "is empty"
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{text!r} {problem}")
+    return text
+
+
 def _pem_file(text: str) -> bytes:
     """The contents of a PEM file given on the command line."""
     try:
@@ -90,6 +112,93 @@ def _embedded_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--decision-log", help='decision log file, "-" for stderr, "off"')
     group.add_argument("--opa-url", help="use this OPA instead of starting one")
     group.add_argument("--opa-binary", help="OPA binary to start (MCP_POLICY_OPA_BINARY)")
+
+
+def _session_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "sessions (--listen): each holds an upstream connection (with a command: a child)"
+    )
+    group.add_argument(
+        "--max-sessions",
+        type=_count,
+        metavar="N",
+        help="sessions open at once in all; more get HTTP 503 (default 1000)",
+    )
+    group.add_argument(
+        "--max-sessions-per-principal",
+        type=_count,
+        metavar="N",
+        help="sessions one principal (the agent and user --auth-* proves, else the client's "
+        "address) may have open at once; more get HTTP 429 (default 10)",
+    )
+    group.add_argument(
+        "--session-idle-timeout",
+        type=_positive_seconds,
+        metavar="SECONDS",
+        help="close a session with no request in flight for this long, freeing its place "
+        "(default 1800)",
+    )
+
+
+def _session_limits(args: argparse.Namespace) -> tuple[SessionLimits | None, str | None]:
+    """The --max-sessions* and --session-idle-timeout settings, or what is wrong."""
+    from engine.proxy.serve import SessionLimits
+
+    limits = SessionLimits(
+        max_sessions=args.max_sessions,
+        max_sessions_per_principal=args.max_sessions_per_principal,
+        idle_timeout=args.session_idle_timeout,
+    )
+    if limits == SessionLimits():
+        return None, None
+    if args.listen is None:
+        return None, "--max-sessions* and --session-idle-timeout go with --listen"
+    return limits, None
+
+
+def _origin(text: str) -> str:
+    from engine.transports.guard import parse_origin
+
+    try:
+        parse_origin(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
+
+
+def _allowed_host(text: str) -> str:
+    from engine.transports.guard import parse_host
+
+    try:
+        parse_host(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
+
+
+def _guard_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "browsers and DNS rebinding (--listen): a request with an Origin header must come "
+        "from the listener's own origin or an --allowed-origin (else 403); on loopback or "
+        "without --auth-*, its Host must be a loopback name, the listener's address or an "
+        "--allowed-host (else 421)"
+    )
+    group.add_argument(
+        "--allowed-origin",
+        action="append",
+        type=_origin,
+        metavar="ORIGIN",
+        help="a web origin (scheme://host[:port]) whose pages may call the proxy; repeat "
+        "for several",
+    )
+    group.add_argument(
+        "--allowed-host",
+        action="append",
+        type=_allowed_host,
+        metavar="HOST",
+        help="a Host the listener answers (name: any port, name:port: that port), e.g. the "
+        "name clients reach it by; repeat for several",
+    )
 
 
 def _auth_options(parser: argparse.ArgumentParser) -> None:
@@ -207,6 +316,7 @@ def add_proxy_commands(subparsers: Any) -> None:
         "--listen", type=_host_port, metavar="HOST:PORT", help="serve streamable HTTP here"
     )
     proxy.add_argument("--path", default="/mcp", help="MCP endpoint path with --listen")
+    _session_options(proxy)
     _upstream_options(proxy)
     where = proxy.add_mutually_exclusive_group()
     where.add_argument(
@@ -243,12 +353,13 @@ def add_proxy_commands(subparsers: Any) -> None:
         "service (mcp-policy clients add), sent as a bearer token; default %(default)s",
     )
     _auth_options(proxy)
+    _guard_options(proxy)
     proxy.add_argument(
         "--server-name",
         help="MCP server name in decisions (default: the serverInfo.name the server reports)",
     )
-    proxy.add_argument("--agent-id", help="principal.agent_id of the decisions")
-    proxy.add_argument("--user-id", help="principal.user_id of the decisions")
+    proxy.add_argument("--agent-id", type=_principal_id, help="principal.agent_id of the decisions")
+    proxy.add_argument("--user-id", type=_principal_id, help="principal.user_id of the decisions")
     proxy.add_argument(
         "--approval-wait",
         type=_seconds,
@@ -361,13 +472,23 @@ def _proxy(args: argparse.Namespace) -> int:
     if (args.decision_cert is None) != (args.decision_key is None):
         print("mcp-policy proxy: --decision-cert and --decision-key go together", file=sys.stderr)
         return EXIT_USAGE
+    sessions, problem = _session_limits(args)
+    if problem is not None:
+        print(f"mcp-policy proxy: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if (args.allowed_origin or args.allowed_host) and args.listen is None:
+        print(
+            "mcp-policy proxy: --allowed-origin and --allowed-host go with --listen",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     resource = _resource_server(args)
     if isinstance(resource, int):
         return resource
     upstream = _upstream(args)
     # The proxy itself (and the MCP SDK) only once the command line is known to be good.
     from engine.proxy.core import ProxyOptions
-    from engine.proxy.decider import Decider
+    from engine.proxy.decider import Decider, DecisionUnavailable, ProxyUnknown
     from engine.proxy.serve import run_http, run_stdio
 
     try:
@@ -416,6 +537,9 @@ def _proxy(args: argparse.Namespace) -> int:
                     path=args.path,
                     auth=resource,
                     insecure=args.insecure,
+                    sessions=sessions,
+                    allowed_origins=args.allowed_origin or (),
+                    allowed_hosts=args.allowed_host or (),
                 )
             return await run_stdio(decider, options, upstream)
         finally:
@@ -430,6 +554,12 @@ def _proxy(args: argparse.Namespace) -> int:
         return EXIT_POLICY_REJECTED
     except IdentityUnavailable as exc:  # the keys file, or the issuer's metadata or JWKS
         print(f"mcp-policy proxy: cannot check credentials: {exc.message}", file=sys.stderr)
+        return EXIT_CANNOT_CONNECT
+    except ProxyUnknown as exc:
+        print(f"mcp-policy proxy: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except DecisionUnavailable as exc:  # asked before serving: the service is unreachable
+        print(f"mcp-policy proxy: {exc.message}", file=sys.stderr)
         return EXIT_CANNOT_CONNECT
     except ToolMissing as exc:
         print(f"mcp-policy proxy: {exc.message}", file=sys.stderr)

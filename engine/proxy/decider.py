@@ -23,6 +23,11 @@ class DecisionUnavailable(EngineError):
     """The decision service could not be asked (down, slow, or answering an error)."""
 
 
+class ProxyUnknown(EngineError):
+    """The decision service would not know this proxy: the principals the proxy verifies
+    would reach it unproven, so the proxy must not serve (the message says the fix)."""
+
+
 class Decider(Protocol):
     """Asks for decisions and reports outcomes; raises InvalidRequest or DecisionUnavailable.
 
@@ -33,6 +38,13 @@ class Decider(Protocol):
     async def decide(
         self, request: DecideRequest, identity: Identity | None = None
     ) -> Decision: ...
+
+    async def require_known(self) -> None:
+        """Before a listener that verifies agents (--auth-*) opens: ProxyUnknown when the
+        decision service would not know this proxy, DecisionUnavailable when it cannot be
+        asked. The one hand-off of a verified principal: what the proxy proved arrives as
+        proven (asserted by this proxy) or the proxy does not start."""
+        ...
 
     async def report_outcome(
         self, decision_id: str, outcome_token: str, *, succeeded: bool

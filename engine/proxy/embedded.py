@@ -33,6 +33,9 @@ class EmbeddedDecider:
     async def decide(self, request: DecideRequest, identity: Identity | None = None) -> Decision:
         return await self.runtime.service.decide(request, transport=TRANSPORT, identity=identity)
 
+    async def require_known(self) -> None:
+        """The service is in this process: the identity goes to it as proven."""
+
     async def report_outcome(
         self, decision_id: str, outcome_token: str, *, succeeded: bool
     ) -> bool:

@@ -13,10 +13,10 @@ import grpc
 from engine.errors import EngineError, InvalidRequest
 from engine.identity.base import Identity
 from engine.models import DecideRequest, Decision
-from engine.proxy.decider import DecisionUnavailable
+from engine.proxy.decider import DecisionUnavailable, ProxyUnknown
 from engine.translate import proven_principal
 from engine.transports import wire
-from mcppolicy.v1 import decision_pb2_grpc
+from mcppolicy.v1 import decision_pb2, decision_pb2_grpc
 
 
 def decide_message(request: DecideRequest) -> Any:
@@ -76,16 +76,41 @@ class GrpcDecider:
             f"decision service at {self.target} could not {what} ({code.name}: {details})"
         )
 
+    async def require_known(self) -> None:
+        if await self.who_am_i() is None:
+            raise ProxyUnknown(
+                f"the decision service at {self.target} does not know this proxy, so the "
+                "agents --auth-* proves would reach it unproven; on the service run "
+                "`mcp-policy clients add NAME` and give the proxy the token it prints in "
+                "MCP_POLICY_CLIENT_TOKEN (or a client certificate: --decision-cert and "
+                "--decision-key, with MCP_POLICY_TLS_CLIENT_CA on the service)"
+            )
+
+    async def who_am_i(self) -> str | None:
+        """The name the service proves this proxy by (client token or certificate), or
+        None when the service knows no caller."""
+        try:
+            response = await self._stub.WhoAmI(
+                decision_pb2.WhoAmIRequest(), timeout=self.timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc, "say who it takes this proxy for") from exc
+        return wire.who_am_i_from_proto(response)
+
     async def decide(self, request: DecideRequest, identity: Identity | None = None) -> Decision:
         """With an `identity`, the proven agent, user and roles go in the request's
-        principal, asserted by this proxy: the service believes them as far as it trusts
-        the proxy (`principal.asserted_by` names it; `principal.authenticated` stays false
-        there). A caller that wants the service to verify the agent itself sends the
-        agent's token in `DecideRequest.credential` instead.
+        principal, marked `principal_verified`: the service believes them because it
+        knows this proxy (`principal.asserted_by` names it; `principal.authenticated`
+        stays false there), and denies the call (identity.unproven_caller) when it does
+        not. A caller that wants the service to verify the agent itself sends the agent's
+        token in `DecideRequest.credential` instead.
         """
         if identity is not None:
             request = request.model_copy(
-                update={"principal": proven_principal(request.principal, identity)}
+                update={
+                    "principal": proven_principal(request.principal, identity),
+                    "principal_verified": True,
+                }
             )
         try:
             response = await self._stub.Decide(

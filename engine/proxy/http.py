@@ -12,6 +12,12 @@ error (-32700 or -32600), and never reach a session; what passes is handed to th
 transport as the very same bytes. The SDK transport answers the rest of what is malformed
 itself (missing session ids, wrong content types or Accept headers).
 
+Before anything here sees a request, the HTTP guard every listener shares
+(engine/transports/guard.py) checks it, whatever the --listen address: a foreign
+`Origin` is 403 (the MCP transport's MUST), on loopback or without --auth-* a `Host` that
+is not a loopback name, the listener's address or an `--allowed-host` is 421 (DNS
+rebinding), and a POST that is not `application/json` is 415.
+
 With a `ResourceServer` (`--auth-*`, see auth.py) every request to the endpoint is
 authenticated first, and answered 401/403 there without a credential that passes; the
 identity it proves is the principal of the session's decisions. A session belongs to the
@@ -31,6 +37,21 @@ When the upstream ends (the child exits, or never started), a handshake session 
 and answers every request with a JSON-RPC error saying so, until the agent deletes it or
 it idles out; a stateless relay ends with it, and the next request opens a new one. The
 proxy itself keeps serving new sessions.
+
+Every open session holds an upstream (a child process each, with a command), so there are
+caps, both checked before anything is started: `max_sessions` in all (then 503), and
+`max_sessions_per_principal` for each principal (then 429, with a JSON-RPC error naming
+the cap and how to free a place), so that one caller cannot take every place. Handshake
+sessions and stateless relays count alike; the principal is the one the credential proved
+(its agent and user), else, without --auth-*, the client's address. A session with no
+request in flight for `idle_timeout` seconds is closed (a handshake session's id is then
+404), and its place is free again; a DELETE frees it at once.
+
+Within a handshake session a request id is one request's until it is answered: the SDK
+transport keeps one response stream per id (by its text, so 7 and "7" are one id), and a
+second POST with an id in use would take the first one's stream and lose its answer. Such
+a POST is refused here (400, -32600 naming the id), before the transport or the relay
+sees it, as is one whose id the relay still holds (see `ProxySession.in_use`).
 """
 
 from __future__ import annotations
@@ -44,7 +65,7 @@ import logging
 import math
 import re
 import uuid
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from http import HTTPStatus
@@ -54,6 +75,7 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from mcp.server.streamable_http import (
+    GET_STREAM_KEY,
     MCP_SESSION_ID_HEADER,
     StreamableHTTPServerTransport,
     check_accept_headers,
@@ -61,8 +83,6 @@ from mcp.server.streamable_http import (
 from mcp.server.transport_security import (
     DEFAULT_MAX_REQUEST_BODY_SIZE,
     RequestBodyLimitMiddleware,
-    TransportSecurityMiddleware,
-    TransportSecuritySettings,
 )
 from mcp.shared.inbound import (
     ERROR_CODE_HTTP_STATUS,
@@ -100,6 +120,7 @@ from engine.proxy.auth import (
     owner_of,
 )
 from engine.proxy.core import (
+    REQUEST,
     UPSTREAM_CLOSED,
     Frame,
     MalformedMessage,
@@ -108,10 +129,13 @@ from engine.proxy.core import (
     ProxySession,
     Upstream,
     error_response,
+    id_in_use,
+    id_key,
 )
 from engine.proxy.decider import Decider
 from engine.proxy.listing import ToolFilter
 from engine.proxy.screen import MAX_DEPTH, screen_line
+from engine.transports.guard import HttpGuard, listener_guard
 from engine.transports.server import QuietUvicornServer, listen_http
 from engine.transports.tls import is_loopback
 
@@ -119,9 +143,11 @@ log = logging.getLogger(__name__)
 
 SESSION_IDLE_TIMEOUT = 30 * 60.0
 MAX_SESSIONS = 1000
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_SESSIONS_PER_PRINCIPAL = 10
 
 OpenUpstream = Callable[[], AbstractAsyncContextManager[Upstream]]
+# Whose sessions a new one counts against (see `session_principal`).
+SessionPrincipal = tuple[str, ...]
 
 # 2026-07-28: the header a client may send to name its decision session (see
 # `stateless_session`), and how its value may look.
@@ -146,6 +172,33 @@ def _json_error(status: int, code: int, message: str, data: Any = None) -> Respo
     content = body.model_dump(mode="json", by_alias=True, exclude_none=True)
     content["id"] = None  # JSON-RPC 2.0: an error that answers no request says id null
     return Response(json.dumps(content), status_code=status, media_type="application/json")
+
+
+def session_principal(scope: Scope, identity: Identity | None) -> SessionPrincipal:
+    """Whose place a new session takes (`max_sessions_per_principal`): the principal the
+    credential proved, its agent and user (every credential of theirs counts together),
+    or the credential when it proves neither; without one (no --auth-*: loopback, or
+    --insecure) the client's address."""
+    if identity is not None:
+        if identity.agent_id or identity.user_id:
+            return ("principal", identity.agent_id or "", identity.user_id or "")
+        return ("credential", identity.method, identity.subject)
+    client = scope.get("client") or ("?", 0)
+    return ("address", str(client[0]))
+
+
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives `body` (read already), then the connection's own messages."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def _malformed(malformed: MalformedMessage) -> Response:
@@ -206,28 +259,7 @@ async def screen_post(
     read = await _read_body(scope, receive, send, max_body=max_body, max_depth=max_depth)
     if read is None:
         return None
-    body = read[0]
-    replayed = False
-
-    async def replay() -> Message:
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-def security_for(host: str) -> TransportSecuritySettings | None:
-    """DNS-rebinding protection on loopback, as the SDK's own servers set it up."""
-    if host not in LOOPBACK:
-        return None
-    return TransportSecuritySettings(
-        enable_dns_rebinding_protection=True,
-        allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"],
-        allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
-    )
+    return _replaying(read[0], receive)
 
 
 async def refuse_all(
@@ -327,9 +359,11 @@ class StatelessRelay:
         session_id: str,
         identity: Identity | None,
         version: str,
+        principal: SessionPrincipal,
     ) -> None:
         self.app = app
         self.key = key
+        self.principal = principal
         self.version = version
         options = app.options
         if options.server_name is None and app.server_name is not None:
@@ -571,20 +605,22 @@ class ProxyApp:
         decider: Decider,
         options: ProxyOptions,
         open_upstream: OpenUpstream,
-        security: TransportSecuritySettings | None,
         idle_timeout: float | None = SESSION_IDLE_TIMEOUT,
         max_body: int = DEFAULT_MAX_REQUEST_BODY_SIZE,
         max_depth: int = MAX_DEPTH,
         auth: ResourceServer | None = None,
         stateless: bool = True,
+        max_sessions: int = MAX_SESSIONS,
+        max_sessions_per_principal: int = MAX_SESSIONS_PER_PRINCIPAL,
     ) -> None:
         self.path = path
+        self.max_sessions = max_sessions
+        self.max_sessions_per_principal = max_sessions_per_principal
         self.auth = auth
         self.stateless = stateless
         self.decider = decider
         self.options = options
         self.open_upstream = open_upstream
-        self.security = security
         self.idle_timeout = idle_timeout
         self.max_body = max_body
         self.max_depth = max_depth
@@ -593,6 +629,9 @@ class ProxyApp:
         # Who opened each session (None: nobody authenticated), and its relay.
         self._owners: dict[str, Owner | None] = {}
         self._relays: dict[str, ProxySession] = {}
+        # Whose place each session takes, and the ids of its POSTs in the transport.
+        self._principals: dict[str, SessionPrincipal] = {}
+        self._in_flight: dict[str, set[str]] = {}
         # 2026-07-28: one relay per (owner, decision session), see StatelessRelay.
         self._stateless: dict[tuple[Owner | None, str], StatelessRelay] = {}
         self.server_name = options.server_name  # learnt from any session, for new ones
@@ -658,14 +697,31 @@ class ProxyApp:
             relay = self._relays.get(session_id)
             if relay is not None:
                 relay.identity = identity  # the same principal, maybe a renewed token
+            held: str | None = None
             if scope["method"] == "POST":
-                screened = await self._screen(scope, receive, send)
-                if screened is None:
+                read = await _read_body(
+                    scope, receive, send, max_body=self.max_body, max_depth=self.max_depth
+                )
+                if read is None:
                     return
-                receive = screened
-            await transport.handle_request(scope, receive, send)
+                body, frame = read
+                if frame.kind == REQUEST:
+                    held = self._hold_id(session_id, frame)
+                    if held is None:
+                        log.warning("refused a POST whose request id is in use in its session")
+                        refused = MalformedMessage(
+                            ErrorData(code=INVALID_REQUEST, message=id_in_use(frame.id)), frame.id
+                        )
+                        await _malformed(refused)(scope, receive, send)
+                        return
+                receive = _replaying(body, receive)
+            try:
+                await transport.handle_request(scope, receive, send)
+            finally:
+                if held is not None and session_id in self._in_flight:
+                    self._in_flight[session_id].discard(held)
             if transport.is_terminated:
-                self.sessions.pop(session_id, None)
+                self._unlist(session_id)
             return
         if scope["method"] != "POST":
             response = _json_error(400, INVALID_REQUEST, "Bad Request: Missing session ID")
@@ -682,12 +738,6 @@ class ProxyApp:
         self, scope: Scope, receive: Receive, send: Send, identity: Identity | None
     ) -> None:
         request = Request(scope, receive)
-        refused = await TransportSecurityMiddleware(self.security).validate_request(
-            request, is_post=scope["method"] == "POST"
-        )
-        if refused is not None:
-            await refused(scope, receive, send)
-            return
         if scope["method"] != "POST":
             response = Response(status_code=405, headers={"Allow": "POST"})
             await response(scope, receive, send)
@@ -730,24 +780,26 @@ class ProxyApp:
                 f"{STATELESS_SESSION_HEADER} must be 1-128 letters, digits or ._:@-",
             )(scope, receive, send)
             return
-        relay = await self._stateless_relay(session_id, identity, verdict.protocol_version)
+        principal = session_principal(scope, identity)
+        relay = await self._stateless_relay(
+            session_id, identity, verdict.protocol_version, principal
+        )
         if isinstance(relay, Response):
             await relay(scope, receive, send)
             return
         await relay.answer(message, scope, receive, send, has_json=has_json, has_sse=has_sse)
 
     async def _stateless_relay(
-        self, session_id: str, identity: Identity | None, version: str
+        self, session_id: str, identity: Identity | None, version: str, principal: SessionPrincipal
     ) -> StatelessRelay | Response:
         """The relay of (this credential's owner, `session_id`), started when new."""
         key = (owner_of(identity), session_id)
         relay = self._stateless.get(key)
         if relay is None or relay.closing:
-            if self._stop.is_set():
-                return _json_error(503, INVALID_REQUEST, "The proxy is stopping")
-            if len(self.sessions) + len(self._stateless) >= MAX_SESSIONS:
-                return _json_error(503, INVALID_REQUEST, "Too many open sessions")
-            relay = StatelessRelay(self, key, session_id, identity, version)
+            refused = self._refuse_new(principal)
+            if refused is not None:
+                return refused
+            relay = StatelessRelay(self, key, session_id, identity, version, principal)
             self._stateless[key] = relay
             assert self._tg is not None
             self._tg.start_soon(relay.run, name=f"stateless session {session_id[:64]}")
@@ -759,6 +811,61 @@ class ProxyApp:
         if self._stateless.get(relay.key) is relay:
             del self._stateless[relay.key]
 
+    def _refuse_new(self, principal: SessionPrincipal) -> Response | None:
+        """The answer that refuses `principal` a new session (or stateless relay), or None
+        when it may open one. The caller opens it with no await in between, so that
+        concurrent requests can never open more than the caps allow."""
+        if self._stop.is_set():
+            return _json_error(503, INVALID_REQUEST, "The proxy is stopping")
+        cap = self.max_sessions_per_principal
+        held = sum(1 for p in self._principals.values() if p == principal) + sum(
+            1 for r in self._stateless.values() if r.principal == principal
+        )
+        if held >= cap:
+            idle = self.idle_timeout
+            waiting = f"{idle:g} s" if idle is not None else "ever"
+            log.warning("refused a new session: %s has %d of %d open", principal[0], held, cap)
+            return _json_error(
+                HTTPStatus.TOO_MANY_REQUESTS,
+                INVALID_REQUEST,
+                f"Too many open sessions: at most {cap} per principal at once "
+                f"(--max-sessions-per-principal), and this one has {held}. To free a place, "
+                "close a session you no longer use (HTTP DELETE with its Mcp-Session-Id), or "
+                f"wait until one idles out (no request for {waiting}; a 2026-07-28 decision "
+                "session has no id to DELETE and closes only so, so reuse one: the same "
+                "Mcp-Policy-Session header). Nothing was started for this request.",
+                {
+                    "max_sessions_per_principal": cap,
+                    "open_sessions": held,
+                    "idle_timeout_seconds": idle,
+                },
+            )
+        if len(self.sessions) + len(self._stateless) >= self.max_sessions:
+            return _json_error(503, INVALID_REQUEST, "Too many open sessions")
+        return None
+
+    def _hold_id(self, session_id: str, frame: Frame) -> str | None:
+        """Take the request id of a POST in session `session_id` for as long as the
+        transport serves it; None when it is in use (its key otherwise)."""
+        in_flight = self._in_flight.get(session_id)
+        if in_flight is None:  # the session ended while the body was read
+            in_flight = set()
+        key = id_key(frame.id)
+        relay = self._relays.get(session_id)
+        if (
+            key == GET_STREAM_KEY  # the transport's key for the GET stream
+            or key in in_flight
+            or (relay is not None and relay.in_use(frame.id))
+        ):
+            return None
+        in_flight.add(key)
+        return key
+
+    def _unlist(self, session_id: str) -> None:
+        """A terminated (deleted) session takes no new requests, nor a place."""
+        self.sessions.pop(session_id, None)
+        self._principals.pop(session_id, None)
+
     async def _screen(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         return await screen_post(
             scope, receive, send, max_body=self.max_body, max_depth=self.max_depth
@@ -767,20 +874,20 @@ class ProxyApp:
     async def _open_session(
         self, scope: Scope, receive: Receive, send: Send, identity: Identity | None
     ) -> None:
-        if self._stop.is_set():
-            await _json_error(503, INVALID_REQUEST, "The proxy is stopping")(scope, receive, send)
-            return
-        if len(self.sessions) >= MAX_SESSIONS:
-            await _json_error(503, INVALID_REQUEST, "Too many open sessions")(scope, receive, send)
+        principal = session_principal(scope, identity)
+        refused = self._refuse_new(principal)
+        if refused is not None:
+            await refused(scope, receive, send)
             return
         session_id = uuid.uuid4().hex
         transport = StreamableHTTPServerTransport(
             mcp_session_id=session_id,
-            security_settings=self.security,
             idle_timeout=self.idle_timeout,
         )
         self.sessions[session_id] = transport
         self._owners[session_id] = owner_of(identity)
+        self._principals[session_id] = principal
+        self._in_flight[session_id] = set()
         assert self._tg is not None
         status: int | None = None
 
@@ -845,9 +952,10 @@ class ProxyApp:
 
     async def _discard(self, transport: StreamableHTTPServerTransport) -> None:
         if transport.mcp_session_id is not None:
-            self.sessions.pop(transport.mcp_session_id, None)
+            self._unlist(transport.mcp_session_id)
             self._owners.pop(transport.mcp_session_id, None)
             self._relays.pop(transport.mcp_session_id, None)
+            self._in_flight.pop(transport.mcp_session_id, None)
         if not transport.is_terminated:
             with anyio.CancelScope(shield=True):
                 await transport.terminate()
@@ -887,11 +995,23 @@ async def start_http_proxy(
     auth: ResourceServer | None = None,
     insecure: bool = False,
     stateless: bool = True,
+    idle_timeout: float = SESSION_IDLE_TIMEOUT,
+    max_sessions: int = MAX_SESSIONS,
+    max_sessions_per_principal: int = MAX_SESSIONS_PER_PRINCIPAL,
+    allowed_origins: Sequence[str] = (),
+    allowed_hosts: Sequence[str] = (),
 ) -> HttpProxy:
     """Listen on host:port (0 picks a free port) and serve MCP sessions at `path`.
 
+    Every request passes the HTTP guard first (engine/transports/guard.py), whatever the
+    address: an `Origin` must be the listener's own or in `allowed_origins`; on loopback
+    or without `auth`, `Host` must be a loopback name, the listener's address or in
+    `allowed_hosts`; a POST must be `application/json`.
+
     With `auth` (started) every request needs the bearer credential it checks. Without
-    it only a loopback host is served, unless `insecure` (ListenRefused otherwise)."""
+    it only a loopback host is served, unless `insecure` (ListenRefused otherwise). At
+    most `max_sessions` sessions are open at once, `max_sessions_per_principal` of them
+    for one principal; a session idle for `idle_timeout` seconds is closed."""
     refused = check_exposure(host, authenticated=auth is not None, insecure=insecure)
     if refused is not None:
         raise ListenRefused(refused)
@@ -902,16 +1022,26 @@ async def start_http_proxy(
         decider=decider,
         options=options,
         open_upstream=open_upstream,
-        security=security_for(host),
         max_depth=max_depth,
         auth=auth,
         stateless=stateless,
+        idle_timeout=idle_timeout,
+        max_sessions=max_sessions,
+        max_sessions_per_principal=max_sessions_per_principal,
     )
     app_task = asyncio.create_task(app.run(), name="proxy-sessions")
     await app._ready.wait()
     try:
+        guard = listener_guard(
+            host,
+            authenticated=auth is not None,
+            allowed_origins=allowed_origins,
+            allowed_hosts=allowed_hosts,
+            origins_setting="--allowed-origin",
+            hosts_setting="--allowed-host",
+        )
         http = await listen_http(
-            RequestBodyLimitMiddleware(app, DEFAULT_MAX_REQUEST_BODY_SIZE),
+            HttpGuard(RequestBodyLimitMiddleware(app, DEFAULT_MAX_REQUEST_BODY_SIZE), guard),
             host,
             port,
             "proxy-http",

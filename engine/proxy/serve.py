@@ -7,9 +7,10 @@ import logging
 import signal
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.proxy.auth import ResourceServer
 from engine.proxy.core import ProxyOptions, ProxySession, Upstream
@@ -30,6 +31,20 @@ FORWARDED_SIGNALS = (
     signal.SIGUSR2,
 )
 EXIT_CANNOT_START = 127
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """How many sessions the HTTP listener keeps open, in all and for one principal, and
+    how long one may idle (None: the listener's defaults)."""
+
+    max_sessions: int | None = None
+    max_sessions_per_principal: int | None = None
+    idle_timeout: float | None = None
+
+    def arguments(self) -> dict[str, Any]:
+        """The keyword arguments of `start_http_proxy` that are set."""
+        return {name: value for name, value in vars(self).items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -126,18 +141,28 @@ async def run_http(
     path: str = "/mcp",
     auth: ResourceServer | None = None,
     insecure: bool = False,
+    sessions: SessionLimits | None = None,
+    allowed_origins: Sequence[str] = (),
+    allowed_hosts: Sequence[str] = (),
 ) -> int:
     """Serve MCP over streamable HTTP until SIGINT or SIGTERM.
 
     With `auth` every request needs a bearer credential (see auth.py): it is started (the
     keys file and the issuer's keys loaded: IdentityUnavailable when they cannot be)
     before the listener opens, and closed after. Without it only loopback is served,
-    unless `insecure` (ListenRefused)."""
+    unless `insecure` (ListenRefused). `sessions`: the caps on open sessions and their
+    idle timeout (default: the listener's). `allowed_origins` and `allowed_hosts` extend
+    what the listener's HTTP guard accepts (engine/transports/guard.py)."""
     from engine.proxy.http import start_http_proxy  # the listener only when it is wanted
 
     resource = auth
     if resource is not None:
         await resource.start()
+        try:
+            await decider.require_known()
+        except BaseException:
+            await resource.close()
+            raise
     try:
         proxy = await start_http_proxy(
             host,
@@ -149,6 +174,9 @@ async def run_http(
             auth=resource,
             insecure=insecure,
             max_depth=options.max_json_depth,
+            **(sessions or SessionLimits()).arguments(),
+            allowed_origins=allowed_origins,
+            allowed_hosts=allowed_hosts,
         )
         where = upstream.url or " ".join(upstream.command)
         how = " (bearer credentials required)" if resource is not None else ""

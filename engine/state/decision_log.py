@@ -60,7 +60,13 @@ any caller can produce without limit, are written at most
 `LogSettings.invalid_requests_per_second` per second (a token bucket holding as many);
 the rest are counted and summarised about once a second, and when the log closes, in one
 record `{"event": "invalid_requests_suppressed", "count": k, "first_at", "last_at",
-"transports": {...}}`.
+"transports": {...}}`. The one kind of decision a caller can repeat without limit and
+without cost, a call refused because its agent already has as many approvals waiting as
+it may (the service passes `flood_key`, the agent), is kept the same way but per agent:
+at most `LogSettings.too_many_pending_per_second` records per second for each agent (so
+one agent's flood spends no one else's budget), the rest summarised in
+`{"event": "decisions_suppressed", "count": k, "first_at", "last_at", "rules": {...},
+"agents": {agent: count, ...}}` (at most 32 agents named, the rest under "(others)").
 
 What bounds the history. The JSONL files hold at most max_bytes × (backups + 1) bytes, so
 at least that divided by the largest record: a decision record with every field at its
@@ -87,6 +93,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -178,6 +185,7 @@ class LogSettings:
     retention_days: float = 30
     max_argument_bytes: int = 16 * 1024  # logged arguments over this are left out
     invalid_requests_per_second: float = 20.0  # invalid_request events written; 0: none
+    too_many_pending_per_second: float = 5.0  # such refusals written per agent; 0: none
 
 
 @dataclass(frozen=True)
@@ -530,6 +538,80 @@ class _Flood:
             return record
 
 
+# Agents whose flood budget is remembered (the least recently refused is forgotten first),
+# and agents named one by one in a summary record.
+FLOOD_KEYS_MAX = 4096
+SUMMARY_KEYS_MAX = 32
+OTHER_AGENTS = "(others)"
+NO_AGENT = "(no agent_id)"
+
+
+class _KeyedFlood:
+    """Admits decision records at `rate` per second per key (an agent: a token bucket as
+    deep as the rate for each), and counts what it holds back for a summary record."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, at
+        self._lock = threading.Lock()
+        self.total = 0  # held back since the log was made
+        self._count = 0  # held back since the last summary
+        self._since = 0.0
+        self._first_at: Any = None
+        self._last_at: Any = None
+        self._keys: dict[str, int] = {}
+        self._rules: dict[str, int] = {}
+
+    def admit(self, key: str, rule: str, at: Any) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            if self.rate > 0:
+                tokens, then = self._buckets.pop(key, (self.capacity, now))
+                tokens = min(self.capacity, tokens + (now - then) * self.rate)
+                admitted = tokens >= 1
+                self._buckets[key] = (tokens - 1 if admitted else tokens, now)
+                if len(self._buckets) > FLOOD_KEYS_MAX:
+                    self._buckets.popitem(last=False)
+                if admitted:
+                    return True
+            if self._count == 0:
+                self._since = now
+                self._first_at = at
+            self._count += 1
+            self.total += 1
+            self._last_at = at
+            name = key or NO_AGENT
+            if name not in self._keys and len(self._keys) >= SUMMARY_KEYS_MAX:
+                name = OTHER_AGENTS
+            self._keys[name] = self._keys.get(name, 0) + 1
+            if rule in self._rules or len(self._rules) < SUMMARY_KEYS_MAX:
+                self._rules[rule] = self._rules.get(rule, 0) + 1
+            return False
+
+    def summary(self, *, force: bool) -> dict[str, Any] | None:
+        """The summary record when one is due (`force`: whenever one is pending)."""
+        with self._lock:
+            if self._count == 0:
+                return None
+            if not force and time.monotonic() - self._since < SUMMARY_SECONDS:
+                return None
+            record = {
+                "event": "decisions_suppressed",
+                "time": now_iso(),
+                "count": self._count,
+                "first_at": self._first_at,
+                "last_at": self._last_at,
+                "rules": dict(sorted(self._rules.items())),
+                "agents": dict(sorted(self._keys.items())),
+                "limit_per_second_per_agent": self.rate,
+            }
+            self._count = 0
+            self._keys = {}
+            self._rules = {}
+            return record
+
+
 @dataclass
 class SinkHealth:
     failing: bool = False
@@ -581,6 +663,7 @@ class DecisionLog:
         self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decision-log-read")
         self._writer: threading.Thread | None = None
         self._flood = _Flood(settings.invalid_requests_per_second)
+        self._decision_flood = _KeyedFlood(settings.too_many_pending_per_second)
         self._warn = _Warnings(WARN_EVERY_SECONDS)
         self.sinks: dict[str, SinkHealth] = {}
         if settings.jsonl != "off":
@@ -601,6 +684,11 @@ class DecisionLog:
     def suppressed(self) -> int:
         """invalid_request events not written one by one (counted in summaries)."""
         return self._flood.total
+
+    @property
+    def suppressed_decisions(self) -> int:
+        """Decisions not written one by one (`flood_key`: counted in summaries)."""
+        return self._decision_flood.total
 
     def open(self) -> None:
         """Open the sinks (raises StateUnavailable naming a file that cannot be used)."""
@@ -674,6 +762,7 @@ class DecisionLog:
             "sanitised": self.sanitised,
             "truncated": self.truncated,
             "suppressed_invalid_requests": self.suppressed,
+            "suppressed_decisions": self.suppressed_decisions,
             "failed_batches": sum(h.failed_batches for h in self.sinks.values()),
             "last_error": last.last_error if last else None,
             "last_error_at": _iso(last.last_error_at) if last else None,
@@ -704,8 +793,14 @@ class DecisionLog:
         matched: list[str],
         shadow: list[dict[str, Any]] | None = None,
         dry_run: bool = False,
+        flood_key: str | None = None,
     ) -> None:
+        """Log a decision. With `flood_key` (a refusal its caller can repeat at no cost:
+        the key is its agent, "" for none) at most `too_many_pending_per_second` such
+        records per key are written each second; the rest go into a summary record."""
         if not self.enabled:
+            return
+        if flood_key is not None and not self._decision_flood.admit(flood_key, decision.rule, time):
             return
         principal = request.principal
         record: dict[str, Any] = {
@@ -748,9 +843,10 @@ class DecisionLog:
             stopping = any(r is None for r in batch)
             records = [r for r in batch if r is not None]
             try:
-                summary = self._flood.summary(force=stopping)
-                if summary is not None:
-                    records.append(summary)
+                for flood in (self._flood, self._decision_flood):
+                    summary = flood.summary(force=stopping)
+                    if summary is not None:
+                        records.append(summary)
                 if records:
                     self._store(records)
             except Exception as exc:  # noqa: BLE001 - not expected; the writer outlives it

@@ -48,7 +48,7 @@ from engine.identity.callers import bearer, gateway_session
 from engine.models import DecideRequest, Decision, Verdict
 from engine.runtime import Runtime
 from engine.settings import Settings
-from engine.translate import parse_tools_call
+from engine.translate import gateway_principal_verified, parse_tools_call
 from engine.transports.tls import peer_identity
 
 log = logging.getLogger(__name__)
@@ -274,6 +274,7 @@ def decide_request(
     }
     if credential is not None:
         fields["credential"] = credential
+    fields["principal_verified"] = gateway_principal_verified(fields["principal"])
     try:
         return DecideRequest.model_validate(fields)
     except ValueError as exc:

@@ -29,6 +29,12 @@ request with no body or a body that is not JSON-RPC answers as `gateway_non_mcp`
 (deny: 403). The gateway's `Authorization` header is the agent's, so the gateway proves
 itself by its TLS client certificate or `X-MCP-Policy-Client: <client token>`.
 
+The HTTP guard (guard.py) sees these requests first, as every other: Host and Origin
+are checked, but a forward-auth body is the original request's (any content type), and
+a check carrying `X-Forwarded-Host` is a gateway's, its `Origin` the original request's.
+Envoy's HTTP ext_authz keeps the original Host: where Host is checked, that host must be
+in `allowed_hosts`.
+
 **AuthZEN** (`POST /access/v1/evaluation`, `POST /access/v1/evaluations`,
 `GET /.well-known/authzen-configuration`): subject `{type: "agent", id, properties:
 {session_id, user_id?, roles?}}`, action `{name: "tools/call"}`, resource `{type:
@@ -56,6 +62,7 @@ from engine.transports.http_app import read_body as read_request_body
 from engine.transports.tls import current_peer
 
 FORWARD_AUTH = "forward-auth"
+FORWARD_AUTH_PATH = "/v1/check"
 AUTHZEN = "authzen"
 DECISION_HEADER = "X-MCP-Policy-Decision-Id"
 OUTCOME_HEADER = "X-MCP-Policy-Outcome-Token"
@@ -216,6 +223,9 @@ def add_gateway_routes(app: FastAPI, runtime: Runtime) -> None:
             }
             if credential is not None:
                 fields["credential"] = credential
+            # Principal headers are what the gateway proved (its own token check): believed
+            # only from a gateway this service knows (translate.gateway_principal_verified).
+            fields["principal_verified"] = translate.gateway_principal_verified(fields["principal"])
             try:
                 decide_request = DecideRequest.model_validate(fields)
             except ValidationError as exc:
@@ -253,8 +263,12 @@ def add_gateway_routes(app: FastAPI, runtime: Runtime) -> None:
         return await check(request, rest)
 
     for path, endpoint, summary in (
-        ("/v1/check", check_root, "Forward-auth check of a proxied MCP request (Traefik)"),
-        ("/v1/check/{rest:path}", check_path, "Forward-auth check, original path appended (Envoy)"),
+        (FORWARD_AUTH_PATH, check_root, "Forward-auth check of a proxied MCP request (Traefik)"),
+        (
+            FORWARD_AUTH_PATH + "/{rest:path}",
+            check_path,
+            "Forward-auth check, original path appended (Envoy)",
+        ),
     ):
         app.add_api_route(path, endpoint, methods=["POST"], summary=summary)
         app.add_api_route(path, endpoint, methods=OTHER_METHODS, include_in_schema=False)

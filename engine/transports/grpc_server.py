@@ -38,7 +38,7 @@ from engine.errors import (
     bounded,
 )
 from engine.identity.base import Identity
-from engine.models import Approval, OutcomeAck
+from engine.models import OutcomeAck
 from engine.obs.metrics import Metrics
 from engine.runtime import Runtime
 from engine.transports import extauthz, wire
@@ -218,6 +218,16 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
 
         return await _answer(context, work())
 
+    async def WhoAmI(  # noqa: N802
+        self, request: decision_pb2.WhoAmIRequest, context: grpc.aio.ServicerContext
+    ) -> decision_pb2.WhoAmIResponse:
+        async def work() -> decision_pb2.WhoAmIResponse:
+            caller = self._caller(context)
+            required = self._runtime.decision_clients.required
+            return wire.who_am_i_to_proto(caller, callers_required=required)
+
+        return await _answer(context, work())
+
 
 class ApprovalServicer(approval_pb2_grpc.ApprovalServiceServicer):
     def __init__(self, runtime: Runtime) -> None:
@@ -239,12 +249,8 @@ class ApprovalServicer(approval_pb2_grpc.ApprovalServiceServicer):
     ) -> approval_pb2.ListApprovalsResponse:
         async def work(who: Identity) -> approval_pb2.ListApprovalsResponse:
             listing = wire.approval_listing_from_proto(request)
-
-            def visible(approval: Approval) -> bool:
-                return approver_auth.refusal(who, approval, "view") is None
-
-            page = await self._runtime.service.approvals.page(
-                listing.status, listing.size, after=listing.after, keep=visible
+            page = await self._runtime.service.page_approvals(
+                who, listing.status, listing.size, listing.after
             )
             return wire.approvals_page_to_proto(page)
 

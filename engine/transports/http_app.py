@@ -11,6 +11,7 @@ bound and never an internal detail.
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
+from urllib.parse import urlencode
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -50,7 +51,9 @@ from engine.models import (
     Verdict,
 )
 from engine.runtime import Runtime
+from engine.state.approvals import ApprovalCursor
 from engine.transports import paging
+from engine.transports.guard import HttpGuard, listener_guard
 from engine.transports.tls import current_peer
 
 
@@ -95,6 +98,9 @@ def _engine_error_response(exc: EngineError) -> JSONResponse:
     return error_response(status_for(exc), type(exc).__name__, exc.message, field=field, **extra)
 
 
+RELOAD_PATH = "/v1/policy/reload"
+# Approval page tokens are short (ApprovalCursor.token); a longer one was not made here.
+APPROVAL_TOKEN_MAX = 256
 HTTP_CODES = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed", 413: "RequestTooLarge"}
 
 
@@ -213,6 +219,13 @@ def create_app(runtime: Runtime) -> FastAPI:
             await service.abandon(decision)  # never delivered: it holds nothing
             raise
 
+    @app.get("/v1/whoami", summary="Who this service takes the decision API's caller for")
+    async def who_am_i(request: Request) -> dict[str, Any]:
+        """`caller`: the name the client token or certificate proves (null: unknown);
+        `callers_required`: whether every caller must prove itself."""
+        caller = decision_client(request)
+        return {"caller": caller, "callers_required": runtime.decision_clients.required}
+
     @app.post(
         "/v1/decisions/{decision_id}/outcome",
         response_model=OutcomeAck,
@@ -227,15 +240,34 @@ def create_app(runtime: Runtime) -> FastAPI:
         )
         return OutcomeAck(decision_id=decision_id, released=released)
 
-    @app.get("/v1/approvals", response_model=list[Approval], summary="List approvals")
+    @app.get(
+        "/v1/approvals",
+        response_model=list[Approval],
+        summary="List approvals, newest first, a page at a time",
+    )
     async def list_approvals(
         who: Approver,
+        response: Response,
         status: ApprovalStatus | None = None,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        limit: Annotated[int, Query(ge=1, le=paging.MAX_PAGE_SIZE)] = paging.DEFAULT_PAGE_SIZE,
+        page_token: Annotated[str | None, Query(max_length=APPROVAL_TOKEN_MAX)] = None,
     ) -> list[Approval]:
-        """The approvals the credential may act on (the operator: all), newest first."""
-        found = await service.list_approvals(status, approver_auth.scan_limit(who, limit))
-        return approver_auth.visible(who, found, limit)
+        """The approvals the credential may see (the operator: all), newest first, at most
+        `limit`. The body is the list; when more follow, the `X-Next-Page-Token` header
+        holds the token to pass back as `page_token` (with the same `status` and `limit`),
+        and `Link: <...>; rel="next"` the next page's path. A page may hold fewer than
+        `limit` (approvals the credential may not see are skipped) and still have a next."""
+        after = None
+        if page_token:
+            after = ApprovalCursor.from_token(page_token, field="page_token")
+        page = await service.page_approvals(who, status, limit, after)
+        if page.next is not None:
+            token = page.next.token()
+            query = {"status": status.value} if status else {}
+            query.update(limit=str(limit), page_token=token)
+            response.headers["X-Next-Page-Token"] = token
+            response.headers["Link"] = f'</v1/approvals?{urlencode(query)}>; rel="next"'
+        return page.approvals
 
     @app.get("/v1/approvals/{approval_id}", response_model=Approval, summary="Get an approval")
     async def get_approval(approval_id: str, who: Approver) -> Approval:
@@ -326,7 +358,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @app.post("/v1/policy/reload", summary="Read rego/ and policies/ again and apply (operator)")
+    @app.post(RELOAD_PATH, summary="Read rego/ and policies/ again and apply (operator)")
     async def reload(_: Operator) -> dict[str, Any]:
         previous = runtime.policy.revision
         revision = await runtime.policy.load()
@@ -346,7 +378,21 @@ def create_app(runtime: Runtime) -> FastAPI:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    from engine.transports.gateway_http import add_gateway_routes  # here: it imports this module
+    # here: it imports this module
+    from engine.transports.gateway_http import FORWARD_AUTH_PATH, add_gateway_routes
 
     add_gateway_routes(app, runtime)
+    # Host, Origin and content type before anything else (engine/transports/guard.py);
+    # forward-auth bodies are the original request's, reload takes none.
+    app.add_middleware(
+        HttpGuard,
+        config=listener_guard(
+            settings.host,
+            authenticated=settings.clients_file is not None or settings.tls_client_ca is not None,
+            allowed_origins=settings.allowed_origins,
+            allowed_hosts=settings.allowed_hosts,
+            raw_body_paths=(FORWARD_AUTH_PATH, RELOAD_PATH),
+            forwarded_paths=(FORWARD_AUTH_PATH,),
+        ),
+    )
     return app

@@ -289,6 +289,7 @@ def decide_request_to_proto(request: DecideRequest) -> decision_pb2.DecideReques
         server=request.server,
         principal=principal_to_proto(request.principal),
         dry_run=request.dry_run,
+        principal_verified=request.principal_verified,
     )
     if request.tool is not None:
         message.tool = request.tool
@@ -326,7 +327,11 @@ def decide_request_from_proto(
 
 
 def _decide_request(message: decision_pb2.DecideRequest, max_depth: int) -> DecideRequest:
-    fields: dict[str, Any] = {"server": message.server, "dry_run": message.dry_run}
+    fields: dict[str, Any] = {
+        "server": message.server,
+        "dry_run": message.dry_run,
+        "principal_verified": message.principal_verified,
+    }
     call = message.WhichOneof("call")
     if call == "tool":
         fields["tool"] = message.tool
@@ -345,6 +350,16 @@ def _decide_request(message: decision_pb2.DecideRequest, max_depth: int) -> Deci
         return DecideRequest.model_validate(fields)
     except ValidationError as exc:
         raise from_validation(exc) from exc
+
+
+def who_am_i_to_proto(caller: str | None, *, callers_required: bool) -> decision_pb2.WhoAmIResponse:
+    """The WhoAmIResponse naming `caller` (None: the service knows no caller)."""
+    return decision_pb2.WhoAmIResponse(caller=caller or "", callers_required=callers_required)
+
+
+def who_am_i_from_proto(response: decision_pb2.WhoAmIResponse) -> str | None:
+    """The proven caller a WhoAmIResponse names, or None."""
+    return response.caller or None
 
 
 def decision_to_proto(decision: Decision) -> decision_pb2.DecideResponse:
