@@ -687,9 +687,6 @@ class DecisionService:
         summary["pending_approvals"] = [a.model_dump(mode="json") for a in pending]
         return summary
 
-    async def list_approvals(self, status: ApprovalStatus | None, limit: int) -> list[Approval]:
-        return await self.approvals.list(status, max(1, min(limit, 1000)))
-
     async def page_approvals(
         self,
         viewer: Identity,

@@ -171,7 +171,7 @@ async def footprint(servers: Servers) -> Footprint:
     runtime = servers.runtime
     await runtime.decision_log.flush()
     records, _ = await runtime.decision_log.query(DecisionQuery(limit=1000))
-    approvals = await runtime.service.list_approvals(None, 1000)
+    approvals = await runtime.approvals.list(None, 1000)
     metrics = runtime.metrics.render().decode()
     return Footprint(
         logged=len(records),

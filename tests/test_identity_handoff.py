@@ -354,3 +354,32 @@ async def test_ext_authz_principal_headers_need_a_known_gateway(tmp_path: Path) 
         known = await ext_authz(running, check_request(session(), **headers), token)
     assert unknown == "identity.unproven_caller"
     assert known == "copy_image_set.force_needs_role"
+
+
+async def test_principal_verified_takes_only_a_boolean(tmp_path: Path) -> None:
+    """A claim of verification is a JSON boolean, nothing that converts to one: anything
+    else is a 422 naming the field, decided as nothing and counted as nothing."""
+    async with service(tmp_path) as running:
+        sid = session()
+        body = copy_call(sid)
+        body["arguments"] = {k: v for k, v in forced_copy().items() if k != "force"}
+        async with httpx.AsyncClient(base_url=running.http_url) as raw:
+            answers = [  # as JSON text: the lone surrogate travels as its \ud800 escape
+                await raw.post(
+                    "/v1/decide",
+                    content=json.dumps({**body, "principal_verified": value}),
+                    headers={"content-type": "application/json"},
+                )
+                for value in ("true", 1, 0, None, [], {}, "\ud800")
+            ]
+            duplicate = await raw.post(
+                "/v1/decide",
+                content=json.dumps(body)[:-1].encode()
+                + b', "principal_verified": false, "principal_verified": true}',
+                headers={"content-type": "application/json"},
+            )
+        records = await logged(running, sid)
+    assert [a.status_code for a in answers] == [422] * 6 + [400]  # the surrogate: not JSON
+    assert all("principal_verified" in a.text for a in answers), [a.text for a in answers]
+    assert duplicate.status_code == 400 and "principal_verified" in duplicate.text
+    assert records == []

@@ -478,81 +478,32 @@ class _Warnings:
         log.warning(message, *args)
 
 
-class _Flood:
-    """Admits invalid_request events at `rate` per second (a token bucket as deep), and
-    counts what it holds back for a summary record."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.capacity = max(1.0, rate)
-        self._tokens = self.capacity
-        self._at = time.monotonic()
-        self._lock = threading.Lock()
-        self.total = 0  # held back since the log was made
-        self._count = 0  # held back since the last summary
-        self._since = 0.0
-        self._first_at: Any = None
-        self._last_at: Any = None
-        self._transports: dict[str, int] = {}
-
-    def admit(self, record: dict[str, Any]) -> bool:
-        with self._lock:
-            now = time.monotonic()
-            if self.rate > 0:
-                self._tokens = min(self.capacity, self._tokens + (now - self._at) * self.rate)
-                self._at = now
-                if self._tokens >= 1:
-                    self._tokens -= 1
-                    return True
-            if self._count == 0:
-                self._since = now
-                self._first_at = record.get("time")
-            self._count += 1
-            self.total += 1
-            self._last_at = record.get("time")
-            transport = record.get("transport")
-            name = transport if isinstance(transport, str) and len(transport) <= 32 else "other"
-            if name not in self._transports and len(self._transports) >= 8:
-                name = "other"
-            self._transports[name] = self._transports.get(name, 0) + 1
-            return False
-
-    def summary(self, *, force: bool) -> dict[str, Any] | None:
-        """The summary record when one is due (`force`: whenever one is pending)."""
-        with self._lock:
-            if self._count == 0:
-                return None
-            if not force and time.monotonic() - self._since < SUMMARY_SECONDS:
-                return None
-            record = {
-                "event": "invalid_requests_suppressed",
-                "time": now_iso(),
-                "count": self._count,
-                "first_at": self._first_at,
-                "last_at": self._last_at,
-                "transports": dict(sorted(self._transports.items())),
-                "limit_per_second": self.rate,
-            }
-            self._count = 0
-            self._transports = {}
-            return record
-
-
-# Agents whose flood budget is remembered (the least recently refused is forgotten first),
-# and agents named one by one in a summary record.
+# Keys whose flood budget is remembered (the least recently refused is forgotten first),
+# and values named one by one in a summary record's tallies.
 FLOOD_KEYS_MAX = 4096
 SUMMARY_KEYS_MAX = 32
 OTHER_AGENTS = "(others)"
 NO_AGENT = "(no agent_id)"
 
 
-class _KeyedFlood:
-    """Admits decision records at `rate` per second per key (an agent: a token bucket as
-    deep as the rate for each), and counts what it holds back for a summary record."""
+def _transport_name(transport: Any) -> str:
+    """A record's transport as a summary tallies it (a caller may not name one at will)."""
+    return transport if isinstance(transport, str) and len(transport) <= 32 else "other"
 
-    def __init__(self, rate: float) -> None:
+
+class _Flood:
+    """Admits records at `rate` per second per key (a token bucket as deep as the rate for
+    each; one key, "", when the records are not told apart), and counts what it holds
+    back for a summary record `event`: how many, when, and a tally per field of the
+    held-back records (each naming at most `SUMMARY_KEYS_MAX` values, the rest as
+    `others`)."""
+
+    def __init__(self, rate: float, event: str, *, rate_field: str, others: str) -> None:
         self.rate = rate
         self.capacity = max(1.0, rate)
+        self.event = event
+        self.rate_field = rate_field
+        self.others = others
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, at
         self._lock = threading.Lock()
         self.total = 0  # held back since the log was made
@@ -560,10 +511,11 @@ class _KeyedFlood:
         self._since = 0.0
         self._first_at: Any = None
         self._last_at: Any = None
-        self._keys: dict[str, int] = {}
-        self._rules: dict[str, int] = {}
+        self._tallies: dict[str, dict[str, int]] = {}
 
-    def admit(self, key: str, rule: str, at: Any) -> bool:
+    def admit(self, key: str, at: Any, tally: dict[str, str]) -> bool:
+        """Whether the record (`at` its time) is written; else it is counted under `tally`
+        (field -> value) for the summary."""
         with self._lock:
             now = time.monotonic()
             if self.rate > 0:
@@ -581,12 +533,11 @@ class _KeyedFlood:
             self._count += 1
             self.total += 1
             self._last_at = at
-            name = key or NO_AGENT
-            if name not in self._keys and len(self._keys) >= SUMMARY_KEYS_MAX:
-                name = OTHER_AGENTS
-            self._keys[name] = self._keys.get(name, 0) + 1
-            if rule in self._rules or len(self._rules) < SUMMARY_KEYS_MAX:
-                self._rules[rule] = self._rules.get(rule, 0) + 1
+            for field, value in tally.items():
+                counts = self._tallies.setdefault(field, {})
+                if value not in counts and len(counts) >= SUMMARY_KEYS_MAX:
+                    value = self.others
+                counts[value] = counts.get(value, 0) + 1
             return False
 
     def summary(self, *, force: bool) -> dict[str, Any] | None:
@@ -596,19 +547,18 @@ class _KeyedFlood:
                 return None
             if not force and time.monotonic() - self._since < SUMMARY_SECONDS:
                 return None
-            record = {
-                "event": "decisions_suppressed",
+            record: dict[str, Any] = {
+                "event": self.event,
                 "time": now_iso(),
                 "count": self._count,
                 "first_at": self._first_at,
                 "last_at": self._last_at,
-                "rules": dict(sorted(self._rules.items())),
-                "agents": dict(sorted(self._keys.items())),
-                "limit_per_second_per_agent": self.rate,
             }
+            for field, counts in sorted(self._tallies.items()):
+                record[field] = dict(sorted(counts.items()))
+            record[self.rate_field] = self.rate
             self._count = 0
-            self._keys = {}
-            self._rules = {}
+            self._tallies = {}
             return record
 
 
@@ -662,8 +612,18 @@ class DecisionLog:
         self._reader: sqlite3.Connection | None = None
         self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decision-log-read")
         self._writer: threading.Thread | None = None
-        self._flood = _Flood(settings.invalid_requests_per_second)
-        self._decision_flood = _KeyedFlood(settings.too_many_pending_per_second)
+        self._flood = _Flood(
+            settings.invalid_requests_per_second,
+            "invalid_requests_suppressed",
+            rate_field="limit_per_second",
+            others="other",
+        )
+        self._decision_flood = _Flood(
+            settings.too_many_pending_per_second,
+            "decisions_suppressed",
+            rate_field="limit_per_second_per_agent",
+            others=OTHER_AGENTS,
+        )
         self._warn = _Warnings(WARN_EVERY_SECONDS)
         self.sinks: dict[str, SinkHealth] = {}
         if settings.jsonl != "off":
@@ -777,7 +737,9 @@ class DecisionLog:
             return
         if "time" not in record:
             record = {**record, "time": now_iso()}
-        if record.get("event") == "invalid_request" and not self._flood.admit(record):
+        if record.get("event") == "invalid_request" and not self._flood.admit(
+            "", record.get("time"), {"transports": _transport_name(record.get("transport"))}
+        ):
             return
         self._queue.put(record)
 
@@ -800,7 +762,9 @@ class DecisionLog:
         records per key are written each second; the rest go into a summary record."""
         if not self.enabled:
             return
-        if flood_key is not None and not self._decision_flood.admit(flood_key, decision.rule, time):
+        if flood_key is not None and not self._decision_flood.admit(
+            flood_key, time, {"agents": flood_key or NO_AGENT, "rules": decision.rule}
+        ):
             return
         principal = request.principal
         record: dict[str, Any] = {
