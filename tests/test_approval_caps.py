@@ -329,7 +329,10 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
 
 @pytest.fixture(scope="module")
 async def capped_http(world: World) -> AsyncIterator[HttpClient]:
-    async with httpx.AsyncClient(base_url=world.servers.http_url, timeout=60) as raw:
+    # Kept for the whole module: pooled connections are dropped well before the service
+    # closes an idle one (5 s), so a request never races that close (httpx.ReadError).
+    limits = httpx.Limits(keepalive_expiry=2)
+    async with httpx.AsyncClient(base_url=world.servers.http_url, timeout=60, limits=limits) as raw:
         yield HttpClient(raw)
 
 

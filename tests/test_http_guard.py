@@ -145,7 +145,10 @@ async def configured(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
 
 @pytest.fixture(scope="module")
 async def http(configured: Servers) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=configured.http_url, timeout=30) as client:
+    # Pooled connections are dropped before the service closes an idle one (5 s): a
+    # module-long client never races that close.
+    limits = httpx.Limits(keepalive_expiry=2)
+    async with httpx.AsyncClient(base_url=configured.http_url, timeout=30, limits=limits) as client:
         yield client
 
 

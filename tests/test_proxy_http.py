@@ -170,7 +170,7 @@ async def test_approval_id_in_meta(runtime: Runtime, record: Path) -> None:
 
 async def waiting_approval(runtime: Runtime, image_set: str) -> str:
     for _ in range(200):
-        for approval in await runtime.service.list_approvals(ApprovalStatus.PENDING, 1000):
+        for approval in await runtime.approvals.list(ApprovalStatus.PENDING, 1000):
             if approval.arguments.get("source_image_set_id") == image_set:
                 return approval.id
         await asyncio.sleep(0.05)
