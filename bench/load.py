@@ -227,7 +227,10 @@ def build_inputs() -> Inputs:
 
 
 def check_request(arguments: dict[str, Any]) -> Any:
-    """What Envoy's ext_authz filter sends (with_request_body) for one MCP tools/call."""
+    """What Envoy's ext_authz filter sends (with_request_body) for one MCP tools/call.
+    No principal headers: the service runs with no decision clients, and principal headers
+    from a gateway it does not know are refused (identity.unproven_caller); the agent
+    session is the Mcp-Session-Id."""
     body = json.dumps(
         {
             "jsonrpc": "2.0",
@@ -247,7 +250,6 @@ def check_request(arguments: dict[str, Any]) -> Any:
             "content-type": "application/json",
             "content-length": str(len(body.encode())),
             "mcp-session-id": SESSION,
-            "x-mcp-agent-id": AGENT,
         }
     )
     check.attributes.context_extensions["mcp_server"] = SERVER
