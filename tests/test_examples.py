@@ -71,6 +71,10 @@ def test_the_envoy_example_puts_every_mcp_request_under_policy() -> None:
     body = authz.with_request_body.max_request_bytes
     assert 0 < body <= Settings().max_body_bytes, "the service must accept what Envoy sends"
     cluster_name = authz.grpc_service.envoy_grpc.cluster_name
+    metadata = {m.key: m.value for m in authz.grpc_service.initial_metadata}
+    assert metadata["authorization"].startswith("Bearer "), (
+        "Envoy proves itself: the principal headers it sets are believed only then"
+    )
 
     (policy,) = [c for c in config.static_resources.clusters if c.name == cluster_name]
     address = policy.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address

@@ -80,10 +80,12 @@ class GrpcDecider:
         if await self.who_am_i() is None:
             raise ProxyUnknown(
                 f"the decision service at {self.target} does not know this proxy, so the "
-                "agents --auth-* proves would reach it unproven; on the service run "
-                "`mcp-policy clients add NAME` and give the proxy the token it prints in "
-                "MCP_POLICY_CLIENT_TOKEN (or a client certificate: --decision-cert and "
-                "--decision-key, with MCP_POLICY_TLS_CLIENT_CA on the service)"
+                "agents --auth-* proves would reach it unproven; run `mcp-policy clients "
+                "add NAME` where the service runs, start the service with "
+                "MCP_POLICY_CLIENTS_FILE naming the file it wrote, and give the proxy the "
+                "token it printed in MCP_POLICY_CLIENT_TOKEN (or a client certificate: "
+                "--decision-cert and --decision-key, with MCP_POLICY_TLS_CLIENT_CA on the "
+                "service)"
             )
 
     async def who_am_i(self) -> str | None:
