@@ -10,7 +10,9 @@ log, status, policy reload), as `Authorization: Bearer <credential>`:
 - a **named approver** from the approvers file (`MCP_POLICY_APPROVERS_FILE`, managed with
   `mcp-policy approvers add|list|revoke`): a person, named by the entry, with an optional
   user_id and optional allowed servers/tools. An entry whose roles include "operator" may
-  use the operator routes too. A revoked entry stops working within seconds (401).
+  use the operator routes too; one whose roles include "caller" (`approvers add
+  --caller-only`) is a user rather than an approver: it decides only its own agents' calls
+  the policy lets the caller approve. A revoked entry stops working within seconds (401).
 - an **OIDC/JWT approver** (`MCP_POLICY_APPROVER_ISSUER` + `_AUDIENCE`): a token the
   issuer signed whose role claim (`approver_role_claim`, default "roles") includes
   `approver_role` (default "approver"), named by its `sub` (also its user_id). The
@@ -51,6 +53,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 APPROVER = "approver"  # may approve and deny (subject to four eyes and its allowed set)
+# An approvers-file entry with this role is a user, not an approver: it may decide only the
+# calls of its own agents that the policy lets the caller approve (`is_caller`).
+CALLER = "caller"
 OPERATOR = "operator"  # may read the decision log and status, reload the policy
 OPERATOR_NAME = "operator"  # the name the operator token goes by
 # Identity.claims key saying which credential proved an approver identity (JWT approvers
@@ -64,7 +69,8 @@ MAX_SCOPE_CHARS = 256
 # before the next attempt (so a flood of tokens cannot make the service hammer it).
 ISSUER_RETRY_SECONDS = 5.0
 
-Credential = Literal["operator_token", "approvers_file", "jwt"]
+# "oidc": a person signed in to the console through the approvers' OpenID Provider.
+Credential = Literal["operator_token", "approvers_file", "jwt", "oidc"]
 Verb = Literal["approve", "deny", "view"]
 
 _NEEDS = "the approval API needs Authorization: Bearer <approver credential>"
@@ -74,6 +80,8 @@ def credential_of(identity: Identity) -> Credential:
     """Which credential proved `identity` (one from `ApproverAuth.authenticate`)."""
     if identity.method == "jwt":
         return "jwt"
+    if identity.method == "oidc":
+        return "oidc"
     if identity.claims.get(CREDENTIAL) == "operator_token":
         return "operator_token"
     return "approvers_file"
@@ -216,7 +224,8 @@ class ApproverAuth:
         )
 
     def _file_approver(self, found: Identity) -> Identity:
-        roles = (APPROVER, OPERATOR) if OPERATOR in found.roles else (APPROVER,)
+        person = (CALLER,) if CALLER in found.roles else (APPROVER,)
+        roles = (*person, OPERATOR) if OPERATOR in found.roles else person
         return replace(
             found,
             roles=roles,
@@ -270,8 +279,27 @@ def _listed(values: Iterable[str]) -> str:
     return ", ".join(repr(v) for v in values) or "none"
 
 
+def is_caller(identity: Identity, approval: Approval) -> bool:
+    """Whether `identity` is the person behind the call `approval` holds, as far as the
+    approval's `approvable_by: caller` needs: a person who signed in (OIDC at the console,
+    or an approvers-file entry; never a bearer JWT, which an agent may hold too) whose
+    user_id is the call's user, and that user was proven (by the agent's credential or by
+    a known proxy that verified it), not merely asserted."""
+    return (
+        credential_of(identity) in ("oidc", "approvers_file")
+        and identity.user_id is not None
+        and identity.user_id == approval.principal.user_id
+        and approval.principal_proof != "none"
+    )
+
+
 def refusal(identity: Identity, approval: Approval, verb: Verb) -> str | None:
-    """Why `identity` may not `verb` `approval`, or None when it may."""
+    """Why `identity` may not `verb` `approval`, or None when it may.
+
+    An approval the policy lets the caller decide (`approvable_by: caller`) may be
+    decided by the proven user behind the call (`is_caller`), as well as by approvers."""
+    if approval.approvable_by == "caller" and is_caller(identity, approval):
+        return None
     if credential_of(identity) == "operator_token":
         # The operator token proves no person, so there is no "own call" to refuse; with
         # named approvers configured it may only view.

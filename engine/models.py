@@ -143,12 +143,22 @@ class RateLimitSpec(BaseModel):
     cost: Annotated[float, Field(ge=0)] = 1
 
 
+# Who may decide an approval: the approvers (four eyes: never the call's own user or
+# agent), or also the caller, the user proven behind the agent (see engine.approver_auth).
+ApprovableBy = Literal["approvers", "caller"]
+# How the principal of a call was established: by the agent's credential, which this
+# service verified; by a known proxy or gateway that verified it (`asserted_by`); or
+# neither (the caller's word).
+PrincipalProof = Literal["credential", "caller", "none"]
+
+
 class ApprovalSpec(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     rule: str
     reason: str = ""
     ttl_seconds: Annotated[float, Field(gt=0)] | None = None
+    by: ApprovableBy = "approvers"
 
 
 class ShadowSpec(BaseModel):
@@ -202,6 +212,11 @@ class ApprovalRef(BaseModel):
     id: str
     status: ApprovalStatus
     expires_at: datetime
+    url: str | None = Field(
+        default=None,
+        description="The approval's page in the approvals console (from the setting "
+        "public_url), for a proxy or gateway to show whoever can approve.",
+    )
 
 
 class Decision(BaseModel):
@@ -251,6 +266,16 @@ class Approval(BaseModel):
     decided_at: datetime | None = None
     approver: str | None = None
     comment: str | None = None
+    approvable_by: ApprovableBy = "approvers"
+    principal_proof: PrincipalProof = "none"
+    asserted_by: str | None = Field(
+        default=None, description="The known proxy or gateway that verified the principal."
+    )
+    used_at: datetime | None = None
+    used_by_decision: str | None = Field(
+        default=None, description="The decision whose call the grant let through."
+    )
+    url: str | None = Field(default=None, description="The approval's page in the console.")
 
 
 class OutcomeReport(BaseModel):

@@ -18,6 +18,7 @@ from engine.approver_auth import ApproverAuth
 from engine.identity.base import Identity
 from engine.identity.callers import AgentCredentials, DecisionClients
 from engine.identity.jwt import JwtVerifier
+from engine.notify.events import ApprovalEvents
 from engine.obs import tracing
 from engine.obs.metrics import Metrics
 from engine.policy.inprocess import InProcessOpa
@@ -106,6 +107,7 @@ class Runtime:
             metrics=self.metrics,
             tracer=tracing.tracer_from(self.tracer_provider),
             credentials=self.agent_credentials,
+            events=ApprovalEvents(self._approval_url),
         )
         self._readiness_listeners: list[Callable[[bool], Awaitable[None]]] = []
         self._watch: asyncio.Task[None] | None = None
@@ -170,6 +172,9 @@ class Runtime:
             RedisApprovalStore(self._redis, settings.redis_prefix, gate=gate, caps=caps),
         )
 
+    def _approval_url(self, approval_id: str) -> str:
+        return f"{self.settings.console_base()}/approvals/{approval_id}"
+
     @property
     def approver_token(self) -> str:
         return self._approver_token
@@ -189,6 +194,7 @@ class Runtime:
         await self.policy.load()
         await self.agent_credentials.start()
         await self.approver_auth.start()
+        await self.service.events.start(self.approvals.get)
         self._watch = asyncio.create_task(self._watch_readiness(), name="readiness")
         if self.settings.reload_interval_seconds > 0:
             self._reloader = asyncio.create_task(self._watch_files(), name="policy-watch")
@@ -248,6 +254,7 @@ class Runtime:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await self.service.events.close()
         await self.agent_credentials.close()
         await self.opa.close()
         await self.approver_auth.close()

@@ -42,12 +42,14 @@ from engine.models import (
     DecideRequest,
     Decision,
     PolicyResult,
+    PrincipalProof,
     RateLimitInfo,
     RateLimitSpec,
     ShadowSpec,
     ToolCall,
     Verdict,
 )
+from engine.notify.events import ApprovalEvents, EventType
 from engine.obs import tracing
 from engine.obs.metrics import UNKNOWN_TOOL, Metrics
 from engine.policy.loader import Policy
@@ -129,6 +131,8 @@ class Ctx:
     call: ToolCall
     request: DecideRequest
     outcome_token: str
+    proof: PrincipalProof = "none"
+    asserted_by: str | None = None
 
     @property
     def dry_run(self) -> bool:
@@ -154,6 +158,7 @@ class DecisionService:
         metrics: Metrics | None = None,
         tracer: trace.Tracer | None = None,
         credentials: AgentCredentials | None = None,
+        events: ApprovalEvents | None = None,
     ) -> None:
         self.policy = policy
         self.rate_limits = rate_limits
@@ -163,6 +168,7 @@ class DecisionService:
         self.metrics = metrics or Metrics()
         self.tracer = tracer or trace.NoOpTracer()
         self.credentials = credentials or AgentCredentials()
+        self.events = events or ApprovalEvents()
 
     async def decide(
         self,
@@ -249,7 +255,20 @@ class DecisionService:
                 identity=identity,
                 asserted_by=asserted_by,
             )
-            ctx = Ctx(decision_id, self.policy.revision, call, request, outcome_token)
+            proof: PrincipalProof = "none"
+            if identity is not None:
+                proof = "credential"
+            elif request.principal_verified and asserted_by is not None:
+                proof = "caller"
+            ctx = Ctx(
+                decision_id,
+                self.policy.revision,
+                call,
+                request,
+                outcome_token,
+                proof,
+                asserted_by if identity is None else None,
+            )
             translated = time.perf_counter()
             evaluated = translated
             result: PolicyResult | None = None
@@ -378,12 +397,24 @@ class DecisionService:
                         reason=reason,
                         decision_id=ctx.decision_id,
                         ttl=ttl,
+                        approvable_by=spec.by if spec else "approvers",
+                        proof=ctx.proof,
+                        asserted_by=ctx.asserted_by,
                     )
             except TooManyPending as full:  # the store's cap: nothing was opened or taken
                 self.metrics.approval_cap_refusals.labels(full.scope).inc()
                 return self._refuse(ctx, Verdict.DENY, RULE_TOO_MANY_PENDING, full.reason)
-            self.metrics.approvals.labels("requested").inc()
-            return self._approval_required(ctx, rule, reason, opened)
+            if opened.decision_id == ctx.decision_id:  # opened by this very call
+                self.metrics.approvals.labels("requested").inc()
+                self.events.publish(EventType.REQUESTED, opened)
+            if opened.status is not ApprovalStatus.APPROVED:
+                return self._approval_required(ctx, rule, reason, opened)
+            # The identical call of the same principal, granted and not used yet: the
+            # agent called the same tool again, unchanged, as it was told. The grant is
+            # used here (with the same checks as an explicit approval_id).
+            request = request.model_copy(update={"approval_id": opened.id})
+            ctx = dataclasses.replace(ctx, request=request)
+        assert request.approval_id is not None
         # Take the rate-limit slot first so a blocked call does not burn its grant.
         outcome = await self._take(ctx, limits)
         if not outcome.allowed:
@@ -400,6 +431,8 @@ class DecisionService:
         ).inc()
         approval = used.approval
         if used.use is Use.GRANTED and approval is not None:
+            if not ctx.dry_run:
+                self.events.publish(EventType.USED, approval)
             return Decision(
                 decision_id=ctx.decision_id,
                 verdict=Verdict.ALLOW,
@@ -627,16 +660,12 @@ class DecisionService:
         return self._refuse(ctx, Verdict.RATE_LIMITED, info.rule, reason, rate_limit=info)
 
     def _approval_required(self, ctx: Ctx, rule: str, reason: str, approval: Approval) -> Decision:
-        if approval.status is ApprovalStatus.APPROVED:
-            next_step = (
-                f"approval {approval.id} is granted; retry the same call with "
-                f"approval_id {approval.id}"
-            )
-        else:
-            next_step = (
-                f"approval {approval.id} is pending; once a human approves it, retry "
-                f"the same call with approval_id {approval.id}"
-            )
+        url = self.events.url(approval.id)
+        where = f" at {url}" if url else ""
+        next_step = (
+            f"a human must approve this call first (approval {approval.id}, pending{where}); "
+            "call the same tool again unchanged once a human approves"
+        )
         return self._refuse(
             ctx,
             Verdict.APPROVAL_REQUIRED,
@@ -645,12 +674,16 @@ class DecisionService:
             approval=self._ref(approval),
         )
 
-    @staticmethod
-    def _ref(approval: Approval) -> ApprovalRef:
-        return ApprovalRef(id=approval.id, status=approval.status, expires_at=approval.expires_at)
+    def _ref(self, approval: Approval) -> ApprovalRef:
+        return ApprovalRef(
+            id=approval.id,
+            status=approval.status,
+            expires_at=approval.expires_at,
+            url=self.events.url(approval.id),
+        )
 
-    @staticmethod
     def _refuse(
+        self,
         ctx: Ctx,
         verdict: Verdict,
         rule: str,
@@ -701,10 +734,23 @@ class DecisionService:
         def visible(approval: Approval) -> bool:
             return approver_auth.refusal(viewer, approval, "view") is None
 
-        return await self.approvals.page(status, size, after=after, keep=visible)
+        page = await self.approvals.page(status, size, after=after, keep=visible)
+        return ApprovalPage([self.events.with_url(a) for a in page.approvals], page.next)
 
     async def get_approval(self, approval_id: str) -> Approval:
-        return await self.approvals.get(approval_id)
+        return self.events.with_url(await self.approvals.get(approval_id))
+
+    async def await_approval(self, approval_id: str, timeout: float) -> ApprovalRef:
+        """The approval's state once it is no longer pending, or after `timeout` seconds
+        (what a proxy waiting for a human asks). Woken by this replica's events; a change
+        made on another replica is seen on the next read, at least every second."""
+        deadline = time.monotonic() + timeout
+        while True:
+            approval = await self.approvals.get(approval_id)
+            left = deadline - time.monotonic()
+            if approval.status is not ApprovalStatus.PENDING or left <= 0:
+                return self._ref(approval)
+            await self.events.wait_change(approval_id, min(left, 1.0))
 
     async def decide_approval(
         self,
@@ -737,6 +783,7 @@ class DecisionService:
             grant_ttl=self.limits.grant_ttl,
         )
         self.metrics.approvals.labels("approved" if approve else "denied").inc()
+        self.events.publish(EventType.APPROVED if approve else EventType.DENIED, approval)
         event: dict[str, Any] = {
             "event": "approval",
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
@@ -748,7 +795,7 @@ class DecisionService:
         if declared is not None and declared != name:
             event["declared_approver"] = declared  # single-token mode: the body's label
         self.log.write(event)
-        return approval
+        return self.events.with_url(approval)
 
 
 def _flood_key(

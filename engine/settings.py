@@ -138,6 +138,40 @@ class Settings(BaseSettings):
         description="Approvals one session of an agent may have waiting at once; as above.",
     )
     grant_ttl_seconds: float = Field(900, gt=0, description="How long an approved grant lasts.")
+    public_url: str | None = Field(
+        None,
+        description="The service's HTTP address as people reach it (https://policy.example): "
+        "the approvals console's links (each decision's approval.url, webhooks, the proxy's "
+        "elicitation) start with it. Default: http(s)://host:http_port as the service "
+        "listens.",
+    )
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url_absolute(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query:
+            raise ValueError(
+                "public_url must be an absolute http(s) URL without a query, like "
+                "https://policy.example or https://gw.example/policy"
+            )
+        return value.rstrip("/")
+
+    def console_base(self) -> str:
+        """Where the console's pages are: public_url (or the listener's address) + /console."""
+        if self.public_url is not None:
+            return self.public_url + "/console"
+        scheme = "https" if self.tls_cert is not None else "http"
+        host = self.host
+        if ":" in host:
+            host = f"[{host}]"
+        elif host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        return f"{scheme}://{host}:{self.http_port}/console"
     state_store: Literal["memory", "sqlite", "redis"] | None = Field(
         None,
         description="Where rate-limit counters and approvals live: memory (one process, "

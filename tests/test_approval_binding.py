@@ -406,10 +406,12 @@ async def test_the_same_agent_for_another_user_is_denied(client: Client) -> None
         assert retried["verdict"] == "approval_required"
         assert retried["approval"]["id"] != approval_id
         assert retried["approval"]["status"] == "pending"
+    # The call of user-1 again, unchanged: its own grant lets it through, once.
     back = await client.decide(call)
-    assert back["verdict"] == "approval_required"
-    assert back["approval"] == {**back["approval"], "id": approval_id, "status": "approved"}
-    assert (await client.decide({**call, "approval_id": approval_id}))["verdict"] == "allow"
+    assert back["verdict"] == "allow"
+    assert back["approval"] == {**back["approval"], "id": approval_id, "status": "used"}
+    replay = await client.decide({**call, "approval_id": approval_id})
+    assert (replay["verdict"], replay["rule"]) == ("deny", "engine.approval")
 
 
 async def test_the_honest_path_still_works(client: Client) -> None:

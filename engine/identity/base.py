@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from engine.errors import EngineError, Unauthenticated
 
-Method = Literal["jwt", "api_key", "client_token", "tls", "approver"]
+# "oidc": a person who signed in to the approvals console through an OpenID Provider.
+Method = Literal["jwt", "api_key", "client_token", "tls", "approver", "oidc"]
 
 
 @dataclass(frozen=True)

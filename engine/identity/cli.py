@@ -101,6 +101,12 @@ def add_identity_commands(subparsers: Any) -> None:
                 action="store_true",
                 help="may also read the decision log and status and reload the policy",
             )
+            add.add_argument(
+                "--caller-only",
+                action="store_true",
+                help="a user, not an approver: may decide only the calls of their own agents "
+                "that the policy lets the caller approve (approval: {by: caller})",
+            )
         _file_options(add, command)
 
         listing = actions.add_parser(
@@ -155,7 +161,10 @@ def _add(args: argparse.Namespace, name: str, command: _Command, path: Path) -> 
         fields = {"user_id": args.user_id or args.name}
         fields["servers"] = args.servers
         fields["tools"] = args.tools
-        fields["roles"] = ["operator"] if args.operator else None
+        roles = (["operator"] if args.operator else []) + (
+            ["caller"] if args.caller_only else []
+        )
+        fields["roles"] = roles or None
     secret = add_entry(path, command.kind, args.name, **fields)
     print(secret, flush=True)
     print(

@@ -53,7 +53,14 @@ from pydantic import BaseModel
 
 from engine import jsonstrict
 from engine.errors import Conflict, InvalidRequest, NotFound
-from engine.models import Approval, ApprovalStatus, Principal, ToolCall
+from engine.models import (
+    ApprovableBy,
+    Approval,
+    ApprovalStatus,
+    Principal,
+    PrincipalProof,
+    ToolCall,
+)
 from engine.state.ratelimit import RedisGate, SqliteDb, is_cluster, open_cluster
 
 T = TypeVar("T")
@@ -255,7 +262,9 @@ def _new(
     ttl: float,
     now: float,
     approval_id: str | None = None,
+    terms: tuple[ApprovableBy, PrincipalProof, str | None] = ("approvers", "none", None),
 ) -> Stored:
+    approvable_by, proof, asserted_by = terms
     return Stored(
         approval=Approval(
             id=approval_id or "apr_" + uuid.uuid4().hex,
@@ -270,6 +279,9 @@ def _new(
             fingerprint=fingerprint(call, principal.session_id),
             created_at=_epoch(now),
             expires_at=_epoch(now + ttl),
+            approvable_by=approvable_by,
+            principal_proof=proof,
+            asserted_by=asserted_by,
         )
     )
 
@@ -306,7 +318,13 @@ def _consume(
     if use is Use.NOT_YOURS:
         return UseResult(use, None), None
     if use is Use.GRANTED:
-        used = current.model_copy(update={"status": ApprovalStatus.USED})
+        used = current.model_copy(
+            update={
+                "status": ApprovalStatus.USED,
+                "used_at": _epoch(now),
+                "used_by_decision": decision_id,
+            }
+        )
         return UseResult(Use.GRANTED, used), Stored(
             approval=used, used_at=now, used_by_decision=decision_id
         )
@@ -362,6 +380,9 @@ class ApprovalStore(Protocol):
         reason: str,
         decision_id: str,
         ttl: float,
+        approvable_by: ApprovableBy = "approvers",
+        proof: PrincipalProof = "none",
+        asserted_by: str | None = None,
     ) -> Approval:
         """The open approval of this principal (agent and user) for this call, or a new
         pending one; raises TooManyPending (opening nothing) when a new one would pass a cap."""
@@ -525,6 +546,9 @@ class MemoryApprovalStore(_RecordStore):
         reason: str,
         decision_id: str,
         ttl: float,
+        approvable_by: ApprovableBy = "approvers",
+        proof: PrincipalProof = "none",
+        asserted_by: str | None = None,
     ) -> Approval:
         now = self.clock()
         agent = agent_key(principal)
@@ -539,7 +563,14 @@ class MemoryApprovalStore(_RecordStore):
         if refused is not None:
             raise refused
         stored = _new(
-            call, principal, rule=rule, reason=reason, decision_id=decision_id, ttl=ttl, now=now
+            call,
+            principal,
+            rule=rule,
+            reason=reason,
+            decision_id=decision_id,
+            ttl=ttl,
+            now=now,
+            terms=(approvable_by, proof, asserted_by),
         )
         self._by_id[stored.approval.id] = stored
         self._open_by_fp[owner] = stored.approval.id
@@ -703,6 +734,9 @@ class SqliteApprovalStore(_RecordStore):
         reason: str,
         decision_id: str,
         ttl: float,
+        approvable_by: ApprovableBy = "approvers",
+        proof: PrincipalProof = "none",
+        asserted_by: str | None = None,
     ) -> Approval:
         fp = fingerprint(call, principal.session_id)
         agent = agent_key(principal)
@@ -729,7 +763,14 @@ class SqliteApprovalStore(_RecordStore):
             if refused is not None:
                 raise refused
             stored = _new(
-                call, principal, rule=rule, reason=reason, decision_id=decision_id, ttl=ttl, now=now
+                call,
+                principal,
+                rule=rule,
+                reason=reason,
+                decision_id=decision_id,
+                ttl=ttl,
+                now=now,
+                terms=(approvable_by, proof, asserted_by),
             )
             self._save(db, stored)
             return stored.approval
@@ -954,6 +995,9 @@ class RedisApprovalStore(_RecordStore):
         reason: str,
         decision_id: str,
         ttl: float,
+        approvable_by: ApprovableBy = "approvers",
+        proof: PrincipalProof = "none",
+        asserted_by: str | None = None,
     ) -> Approval:
         fp = fingerprint(call, principal.session_id)
         fp_key = self.fingerprint_key(principal, fp)
@@ -979,6 +1023,7 @@ class RedisApprovalStore(_RecordStore):
                 ttl=ttl,
                 now=now,
                 approval_id="apr_" + tag + secrets.token_hex(15),
+                terms=(approvable_by, proof, asserted_by),
             )
             new_id = stored.approval.id
             keys = [fp_key, self.record_key(new_id), self.index_key(tag), *waiting]

@@ -52,6 +52,7 @@ from engine.models import (
     OutcomeAck,
     OutcomeReport,
     Principal,
+    PrincipalProof,
     RateLimitInfo,
     Verdict,
 )
@@ -391,6 +392,7 @@ def decision_to_proto(decision: Decision) -> decision_pb2.DecideResponse:
                 id=decision.approval.id,
                 status=approval_status_to_proto(decision.approval.status),
                 expires_at=_timestamp(decision.approval.expires_at),
+                url=decision.approval.url or "",
             )
         )
     if decision.mcp_result is not None:
@@ -419,7 +421,10 @@ def decision_from_proto(response: decision_pb2.DecideResponse) -> Decision:
         status = _STATUSES_FROM_PROTO.get(ref.status)
         if status is not None:
             approval = ApprovalRef(
-                id=ref.id, status=status, expires_at=ref.expires_at.ToDatetime(tzinfo=UTC)
+                id=ref.id,
+                status=status,
+                expires_at=ref.expires_at.ToDatetime(tzinfo=UTC),
+                url=ref.url or None,
             )
     mcp_result = None
     if response.HasField("mcp_result"):
@@ -487,9 +492,16 @@ def approval_to_proto(approval: Approval) -> approval_pb2.Approval:
         approver=approval.approver or "",
         comment=approval.comment or "",
         fingerprint=approval.fingerprint,
+        approvable_by=approval.approvable_by,
+        principal_proof=approval.principal_proof,
+        asserted_by=approval.asserted_by or "",
+        used_by_decision=approval.used_by_decision or "",
+        url=approval.url or "",
     )
     if approval.decided_at is not None:
         message.decided_at.CopyFrom(_timestamp(approval.decided_at))
+    if approval.used_at is not None:
+        message.used_at.CopyFrom(_timestamp(approval.used_at))
     return message
 
 
@@ -519,7 +531,16 @@ def approval_from_proto(message: approval_pb2.Approval) -> Approval:
         decided_at=_instant(message, "decided_at"),
         approver=message.approver or None,
         comment=message.comment or None,
+        approvable_by="caller" if message.approvable_by == "caller" else "approvers",
+        principal_proof=_PROOFS.get(message.principal_proof, "none"),
+        asserted_by=message.asserted_by or None,
+        used_at=_instant(message, "used_at"),
+        used_by_decision=message.used_by_decision or None,
+        url=message.url or None,
     )
+
+
+_PROOFS: dict[str, PrincipalProof] = {"credential": "credential", "caller": "caller"}
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,10 @@
 #   (the shipped ones and any a user adds) into one decision for an MCP
 #   tools/call. A rule package may define any of four partial sets:
 #     deny              {"rule", "reason"}
-#     require_approval  {"rule", "reason", "ttl_seconds"?}
+#     require_approval  {"rule", "reason", "ttl_seconds"?, "by"?}
+#                       (by: who may decide the approval, "approvers" (the
+#                       default: four eyes) or "caller" (also the proven user
+#                       behind the agent))
 #     rate_limit        {"rule", "reason", "max", "window_seconds", "scope", "cost"?}
 #                       (cost: a number >= 0 this call counts against the
 #                       limit; the engine counts 1 when it is absent)
@@ -49,6 +52,7 @@ _valid(1, c) if {
 	ttl := object.get(c, "ttl_seconds", 1)
 	is_number(ttl)
 	ttl > 0
+	object.get(c, "by", "approvers") in {"approvers", "caller"}
 	is_boolean(object.get(c, "shadow", false))
 }
 
@@ -186,13 +190,23 @@ _denies_tool if {
 
 default _approval := {}
 
-_approval := {"approval": object.union({"rule": _ranked[0][1], "reason": _reason}, _ttl)} if _top == 1
+_approval := {"approval": object.union_n([{"rule": _ranked[0][1], "reason": _reason}, _ttl, _by])} if _top == 1
 
 _ttls := [c.ttl_seconds | some c in _winners; is_number(c.ttl_seconds)]
 
 default _ttl := {}
 
 _ttl := {"ttl_seconds": min(_ttls)} if count(_ttls) > 0
+
+# The caller may decide only when every winning contribution lets it: one that
+# leaves it to the approvers (the default) is the more restrictive.
+default _by := {}
+
+_by := {"by": "caller"} if {
+	every c in _winners {
+		c.by == "caller"
+	}
+}
 
 # What decision.shadow shows of one shadow contribution: its level, rule and
 # reason (generated like the decision's when the entry has none), and for a
@@ -233,8 +247,10 @@ _shadow := [x[2] |
 #     rate_limits  every rate_limit contribution sorted by rule id; [] on deny;
 #                  each {rule, max, window_seconds, scope, reason, cost?}
 #                  (cost only when the contribution gave one)
-#     approval     only for require_approval: {rule, reason, ttl_seconds?}
-#                  (ttl_seconds is the smallest one given)
+#     approval     only for require_approval: {rule, reason, ttl_seconds?, by?}
+#                  (ttl_seconds is the smallest one given; by is "caller"
+#                  when every winning contribution says so, else absent:
+#                  the approvers decide)
 #     matched      sorted ids of every enforced contribution that matched
 #     shadow       every shadow contribution (tried, not enforced), sorted by
 #                  rule id then level (deny, require_approval, rate_limit,

@@ -255,6 +255,27 @@ test_approval_ttl_smallest_when_several_approvals if {
 	}
 }
 
+test_approval_by_caller_when_every_winner_says_caller if {
+	rules := {"p": {"require_approval": {
+		object.union(_approval("r.a"), {"by": "caller"}),
+		object.union(_approval("r.b"), {"by": "caller"}),
+	}}}
+	d := mcp.decision with mcp.rules as rules
+	d.approval.by == "caller"
+}
+
+test_approval_by_approvers_when_one_winner_leaves_it_to_them if {
+	cases := [
+		{object.union(_approval("r.a"), {"by": "caller"}), _approval("r.b")},
+		{object.union(_approval("r.a"), {"by": "caller"}), object.union(_approval("r.b"), {"by": "approvers"})},
+	]
+	every contributions in cases {
+		d := mcp.decision with mcp.rules as {"p": {"require_approval": contributions}}
+		d.action == "require_approval"
+		not d.approval.by
+	}
+}
+
 test_approval_without_ttl_when_none_given if {
 	d := mcp.decision with mcp.rules as _rules(["require_approval"])
 	not d.approval.ttl_seconds
@@ -288,6 +309,8 @@ test_deny_invalid_contribution_when_entry_malformed if {
 		["require_approval", {"rule": "r.x"}], # no reason
 		["require_approval", {"rule": "r.x", "reason": "r", "ttl_seconds": 0}],
 		["require_approval", {"rule": "r.x", "reason": "r", "ttl_seconds": "900"}],
+		["require_approval", {"rule": "r.x", "reason": "r", "by": "anyone"}],
+		["require_approval", {"rule": "r.x", "reason": "r", "by": true}],
 		["rate_limit", object.remove(_limit("l.x", 1), ["reason"])],
 		["rate_limit", object.remove(_limit("l.x", 1), ["scope"])],
 		["rate_limit", object.union(_limit("l.x", 1), {"max": 0})],

@@ -335,6 +335,10 @@ _ttl(rule) := {"ttl_seconds": rule.approval.ttl} if {
 	_has(rule.approval, "ttl")
 } else := {}
 
+_by(rule) := {"by": rule.approval.by} if {
+	_has(rule.approval, "by")
+} else := {}
+
 # Why no rule is enforced: none applies, or every rule of the chain is shadow.
 _missing_reason := sprintf("%s has risk %s in the policy catalog, but risk_defaults has no rule for it", [
 	_subject,
@@ -395,9 +399,14 @@ deny contains {"rule": "catalog.missing_rule", "reason": _missing_reason, "whole
 # title: Require-approval contributions
 # description: |
 #   Each contributing rule whose action is require_approval (with ttl_seconds
-#   from approval.ttl; shadow when the rule is).
+#   from approval.ttl and by from approval.by; shadow when the rule is).
 # scope: document
-require_approval contains object.union_n([{"rule": c.id, "reason": _reason(c, rule)}, _ttl(rule), _extra(c)]) if {
+require_approval contains object.union_n([
+	{"rule": c.id, "reason": _reason(c, rule)},
+	_ttl(rule),
+	_by(rule),
+	_extra(c),
+]) if {
 	some [c, rule, _] in _usable_links
 	rule.action == "require_approval"
 }

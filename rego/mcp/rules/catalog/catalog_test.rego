@@ -106,6 +106,12 @@ test_require_approval_with_ttl_when_approval_ttl_given if {
 	out == _only("require_approval", {"rule": "catalog.rule.copy_image_set", "reason": "ask", "ttl_seconds": 900})
 }
 
+test_require_approval_by_caller_when_approval_by_given if {
+	rule := {"action": "require_approval", "reason": "ask", "approval": {"by": "caller"}}
+	out := _out with data.mcp_policy as _with_rule(rule) with input as _copy
+	out == _only("require_approval", {"rule": "catalog.rule.copy_image_set", "reason": "ask", "by": "caller"})
+}
+
 test_require_approval_without_ttl_when_approval_empty if {
 	rule := {"action": "require_approval", "approval": {}}
 	out := _out with data.mcp_policy as _with_rule(rule) with input as _copy

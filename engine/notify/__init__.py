@@ -1,0 +1,1 @@
+"""Approval events fanned out: live updates, webhooks, waiters."""
