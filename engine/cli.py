@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from engine import jsonstrict, translate
+from engine import approvals_cli, jsonstrict, translate
 from engine import status as status_view
 from engine.authoring import migrate as migrate_command
 from engine.errors import (
@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(decide)
     status = commands.add_parser(
         "status",
-        help="summary of a running service: calls, denials by rule, top tools, pending approvals",
+        help="summary of a running service: calls, denials and approvals required by rule, "
+        "top tools, pending approvals",
     )
     status.add_argument("--url", default="http://127.0.0.1:8080", help="the service's HTTP URL")
     status.add_argument("--hours", type=float, default=24, help="how far back (default 24)")
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_proxy_commands(commands)
     add_identity_commands(commands)
+    approvals_cli.add_approvals_command(commands)
     return parser
 
 
@@ -272,6 +274,8 @@ def _run(args: argparse.Namespace) -> int:
         return run_identity_command(args)
     if args.command == "status":
         return _status(args)
+    if args.command == "approvals":
+        return approvals_cli.run(args)
     if args.command == "migrate":
         return migrate_command.run(args.dirs, check=args.check)
     settings = _settings(args)  # a bad value: one line naming it (main)

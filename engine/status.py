@@ -46,6 +46,10 @@ def render(summary: dict[str, Any], hours: float) -> str:
     ]
     lines += [f"  {_clip(d['rule'], 50):<50} {d['count']:>7}" for d in summary["denials_by_rule"]]
     lines += ["  (none)"] if not summary["denials_by_rule"] else []
+    approvals = summary.get("approvals_required_by_rule", [])
+    lines += ["", "approvals required by rule"]
+    lines += [f"  {_clip(a['rule'], 50):<50} {a['count']:>7}" for a in approvals]
+    lines += ["  (none)"] if not approvals else []
     lines += ["", "top tools"]
     lines += [f"  {_clip(t['tool'], 50):<50} {t['count']:>7}" for t in summary["top_tools"]]
     lines += ["  (none)"] if not summary["top_tools"] else []

@@ -213,8 +213,11 @@ async def test_status_prints_a_summary_of_a_running_service(servers: Any, http: 
     result = await asyncio.to_thread(run, {"MCP_POLICY_APPROVER_TOKEN": APPROVER_TOKEN})
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "denials by rule" in out
-    assert "copy_image_set.datastore_id_invalid" in out
+    denials = out.split("denials by rule", 1)[1].split("approvals required by rule", 1)[0]
+    approvals = out.split("approvals required by rule", 1)[1].split("top tools", 1)[0]
+    assert "copy_image_set.datastore_id_invalid" in denials
+    assert "copy_image_set.existing_destination" in approvals, "counted apart from denials"
+    assert "copy_image_set.existing_destination" not in denials
     assert pending["approval"]["id"] in out
     assert denied["reason"][:40] in out
     as_json = await asyncio.to_thread(run, {"MCP_POLICY_APPROVER_TOKEN": APPROVER_TOKEN}, "--json")

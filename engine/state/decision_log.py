@@ -1046,18 +1046,22 @@ class DecisionLog:
                 "SELECT verdict, COUNT(*) FROM decisions WHERE ts >= ? GROUP BY verdict", (ts,)
             ).fetchall()
         )
-        denials = db.execute(
-            "SELECT rule, COUNT(*) AS n FROM decisions WHERE ts >= ? AND verdict != 'allow' "
-            "GROUP BY rule ORDER BY n DESC, rule LIMIT 10",
-            (ts,),
-        ).fetchall()
+        # Calls waiting for a human are not denials: they are counted apart, by rule.
+        denials, approvals = (
+            db.execute(
+                f"SELECT rule, COUNT(*) AS n FROM decisions WHERE ts >= ? AND verdict {which} "
+                "GROUP BY rule ORDER BY n DESC, rule LIMIT 10",
+                (ts,),
+            ).fetchall()
+            for which in (_DENIED, "= 'approval_required'")
+        )
         tools = db.execute(
             "SELECT tool, COUNT(*) AS n FROM decisions WHERE ts >= ? GROUP BY tool "
             "ORDER BY n DESC, tool LIMIT 10",
             (ts,),
         ).fetchall()
         recent = db.execute(
-            "SELECT record FROM decisions WHERE ts >= ? AND verdict != 'allow' "
+            f"SELECT record FROM decisions WHERE ts >= ? AND verdict {_DENIED} "
             "ORDER BY seq DESC LIMIT 10",
             (ts,),
         ).fetchall()
@@ -1066,9 +1070,13 @@ class DecisionLog:
             "calls": total,
             "verdicts": verdicts,
             "denials_by_rule": [{"rule": r, "count": n} for r, n in denials],
+            "approvals_required_by_rule": [{"rule": r, "count": n} for r, n in approvals],
             "top_tools": [{"tool": t, "count": n} for t, n in tools],
             "recent_denials": [json.loads(row[0]) for row in recent],
         }
+
+
+_DENIED = "IN ('deny', 'rate_limited')"
 
 
 def _epoch(stamp: str) -> float:
