@@ -159,7 +159,12 @@ def refused_decision() -> Decision:
             rule="catalog.rule.x",
             scope="session",
         ),
-        approval=ApprovalRef(id="apr_1", status=ApprovalStatus.PENDING, expires_at=WHEN),
+        approval=ApprovalRef(
+            id="apr_1",
+            status=ApprovalStatus.PENDING,
+            expires_at=WHEN,
+            url="https://policy.example/console/approvals/apr_1",
+        ),
     )
     decision.mcp_result = mcp_result(decision)
     return decision
@@ -241,8 +246,20 @@ def approval(**changes: Any) -> Approval:
             approver="alice",
             comment="no",
         ),
+        approval(
+            status=ApprovalStatus.USED,
+            decided_at=WHEN + timedelta(seconds=5),
+            approver="ann",
+            approvable_by="caller",
+            principal_proof="caller",
+            asserted_by="proxy-1",
+            used_at=WHEN + timedelta(seconds=9),
+            used_by_decision="dec_2",
+            url="https://policy.example/console/approvals/apr_1",
+        ),
+        approval(principal_proof="credential"),
     ],
-    ids=["pending", "decided"],
+    ids=["pending", "decided", "used-by-caller", "proven"],
 )
 def test_approvals_round_trip(approval_: Approval) -> None:
     assert wire.approval_from_proto(wire.approval_to_proto(approval_)) == approval_
