@@ -18,7 +18,9 @@ from engine.approver_auth import ApproverAuth
 from engine.identity.base import Identity
 from engine.identity.callers import AgentCredentials, DecisionClients
 from engine.identity.jwt import JwtVerifier
+from engine.models import Approval, ApprovalStatus
 from engine.notify.events import ApprovalEvents
+from engine.notify.webhooks import WebhookDispatcher, endpoints_from
 from engine.obs import tracing
 from engine.obs.metrics import Metrics
 from engine.policy.inprocess import InProcessOpa
@@ -47,11 +49,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 1.0
+# Open approvals the expiry watch takes over at start, per status (pending, granted).
+MAX_WATCHED_AT_START = 10_000
 
 
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        webhooks = endpoints_from(settings)  # a mistake refuses to start before anything
         token = settings.approver_token.get_secret_value() if settings.approver_token else None
         self.generated_token = token is None
         self._approver_token = token or secrets.token_urlsafe(32)
@@ -109,6 +114,7 @@ class Runtime:
             credentials=self.agent_credentials,
             events=ApprovalEvents(self._approval_url),
         )
+        self.webhooks = WebhookDispatcher(webhooks, self.service.events, self.metrics)
         self._readiness_listeners: list[Callable[[bool], Awaitable[None]]] = []
         self._watch: asyncio.Task[None] | None = None
         self._reloader: asyncio.Task[None] | None = None
@@ -172,6 +178,20 @@ class Runtime:
             RedisApprovalStore(self._redis, settings.redis_prefix, gate=gate, caps=caps),
         )
 
+    async def _open_approvals(self) -> list[Approval]:
+        """The approvals open now (pending, or granted and unused), for the expiry watch:
+        at most MAX_WATCHED_AT_START of each, newest first."""
+        found: list[Approval] = []
+        for status in (ApprovalStatus.PENDING, ApprovalStatus.APPROVED):
+            after = None
+            while len(found) < MAX_WATCHED_AT_START:
+                page = await self.approvals.page(status, 500, after=after)
+                found.extend(page.approvals)
+                if page.next is None:
+                    break
+                after = page.next
+        return found
+
     def _approval_url(self, approval_id: str) -> str:
         return f"{self.settings.console_base()}/approvals/{approval_id}"
 
@@ -194,7 +214,8 @@ class Runtime:
         await self.policy.load()
         await self.agent_credentials.start()
         await self.approver_auth.start()
-        await self.service.events.start(self.approvals.get)
+        await self.service.events.start(self.approvals.claim_expiry, await self._open_approvals())
+        await self.webhooks.start()
         self._watch = asyncio.create_task(self._watch_readiness(), name="readiness")
         if self.settings.reload_interval_seconds > 0:
             self._reloader = asyncio.create_task(self._watch_files(), name="policy-watch")
@@ -254,6 +275,7 @@ class Runtime:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await self.webhooks.stop()
         await self.service.events.close()
         await self.agent_credentials.close()
         await self.opa.close()

@@ -64,7 +64,9 @@ async def flow(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Flow]:
     rego, data = copy_policy(tmp)
     add_tools(
         data,
-        catalog=[{"server": HEALTHIMAGING, "tool": OWN_TOOL, "category": "write", "risk": "medium"}],
+        catalog=[
+            {"server": HEALTHIMAGING, "tool": OWN_TOOL, "category": "write", "risk": "medium"}
+        ],
         rules={OWN_TOOL: {"action": "require_approval", "approval": {"by": "caller"}}},
     )
     servers = await start_servers(
@@ -151,9 +153,7 @@ async def test_concurrent_identical_calls_use_the_grant_once(flow: Flow, api: Cl
     assert verdicts.count("allow") == 1, verdicts
 
 
-async def test_the_approval_records_how_the_principal_was_proven(
-    flow: Flow, api: Client
-) -> None:
+async def test_the_approval_records_how_the_principal_was_proven(flow: Flow, api: Client) -> None:
     proven = await api.decide(own_call(flow))
     record = await api.get_approval(APPROVER_TOKEN, proven["approval"]["id"])
     assert (record["principal_proof"], record["approvable_by"]) == ("credential", "caller")
@@ -255,7 +255,7 @@ async def test_expiry_is_published_once_for_what_expired() -> None:
     now = [1_000_000.0]
     store = MemoryApprovalStore(clock=lambda: now[0])
     hub = ApprovalEvents()
-    hub.expiry._read = store.get
+    hub.expiry._claim = store.claim_expiry
 
     def open_one(name: str) -> Any:
         call = ToolCall(server="s", name=name, arguments={})

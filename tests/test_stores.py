@@ -403,3 +403,25 @@ async def test_redis_keys_expire_by_themselves(kv_server: KvServer) -> None:
             assert 0 < await client.pttl(key) <= 2000
     finally:
         await client.aclose()
+
+
+async def test_an_expiry_is_claimed_once(
+    approvals_at: Callable[[Callable[[], float]], ApprovalStore],
+) -> None:
+    """Claims racing for one approval's expiry (replicas sharing the store make theirs
+    through the same atomic update): exactly one wins, once it has expired; none before;
+    a gone one is NotFound."""
+    now = [1_700_000_000.0]
+    store = await opened(approvals_at(lambda: now[0]))
+    try:
+        left = await _open(store, ToolCall(server="srv", name="left", arguments={}))
+        assert await store.claim_expiry(left.id) == (left, False), "not expired yet"
+        now[0] += 10_000
+        claims = await asyncio.gather(*[store.claim_expiry(left.id) for _ in range(6)])
+        assert [won for _, won in claims].count(True) == 1
+        assert {approval.status for approval, _ in claims} == {ApprovalStatus.EXPIRED}
+        assert (await store.claim_expiry(left.id))[1] is False
+        with pytest.raises(NotFound):
+            await store.claim_expiry("apr_" + "0" * 32)
+    finally:
+        await store.close()

@@ -8,10 +8,11 @@ proxy waiting for a human). Publishing never blocks and never fails a decision: 
 subscriber has a bounded queue of its own, and one that falls behind loses the oldest
 events and is told so (`Subscription.dropped`), never slows the publisher.
 
-Expiry is not an action anybody takes, so it is watched for: every approval this process
-saw opened or granted is looked at once it is due (`ExpiryWatch`), and an `expired` event is
-published when the store says it expired. In a fleet the replica that opened an approval
-publishes its expiry; the other events come from the replica where the change happened.
+Expiry is not an action anybody takes, so it is watched for (`ExpiryWatch`): the approvals
+open when the process started, and every one it saw opened or granted since, are looked at
+once due, and `approval.expired` is published by whichever process first claims it in the
+store (`ApprovalStore.claim_expiry`, atomic), so replicas sharing a store announce each
+expiry once. The other events come from the replica where the change happened.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -190,9 +191,14 @@ class ApprovalEvents:
                 if not waiters:
                     del self._waiters[approval_id]
 
-    async def start(self, read: Callable[[str], Awaitable[Approval]]) -> None:
-        """Start watching for expiries; `read` is the store's `get`."""
-        await self.expiry.start(read)
+    async def start(
+        self,
+        claim: Callable[[str], Awaitable[tuple[Approval, bool]]],
+        open_now: Iterable[Approval] = (),
+    ) -> None:
+        """Start watching for expiries: `claim` is the store's `claim_expiry`, `open_now`
+        the approvals open at start."""
+        await self.expiry.start(claim, open_now)
 
     async def close(self) -> None:
         await self.expiry.close()
@@ -209,7 +215,7 @@ class ExpiryWatch:
         self._due: list[tuple[float, str]] = []  # (expires at, approval id), a heap
         self._expires: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
-        self._read: Callable[[str], Awaitable[Approval]] | None = None
+        self._claim: Callable[[str], Awaitable[tuple[Approval, bool]]] | None = None
 
     def watch(self, approval: Approval) -> None:
         at = approval.expires_at.timestamp()
@@ -222,8 +228,14 @@ class ExpiryWatch:
     def watched(self) -> int:
         return len(self._expires)
 
-    async def start(self, read: Callable[[str], Awaitable[Approval]]) -> None:
-        self._read = read
+    async def start(
+        self,
+        claim: Callable[[str], Awaitable[tuple[Approval, bool]]],
+        open_now: Iterable[Approval] = (),
+    ) -> None:
+        self._claim = claim
+        for approval in open_now:
+            self.watch(approval)
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="approval-expiry")
 
@@ -244,13 +256,13 @@ class ExpiryWatch:
 
     async def check(self, now: float) -> None:
         """Look at every watched approval due by `now`."""
-        assert self._read is not None
+        assert self._claim is not None
         while self._due and self._due[0][0] <= now:
             at, approval_id = heapq.heappop(self._due)
             if self._expires.get(approval_id) != at:
                 continue  # superseded (granted: a new expiry) or already settled
             try:
-                approval = await self._read(approval_id)
+                approval, claimed = await self._claim(approval_id)
             except NotFound:
                 del self._expires[approval_id]
                 continue
@@ -260,7 +272,8 @@ class ExpiryWatch:
                 return
             if approval.status is ApprovalStatus.EXPIRED:
                 del self._expires[approval_id]
-                self._hub.publish(EventType.EXPIRED, approval)
+                if claimed:  # else another process announced it
+                    self._hub.publish(EventType.EXPIRED, approval)
             elif approval.status in (ApprovalStatus.PENDING, ApprovalStatus.APPROVED):
                 # Granted elsewhere (a new expiry), or the store's clock is behind this
                 # one's: look again when it is due.

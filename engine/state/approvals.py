@@ -168,6 +168,8 @@ class Stored(BaseModel):
     approval: Approval
     used_at: float | None = None
     used_by_decision: str | None = None
+    # Its expiry was announced (one approval.expired event, by whichever process claimed it).
+    expiry_announced: bool = False
 
     def effective(self, now: float) -> Approval:
         """The approval as seen at `now`: open ones past their expiry read as expired."""
@@ -412,6 +414,23 @@ class ApprovalStore(Protocol):
         self, approval_id: str, *, approve: bool, approver: str, comment: str, grant_ttl: float
     ) -> Approval: ...
 
+    async def claim_expiry(self, approval_id: str) -> tuple[Approval, bool]:
+        """The approval as it reads now, and whether this caller is the one to announce its
+        expiry: True once, to the first caller after it expired (atomically, so replicas
+        sharing the store announce it once between them). NotFound when it is gone."""
+        ...
+
+
+def _claim_expiry(
+    stored: Stored | None, approval_id: str, now: float
+) -> tuple[tuple[Approval, bool], Stored | None]:
+    if stored is None:
+        raise NotFound(f"no approval {jsonstrict.quote(approval_id)}")
+    current = stored.effective(now)
+    if current.status is not ApprovalStatus.EXPIRED or stored.expiry_announced:
+        return (current, False), None
+    return (current, True), stored.model_copy(update={"expiry_announced": True})
+
 
 class _RecordStore(abc.ABC):
     """The operations every store shares, built on its `_update` and `_records`."""
@@ -449,6 +468,11 @@ class _RecordStore(abc.ABC):
                 grant_ttl=grant_ttl,
                 now=now,
             ),
+        )
+
+    async def claim_expiry(self, approval_id: str) -> tuple[Approval, bool]:
+        return await self._update(
+            approval_id, lambda stored, now: _claim_expiry(stored, approval_id, now)
         )
 
     async def get(self, approval_id: str) -> Approval:
