@@ -20,6 +20,7 @@ from engine.identity.callers import AgentCredentials, DecisionClients
 from engine.identity.jwt import JwtVerifier
 from engine.models import Approval, ApprovalStatus
 from engine.notify.events import ApprovalEvents
+from engine.notify.relay import RedisEventRelay
 from engine.notify.webhooks import WebhookDispatcher, endpoints_from
 from engine.obs import tracing
 from engine.obs.metrics import Metrics
@@ -115,6 +116,15 @@ class Runtime:
             events=ApprovalEvents(self._approval_url),
         )
         self.webhooks = WebhookDispatcher(webhooks, self.service.events, self.metrics)
+        # Approval events to and from the other replicas sharing the Redis store.
+        self._relay: RedisEventRelay | None = None
+        if settings.store == "redis" and settings.redis_url is not None:
+            self._relay = RedisEventRelay(
+                settings.redis_url.get_secret_value(),
+                f"{settings.redis_prefix}approval-events",
+                self.service.events,
+                timeout=settings.redis_timeout_ms / 1000,
+            )
         self._readiness_listeners: list[Callable[[bool], Awaitable[None]]] = []
         self._watch: asyncio.Task[None] | None = None
         self._reloader: asyncio.Task[None] | None = None
@@ -215,6 +225,8 @@ class Runtime:
         await self.agent_credentials.start()
         await self.approver_auth.start()
         await self.service.events.start(self.approvals.claim_expiry, await self._open_approvals())
+        if self._relay is not None:
+            await self._relay.start()
         await self.webhooks.start()
         self._watch = asyncio.create_task(self._watch_readiness(), name="readiness")
         if self.settings.reload_interval_seconds > 0:
@@ -276,6 +288,8 @@ class Runtime:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.webhooks.stop()
+        if self._relay is not None:
+            await self._relay.close()
         await self.service.events.close()
         await self.agent_credentials.close()
         await self.opa.close()

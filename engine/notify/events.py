@@ -67,6 +67,9 @@ class ApprovalEvent:
     approval: Approval
     at: datetime
     id: str = field(default_factory=lambda: "evt_" + uuid.uuid4().hex)
+    # False for an event another replica published (engine.notify.relay): shown live, but
+    # sent on (webhooks) only by the replica where it happened.
+    local: bool = True
 
     def payload(self) -> dict[str, Any]:
         """The event as JSON: `{"type", "timestamp", "data": {"approval": {...}}}` (the
@@ -140,6 +143,8 @@ class ApprovalEvents:
         self._url_of = url_of or (lambda approval_id: None)
         self.published = 0
         self.expiry = ExpiryWatch(self)
+        # Sends each local event to the other replicas (engine.notify.relay), when set.
+        self.relay: Callable[[ApprovalEvent], None] | None = None
 
     def url(self, approval_id: str) -> str | None:
         """The approval's page in the console, when the service has a public URL."""
@@ -155,13 +160,20 @@ class ApprovalEvents:
         """Hand one event to every subscriber and wake the waiters of its approval."""
         event = ApprovalEvent(event_type, self.with_url(approval), datetime.now(UTC))
         self.published += 1
+        self.deliver(event)
+        if self.relay is not None:
+            self.relay(event)
+        return event
+
+    def deliver(self, event: ApprovalEvent) -> None:
+        """Hand `event` (published here, or relayed from another replica) to this process's
+        subscribers and waiters."""
         for subscriber in list(self._subscribers):
             subscriber._put(event)
-        for waiter in self._waiters.pop(approval.id, ()):
+        for waiter in self._waiters.pop(event.approval.id, ()):
             waiter.set()
-        if event_type in (EventType.REQUESTED, EventType.APPROVED):
-            self.expiry.watch(approval)
-        return event
+        if event.type in (EventType.REQUESTED, EventType.APPROVED):
+            self.expiry.watch(event.approval)
 
     def subscribe(self, *, maxsize: int = DEFAULT_QUEUE) -> Subscription:
         subscription = Subscription(self, maxsize)
