@@ -407,6 +407,14 @@ class DecisionService:
             if opened.decision_id == ctx.decision_id:  # opened by this very call
                 self.metrics.approvals.labels("requested").inc()
                 self.events.publish(EventType.REQUESTED, opened)
+            if opened.status is ApprovalStatus.DENIED:  # asked again: the answer stands
+                return self._refuse(
+                    ctx,
+                    Verdict.DENY,
+                    RULE_APPROVAL,
+                    f"approval denied by {opened.approver}: {opened.comment or 'no comment'}",
+                    approval=self._ref(opened),
+                )
             if opened.status is not ApprovalStatus.APPROVED:
                 return self._approval_required(ctx, rule, reason, opened)
             # The identical call of the same principal, granted and not used yet: the

@@ -136,12 +136,19 @@ async def test_the_identical_call_goes_through_once_approved(flow: Flow, api: Cl
 
 
 async def test_a_denied_call_reads_the_comment_when_called_again(flow: Flow, api: Client) -> None:
+    """The identical call after a denial is denied with the approver's comment (and opens
+    no new approval) until the approval would have expired; with the id too."""
     call = approval_call()
     approval_id = (await api.decide(call))["approval"]["id"]
     await api.act_as(flow.approvers["alice"], approval_id, "deny", "not this datastore")
-    again = await api.decide({**call, "approval_id": approval_id})
-    assert (again["verdict"], again["rule"]) == ("deny", "engine.approval")
-    assert "not this datastore" in again["reason"]
+    for again in (await api.decide(call), await api.decide({**call, "approval_id": approval_id})):
+        assert (again["verdict"], again["rule"]) == ("deny", "engine.approval")
+        assert "not this datastore" in again["reason"] and "alice" in again["reason"]
+        assert again["approval"]["id"] == approval_id
+    # Another agent's identical call is its own: it opens an approval of its own.
+    other = await api.decide({**call, "principal": {**call["principal"], "agent_id": "x-2"}})
+    assert other["verdict"] == "approval_required"
+    assert other["approval"]["id"] != approval_id
 
 
 async def test_concurrent_identical_calls_use_the_grant_once(flow: Flow, api: Client) -> None:

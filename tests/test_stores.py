@@ -425,3 +425,21 @@ async def test_an_expiry_is_claimed_once(
             await store.claim_expiry("apr_" + "0" * 32)
     finally:
         await store.close()
+
+
+async def test_a_denial_stands_for_the_identical_call_until_it_would_have_expired(
+    approvals_at: Callable[[Callable[[], float]], ApprovalStore],
+) -> None:
+    now = [1_700_000_000.0]
+    store = await opened(approvals_at(lambda: now[0]))
+    try:
+        call = ToolCall(server="srv", name="denied", arguments={"a": 1})
+        first = await _open(store, call, ttl=60)
+        await store.decide(first.id, approve=False, approver="x", comment="no", grant_ttl=60)
+        again = await _open(store, call, ttl=60)
+        assert (again.id, again.status, again.comment) == (first.id, ApprovalStatus.DENIED, "no")
+        now[0] += 61
+        fresh = await _open(store, call, ttl=60)
+        assert fresh.id != first.id and fresh.status is ApprovalStatus.PENDING
+    finally:
+        await store.close()

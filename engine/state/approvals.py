@@ -3,7 +3,9 @@
 An approval is bound to a fingerprint of (server, tool, canonical arguments, session) and
 to the principal that opened it (its agent_id and user_id, as the call carried them).
 While one is open (pending, or approved and not yet used) the same call of the same
-principal gets the same approval back. An approved grant lets exactly one matching call
+principal gets the same approval back; so it does once denied, until the approval would
+have expired (the agent asking again reads the denial, and the approver is not asked again
+at once). An approved grant lets exactly one matching call
 of that principal through, once, before it expires.
 
 What may happen to an approval is decided here once, by pure functions over one record
@@ -362,8 +364,17 @@ def _decide(
     return decided, Stored(approval=decided)
 
 
-def _open_one(current: Stored | None, now: float) -> bool:
-    return current is not None and current.effective(now).status in OPEN
+def _standing(current: Stored | None, now: float) -> bool:
+    """Whether the identical call of the same principal gets `current` back: while it is
+    open (pending, or granted and unused), and once denied until it would have expired
+    (the agent asking again reads the denial and its comment instead of opening a new
+    approval at once)."""
+    if current is None:
+        return False
+    status = current.effective(now).status
+    if status is ApprovalStatus.DENIED:
+        return current.approval.expires_at.timestamp() > now
+    return status in OPEN
 
 
 class ApprovalStore(Protocol):
@@ -386,8 +397,8 @@ class ApprovalStore(Protocol):
         proof: PrincipalProof = "none",
         asserted_by: str | None = None,
     ) -> Approval:
-        """The open approval of this principal (agent and user) for this call, or a new
-        pending one; raises TooManyPending (opening nothing) when a new one would pass a cap."""
+        """The standing approval of this principal (agent and user) for this call (open, or
+        denied and not past its expiry), or a new pending one; raises TooManyPending (opening nothing) when a new one would pass a cap."""
         ...
 
     async def consume(
@@ -579,7 +590,7 @@ class MemoryApprovalStore(_RecordStore):
         fp = fingerprint(call, principal.session_id)
         owner = (agent, principal.user_id, fp)
         current = self._by_id.get(self._open_by_fp.get(owner, ""))
-        if current is not None and _open_one(current, now):
+        if current is not None and _standing(current, now):
             return current.effective(now)
         keys = (("agent", agent), ("session", agent, principal.session_id))
         by_agent, by_session = (self._pending(key, now) for key in keys)
@@ -772,7 +783,7 @@ class SqliteApprovalStore(_RecordStore):
                 (agent, fp, principal.user_id),
             ).fetchone()
             current = None if row is None else Stored.model_validate_json(row[0])
-            if current is not None and _open_one(current, now):
+            if current is not None and _standing(current, now):
                 return current.effective(now)
             (by_agent,) = db.execute(
                 "SELECT COUNT(*) FROM approval_records WHERE agent_key = ? AND pending_until > ?",
@@ -1035,7 +1046,7 @@ class RedisApprovalStore(_RecordStore):
                 raw = await self._gate.run(self._client.get(self.record_key(current_id)))
                 current = None if raw is None else Stored.model_validate_json(raw)
                 now = self.clock()
-                if current is not None and _open_one(current, now):
+                if current is not None and _standing(current, now):
                     return current.effective(now)
             now = self.clock()
             stored = _new(
