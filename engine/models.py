@@ -307,3 +307,23 @@ class ApprovalAction(BaseModel):
         "credential proves. When given it must be that name (else 422).",
     )
     comment: Annotated[str, Field(max_length=4096)] = ""
+
+
+# The longest one AwaitApproval (POST /v1/approvals/{id}/await) waits: a caller that wants
+# to wait longer asks again.
+MAX_AWAIT_SECONDS = 300.0
+
+
+class ApprovalWait(BaseModel):
+    """Body of POST /v1/approvals/{id}/await: how long to wait, at most, for the approval to
+    be decided (approved, denied, used or expired)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_seconds: Annotated[
+        float, Field(ge=0, le=MAX_AWAIT_SECONDS, allow_inf_nan=False, strict=True)
+    ] = Field(
+        default=0,
+        description="Seconds to wait at most, 0 to 300; 0 answers at once with the "
+        "approval's state.",
+    )

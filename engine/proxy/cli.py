@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from engine.settings import PROJECT_ROOT, Settings
 
 if TYPE_CHECKING:
     from engine.proxy.auth import AuthConfig, ResourceServer
+    from engine.proxy.elicitation import ElicitationOptions
     from engine.proxy.serve import SessionLimits, UpstreamSpec
 
 # The commands import the proxy (and the MCP SDK) only when they run, so `mcp-policy
@@ -42,8 +44,11 @@ examples:
       --upstream https://mcp.example.com/mcp --header 'Authorization: Bearer ...'
 
 Point the MCP client at the proxy: run it as the server command (stdio), or use
-http://HOST:PORT/mcp with --listen. To retry a call that needed approval, call it again
-once approved (the proxy uses the granted approval), or pass the approval id in
+http://HOST:PORT/mcp with --listen. A client that can open a URL for its user (URL-mode
+elicitation: protocol 2025-11-25, or 2026-07-28) is sent to the approval's page in the
+console when a call needs approval, and the call goes through once it is approved. Other
+clients read the refusal: call the same tool again, unchanged, once approved (the proxy
+uses the granted approval), or pass the approval id in
 params._meta["mcp-policy/approval_id"].
 """
 
@@ -367,8 +372,40 @@ def add_proxy_commands(subparsers: Any) -> None:
         metavar="SECONDS",
         help="on approval_required, wait this long for a human before answering (default 0)",
     )
+    # The old wait (decide the call again every SECONDS, each a logged decision), kept as
+    # the baseline of bench/approval_wait.py; the default waits on AwaitApproval.
     proxy.add_argument(
-        "--approval-poll", type=_seconds, default=0.5, metavar="SECONDS", help=argparse.SUPPRESS
+        "--approval-poll",
+        type=_positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help=argparse.SUPPRESS,
+    )
+    elicit = proxy.add_argument_group(
+        "asking the agent's user (URL-mode elicitation): a client that declared it is sent "
+        "to the approval's page in the console"
+    )
+    elicit.add_argument(
+        "--no-elicitation",
+        action="store_true",
+        help="never ask the client; answer approval_required as to a client without it",
+    )
+    elicit.add_argument(
+        "--elicitation-wait",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="hold a call this long at most for its approval after the client's user was "
+        "sent to the page (never past the approval's expiry; default 900); 0 holds none "
+        "(2025-11-25 clients then get the URLElicitationRequiredError, -32042)",
+    )
+    elicit.add_argument(
+        "--elicitation-secret-env",
+        metavar="VAR",
+        default="MCP_POLICY_ELICITATION_SECRET",
+        help="environment variable holding the secret (32 bytes or more) the proxy signs "
+        "2026-07-28 requestStates with; replicas behind one address share it (default "
+        "%(default)s; unset: a random secret per process)",
     )
     proxy.add_argument(
         "--upstream-timeout",
@@ -496,17 +533,22 @@ def _proxy(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"mcp-policy proxy: invalid settings: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    elicitation = _elicitation(args)
+    if isinstance(elicitation, int):
+        return elicitation
     _logging(args.log_level or "WARNING")
     options = ProxyOptions(
         server_name=args.server_name,
         agent_id=args.agent_id,
         user_id=args.user_id,
         approval_wait=args.approval_wait,
-        approval_poll=args.approval_poll or 0.5,
+        approval_poll=args.approval_poll,
         upstream_timeout=args.upstream_timeout,
         filter_tools=not args.show_all_tools,
-        **({"max_json_depth": settings.max_json_depth} if settings is not None else {}),
+        elicitation=elicitation,
     )
+    if settings is not None:
+        options = replace(options, max_json_depth=settings.max_json_depth)
 
     async def main() -> int:
         decider: Decider
@@ -564,6 +606,22 @@ def _proxy(args: argparse.Namespace) -> int:
     except ToolMissing as exc:
         print(f"mcp-policy proxy: {exc.message}", file=sys.stderr)
         return EXIT_TOOL_MISSING
+
+
+def _elicitation(args: argparse.Namespace) -> ElicitationOptions | int:
+    """The elicitation options, or the exit status after printing what is wrong."""
+    from engine.proxy.elicitation import DEFAULT_WAIT, ElicitationOptions, RequestStates
+
+    if args.no_elicitation and args.elicitation_wait is not None:
+        print("mcp-policy proxy: --elicitation-wait goes without --no-elicitation", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        states = RequestStates.from_environment(args.elicitation_secret_env)
+    except ValueError as exc:
+        print(f"mcp-policy proxy: {args.elicitation_secret_env}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    wait = DEFAULT_WAIT if args.elicitation_wait is None else args.elicitation_wait
+    return ElicitationOptions(enabled=not args.no_elicitation, wait=wait, states=states)
 
 
 def _resource_server(args: argparse.Namespace) -> ResourceServer | None | int:

@@ -15,8 +15,13 @@ server-to-client requests, methods the proxy has never heard of), with three exc
 - a `tools/list` result is filtered (see `listing.py`).
 - approvals: an approval id for a retry can ride in `params._meta["mcp-policy/approval_id"]`
   (stripped before forwarding); an identical retry of a call whose approval was granted
-  is retried with that approval by the proxy itself; with `approval_wait` the proxy waits
-  for a human before answering.
+  is retried with that approval by the proxy itself; a client that can show its user a
+  URL is sent to the approval's page (`elicitation.py`: URL-mode elicitation, or at
+  2026-07-28 an input-required result and the retry that answers it); with
+  `approval_wait` the proxy waits for a human before answering. Waiting is AwaitApproval
+  (the decision service answers once the approval is decided), then the identical call is
+  decided once more; `approval_poll` keeps the old way (deciding again every so often) as
+  a baseline for the benchmark.
 
 Messages travel through the core as `Frame`s: the message as a JSON object and, when it
 came as text the core may pass on as it is (a stdio line), that text. A message the proxy
@@ -35,6 +40,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import time
+import uuid
 from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, runtime_checkable
@@ -59,10 +67,20 @@ from mcp_types import (
 )
 from pydantic import ValidationError
 
-from engine.errors import EngineError, InvalidRequest
+from engine.errors import EngineError, InvalidRequest, NotFound
 from engine.identity.base import Identity
-from engine.models import ApprovalStatus, DecideRequest, Decision, Principal, Verdict
+from engine.models import (
+    MAX_AWAIT_SECONDS,
+    ApprovalRef,
+    ApprovalStatus,
+    DecideRequest,
+    Decision,
+    Principal,
+    Verdict,
+)
+from engine.proxy import elicitation
 from engine.proxy.decider import Decider
+from engine.proxy.elicitation import ElicitationOptions, Retry, StateRefused
 from engine.proxy.listing import ToolFilter
 from engine.service import mcp_result
 from engine.settings import Settings
@@ -73,11 +91,19 @@ log = logging.getLogger(__name__)
 APPROVAL_META_KEY = "mcp-policy/approval_id"
 RULE_DECISION_UNAVAILABLE = "proxy.decision_unavailable"
 RULE_SERVER_UNKNOWN = "proxy.server_unknown"
+RULE_ELICITATION_DECLINED = "proxy.elicitation_declined"
 # JSON-RPC codes of the proxy's own errors (the implementation-defined range).
 UPSTREAM_CLOSED = -32000
 UPSTREAM_TIMEOUT = REQUEST_TIMEOUT  # -32001
 REPORT_TIMEOUT = 10.0
 TOOLS_CALL: Final = "tools/call"
+ELICIT: Final = "elicitation/create"
+ELICITATION_COMPLETE: Final = "notifications/elicitation/complete"
+# After AwaitApproval failed (the service unreachable), the wait goes on after this pause.
+AWAIT_RETRY_PAUSE = 1.0
+# A session watches at most this many approvals for their completion notification (the
+# -32042 form); past it the notification, which is optional, is not sent.
+MAX_WATCHED = 100
 
 # The four kinds of JSON-RPC message.
 REQUEST: Final = "request"
@@ -104,11 +130,14 @@ class ProxyOptions:
     agent_id: str | None = None
     user_id: str | None = None
     approval_wait: float = 0.0
-    approval_poll: float = 0.5
+    # None: wait with AwaitApproval. Seconds: the old way, deciding again this often (each
+    # a logged decision), kept as the benchmark's baseline (--approval-poll).
+    approval_poll: float | None = None
     upstream_timeout: float = 60.0
     filter_tools: bool = True
     # Messages nested deeper are refused (the service's default; --embedded: its setting).
     max_json_depth: int = int(Settings.model_fields["max_json_depth"].default)
+    elicitation: ElicitationOptions = field(default_factory=ElicitationOptions)
 
 
 def _plain_id(value: Any) -> bool:
@@ -434,6 +463,16 @@ class ProxySession:
         self._progress_of: dict[RequestId, str | int] = {}
         self._closed: str | None = None
         self._tg: anyio.abc.TaskGroup | None = None
+        # What the client declared at initialize, and the version the session speaks (the
+        # initialize handshake; a 2026-07-28 client says both in each request's _meta).
+        self._client_capabilities: Any = None
+        self.protocol_version: str | None = None
+        # The proxy's own requests to the agent (elicitation/create), by id, until answered;
+        # and the approvals watched for their completion notification (-32042 form).
+        self._asks: dict[str, asyncio.Future[Frame]] = {}
+        self._late: set[str] = set()  # asked, no longer awaited: a late answer is dropped
+        self._watched: dict[str, str] = {}
+        self._watches: set[asyncio.Task[None]] = set()
         # Where answers go: frames as they are (stdio), or SDK models in SessionMessages.
         self._frames: FrameWriter | None = None
         self._messages: MessageWriter | None = None
@@ -479,6 +518,8 @@ class ProxySession:
     async def _end_calls(self) -> None:
         """Stop the calls still in progress with the session, as the session's own tasks
         would be: their outcome reports (shielded) still go out."""
+        for watch in list(self._watches):
+            watch.cancel()
         if not self._tasks:
             return
         for call in list(self._calls.values()):
@@ -523,6 +564,8 @@ class ProxySession:
                 if method == TOOLS_CALL:
                     self._start_call(frame)
                     continue
+                if method == "initialize":
+                    self._client_capabilities = frame.params.get("capabilities")
                 self._pending[id_key(request_id)] = (request_id, method or "?")
                 self._track_progress(frame)
             elif kind == NOTIFICATION:
@@ -543,6 +586,13 @@ class ProxySession:
                     continue
                 if method == "notifications/cancelled" and self._cancel_call(frame):
                     continue
+            elif type(frame.id) is str and (frame.id in self._asks or frame.id in self._late):
+                # The agent's answer to the proxy's own request: never the upstream's.
+                future = self._asks.pop(frame.id, None)
+                if future is not None and not future.done():
+                    future.set_result(frame)
+                self._late.discard(frame.id)
+                continue
             await self._to_upstream(frame)
 
     async def _to_upstream(self, frame: Frame) -> None:
@@ -639,6 +689,7 @@ class ProxySession:
         version = result.get("protocolVersion")
         if isinstance(version, str):
             upstream.negotiated(version)
+            self.protocol_version = version
         info = result.get("serverInfo")
         if self.server_name is None and isinstance(info, dict):
             name = info.get("name")
@@ -842,6 +893,12 @@ class ProxySession:
             else:
                 del params["_meta"]
             forward = Frame.request(request_id, TOOLS_CALL, params)
+        retry = elicitation.retry_of(params)
+        if retry is not None:
+            # A 2026-07-28 retry answering the proxy's elicitation: its requestState and
+            # inputResponses are the proxy's alone, and never go upstream.
+            params = retry.params
+            forward = Frame.request(request_id, TOOLS_CALL, params)
         if self.server_name is None:
             reason = (
                 "the proxy does not know the MCP server's name (the server did not report "
@@ -865,10 +922,12 @@ class ProxySession:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
             return Frame.error(request_id, INVALID_PARAMS, f"{where}: {first['msg']}"), None
-        decision = await self._decide(decide)
-        if isinstance(decision, Frame):
-            return decision, None
-        decision = await self._after_approval(decide, decision)
+        if retry is not None:
+            decision = await self._resume(call, decide, retry)
+        else:
+            decision = await self._decide(decide)
+            if not isinstance(decision, Frame):
+                decision = await self._after_approval(call, decide, decision)
         if isinstance(decision, Frame):
             return decision, None
         if decision.verdict is not Verdict.ALLOW:
@@ -908,8 +967,11 @@ class ProxySession:
                 ),
             )
 
-    async def _after_approval(self, request: DecideRequest, decision: Decision) -> Decision | Frame:
-        """approval_required: use a granted approval at once, or wait for a human."""
+    async def _after_approval(
+        self, call: _Call, request: DecideRequest, decision: Decision
+    ) -> Decision | Frame:
+        """approval_required: use a granted approval at once, send the agent's user to the
+        approval's page (elicitation), or wait for a human."""
         approval = decision.approval
         if decision.verdict is not Verdict.APPROVAL_REQUIRED or approval is None:
             return decision
@@ -917,13 +979,29 @@ class ProxySession:
         if approval.status is ApprovalStatus.APPROVED:
             # The identical call, approved and not used yet: the agent retried it.
             return await self._decide(retry)
+        if approval.status is ApprovalStatus.PENDING and approval.url:
+            asked = await self._elicit(call, retry, decision, approval, approval.url)
+            if asked is not None:
+                return asked
         wait = self.options.approval_wait
         if wait <= 0:
             return decision
+        if self.options.approval_poll is not None:
+            return await self._poll(retry, decision, wait, self.options.approval_poll)
+        seen = await self._await_decided(approval.id, wait)
+        if seen is not None and seen.status is ApprovalStatus.PENDING:
+            return decision
+        return await self._decide(retry)
+
+    async def _poll(
+        self, retry: DecideRequest, decision: Decision, wait: float, every: float
+    ) -> Decision | Frame:
+        """The old wait: decide the call again every `every` seconds (each a decision of
+        its own in the log) until it is no longer approval_required or `wait` passes."""
         deadline = anyio.current_time() + wait
         last = decision
         while (left := deadline - anyio.current_time()) > 0:
-            await anyio.sleep(min(self.options.approval_poll, left))
+            await anyio.sleep(min(every, left))
             again = await self._decide(retry)
             if isinstance(again, Frame):
                 return again
@@ -933,6 +1011,200 @@ class ProxySession:
                 return again
             last = again
         return last
+
+    async def _await_decided(self, approval_id: str, wait: float) -> ApprovalRef | None:
+        """Wait until the approval is no longer pending, or `wait` seconds pass: the
+        approval as last seen (still pending: the wait passed), or None when how it stands
+        is not known (it is gone, or the service could not always be asked), so that the
+        caller decides the call again and the service says."""
+        deadline = anyio.current_time() + wait
+        seen: ApprovalRef | None = None
+        failed = False
+        while (left := deadline - anyio.current_time()) > 0:
+            try:
+                answer = await self.decider.await_approval(
+                    approval_id, min(left, MAX_AWAIT_SECONDS)
+                )
+            except NotFound:
+                return None
+            except EngineError as exc:
+                log.warning("could not wait for approval %s: %s", approval_id, exc.message)
+                failed = True
+                await anyio.sleep(min(AWAIT_RETRY_PAUSE, max(left, 0.0)))
+                continue
+            if answer is not None:
+                seen = answer
+                if answer.status is not ApprovalStatus.PENDING:
+                    return answer
+        return None if failed else seen
+
+    # Elicitation (see elicitation.py).
+
+    @staticmethod
+    def _left(approval: ApprovalRef, wait: float) -> float:
+        """Seconds to hold a call for `approval`: `wait`, never past its expiry."""
+        return max(0.0, min(wait, approval.expires_at.timestamp() - time.time()))
+
+    def _binding(self, request: DecideRequest) -> elicitation.CallBinding | None:
+        """What a requestState for this call is bound to."""
+        params = request.message.get("params") if isinstance(request.message, dict) else None
+        if not isinstance(params, dict):
+            return None
+        tool = params.get("name")
+        return elicitation.CallBinding.of(
+            self.principal,
+            self.identity,
+            server=request.server,
+            tool=tool if isinstance(tool, str) else "",
+            arguments=params.get("arguments"),
+        )
+
+    async def _elicit(
+        self,
+        call: _Call,
+        retry: DecideRequest,
+        decision: Decision,
+        approval: ApprovalRef,
+        url: str,
+    ) -> Decision | Frame | None:
+        """Send the agent's user to the approval's page when its client can be asked: the
+        answer to give, or None when it cannot (then the proxy answers as without)."""
+        options = self.options.elicitation
+        if not options.enabled:
+            return None
+        message = elicitation.message_for(retry.server, call.tool, decision)
+        request_id = call.request.id
+        if elicitation.stateless_url_mode(call.request.params):
+            binding = self._binding(retry)
+            if binding is None:
+                return None
+            state = options.states.issue(binding, approval.id, approval.expires_at.timestamp())
+            result = elicitation.input_required(message, url, state, decision)
+            return Frame.response(request_id, result)
+        if not elicitation.handshake_url_mode(self.protocol_version, self._client_capabilities):
+            return None
+        if options.wait <= 0:
+            # The spec's other form: answered at once, completed by a notification.
+            elicitation_id = self._watch(approval)
+            error = elicitation.url_required_error(request_id, message, url, elicitation_id)
+            return Frame(ERROR, error)
+        deadline = anyio.current_time() + self._left(approval, options.wait)
+        elicitation_id = elicitation.new_elicitation_id()
+        params = elicitation.url_params(message, url, elicitation_id)
+        answer = await self._ask(call, ELICIT, params, deadline - anyio.current_time())
+        if answer is None:
+            return decision  # no answer in time: the refusal, the approval stays pending
+        if answer.kind != RESPONSE:
+            log.info("the client refused the elicitation: %.200r", answer.value.get("error"))
+            return None
+        if elicitation.answered(answer.result) != "accept":
+            return decision  # declined or cancelled: the client's word, nothing more
+        left = deadline - anyio.current_time()
+        seen = await self._await_decided(approval.id, left) if left > 0 else None
+        if left <= 0 or (seen is not None and seen.status is ApprovalStatus.PENDING):
+            return decision
+        complete = Frame.notification(
+            ELICITATION_COMPLETE, elicitation.complete_params(elicitation_id)
+        )
+        await self._to_agent(complete, self._about(call))
+        return await self._decide(retry)
+
+    async def _resume(self, call: _Call, request: DecideRequest, retry: Retry) -> Decision | Frame:
+        """A 2026-07-28 retry with the proxy's requestState: refused unless the state
+        verifies for exactly this call (then it is spent); on accept, the approval is
+        waited for and the call decided with it (forwarded only if the service lets it
+        through); on decline or cancel, the approval_required refusal."""
+        request_id = call.request.id
+        binding = self._binding(request)
+        try:
+            if binding is None:
+                raise StateRefused("requestState was issued for another call")
+            approval_id, expires = self.options.elicitation.states.redeem(retry.state, binding)
+        except StateRefused as refused:
+            log.warning("refused a requestState on tools/call %.80r: %s", request_id, refused)
+            return Frame.error(request_id, INVALID_PARAMS, f"Invalid requestState: {refused}")
+        again = request.model_copy(update={"approval_id": approval_id})
+        if retry.action != "accept":
+            return await self._declined(approval_id, retry.action)
+        wait = max(0.0, min(self.options.elicitation.wait, expires - time.time()))
+        await self._await_decided(approval_id, wait)
+        return await self._decide(again)
+
+    async def _declined(self, approval_id: str, action: str | None) -> Decision:
+        """The refusal for a client that declined (or cancelled, or did not answer) the
+        elicitation: approval_required, the approval as it stands (never used)."""
+        try:
+            ref = await self.decider.await_approval(approval_id, 0)
+        except EngineError:
+            ref = None
+        where = f" at {ref.url}" if ref is not None and ref.url else ""
+        reason = (
+            f"the user did not open the approval page ({action or 'no answer'}); approval "
+            f"{approval_id} waits for a human{where}; call the same tool again unchanged "
+            "once a human approves"
+        )
+        declined = Decision(
+            decision_id="",
+            verdict=Verdict.APPROVAL_REQUIRED,
+            reason=reason,
+            rule=RULE_ELICITATION_DECLINED,
+            policy_revision="",
+            approval=ref,
+        )
+        declined.mcp_result = mcp_result(declined)
+        return declined
+
+    def _about(self, call: _Call) -> ServerMessageMetadata:
+        """Sends a message on the call's own stream (streamable HTTP)."""
+        return ServerMessageMetadata(related_request_id=call.request.id)
+
+    async def _ask(
+        self, call: _Call, method: str, params: dict[str, Any], timeout: float
+    ) -> Frame | None:
+        """Send the agent a request of the proxy's own about `call`: its answer (a
+        response or an error), or None when none came within `timeout` (the request is
+        then cancelled)."""
+        request_id = "mcp-policy-" + uuid.uuid4().hex
+        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._asks[request_id] = future
+        try:
+            await self._to_agent(Frame.request(request_id, method, params), self._about(call))
+            with anyio.move_on_after(timeout):
+                return await future
+            cancelled = {"requestId": request_id, "reason": "the call waited long enough"}
+            await self._to_agent(
+                Frame.notification("notifications/cancelled", cancelled), self._about(call)
+            )
+            return None
+        finally:
+            unanswered = self._asks.pop(request_id, None) is not None
+            if unanswered and len(self._late) < MAX_WATCHED:
+                self._late.add(request_id)
+
+    def _watch(self, approval: ApprovalRef) -> str:
+        """The elicitation id for `approval` in this session, and a watch that sends the
+        agent `notifications/elicitation/complete` once the approval is decided."""
+        elicitation_id = self._watched.get(approval.id)
+        if elicitation_id is not None:
+            return elicitation_id
+        elicitation_id = elicitation.new_elicitation_id()
+        if len(self._watched) >= MAX_WATCHED:
+            return elicitation_id
+
+        async def watch() -> None:
+            try:
+                seen = await self._await_decided(approval.id, self._left(approval, math.inf))
+                if seen is None or seen.status is not ApprovalStatus.PENDING:
+                    complete = elicitation.complete_params(elicitation_id)
+                    await self._to_agent(Frame.notification(ELICITATION_COMPLETE, complete))
+            finally:
+                self._watched.pop(approval.id, None)
+
+        self._watched[approval.id] = elicitation_id
+        task = asyncio.get_running_loop().create_task(watch())
+        self._watches.add(task)
+        task.add_done_callback(self._watches.discard)
+        return elicitation_id
 
     async def _forward(
         self, call: _Call, request: Frame, decision: Decision

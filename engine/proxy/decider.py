@@ -16,7 +16,7 @@ from engine.errors import EngineError
 
 if TYPE_CHECKING:
     from engine.identity.base import Identity
-    from engine.models import DecideRequest, Decision
+    from engine.models import ApprovalRef, DecideRequest, Decision
 
 
 class DecisionUnavailable(EngineError):
@@ -49,5 +49,14 @@ class Decider(Protocol):
     async def report_outcome(
         self, decision_id: str, outcome_token: str, *, succeeded: bool
     ) -> bool: ...
+
+    async def await_approval(self, approval_id: str, timeout: float) -> ApprovalRef | None:
+        """The approval once it is no longer pending, or as it stands after `timeout`
+        seconds (at most `engine.models.MAX_AWAIT_SECONDS`): what a proxy holding a call
+        for a human waits on, instead of deciding the call again and again. None when the
+        service answered with nothing this proxy can read (treated as still pending);
+        raises NotFound for an approval that does not exist, DecisionUnavailable when
+        the service cannot be asked."""
+        ...
 
     async def close(self) -> None: ...

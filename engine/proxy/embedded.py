@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from engine.errors import EngineError
+from engine.errors import EngineError, NotFound
 from engine.identity.base import Identity
-from engine.models import DecideRequest, Decision
+from engine.models import ApprovalRef, DecideRequest, Decision
 from engine.proxy.decider import DecisionUnavailable
 from engine.runtime import Runtime
 from engine.settings import Settings
@@ -43,6 +43,14 @@ class EmbeddedDecider:
             return await self.runtime.service.report_outcome(
                 decision_id, outcome_token=outcome_token, succeeded=succeeded
             )
+        except EngineError as exc:
+            raise DecisionUnavailable(exc.message) from exc
+
+    async def await_approval(self, approval_id: str, timeout: float) -> ApprovalRef | None:
+        try:
+            return await self.runtime.service.await_approval(approval_id, timeout)
+        except NotFound:
+            raise
         except EngineError as exc:
             raise DecisionUnavailable(exc.message) from exc
 

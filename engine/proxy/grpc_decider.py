@@ -10,9 +10,9 @@ from typing import Any
 
 import grpc
 
-from engine.errors import EngineError, InvalidRequest
+from engine.errors import EngineError, InvalidRequest, NotFound
 from engine.identity.base import Identity
-from engine.models import DecideRequest, Decision
+from engine.models import ApprovalRef, DecideRequest, Decision
 from engine.proxy.decider import DecisionUnavailable, ProxyUnknown
 from engine.translate import proven_principal
 from engine.transports import wire
@@ -72,6 +72,8 @@ class GrpcDecider:
         details = exc.details() or code.name
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidRequest(details)
+        if code == grpc.StatusCode.NOT_FOUND:
+            return NotFound(details)
         return DecisionUnavailable(
             f"decision service at {self.target} could not {what} ({code.name}: {details})"
         )
@@ -134,6 +136,18 @@ class GrpcDecider:
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "take the outcome report") from exc
         return wire.outcome_ack_from_proto(response).released
+
+    async def await_approval(self, approval_id: str, timeout: float) -> ApprovalRef | None:
+        """AwaitApproval: the call's deadline is the wait plus the usual decision timeout."""
+        try:
+            response = await self._stub.AwaitApproval(
+                wire.await_approval_to_proto(approval_id, timeout),
+                timeout=timeout + self.timeout,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc, "say how the approval stands") from exc
+        return wire.await_response_from_proto(response)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -228,6 +228,17 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
 
         return await _answer(context, work())
 
+    async def AwaitApproval(  # noqa: N802
+        self, request: decision_pb2.AwaitApprovalRequest, context: grpc.aio.ServicerContext
+    ) -> decision_pb2.AwaitApprovalResponse:
+        async def work() -> decision_pb2.AwaitApprovalResponse:
+            self._caller(context)
+            approval_id, timeout = wire.await_approval_from_proto(request)
+            ref = await self._runtime.service.await_approval(approval_id, timeout)
+            return wire.await_response_to_proto(ref)
+
+        return await _answer(context, work(), self._runtime.metrics)
+
 
 class ApprovalServicer(approval_pb2_grpc.ApprovalServiceServicer):
     def __init__(self, runtime: Runtime) -> None:

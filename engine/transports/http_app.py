@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlencode
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -43,7 +43,9 @@ from engine.identity.base import Identity
 from engine.models import (
     Approval,
     ApprovalAction,
+    ApprovalRef,
     ApprovalStatus,
+    ApprovalWait,
     DecideRequest,
     Decision,
     OutcomeAck,
@@ -99,6 +101,8 @@ def _engine_error_response(exc: EngineError) -> JSONResponse:
 
 
 RELOAD_PATH = "/v1/policy/reload"
+# The longest id (approval, decision) the API takes, as in the protos (wire.MAX_ID_CHARS).
+MAX_ID_CHARS = 256
 # Approval page tokens are short (ApprovalCursor.token); a longer one was not made here.
 APPROVAL_TOKEN_MAX = 256
 HTTP_CODES = {400: "BadRequest", 404: "NotFound", 405: "MethodNotAllowed", 413: "RequestTooLarge"}
@@ -129,7 +133,12 @@ async def read_json(request: Request, limit: int, max_depth: int) -> Any:
 
 # Bodies that are read by the strict parser rather than by FastAPI; their schemas are added
 # to the OpenAPI document by hand.
-BODY_MODELS: tuple[type[BaseModel], ...] = (DecideRequest, OutcomeReport, ApprovalAction)
+BODY_MODELS: tuple[type[BaseModel], ...] = (
+    DecideRequest,
+    OutcomeReport,
+    ApprovalAction,
+    ApprovalWait,
+)
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -298,6 +307,25 @@ def create_app(runtime: Runtime) -> FastAPI:
     )
     async def deny(approval_id: str, request: Request, who: Approver) -> Approval:
         return await act(request, who, approval_id, False)
+
+    @app.post(
+        "/v1/approvals/{approval_id}/await",
+        response_model=ApprovalRef,
+        response_model_exclude_none=True,
+        openapi_extra=_body_schema(ApprovalWait),
+        summary="Wait until an approval is decided, or the timeout passes (decision clients)",
+    )
+    async def await_approval(
+        approval_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)],
+        request: Request,
+    ) -> ApprovalRef:
+        """The approval's status, expiry and console link once it is no longer pending, or
+        when `timeout_seconds` (at most 300) have passed: what a proxy holding a call for a
+        human waits on. The callers of /v1/decide may ask; 404 for an id that names no
+        approval."""
+        decision_client(request)
+        wait = await read_model(request, ApprovalWait)
+        return await service.await_approval(approval_id, wait.timeout_seconds)
 
     @app.get("/v1/decisions", summary="List logged decisions, newest first (operator)")
     async def list_decisions(

@@ -47,6 +47,7 @@ from engine.models import (
     ApprovalAction,
     ApprovalRef,
     ApprovalStatus,
+    ApprovalWait,
     DecideRequest,
     Decision,
     OutcomeAck,
@@ -387,14 +388,7 @@ def decision_to_proto(decision: Decision) -> decision_pb2.DecideResponse:
             )
         )
     if decision.approval is not None:
-        response.approval.CopyFrom(
-            decision_pb2.ApprovalRef(
-                id=decision.approval.id,
-                status=approval_status_to_proto(decision.approval.status),
-                expires_at=_timestamp(decision.approval.expires_at),
-                url=decision.approval.url or "",
-            )
-        )
+        response.approval.CopyFrom(approval_ref_to_proto(decision.approval))
     if decision.mcp_result is not None:
         response.mcp_result.CopyFrom(_dict_to_struct(decision.mcp_result))
     return response
@@ -417,15 +411,7 @@ def decision_from_proto(response: decision_pb2.DecideResponse) -> Decision:
         )
     approval = None
     if response.HasField("approval"):
-        ref = response.approval
-        status = _STATUSES_FROM_PROTO.get(ref.status)
-        if status is not None:
-            approval = ApprovalRef(
-                id=ref.id,
-                status=status,
-                expires_at=ref.expires_at.ToDatetime(tzinfo=UTC),
-                url=ref.url or None,
-            )
+        approval = approval_ref_from_proto(response.approval)
     mcp_result = None
     if response.HasField("mcp_result"):
         mcp_result = _struct_to_dict(response.mcp_result, "mcp_result")
@@ -442,6 +428,57 @@ def decision_from_proto(response: decision_pb2.DecideResponse) -> Decision:
         denies_tool=True if response.denies_tool else None,
         outcome_token=response.outcome_token or None,
     )
+
+
+def approval_ref_to_proto(ref: ApprovalRef) -> decision_pb2.ApprovalRef:
+    return decision_pb2.ApprovalRef(
+        id=ref.id,
+        status=approval_status_to_proto(ref.status),
+        expires_at=_timestamp(ref.expires_at),
+        url=ref.url or "",
+    )
+
+
+def approval_ref_from_proto(ref: decision_pb2.ApprovalRef) -> ApprovalRef | None:
+    """The domain ApprovalRef; None for a status this client does not know."""
+    status = _STATUSES_FROM_PROTO.get(ref.status)
+    if status is None:
+        return None
+    return ApprovalRef(
+        id=ref.id,
+        status=status,
+        expires_at=ref.expires_at.ToDatetime(tzinfo=UTC),
+        url=ref.url or None,
+    )
+
+
+# -- AwaitApproval ------------------------------------------------------------------------
+
+
+def await_approval_to_proto(approval_id: str, timeout: float) -> decision_pb2.AwaitApprovalRequest:
+    return decision_pb2.AwaitApprovalRequest(approval_id=approval_id, timeout_seconds=timeout)
+
+
+def await_approval_from_proto(request: decision_pb2.AwaitApprovalRequest) -> tuple[str, float]:
+    """The approval id (required) and the wait, with the limits of the HTTP body."""
+    approval_id = check_id(request.approval_id, "approval_id", required=True)
+    try:
+        wait = ApprovalWait(timeout_seconds=request.timeout_seconds)
+    except ValidationError as exc:
+        raise from_validation(exc) from exc
+    return approval_id, wait.timeout_seconds
+
+
+def await_response_to_proto(ref: ApprovalRef) -> decision_pb2.AwaitApprovalResponse:
+    return decision_pb2.AwaitApprovalResponse(approval=approval_ref_to_proto(ref))
+
+
+def await_response_from_proto(response: decision_pb2.AwaitApprovalResponse) -> ApprovalRef | None:
+    """The approval as the service answered it; None when it answered none, or a status
+    this client does not know (the caller treats it as still undecided)."""
+    if not response.HasField("approval"):
+        return None
+    return approval_ref_from_proto(response.approval)
 
 
 # -- ReportOutcome ------------------------------------------------------------------------
