@@ -99,20 +99,37 @@ redis-server:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 
+# The console's browser tests (tests/browser.py) drive Debian's chromium through its
+# chromedriver; both are installed when missing.
+chromium:
+	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || { \
+	  echo "installing chromium and chromium-driver with apt-get"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver \
+	    >/dev/null; }
+
 run: setup
 	$(VENV)/bin/mcp-policy serve
 
-test: setup redis-server interop-deps real-server lint test-rego test-python
+test: setup redis-server chromium interop-deps real-server lint test-rego test-python
 
 # The interop suite's real MCP clients (tests/test_interop.py): the TypeScript SDK, pinned
 # in tests/interop/package-lock.json, installed with `npm ci` into tests/interop/node_modules
 # whenever that lock file is newer than the install (npm ci writes node_modules/.package-lock.json).
 INTEROP := tests/interop
 
-interop-deps: $(INTEROP)/node_modules/.package-lock.json
+# The OpenID Provider the console's sign-in tests run (tests/test_console_oidc.py): the
+# certified oidc-provider, pinned in tests/oidc/package-lock.json, installed the same way.
+OIDC_OP := tests/oidc
+
+interop-deps: $(INTEROP)/node_modules/.package-lock.json $(OIDC_OP)/node_modules/.package-lock.json
 
 $(INTEROP)/node_modules/.package-lock.json: $(INTEROP)/package-lock.json $(INTEROP)/package.json
 	npm ci --prefix $(INTEROP) --no-audit --no-fund
+	touch $@
+
+$(OIDC_OP)/node_modules/.package-lock.json: $(OIDC_OP)/package-lock.json $(OIDC_OP)/package.json
+	npm ci --prefix $(OIDC_OP) --no-audit --no-fund
 	touch $@
 
 # The real awslabs.healthimaging-mcp-server, which the fixture server stands in for

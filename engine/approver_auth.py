@@ -101,6 +101,19 @@ def _words(claims: Mapping[str, Any], name: str) -> tuple[str, ...] | None:
     return claim_words(claims, name, max_values=MAX_SCOPE_VALUES, max_chars=MAX_SCOPE_CHARS)
 
 
+def allowed_from_claims(claims: Mapping[str, Any]) -> Mapping[str, tuple[str, ...]]:
+    """The servers/tools a person proven by issuer claims may act on (`Identity.allowed`):
+    the `mcp_policy_servers` / `mcp_policy_tools` claims, each absent: no limit. Shared by
+    approver JWTs and the console's OpenID Connect sign-in. CredentialRejected for a claim
+    of the wrong shape."""
+    allowed: dict[str, tuple[str, ...]] = {}
+    for key, claim in (("servers", SERVERS_CLAIM), ("tools", TOOLS_CLAIM)):
+        values = _words(claims, claim)
+        if values is not None:
+            allowed[key] = values
+    return MappingProxyType(allowed)
+
+
 class ApproverAuth:
     """Proves approver and operator credentials; see the module docstring."""
 
@@ -246,11 +259,6 @@ class ApproverAuth:
                 f"the token of {proven.user_id!r} is not an approver's: its "
                 f"{self.jwt.roles_claim!r} claim does not include {self.approver_role!r}"
             )
-        allowed: dict[str, tuple[str, ...]] = {}
-        for key, claim in (("servers", SERVERS_CLAIM), ("tools", TOOLS_CLAIM)):
-            values = _words(proven.claims, claim)
-            if values is not None:
-                allowed[key] = values
         return Identity(
             method="jwt",
             subject=proven.user_id,
@@ -259,7 +267,7 @@ class ApproverAuth:
             roles=(APPROVER,),
             session_id=proven.session_id,
             claims=proven.claims,
-            allowed=MappingProxyType(allowed),
+            allowed=allowed_from_claims(proven.claims),
         )
 
     def require_operator(self, identity: Identity) -> Identity:

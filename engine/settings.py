@@ -146,6 +146,30 @@ class Settings(BaseSettings):
         "listens.",
     )
 
+    console_session_idle_seconds: float = Field(
+        1800,
+        gt=0,
+        description="The approvals console signs a person out after this long without a "
+        "request (sessions are kept in the service's memory: a restart signs everyone out).",
+    )
+    console_session_max_seconds: float = Field(
+        43200,
+        gt=0,
+        description="The approvals console signs a person out this long after sign-in, "
+        "however active.",
+    )
+    console_oidc_client_id: str | None = Field(
+        None,
+        description="The approvals console's client id at the approvers' OpenID Provider "
+        "(approver_issuer): sign-in with OpenID Connect (authorization code + PKCE S256), "
+        "redirect URI <public_url>/console/oidc/callback. Unset: no OpenID Connect sign-in.",
+    )
+    console_oidc_client_secret: SecretStr | None = Field(
+        None,
+        description="The console client's secret (client_secret_basic); unset: a public "
+        "client, proven by PKCE alone.",
+    )
+
     @field_validator("public_url")
     @classmethod
     def _public_url_absolute(cls, value: str | None) -> str | None:
@@ -355,6 +379,13 @@ class Settings(BaseSettings):
             raise ValueError("approver_issuer needs approver_audience")
         if self.approver_issuer is None and (self.approver_audience or self.approver_jwks_url):
             raise ValueError("approver_audience and approver_jwks_url need approver_issuer")
+        if self.console_oidc_client_id is not None and self.approver_issuer is None:
+            raise ValueError(
+                "console_oidc_client_id needs approver_issuer (the OpenID Provider people "
+                "sign in with)"
+            )
+        if self.console_oidc_client_secret is not None and self.console_oidc_client_id is None:
+            raise ValueError("console_oidc_client_secret needs console_oidc_client_id")
         return self
 
     @model_validator(mode="after")

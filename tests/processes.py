@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -56,17 +58,32 @@ class Serve:
             env={**environment, **env},
         )
         self.lines: list[str] = []
+        # The log is read all along (a full pipe would block the service on a write),
+        # into `lines` and, for `wait_for`, a queue.
+        self._unread: queue.Queue[str | None] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, name="serve-log", daemon=True)
+        self._reader.start()
         self.wait_for("HTTP on")
         self.url = f"http://127.0.0.1:{self.http_port}"
 
-    def wait_for(self, words: str, timeout: float = 30) -> str:
+    def _read(self) -> None:
         assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line and self.proc.poll() is not None:
-                raise AssertionError(f"serve exited: {''.join(self.lines)}")
+        for line in self.proc.stdout:
             self.lines.append(line)
+            self._unread.put(line)
+        self._unread.put(None)  # the end of the output
+
+    def wait_for(self, words: str, timeout: float = 30) -> str:
+        """The next line of the log that holds `words` (lines before it are passed)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._unread.get(timeout=left)
+            except queue.Empty:
+                break
+            if line is None:
+                self._unread.put(None)
+                raise AssertionError(f"serve exited: {''.join(self.lines)}")
             if words in line:
                 return line
         raise AssertionError(f"no {words!r} in {''.join(self.lines)}")
@@ -81,7 +98,7 @@ class Serve:
         """SIGTERM, then collect the rest of the output."""
         self.proc.send_signal(signal.SIGTERM)
         status = self.proc.wait(timeout=20)
+        self._reader.join(timeout=10)  # the output is read to its end
         if self.proc.stdout is not None:
-            self.lines.append(self.proc.stdout.read())
             self.proc.stdout.close()
         return status

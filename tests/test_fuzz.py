@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import queue
-import signal
 import subprocess
 import threading
 import urllib.parse
@@ -131,13 +130,6 @@ class Service:
         self.decisions = decision_pb2_grpc.DecisionServiceStub(self.channel)
         self.approvals = approval_pb2_grpc.ApprovalServiceStub(self.channel)
         self.log_stub = decision_pb2_grpc.DecisionLogServiceStub(self.channel)
-        self._reader = threading.Thread(target=self._drain, daemon=True)
-        self._reader.start()
-
-    def _drain(self) -> None:
-        assert self.serve.proc.stdout is not None
-        for line in self.serve.proc.stdout:
-            self.serve.lines.append(line)
 
     def raw(self, method: str) -> Any:
         return self.channel.unary_unary(
@@ -160,12 +152,7 @@ class Service:
     def stop(self) -> int:
         self.channel.close()
         self.http.close()
-        self.serve.proc.send_signal(signal.SIGTERM)
-        status = self.serve.proc.wait(timeout=30)
-        self._reader.join(timeout=10)
-        if self.serve.proc.stdout is not None:
-            self.serve.proc.stdout.close()
-        return status
+        return self.serve.stop()  # Serve reads the log all along, into serve.lines
 
 
 def fuzz_policy(tmp: Path) -> list[Path]:

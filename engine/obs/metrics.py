@@ -12,11 +12,18 @@ past their per-agent budget, only counted in a summary record);
 `mcp_policy_decision_log_failed_batches_total{sink}` — jsonl, database;
 `mcp_policy_decision_log_healthy` (1 while the writer runs and every sink's last write
 succeeded) and `mcp_policy_decision_log_queued` (records waiting for the writer).
+
+Approval webhooks (engine/notify/webhooks.py), by endpoint (host:port, never a URL's path):
+`mcp_policy_webhook_deliveries_total{endpoint,result}` — delivered, failed (gave up, or an
+answer not retried), retried (attempts that failed and were tried again), dropped (lost
+to a full queue); `mcp_policy_webhook_queue_depth{endpoint}` (events waiting) read at
+scrape time; `mcp_policy_webhook_delivery_seconds{endpoint}` (event published to the
+receiver's 2xx answer).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -29,11 +36,13 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from engine.notify.webhooks import EndpointStats
     from engine.policy.loader import Policy
     from engine.state.decision_log import DecisionLog
 
 UNKNOWN_TOOL = "(unknown)"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+WEBHOOK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class _ReloadCollector(Collector):
@@ -134,6 +143,44 @@ class _DecisionLogCollector(Collector):
         )
 
 
+class _WebhookCollector(Collector):
+    """Webhook deliveries and queue depths, read from the dispatcher at scrape time.
+    Endpoints on the same host:port are summed (the label never holds a URL's path)."""
+
+    def __init__(self, stats: Callable[[], list[EndpointStats]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        deliveries = CounterMetricFamily(
+            "mcp_policy_webhook_deliveries",
+            "Approval webhook events by endpoint and result (delivered, failed: given up "
+            "or not retried, retried: a failed attempt tried again, dropped: lost to a "
+            "full queue).",
+            labels=["endpoint", "result"],
+        )
+        depth = GaugeMetricFamily(
+            "mcp_policy_webhook_queue_depth",
+            "Approval webhook events waiting in an endpoint's queue.",
+            labels=["endpoint"],
+        )
+        counts: dict[str, list[int]] = {}
+        for s in self._stats():
+            total = counts.setdefault(s.label, [0, 0, 0, 0, 0])
+            for i, value in enumerate((s.delivered, s.failed, s.retried, s.dropped, s.queued)):
+                total[i] += value
+        for label, (delivered, failed, retried, dropped, queued) in sorted(counts.items()):
+            for result, value in (
+                ("delivered", delivered),
+                ("failed", failed),
+                ("retried", retried),
+                ("dropped", dropped),
+            ):
+                deliveries.add_metric([label, result], value)
+            depth.add_metric([label], queued)
+        yield deliveries
+        yield depth
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -210,6 +257,26 @@ class Metrics:
             ["transport"],
             registry=r,
         )
+        self.console_sign_ins = Counter(
+            "mcp_policy_console_sign_ins",
+            "Sign-ins to the approvals console by method (secret, oidc) and result "
+            "(signed_in, refused, unavailable).",
+            ["method", "result"],
+            registry=r,
+        )
+
+        self.webhook_seconds = Histogram(
+            "mcp_policy_webhook_delivery_seconds",
+            "Time from an approval event's publication to the webhook receiver's 2xx answer "
+            "(retries included), by endpoint (host:port).",
+            ["endpoint"],
+            buckets=WEBHOOK_BUCKETS,
+            registry=r,
+        )
+
+    def watch_webhooks(self, stats: Callable[[], list[EndpointStats]]) -> None:
+        """Export the webhook dispatcher's counts (`stats`, read at scrape time)."""
+        self.registry.register(_WebhookCollector(stats))
 
     def watch_policy(self, policy: Policy) -> None:
         self.registry.register(_ReloadCollector(policy))

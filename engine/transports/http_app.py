@@ -410,6 +410,11 @@ def create_app(runtime: Runtime) -> FastAPI:
     from engine.transports.gateway_http import FORWARD_AUTH_PATH, add_gateway_routes
 
     add_gateway_routes(app, runtime)
+    # The approvals console under /console (engine/console/): its forms are not JSON.
+    from engine.console.routes import PREFIX as CONSOLE_PATH
+    from engine.console.routes import mount_console
+
+    mount_console(app, runtime)
     # Host, Origin and content type before anything else (engine/transports/guard.py);
     # forward-auth bodies are the original request's, reload takes none.
     app.add_middleware(
@@ -419,7 +424,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             authenticated=settings.clients_file is not None or settings.tls_client_ca is not None,
             allowed_origins=settings.allowed_origins,
             allowed_hosts=settings.allowed_hosts,
-            raw_body_paths=(FORWARD_AUTH_PATH, RELOAD_PATH),
+            raw_body_paths=(FORWARD_AUTH_PATH, RELOAD_PATH, CONSOLE_PATH),
             forwarded_paths=(FORWARD_AUTH_PATH,),
         ),
     )
