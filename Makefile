@@ -28,7 +28,7 @@ PROTO_DEPS := $(CURDIR)/.tools/proto
 VALIDATE_PROTO := $(PROTO_DEPS)/buf/validate/validate.proto
 GENERATED := mcppolicy/v1/decision_pb2.py
 
-.PHONY: help setup tools redis-server run test check fmt lint lint-rego lint-proto \
+.PHONY: help setup tools redis-server chromium run test check fmt lint lint-rego lint-proto \
         lint-python test-rego test-python bench clean fuzz interop-deps real-server
 
 help:
@@ -36,6 +36,7 @@ help:
 	@echo "make test   - install what is missing, then lint and test policies, proto and Python"
 	@echo "make fuzz   - the property/fuzz tests (tests/test_fuzz.py) with many more examples"
 	@echo "make bench  - decision throughput and latency vs raw OPA"
+	@echo "make bench-approvals - approval webhooks: latency to a receiver, cost to decisions"
 	@echo "make fmt    - format Rego and Python"
 
 setup: $(STAMP) $(GENERATED) tools
@@ -217,6 +218,11 @@ bench: setup redis-server bench-tools
 	$(PY) -m bench.redis_limiter
 	$(PY) -m bench.proxy
 
+# Approval webhooks (bench/approvals.py): approval_required to a verified webhook at a
+# loopback receiver, and decisions/s with 5 endpoints (one hanging) against none.
+bench-approvals: setup bench-tools
+	$(PY) -m bench.approvals
+
 # The load tools bench/load.py drives the servers with (Go, so the load generator does not
 # eat the CPU the servers need), built with go install into .tools/bin at these versions.
 # A stamp per version: changing a version here rebuilds that tool.
@@ -230,7 +236,7 @@ OPA_ENVOY_PLUGIN_VERSION := 1.15.2-envoy
 BENCH_TOOLS := $(BIN)/.ghz-v$(GHZ_VERSION) $(BIN)/.hey-v$(HEY_VERSION) \
                $(BIN)/.opa-envoy-plugin-v$(OPA_ENVOY_PLUGIN_VERSION)
 
-.PHONY: bench-tools
+.PHONY: bench-tools bench-approvals
 bench-tools: $(BENCH_TOOLS)
 
 $(BIN)/.ghz-v$(GHZ_VERSION):

@@ -196,6 +196,63 @@ class Settings(BaseSettings):
         elif host in ("0.0.0.0", ""):
             host = "127.0.0.1"
         return f"{scheme}://{host}:{self.http_port}/console"
+
+    approval_webhook_urls: SecretStr | None = Field(
+        None,
+        description="Approval webhooks: http(s) URLs, comma-separated, each sent every approval "
+        "event (approval.requested, approved, denied, used, expired) as JSON with the "
+        "console link, signed per Standard Webhooks with approval_webhook_secret. Secret: "
+        "a webhook URL's path often is one (Slack's are).",
+    )
+    approval_webhook_secret: SecretStr | None = Field(
+        None,
+        description="The Standard Webhooks secret the webhooks are signed with: whsec_ and "
+        "the base64 of 24 to 64 random bytes (whsec_$(openssl rand -base64 32)).",
+    )
+    approval_webhook_file: Path | None = Field(
+        None,
+        description="A YAML file of webhook endpoints with options of their own (url, secret, "
+        "format standard|slack, events, timeout_seconds, attempts, queue); see "
+        "engine/notify/webhooks.py.",
+    )
+
+    @field_validator("approval_webhook_urls")
+    @classmethod
+    def _webhook_urls(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from engine.notify.webhooks import check_url
+
+            for url in value.get_secret_value().split(","):
+                if url.strip():
+                    check_url(url.strip())
+        return value
+
+    @property
+    def webhook_urls(self) -> list[str]:
+        """approval_webhook_urls, one URL each."""
+        if self.approval_webhook_urls is None:
+            return []
+        urls = self.approval_webhook_urls.get_secret_value().split(",")
+        return [url.strip() for url in urls if url.strip()]
+
+    @field_validator("approval_webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from engine.notify.webhooks import check_secret
+
+            check_secret(value.get_secret_value())
+        return value
+
+    @model_validator(mode="after")
+    def _webhook_urls_signed(self) -> Settings:
+        if self.webhook_urls and self.approval_webhook_secret is None:
+            raise ValueError(
+                "approval_webhook_urls needs approval_webhook_secret (whsec_...): webhooks "
+                "are always signed"
+            )
+        return self
+
     state_store: Literal["memory", "sqlite", "redis"] | None = Field(
         None,
         description="Where rate-limit counters and approvals live: memory (one process, "

@@ -19,10 +19,21 @@ from engine.transports.server import Servers, start_servers
 from tests.clients import HttpClient
 from tests.conftest import APPROVER_TOKEN, approval_call, copy_policy, session, settings_for
 from tests.kv import KvServer
+from tests.test_webhooks import SECRET, Receiver
 
 
 @pytest.fixture
-async def pair(tmp_path: Path, kv_server: KvServer) -> AsyncIterator[tuple[Servers, Servers, str]]:
+async def receiver() -> AsyncIterator[Receiver]:
+    """A webhook receiver both replicas send to (it verifies every request)."""
+    running = await Receiver(SECRET).start()
+    yield running
+    await running.stop()
+
+
+@pytest.fixture
+async def pair(
+    tmp_path: Path, kv_server: KvServer, receiver: Receiver
+) -> AsyncIterator[tuple[Servers, Servers, str]]:
     prefix = f"relay-{session()}:"
     rego, data = copy_policy(tmp_path)
     started = []
@@ -34,6 +45,8 @@ async def pair(tmp_path: Path, kv_server: KvServer) -> AsyncIterator[tuple[Serve
             redis_url=kv_server.url,
             redis_prefix=prefix,
             approval_ttl_seconds=2,
+            approval_webhook_urls=receiver.url,
+            approval_webhook_secret=SECRET,
         )
         started.append(await start_servers(settings))
     for servers in started:
@@ -53,7 +66,9 @@ async def next_of(seen: Subscription, approval_id: str, kind: EventType) -> Appr
             return event
 
 
-async def test_events_cross_replicas(pair: tuple[Servers, Servers, str]) -> None:
+async def test_events_cross_replicas(
+    pair: tuple[Servers, Servers, str], receiver: Receiver
+) -> None:
     a, b, _ = pair
     async with (
         httpx.AsyncClient(base_url=a.http_url, timeout=30) as raw_a,
@@ -83,6 +98,13 @@ async def test_events_cross_replicas(pair: tuple[Servers, Servers, str]) -> None
             assert (await api_a.decide(call))["verdict"] == "allow"
             used = await next_of(on_b, approval_id, EventType.USED)
             assert used.local is False
+    # Each event reached the webhook once, from the replica where it happened (both
+    # replicas send to the receiver, and both saw every event).
+    kinds = ["approval.requested", "approval.approved", "approval.used"]
+    delivered = await receiver.wait_types(approval_id, kinds)
+    await asyncio.sleep(1.0)  # time for a second copy to arrive, were one sent
+    assert [r.type for r in receiver.of(approval_id)] == kinds
+    assert len({r.id for r in delivered}) == 3
 
 
 async def test_an_expiry_is_announced_once_by_the_pair(pair: tuple[Servers, Servers, str]) -> None:

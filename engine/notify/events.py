@@ -84,8 +84,11 @@ class ApprovalEvent:
 class Subscription:
     """A listener's bounded queue of events, read with `async for` (or `get`)."""
 
-    def __init__(self, hub: ApprovalEvents, maxsize: int) -> None:
+    def __init__(
+        self, hub: ApprovalEvents, maxsize: int, accept: Callable[[ApprovalEvent], bool]
+    ) -> None:
         self._hub = hub
+        self.accept = accept
         self._queue: deque[ApprovalEvent] = deque()
         self._maxsize = maxsize
         self._ready = asyncio.Event()
@@ -169,14 +172,21 @@ class ApprovalEvents:
         """Hand `event` (published here, or relayed from another replica) to this process's
         subscribers and waiters."""
         for subscriber in list(self._subscribers):
-            subscriber._put(event)
+            if subscriber.accept(event):
+                subscriber._put(event)
         for waiter in self._waiters.pop(event.approval.id, ()):
             waiter.set()
         if event.type in (EventType.REQUESTED, EventType.APPROVED):
             self.expiry.watch(event.approval)
 
-    def subscribe(self, *, maxsize: int = DEFAULT_QUEUE) -> Subscription:
-        subscription = Subscription(self, maxsize)
+    def subscribe(
+        self,
+        *,
+        maxsize: int = DEFAULT_QUEUE,
+        accept: Callable[[ApprovalEvent], bool] = lambda event: True,
+    ) -> Subscription:
+        """A new listener's queue, of the events `accept` takes (all, by default)."""
+        subscription = Subscription(self, maxsize, accept)
         self._subscribers.add(subscription)
         return subscription
 
