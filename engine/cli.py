@@ -173,6 +173,10 @@ async def _serve(settings: Settings) -> int:
         f"(policy {runtime.policy.revision}, {runtime.opa.where})",
         flush=True,
     )
+    console = runtime.settings.console_base()
+    if runtime.settings.public_url is None:
+        console = f"{servers.http_url}/console"  # the port actually bound
+    print(f"mcp-policy: approvals console at {console}", flush=True)
     if runtime.generated_token:
         print(
             "mcp-policy: no MCP_POLICY_APPROVER_TOKEN set; approver token for this run "
