@@ -161,9 +161,7 @@ def _add(args: argparse.Namespace, name: str, command: _Command, path: Path) -> 
         fields = {"user_id": args.user_id or args.name}
         fields["servers"] = args.servers
         fields["tools"] = args.tools
-        roles = (["operator"] if args.operator else []) + (
-            ["caller"] if args.caller_only else []
-        )
+        roles = (["operator"] if args.operator else []) + (["caller"] if args.caller_only else [])
         fields["roles"] = roles or None
     secret = add_entry(path, command.kind, args.name, **fields)
     print(secret, flush=True)

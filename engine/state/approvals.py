@@ -398,7 +398,8 @@ class ApprovalStore(Protocol):
         asserted_by: str | None = None,
     ) -> Approval:
         """The standing approval of this principal (agent and user) for this call (open, or
-        denied and not past its expiry), or a new pending one; raises TooManyPending (opening nothing) when a new one would pass a cap."""
+        denied and not past its expiry), or a new pending one; raises TooManyPending
+        (opening nothing) when a new one would pass a cap."""
         ...
 
     async def consume(
