@@ -192,7 +192,12 @@ async def test_status_summary(logged: Servers, clients: tuple[HttpClient, GrpcCl
     assert rules["catalog.default"] >= 1
     assert rules["copy_image_set.datastore_id_invalid"] >= 1
     assert pending["approval"]["id"] in [a["id"] for a in after["pending_approvals"]]
-    assert after["recent_denials"][0]["verdict"] == "approval_required"
+    # Calls waiting for a human are counted apart from denials.
+    assert after["recent_denials"][0]["verdict"] == "deny"
+    assert all(d["verdict"] != "approval_required" for d in after["recent_denials"])
+    assert "copy_image_set.existing_destination" not in rules
+    waiting = {a["rule"]: a["count"] for a in after["approvals_required_by_rule"]}
+    assert waiting["copy_image_set.existing_destination"] >= 1
     assert after["top_tools"][0]["tool"] == "copy_image_set"
 
 
