@@ -27,86 +27,19 @@
 import { readFileSync } from 'node:fs';
 
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
-import { StdioClientTransport } from '@modelcontextprotocol/sdk/client/stdio.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
 import {
   ElicitationCompleteNotificationSchema,
   ElicitRequestSchema,
 } from '@modelcontextprotocol/sdk/types.js';
+import { RequestedVersion, failure, transportFor } from './transport.mjs';
 
 const ACTIONS = ['accept', 'decline', 'cancel'];
-
-// The SDK's transport, noting the protocol version the server answered `initialize` with
-// (a Transport: the SDK's documented interface, shared/transport.d.ts).
-class Noted {
-  constructor(inner) {
-    this.inner = inner;
-    this.initializeId = undefined;
-    this.negotiated = undefined;
-    this.onclose = undefined;
-    this.onerror = undefined;
-    this.onmessage = undefined;
-  }
-
-  get sessionId() {
-    return this.inner.sessionId;
-  }
-
-  async start() {
-    this.inner.onclose = () => this.onclose?.();
-    this.inner.onerror = (error) => this.onerror?.(error);
-    this.inner.onmessage = (message, extra) => {
-      if (message.id !== undefined && message.id === this.initializeId && message.result) {
-        this.negotiated = message.result.protocolVersion;
-      }
-      this.onmessage?.(message, extra);
-    };
-    await this.inner.start();
-  }
-
-  async send(message, options) {
-    if (message.method === 'initialize' && message.id !== undefined) {
-      this.initializeId = message.id;
-    }
-    await this.inner.send(message, options);
-  }
-
-  setProtocolVersion(version) {
-    this.inner.setProtocolVersion?.(version);
-  }
-
-  async close() {
-    await this.inner.close();
-  }
-}
-
-function transportFor(spec) {
-  if (spec.type === 'stdio') {
-    return new StdioClientTransport({
-      command: spec.command,
-      args: spec.args ?? [],
-      env: spec.env,
-      cwd: spec.cwd,
-      stderr: 'inherit',
-    });
-  }
-  if (spec.type === 'http') {
-    return new StreamableHTTPClientTransport(new URL(spec.url));
-  }
-  throw new Error(`unknown transport type: ${JSON.stringify(spec.type)}`);
-}
 
 function emit(line) {
   process.stdout.write(JSON.stringify(line) + '\n');
 }
 
-function failure(op, error) {
-  const line = { op, ok: false, threw: error instanceof Error ? error.message : String(error) };
-  if (error && typeof error === 'object' && error.code !== undefined) {
-    line.code = error.code;
-  }
-  return line;
-}
 
 async function main() {
   const text = process.argv[2] ?? readFileSync(0, 'utf8');
@@ -126,7 +59,7 @@ async function main() {
   }
 
   const inner = transportFor(plan.transport);
-  const transport = new Noted(inner);
+  const transport = new RequestedVersion(inner);
   const client = new Client(
     { name: 'mcp-policy-elicit-ts', version: '1.0.0' },
     { capabilities: { elicitation: { url: {} } } },
