@@ -46,7 +46,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -71,6 +70,7 @@ from bench.common import (
     machine,
     percentiles,
     prometheus_counters,
+    run_main,
 )
 from bench.load import (
     DECIDE_CALL,
@@ -620,21 +620,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    loop = asyncio.new_event_loop()
-    task = loop.create_task(run(args))
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
-    try:
-        return loop.run_until_complete(task)
-    except asyncio.CancelledError:
-        print("bench.approvals: interrupted; every process it started is stopped", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"bench.approvals: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        loop.close()
+    return run_main("bench.approvals", run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ import os
 import platform
 import re
 import resource
+import signal
 import statistics
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,3 +162,27 @@ def busy_cpu_seconds() -> float:
         return 0.0
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
     return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+class BenchError(Exception):
+    """A benchmark that cannot run (a tool missing, a service answering wrongly): its
+    message is the one line printed."""
+
+
+def run_main(name: str, run: Coroutine[Any, Any, int]) -> int:
+    """Run a benchmark's `run` coroutine to its exit status: Ctrl-C (or SIGTERM) cancels it,
+    so that every process it started is stopped on the way out; a BenchError is one line."""
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(run)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        return loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        print(f"{name}: interrupted; every process it started is stopped", file=sys.stderr)
+        return 130
+    except BenchError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        loop.close()

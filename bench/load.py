@@ -41,7 +41,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -64,6 +63,7 @@ from google.protobuf import descriptor_pb2, json_format, struct_pb2
 
 from bench.common import (
     ARGUMENTS,
+    BenchError,
     busy_cpu_seconds,
     children_cpu_seconds,
     cpu_seconds,
@@ -73,6 +73,7 @@ from bench.common import (
     percentiles,
     process_name,
     prometheus_counters,
+    run_main,
 )
 from engine import translate
 from engine.models import DecideRequest
@@ -145,10 +146,6 @@ allow if {
 	decision.action in {"allow", "rate_limit"}
 }
 """
-
-
-class BenchError(Exception):
-    """A step of the run failed; the message says what, and how to fix it."""
 
 
 # ---------------------------------------------------------------------------- the tools
@@ -1209,21 +1206,7 @@ def print_header(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    loop = asyncio.new_event_loop()
-    task = loop.create_task(run(args))
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, task.cancel)
-    try:
-        return loop.run_until_complete(task)
-    except asyncio.CancelledError:
-        print("bench.load: interrupted; every process it started is stopped", file=sys.stderr)
-        return 130
-    except BenchError as exc:
-        print(f"bench.load: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        loop.close()
+    return run_main("bench.load", run(parse_args(argv)))
 
 
 if __name__ == "__main__":
