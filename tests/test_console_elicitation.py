@@ -94,12 +94,11 @@ def decide_in_browser(url: str, world: World, verb: str, comment: str, shots: Pa
             driver.find_element(By.CSS_SELECTOR, "input[name=comment]").send_keys(comment)
         button(driver, verb).click()
         said = "Approved by" if verb == "approve" else "Denied by"
-        wait_for(
-            driver,
-            lambda d: (
-                said in " ".join(e.text for e in d.find_elements(By.CSS_SELECTOR, "p.outcome"))
-            ),
+        # Read in the page (the live view may replace the card while it is read).
+        outcome = (
+            "return [...document.querySelectorAll('p.outcome')].map(e => e.textContent).join(' ')"
         )
+        wait_for(driver, lambda d: said in d.execute_script(outcome))
         screenshot(driver, shots / f"after-{verb}.png")
 
 

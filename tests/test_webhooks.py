@@ -713,7 +713,10 @@ def test_secret_and_url_checks() -> None:
     for bad in ("hooks.example/x", "javascript:alert(1)", "http://h:99999/", "https://h/x#y"):
         with pytest.raises(ValueError):
             check_url(bad)
-    assert endpoint_label("https://hooks.slack.com/services/T/B/secret") == "hooks.slack.com:443"
+    assert (
+        endpoint_label("https://hooks.slack.example/services/T/B/secret")
+        == "hooks.slack.example:443"
+    )
     assert endpoint_label("http://[::1]/x") == "[::1]:80"
 
 

@@ -42,9 +42,8 @@ a YAML file of endpoints with options of their own:
         events: [approval.requested, approval.expired]    # default: all five
         timeout_seconds: 5       # one attempt, connecting to reading the answer (5)
         attempts: 5              # tries before giving up on an event (5)
-        queue: 1000              # events waiting at most (those it does not take too, until
-                                 # its worker passes them); then the oldest is dropped (1000)
-      - url: https://hooks.slack.com/services/T000/B000/XXXX
+        queue: 1000              # events waiting at most; then the oldest is dropped (1000)
+      - url: https://hooks.slack.example/services/T000/B000/XXXX
         format: slack
         events: [approval.requested]
 
