@@ -977,7 +977,8 @@ class ProxySession:
             return decision
         retry = request.model_copy(update={"approval_id": approval.id})
         if approval.status is ApprovalStatus.APPROVED:
-            # The identical call, approved and not used yet: the agent retried it.
+            # The identical call, approved and not used yet (a service of this version lets
+            # it through by itself; an older one answers so): use the grant.
             return await self._decide(retry)
         if approval.status is ApprovalStatus.PENDING and approval.url:
             asked = await self._elicit(call, retry, decision, approval, approval.url)
