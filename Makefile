@@ -178,11 +178,15 @@ lint-python:
 	ruff format --check engine tests bench
 	mypy
 
+# The policy's tests with coverage; then the policy must build as an OPA bundle with the
+# pinned `opa build`, and the bundle read back (`opa inspect`).
 test-rego:
 	opa test rego policies
 	opa test rego policies --coverage --threshold 90 > .tools/coverage.json \
 	  || { echo "Rego coverage below 90%"; grep -o '"coverage": *[0-9.]*' .tools/coverage.json | tail -1; exit 1; }
 	@echo "Rego coverage: $$(grep -o '"coverage": *[0-9.]*' .tools/coverage.json | tail -1 | grep -o '[0-9.]*$$')%"
+	opa build rego policies -o .tools/policy-bundle.tar.gz
+	opa inspect .tools/policy-bundle.tar.gz > /dev/null
 
 # Python tests in two layers. First the unit layer: modules that start no OPA server, no
 # Redis and no listening server (the in-process evaluator at most), in seconds, stopping

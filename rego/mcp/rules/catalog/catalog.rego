@@ -200,8 +200,11 @@ _limit_of(rule) := {
 
 # METADATA
 # title: Rate limits of the contributing rules
-# description: By contribution id, the limit of each contributing rule that has one.
-# scope: document
+# description: |
+#   By contribution id, the limit of each contributing rule that has one.
+#   (Scope rule, not document: OPA 1.22's `opa build` cannot place a
+#   document-scope annotation on a rule whose ref has a variable.)
+# scope: rule
 limit[c.id] := _limit_of(_as_rule(c.rule)) if some c in _reached
 
 # A rule (as written) as this package reads it: [the rule as an object, its
@@ -283,8 +286,8 @@ _weight_of(rule) := rule.rate_limit.increment_from if {
 #   By contribution id: the value of the tool argument named by
 #   rate_limit.increment_from, when it is a number >= 0. No entry when the
 #   rule's limit is not weighted, or when the argument is missing, not a number
-#   or negative (see catalog.rate_limit_cost_invalid).
-# scope: document
+#   or negative (see catalog.rate_limit_cost_invalid). Scope rule, as limit's.
+# scope: rule
 cost[c.id] := value if {
 	some [c, rule, _] in _usable_links
 	name := _weight_of(rule)
