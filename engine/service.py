@@ -722,6 +722,10 @@ class DecisionService:
         records, position = await self.log.query(query)
         return records, None if position is None else paging.encode_token(position)
 
+    async def get_decision(self, decision_id: str) -> dict[str, Any]:
+        """One logged decision (NotFound when the log has none with this id)."""
+        return await self.log.get(decision_id)
+
     async def status(self, since: datetime) -> dict[str, Any]:
         summary = await self.log.summary(since)
         pending = await self.approvals.list(ApprovalStatus.PENDING, 50)

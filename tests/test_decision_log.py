@@ -180,6 +180,31 @@ async def test_filters_and_paging_over_http_and_grpc(
     assert (await http.raw.get("/v1/decisions")).status_code == 401
 
 
+async def test_unknown_filters_are_refused_and_one_decision_is_read_by_id(
+    logged: Servers, clients: tuple[HttpClient, GrpcClient]
+) -> None:
+    """A filter the listing does not know is a 422 naming it (ignored, it would list every
+    decision); GET /v1/decisions/{id} answers one decision, 404 for an id it never made."""
+    http, _ = clients
+    sid = session()
+    decided = await http.decide(copy_call(sid))
+    for query in ({"sesion_id": sid}, {"session_id": sid, "user_id": "u"}, {"Tool": "x"}):
+        response = await http.raw.get("/v1/decisions", params=query, headers=AUTH)
+        assert response.status_code == 422, response.text
+        unknown = next(k for k in query if k not in ("session_id",))
+        assert repr(unknown) in response.json()["error"]["message"]
+    one = await http.raw.get(f"/v1/decisions/{decided['decision_id']}", headers=AUTH)
+    assert one.status_code == 200, one.text
+    record = one.json()
+    assert (record["decision_id"], record["verdict"]) == (decided["decision_id"], "allow")
+    assert record["principal"]["session_id"] == sid
+    missing = await http.raw.get("/v1/decisions/dec_" + "0" * 32, headers=AUTH)
+    assert missing.status_code == 404
+    assert (await http.raw.get("/v1/decisions/" + "x" * 300, headers=AUTH)).status_code == 422
+    unauthenticated = await http.raw.get(f"/v1/decisions/{decided['decision_id']}")
+    assert unauthenticated.status_code == 401
+
+
 async def test_status_summary(logged: Servers, clients: tuple[HttpClient, GrpcClient]) -> None:
     http, _ = clients
     before = (await http.raw.get("/v1/status", headers=AUTH)).json()

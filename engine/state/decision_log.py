@@ -101,7 +101,7 @@ from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from engine import jsonstrict
-from engine.errors import StateUnavailable
+from engine.errors import NotFound, StateUnavailable
 from engine.models import DecideRequest, Decision, ToolCall
 
 log = logging.getLogger(__name__)
@@ -991,6 +991,22 @@ class DecisionLog:
         await self.flush()
         page: tuple[list[dict[str, Any]], int | None] = await self._read(self._query, q)
         return page
+
+    async def get(self, decision_id: str) -> dict[str, Any]:
+        """The logged record of one decision; NotFound when none has this id."""
+        await self.flush()
+        found: dict[str, Any] | None = await self._read(self._get, decision_id)
+        if found is None:
+            raise NotFound(f"no decision {jsonstrict.quote(decision_id)} in the decision log")
+        return found
+
+    def _get(self, decision_id: str) -> dict[str, Any] | None:
+        assert self._reader is not None
+        row = self._reader.execute(
+            "SELECT record FROM decisions WHERE decision_id = ?", (decision_id,)
+        ).fetchone()
+        record: dict[str, Any] | None = None if row is None else json.loads(row[0])
+        return record
 
     async def summary(self, since: datetime) -> dict[str, Any]:
         await self.flush()

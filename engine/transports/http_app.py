@@ -101,6 +101,10 @@ def _engine_error_response(exc: EngineError) -> JSONResponse:
 
 
 RELOAD_PATH = "/v1/policy/reload"
+# The query parameters GET /v1/decisions takes; any other is a 422.
+DECISION_FILTERS = frozenset(
+    {"session_id", "agent_id", "tool", "verdict", "since", "until", "limit", "cursor"}
+)
 # The longest id (approval, decision) the API takes, as in the protos (wire.MAX_ID_CHARS).
 MAX_ID_CHARS = 256
 # Approval page tokens are short (ApprovalCursor.token); a longer one was not made here.
@@ -330,6 +334,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.get("/v1/decisions", summary="List logged decisions, newest first (operator)")
     async def list_decisions(
         _: Operator,
+        request: Request,
         session_id: str | None = None,
         agent_id: str | None = None,
         tool: str | None = None,
@@ -339,6 +344,14 @@ def create_app(runtime: Runtime) -> FastAPI:
         limit: Annotated[int, Query(ge=1, le=paging.MAX_PAGE_SIZE)] = paging.DEFAULT_PAGE_SIZE,
         cursor: Annotated[str | None, Query(max_length=64)] = None,
     ) -> dict[str, Any]:
+        # A filter this listing does not know is refused: ignored, it would list everything.
+        unknown = sorted(set(request.query_params) - DECISION_FILTERS)
+        if unknown:
+            raise InvalidRequest(
+                f"unknown query parameter {bounded(unknown[0], 64)!r}; the decisions can be "
+                f"filtered by {', '.join(sorted(DECISION_FILTERS))}",
+                field=bounded(unknown[0], 64),
+            )
         records, next_cursor = await service.list_decisions(
             paging.decision_query(
                 session_id=session_id,
@@ -352,6 +365,13 @@ def create_app(runtime: Runtime) -> FastAPI:
             )
         )
         return {"decisions": records, "next_cursor": next_cursor}
+
+    @app.get("/v1/decisions/{decision_id}", summary="One logged decision (operator)")
+    async def get_decision(
+        _: Operator,
+        decision_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)],
+    ) -> dict[str, Any]:
+        return await service.get_decision(decision_id)
 
     @app.get("/v1/status", summary="Summary: calls, denials by rule, top tools, approvals")
     async def status(
