@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from engine.approver_auth import ApproverAuth
+from engine.errors import bounded
 from engine.identity.base import Identity
 from engine.identity.callers import AgentCredentials, DecisionClients
 from engine.identity.jwt import JwtVerifier
@@ -116,6 +117,12 @@ class Runtime:
             events=ApprovalEvents(self._approval_url),
         )
         self.webhooks = WebhookDispatcher(webhooks, self.service.events, self.metrics)
+        self.store_status: dict[str, Any] = {
+            "store": settings.store,
+            "healthy": True,
+            "error": None,
+        }
+        self.metrics.watch_state_store(lambda: self.store_status)
         # Approval events to and from the other replicas sharing the Redis store.
         self._relay: RedisEventRelay | None = None
         if settings.store == "redis" and settings.redis_url is not None:
@@ -246,14 +253,37 @@ class Runtime:
         await self.policy.ensure_loaded()
 
     async def ready(self) -> bool:
-        """Ready: the policy is loaded and OPA answers.
+        """Ready: the policy is loaded, OPA answers and the shared state store (Redis)
+        answers — unless rate limits fail open by choice (`rate_limit_fail_mode=open`),
+        where a replica without its store still decides, so it is only reported.
 
         The decision log's health is not part of it: a log that cannot write must not stop
         decisions (a not-ready replica is taken out of service, and a shared disk that
         fills would take out every replica), so it is reported instead — in `/readyz`
         (`decision_log`), in `/metrics` and in the service log.
         """
+        store_up = await self.check_store()
+        if not store_up and self.settings.rate_limit_fail_mode == "closed":
+            return False
         return self.policy.loaded and await self.opa.healthy()
+
+    async def check_store(self) -> bool:
+        """Whether the state store answers (a PING to Redis; the local stores always do),
+        noted in `store_status` for /readyz and /metrics."""
+        healthy, error = True, None
+        if self._redis is not None:
+            try:
+                async with asyncio.timeout(max(1.0, self.settings.redis_timeout_ms / 1000)):
+                    await self._redis.ping()
+            except Exception as exc:  # any failure to answer is "down", with its reason
+                healthy, error = False, bounded(f"{type(exc).__name__}: {exc}", 300)
+        if healthy != self.store_status["healthy"]:
+            if healthy:
+                log.warning("the %s state store answers again", self.settings.store)
+            else:
+                log.error("the %s state store does not answer: %s", self.settings.store, error)
+        self.store_status = {"store": self.settings.store, "healthy": healthy, "error": error}
+        return healthy
 
     async def _watch_readiness(self) -> None:
         while True:

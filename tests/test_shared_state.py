@@ -272,6 +272,21 @@ async def test_weighted_limit_counts_the_argument(payments: HttpClient) -> None:
     assert missing["rule"] == "catalog.rate_limit_cost_invalid"
 
 
+async def store_seen(raw: httpx.AsyncClient) -> tuple[int, bool, float]:
+    """/readyz's status and what it says of the state store, and mcp_policy_state_store_up."""
+    ready = await raw.get("/readyz")
+    store = ready.json()["state_store"]
+    assert store["store"] == "redis"
+    assert (store["error"] is None) == store["healthy"]
+    metrics = (await raw.get("/metrics")).text
+    (up,) = [
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith('mcp_policy_state_store_up{store="redis"}')
+    ]
+    return ready.status_code, store["healthy"], up
+
+
 async def test_redis_killed_under_load_never_allows_and_recovers(
     tmp_path: Path, kv_server: KvServer
 ) -> None:
@@ -284,16 +299,20 @@ async def test_redis_killed_under_load_never_allows_and_recovers(
                 return await asyncio.gather(*[client.decide(copy_call()) for _ in range(20)])
 
             assert all(d["verdict"] == "allow" for d in await burst())
+            assert await store_seen(raw) == (200, True, 1.0)
             kv_server.kill()
             down = await burst() + await burst()
             assert all(d["verdict"] == "deny" for d in down), "no allow without the store"
             assert all(d["rule"] == "engine.state_unavailable" for d in down)
             assert "state store unavailable" in down[0]["reason"]
+            # The operator sees it: not ready, with the reason, and in /metrics.
+            assert await store_seen(raw) == (503, False, 0.0)
             kv_server.start()
             started = time.monotonic()
             while (await client.decide(copy_call()))["verdict"] != "allow":
                 assert time.monotonic() - started < 10, "recovers within seconds"
                 await asyncio.sleep(0.1)
+            assert await store_seen(raw) == (200, True, 1.0)
     finally:
         if kv_server.proc is None:
             kv_server.start()
@@ -312,6 +331,8 @@ async def test_rate_limit_fail_open_is_an_explicit_choice(
             decision = await client.decide(copy_call())
             assert decision["verdict"] == "allow"
             assert "rate_limit" not in decision
+            # Still ready (it decides, by the operator's choice), and the store shown down.
+            assert await store_seen(raw) == (200, False, 0.0)
             held = await client.decide(approval_call())
             assert held["verdict"] == "deny", "approvals always fail closed"
     finally:

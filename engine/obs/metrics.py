@@ -24,7 +24,7 @@ receiver's 2xx answer).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (
@@ -94,6 +94,22 @@ class StageTimes(Collector):
         for stage in STAGES:
             family.add_metric([stage], count_value=self.count, sum_value=self.sums[stage])
         yield family
+
+
+class _StoreCollector(Collector):
+    def __init__(self, status: Callable[[], dict[str, Any]]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        status = self._status()
+        up = GaugeMetricFamily(
+            "mcp_policy_state_store_up",
+            "1 when the state store (rate limits, approvals) answers, 0 when it does not "
+            "(every decision that needs it is then denied engine.state_unavailable).",
+            labels=["store"],
+        )
+        up.add_metric([str(status["store"])], 1.0 if status["healthy"] else 0.0)
+        yield up
 
 
 class _DecisionLogCollector(Collector):
@@ -277,6 +293,11 @@ class Metrics:
     def watch_webhooks(self, stats: Callable[[], list[EndpointStats]]) -> None:
         """Export the webhook dispatcher's counts (`stats`, read at scrape time)."""
         self.registry.register(_WebhookCollector(stats))
+
+    def watch_state_store(self, status: Callable[[], dict[str, Any]]) -> None:
+        """Export whether the state store answers (`status`, read at scrape time: the
+        readiness watch checks it every second)."""
+        self.registry.register(_StoreCollector(status))
 
     def watch_policy(self, policy: Policy) -> None:
         self.registry.register(_ReloadCollector(policy))

@@ -387,7 +387,10 @@ def create_app(runtime: Runtime) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: OPA answers and the policy is loaded")
+    @app.get(
+        "/readyz",
+        summary="Readiness: OPA answers, the policy is loaded and the state store answers",
+    )
     async def readyz() -> JSONResponse:
         """Ready (200) when OPA answers and the policy is loaded, else 503.
 
@@ -403,6 +406,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             "policy_revision": runtime.policy.revision,
             "last_reload": last.as_dict() if last else None,
             "decision_log": runtime.decision_log.health(),
+            "state_store": runtime.store_status,
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 
