@@ -125,3 +125,29 @@ async def test_reload_endpoint(watched: Watched) -> None:
     rejected = await watched.http.raw.post("/v1/policy/reload", headers=AUTH)
     assert rejected.status_code == 409
     assert any("decision.rego" in e for e in rejected.json()["error"]["errors"])
+
+
+async def test_a_refused_data_edit_names_the_file_line_and_mistake(watched: Watched) -> None:
+    """A YAML rule with an unknown action: the reload is refused with the file, the line
+    and the mistake (as `mcp-policy validate` says it), not jsonschema's "is not valid
+    under any of the given schemas"; the running policy keeps deciding."""
+    before = watched.revision
+    rules = watched.data / "rules.yaml"
+    rules.write_text(
+        rules.read_text().replace(
+            "    copy_image_set:\n      action: rate_limit",
+            "    copy_image_set:\n      action: rate_limitt",
+        )
+    )
+    rejected = await watched.http.raw.post("/v1/policy/reload", headers=AUTH)
+    assert rejected.status_code == 409
+    errors = rejected.json()["error"]["errors"]
+    assert len(errors) == 1, errors
+    (line,) = [
+        n for n, text in enumerate(rules.read_text().splitlines(), 1) if "rate_limitt" in text
+    ]
+    assert errors[0].startswith(f"{rules}:{line}:"), errors
+    assert "data.mcp_policy.rules.copy_image_set.action" in errors[0]
+    assert "'rate_limitt'" in errors[0] and "not valid under any" not in errors[0]
+    assert watched.revision == before
+    assert (await watched.http.decide(copy_call()))["verdict"] == "allow"

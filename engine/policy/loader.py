@@ -21,7 +21,7 @@ from engine.errors import PolicyRejected, PolicyUnavailable
 from engine.models import PolicyResult
 from engine.policy import schema as policy_schema
 from engine.policy.inprocess import LOAD_ERRORS_QUERY, InProcessOpa
-from engine.policy.source import PolicyBundle, read_bundle
+from engine.policy.source import PolicyBundle, data_files, read_bundle
 
 if TYPE_CHECKING:
     from engine.policy.rest import Opa
@@ -171,13 +171,14 @@ class Policy:
                 )
 
     def validate(self, bundle: PolicyBundle) -> None:
-        """Check the policy data against the schema; raise PolicyRejected listing problems."""
+        """Check the policy data against the schema; raise PolicyRejected listing problems,
+        each with its file, line and most specific reason (as `mcp-policy validate` says
+        them). Files are read only when there is a problem to place."""
         if self._schema is None:
             return
-        messages = [
-            "data." + ".".join(str(part) for part in path) + f": {error.message}"
-            for path, error in policy_schema.problems(bundle.data, self._schema)
-        ]
+        if next(policy_schema.problems(bundle.data, self._schema), None) is None:
+            return
+        messages = policy_schema.explained(bundle.data, self._schema, data_files(self.paths))
         if messages:
             raise PolicyRejected(
                 "the policy data does not match the schema: " + "; ".join(messages[:5]), messages

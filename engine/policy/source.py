@@ -84,6 +84,17 @@ def read_bundle(roots: list[Path]) -> PolicyBundle:
     return PolicyBundle(modules=modules, data=data)
 
 
+def data_files(roots: list[Path]) -> list[Path]:
+    """The data files (YAML, JSON) under `roots`, in the order `read_bundle` reads them."""
+    return [
+        path
+        for root in roots
+        if root.is_dir()
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.suffix in DATA_SUFFIXES
+    ]
+
+
 def _read_data(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text("utf-8")
