@@ -298,6 +298,12 @@ class Settings(BaseSettings):
     decision_log_max_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     decision_log_backups: int = Field(5, ge=0, description="Rotated JSONL files kept.")
     decision_log_retention_days: float = Field(30, gt=0, description="SQLite records kept.")
+    decision_log_db_max_bytes: int = Field(
+        1024**3,
+        ge=64 * 1024,
+        description="The SQLite copy's records take at most this many bytes: past it the "
+        "oldest are deleted first (beside the retention in days).",
+    )
     decision_log_invalid_requests_per_second: float = Field(
         20,
         ge=0,
@@ -483,6 +489,7 @@ class Settings(BaseSettings):
             max_bytes=self.decision_log_max_bytes,
             backups=self.decision_log_backups,
             retention_days=self.decision_log_retention_days,
+            db_max_bytes=self.decision_log_db_max_bytes,
             max_argument_bytes=self.decision_log_max_argument_bytes,
             invalid_requests_per_second=self.decision_log_invalid_requests_per_second,
             too_many_pending_per_second=self.decision_log_too_many_pending_per_second,

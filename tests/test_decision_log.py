@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -263,3 +264,37 @@ async def test_database_keeps_records_for_the_retention_only(tmp_path: Path) -> 
             assert listed == [new], f"{old} is past the retention"
     finally:
         await servers.stop()
+
+
+async def test_database_keeps_within_its_size_cap_oldest_first(tmp_path: Path) -> None:
+    """Past MCP_POLICY_DECISION_LOG_DB_MAX_BYTES the oldest records go first: the newest
+    stay, the used pages stay near the cap, and /readyz counts what was pruned."""
+    cap = 256 * 1024
+    settings = settings_for(tmp_path, decision_log_db_max_bytes=cap, decision_log_arguments="raw")
+    servers = await start_servers(settings)
+    try:
+        async with httpx.AsyncClient(base_url=servers.http_url) as raw:
+            http = HttpClient(raw)
+            ids = []
+            for i in range(80):  # ~8 KiB each: about three caps' worth
+                ids.append((await http.decide(copy_call(note=f"{i}:" + "x" * 8000)))["decision_id"])
+                if i % 10 == 9:
+                    await servers.runtime.decision_log.flush()
+            await servers.runtime.decision_log.flush()
+            first = await raw.get(f"/v1/decisions/{ids[0]}", headers=AUTH)
+            last = await raw.get(f"/v1/decisions/{ids[-1]}", headers=AUTH)
+            assert (first.status_code, last.status_code) == (404, 200)
+            health = (await raw.get("/readyz")).json()["decision_log"]
+            assert health["pruned_for_size"] > 0
+            kept = [r["decision_id"] for r in await page_all(http)]
+            assert kept == ids[-len(kept) :][::-1], "the newest are kept, in order"
+    finally:
+        await servers.stop()
+    db = sqlite3.connect(settings.decision_log_settings.database)
+    try:
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        size = db.execute("PRAGMA page_size").fetchone()[0]
+    finally:
+        db.close()
+    assert (pages - free) * size <= cap * 1.2, "the records stay near the cap"

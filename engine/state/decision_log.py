@@ -74,8 +74,11 @@ bound is a few KiB (plus up to max_argument_bytes with raw arguments) and no lin
 over RECORD_MAX_BYTES, so the defaults keep 10 MiB × 6 / 64 KiB ≈ 960 records at the very
 least, and about 10^5 records of ordinary size (~500 bytes). Decisions are not
 throttled, so a caller that makes very many of them does rotate the files, one bounded
-record at a time. The SQLite copy is kept by time (retention_days), not by volume: no
-amount of traffic deletes a row younger than that.
+record at a time. The SQLite copy is kept for retention_days and within db_max_bytes
+(1 GiB by default): when its records take more pages than that, the oldest tenth of them
+beyond it goes, oldest first (counted in `pruned_for_size`, /readyz), so heavy traffic
+shortens the history instead of filling the disk. Deleted pages are reused; the file does
+not shrink, and stays near the cap.
 """
 
 from __future__ import annotations
@@ -183,6 +186,7 @@ class LogSettings:
     max_bytes: int = 10 * 1024 * 1024
     backups: int = 5
     retention_days: float = 30
+    db_max_bytes: int = 1024**3  # the SQLite copy's records, at most (oldest deleted first)
     max_argument_bytes: int = 16 * 1024  # logged arguments over this are left out
     invalid_requests_per_second: float = 20.0  # invalid_request events written; 0: none
     too_many_pending_per_second: float = 5.0  # such refusals written per agent; 0: none
@@ -633,6 +637,7 @@ class DecisionLog:
         # Records, counted by the writer thread.
         self.written = 0  # written to every sink it goes to
         self.dropped = 0  # lost by at least one sink
+        self.pruned_for_size = 0  # database records deleted to stay within db_max_bytes
         self.sanitised = 0
         self.truncated = 0
 
@@ -723,6 +728,7 @@ class DecisionLog:
             "truncated": self.truncated,
             "suppressed_invalid_requests": self.suppressed,
             "suppressed_decisions": self.suppressed_decisions,
+            "pruned_for_size": self.pruned_for_size,
             "failed_batches": sum(h.failed_batches for h in self.sinks.values()),
             "last_error": last.last_error if last else None,
             "last_error_at": _iso(last.last_error_at) if last else None,
@@ -954,7 +960,32 @@ class DecisionLog:
         if prune:
             cutoff = time.time() - self.settings.retention_days * 86400
             db.execute("DELETE FROM decisions WHERE ts < ?", (cutoff,))
+            self._cap_size(db)
         db.execute("COMMIT")
+
+    def _cap_size(self, db: sqlite3.Connection) -> None:
+        """Delete the oldest records while they take more than db_max_bytes: a share of the
+        seq range as large as the excess plus a tenth of the cap (so it is not done on
+        every batch), found from the primary key's ends (no count of the rows)."""
+        (pages,) = db.execute("PRAGMA page_count").fetchone()
+        (free,) = db.execute("PRAGMA freelist_count").fetchone()
+        (page_size,) = db.execute("PRAGMA page_size").fetchone()
+        used, cap = (pages - free) * page_size, self.settings.db_max_bytes
+        if used <= cap:
+            return
+        first, last = db.execute("SELECT MIN(seq), MAX(seq) FROM decisions").fetchone()
+        if first is None:
+            return
+        share = min(1.0, (used - cap * 0.9) / used)
+        below = first + max(1, math.ceil(share * (last - first + 1)))
+        deleted = db.execute("DELETE FROM decisions WHERE seq < ?", (below,)).rowcount
+        self.pruned_for_size += deleted
+        log.warning(
+            "decision log database: %d oldest records deleted to stay within %d bytes "
+            "(MCP_POLICY_DECISION_LOG_DB_MAX_BYTES)",
+            deleted,
+            cap,
+        )
 
     def _rollback(self) -> None:
         db = self._db
