@@ -62,6 +62,7 @@ async def test_valid_edit_applies_and_keeps_counters(watched: Watched) -> None:
     for _ in range(2):
         await watched.http.decide(copy_call(sid))
     before = watched.revision
+    assert await revisions_in_metrics(watched) == [before]
     rules = watched.data / "rules.yaml"
     rules.write_text(rules.read_text().replace("max: 10", "max: 4"))
 
@@ -75,6 +76,18 @@ async def test_valid_edit_applies_and_keeps_counters(watched: Watched) -> None:
     assert decision["rate_limit"]["remaining"] == 4 - 3, "counters survive the reload"
     last = (await watched.readyz())["last_reload"]
     assert last["ok"] is True and last["changed"] is True
+    assert await revisions_in_metrics(watched) == [watched.revision], "only the active one"
+
+
+async def revisions_in_metrics(watched: Watched) -> list[str]:
+    """The revisions /metrics names as deciding now (mcp_policy_policy_revision == 1)."""
+    text = (await watched.http.raw.get("/metrics")).text
+    prefix = 'mcp_policy_policy_revision{revision="'
+    return [
+        line[len(prefix) :].split('"', 1)[0]
+        for line in text.splitlines()
+        if line.startswith(prefix) and line.endswith(" 1.0")
+    ]
 
 
 @pytest.mark.parametrize(

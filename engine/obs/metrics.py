@@ -58,6 +58,15 @@ class _ReloadCollector(Collector):
         for result, count in sorted(self._policy.reloads.items()):
             family.add_metric([result], count)
         yield family
+        active = GaugeMetricFamily(
+            "mcp_policy_policy_revision",
+            "The policy revision deciding now (1 for the active one; none before the first "
+            "load): what each decision's policy_revision says.",
+            labels=["revision"],
+        )
+        if self._policy.loaded and self._policy.revision:
+            active.add_metric([self._policy.revision], 1.0)
+        yield active
 
 
 STAGES = ("translate", "evaluate", "enforce", "log", "metrics")
