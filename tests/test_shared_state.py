@@ -91,8 +91,14 @@ async def shared_opa() -> AsyncIterator[OpaProcess]:
 def replicas(tmp: Path, opa: OpaProcess, env: dict[str, str], count: int = 3) -> list[Serve]:
     """`count` services on one OPA. Their evaluation deadline is raised: 1,000 calls at
     once on two cores would otherwise fail closed on OPA's timeout, which is not what
-    these tests are about (the same for Redis operations)."""
-    env = {**env, "MCP_POLICY_OPA_TIMEOUT_MS": "10000", "MCP_POLICY_REDIS_TIMEOUT_MS": "10000"}
+    these tests are about (the same for Redis operations, and for the wait on a locked
+    SQLite file)."""
+    env = {
+        **env,
+        "MCP_POLICY_OPA_TIMEOUT_MS": "10000",
+        "MCP_POLICY_REDIS_TIMEOUT_MS": "10000",
+        "MCP_POLICY_SQLITE_BUSY_TIMEOUT_MS": "10000",
+    }
     rego, data = edit_policy(tmp, copy_limit=100)
     started = []
     try:
@@ -143,7 +149,7 @@ async def test_processes_sharing_sqlite_allow_exactly_the_limit(
         for service in services:
             assert service.stop() == 0
     assert verdicts.count("allow") == 100
-    assert verdicts.count("rate_limited") == 900
+    assert verdicts.count("rate_limited") == 900, sorted(set(verdicts))
 
 
 def store_settings(kind: str, tmp: Path, kv: KvServer | None, **extra: Any) -> Any:
