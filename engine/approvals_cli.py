@@ -41,7 +41,7 @@ class Refused(Exception):
 
 
 class Unreachable(Exception):
-    pass
+    """The service could not be reached (or answered what is not HTTP)."""
 
 
 def add_approvals_command(subparsers: Any) -> None:

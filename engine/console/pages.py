@@ -165,15 +165,13 @@ def sign_in_page(
         },
         status,
     )
-    store = sessions.store_of(request)
-    response.set_cookie(
+    sessions.set_cookie(
+        sessions.store_of(request),
+        response,
         PRE_COOKIE,
         token,
         max_age=PRE_COOKIE_SECONDS,
-        path=store.base,
-        secure=store.secure,
-        httponly=True,
-        samesite="strict",
+        lax=False,
     )
     return response
 

@@ -223,7 +223,7 @@ def store_of(request: Request) -> SessionStore:
     return store
 
 
-def _set_cookie(
+def set_cookie(
     store: SessionStore, response: Response, name: str, value: str, *, max_age: int, lax: bool
 ) -> None:
     response.set_cookie(
@@ -307,7 +307,7 @@ async def sign_in(
     else:
         response = RedirectResponse(target, status_code=303, headers={"Cache-Control": "no-store"})
     max_age = int(store.max_seconds)
-    _set_cookie(store, response, COOKIE, session_id, max_age=max_age, lax=False)
+    set_cookie(store, response, COOKIE, session_id, max_age=max_age, lax=False)
     return response
 
 
@@ -339,7 +339,7 @@ def begin_login(request: Request, response: Response, data: Mapping[str, str]) -
     sign-in under way, and set `LOGIN_COOKIE` on `response` to find it again."""
     store = store_of(request)
     key = store.keep_login(data)
-    _set_cookie(store, response, LOGIN_COOKIE, key, max_age=int(LOGIN_TTL_SECONDS), lax=True)
+    set_cookie(store, response, LOGIN_COOKIE, key, max_age=int(LOGIN_TTL_SECONDS), lax=True)
 
 
 def take_login(request: Request, response: Response) -> dict[str, str] | None:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,24 +162,19 @@ def _session_limits(args: argparse.Namespace) -> tuple[SessionLimits | None, str
     return limits, None
 
 
-def _origin(text: str) -> str:
-    from engine.transports.guard import parse_origin
+def _guard_entry(kind: str) -> Callable[[str], str]:
+    """An argparse type: the text, once the guard's parser for `kind` (origin, host) took it."""
 
-    try:
-        parse_origin(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-    return text
+    def checked(text: str) -> str:
+        from engine.transports.guard import parse_host, parse_origin
 
+        try:
+            (parse_origin if kind == "origin" else parse_host)(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+        return text
 
-def _allowed_host(text: str) -> str:
-    from engine.transports.guard import parse_host
-
-    try:
-        parse_host(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-    return text
+    return checked
 
 
 def _guard_options(parser: argparse.ArgumentParser) -> None:
@@ -191,7 +187,7 @@ def _guard_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--allowed-origin",
         action="append",
-        type=_origin,
+        type=_guard_entry("origin"),
         metavar="ORIGIN",
         help="a web origin (scheme://host[:port]) whose pages may call the proxy; repeat "
         "for several",
@@ -199,7 +195,7 @@ def _guard_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--allowed-host",
         action="append",
-        type=_allowed_host,
+        type=_guard_entry("host"),
         metavar="HOST",
         help="a Host the listener answers (name: any port, name:port: that port), e.g. the "
         "name clients reach it by; repeat for several",
