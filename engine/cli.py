@@ -54,6 +54,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         "opa_url",
         "opa_binary",
         "opa_timeout_ms",
+        "opa_config",
+        "bundle",
         "decision_log",
         "log_level",
         "insecure",
@@ -79,6 +81,17 @@ def _common(parser: argparse.ArgumentParser) -> None:
         action="append",
         help="a directory of Rego and YAML to load; repeat for several "
         "(default: the shipped rego/ and policies/)",
+    )
+    parser.add_argument(
+        "--opa-config",
+        type=Path,
+        help="OPA's configuration file: bundles, decision_logs, status, services, keys, labels "
+        "(MCP_POLICY_OPA_CONFIG)",
+    )
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        help="load the policy from this bundle file instead of --policy (MCP_POLICY_BUNDLE)",
     )
     parser.add_argument("--decision-log", help='decision log file, "-" for stderr, "off"')
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -19,15 +20,17 @@ from engine.errors import bounded
 from engine.identity.base import Identity
 from engine.identity.callers import AgentCredentials, DecisionClients
 from engine.identity.jwt import JwtVerifier
-from engine.models import Approval, ApprovalStatus
+from engine.models import Approval, ApprovalStatus, Decision, PolicyResult
 from engine.notify.events import ApprovalEvents
 from engine.notify.relay import RedisEventRelay
 from engine.notify.webhooks import WebhookDispatcher, endpoints_from
 from engine.obs import tracing
 from engine.obs.metrics import Metrics
+from engine.policy.fleet import BundleVerification, ConfigRejected, Fleet, load_config
 from engine.policy.inprocess import InProcessOpa
-from engine.policy.loader import Policy
+from engine.policy.loader import BundleFile, Policy
 from engine.policy.opa_process import OpaProcess
+from engine.policy.source import PolicyBundle
 from engine.service import DecisionService, Limits
 from engine.settings import Settings
 from engine.state.approvals import (
@@ -77,7 +80,45 @@ class Runtime:
 
             opa_token = settings.opa_token.get_secret_value() if settings.opa_token else None
             self.opa = Opa(opa_url, timeout=timeout, token=opa_token)
-        self.policy = Policy(self.opa, settings.policy_paths, settings.policy_schema)
+        fleet_config = load_config(settings.opa_config) if settings.opa_config else None
+        pulled = bool(fleet_config and fleet_config.get("bundles"))
+        if pulled and (settings.bundle is not None or "policy_paths" in settings.model_fields_set):
+            raise ConfigRejected(
+                f"{settings.opa_config}: bundles come from the bundle server, and "
+                f"{'bundle' if settings.bundle else 'policy_paths'} names another policy: "
+                "give one"
+            )
+        bundle_file = None
+        if settings.bundle is not None:
+            key = settings.bundle_verification_key
+            verification = (
+                BundleVerification(
+                    key.get_secret_value(),
+                    settings.bundle_verification_key_id,
+                    settings.bundle_signing_alg,
+                    settings.bundle_scope,
+                )
+                if key is not None
+                else None
+            )
+            bundle_file = BundleFile(settings.bundle, verification)
+        self.policy = Policy(
+            self.opa,
+            settings.policy_paths,
+            settings.policy_schema,
+            bundle_file=bundle_file,
+            pulled=pulled,
+        )
+        self.fleet: Fleet | None = None
+        if fleet_config is not None:
+            log_settings = settings.decision_log_settings
+            self.fleet = Fleet(
+                fleet_config,
+                replica_id=settings.instance_id or uuid.uuid4().hex,
+                spool_dir=settings.state_dir / "decision-upload",
+                arguments=log_settings.arguments,
+                redact=frozenset(log_settings.redact),
+            )
         self._redis: Any = None
         self.rate_limits, self.approvals = self._stores(settings)
         self.decision_log = DecisionLog(settings.decision_log_settings)
@@ -117,6 +158,11 @@ class Runtime:
             events=ApprovalEvents(self._approval_url),
         )
         self.webhooks = WebhookDispatcher(webhooks, self.service.events, self.metrics)
+        if self.fleet is not None:
+            self.metrics.watch_fleet(self.fleet)
+            if self.fleet.uploads_enabled:
+                self.service.upload = self._upload
+                self.policy.on_change.append(self._mask_with)
         self.store_status: dict[str, Any] = {
             "store": settings.store,
             "healthy": True,
@@ -228,7 +274,12 @@ class Runtime:
             await self.opa_process.start()
             self.opa_process.on_restart = self._after_opa_restart
         await self.opa.open()
-        await self.policy.load()
+        if not self.policy.pulled:
+            await self.policy.load()
+        if self.fleet is not None:
+            self.fleet.start(self._activate_bundle)
+            if self.policy.bundle is not None:
+                await self._mask_with(self.policy.bundle)
         await self.agent_credentials.start()
         await self.approver_auth.start()
         await self.service.events.start(self.approvals.claim_expiry, await self._open_approvals())
@@ -247,6 +298,44 @@ class Runtime:
                 await self.policy.reload_if_changed()
             except Exception:
                 log.exception("policy watch failed")
+
+    def fleet_status(self) -> dict[str, Any]:
+        """What /readyz shows of the fleet: each bundle (active revision, refusals and
+        download errors, the last reason) and the decision-log upload's counts."""
+        fleet = self.fleet
+        if fleet is None:
+            return {}
+        out: dict[str, Any] = {}
+        if fleet.bundles:
+            out["bundles"] = {name: state.as_dict() for name, state in fleet.bundles.items()}
+        if fleet.uploads_enabled:
+            uploads = fleet.uploads
+            out["decision_upload"] = {
+                **fleet.stats(),
+                "dropped_before_spool": uploads.dropped_here + uploads.feed_errors,
+                "last_feed_error": uploads.last_feed_error,
+            }
+        return out
+
+    async def _activate_bundle(self, bundle: PolicyBundle, revisions: dict[str, str]) -> None:
+        """A bundle the fleet pulled and verified: validated and activated as policy
+        directories are (PolicyRejected leaves the running revision serving)."""
+        await self.policy.load(bundle)
+        self.policy.bundle_revisions = revisions
+
+    async def _mask_with(self, bundle: PolicyBundle) -> None:
+        if self.fleet is not None:
+            await asyncio.to_thread(self.fleet.use_policy, bundle)
+
+    def _upload(
+        self,
+        decision: Decision,
+        input_doc: dict[str, Any],
+        result: PolicyResult | None,
+        elapsed: float,
+    ) -> None:
+        if self.fleet is not None:
+            self.fleet.decision(decision, input_doc, result, elapsed, self.policy.bundle_revisions)
 
     async def _after_opa_restart(self) -> None:
         self.policy.mark_stale()
@@ -322,6 +411,8 @@ class Runtime:
             await self._relay.close()
         await self.service.events.close()
         await self.agent_credentials.close()
+        if self.fleet is not None:
+            await asyncio.to_thread(self.fleet.stop, self.settings.fleet_stop_timeout_seconds)
         await self.opa.close()
         await self.approver_auth.close()
         if self.opa_process is not None:

@@ -18,6 +18,7 @@ import secrets
 import time
 import unicodedata
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -169,6 +170,10 @@ class DecisionService:
         self.tracer = tracer or trace.NoOpTracer()
         self.credentials = credentials or AgentCredentials()
         self.events = events or ApprovalEvents()
+        # Hands each decision to the collector upload (engine.policy.fleet), when configured.
+        self.upload: (
+            Callable[[Decision, dict[str, Any], PolicyResult | None, float], None] | None
+        ) = None
 
     async def decide(
         self,
@@ -334,6 +339,8 @@ class DecisionService:
             dry_run=request.dry_run,
             flood_key=_flood_key(request, result, decision),
         )
+        if self.upload is not None:
+            self.upload(decision, input_doc, result, elapsed)
         self.metrics.stages.add(
             translated - started,
             evaluated - translated,

@@ -87,6 +87,40 @@ class Settings(BaseSettings):
     reload_interval_seconds: float = Field(
         1.0, ge=0, description="How often the policy files are checked for changes; 0: never."
     )
+    opa_config: Path | None = Field(
+        None,
+        description="OPA's configuration file (YAML or JSON: services, keys, labels, bundles, "
+        "decision_logs, status), run by OPA's own plugins in the engine library for either "
+        "engine. With bundles, policy comes only from the bundle server.",
+    )
+    bundle: Path | None = Field(
+        None,
+        description="A bundle file (`opa build`, `mcp-policy build`) to load the policy from "
+        "instead of policy_paths; reloaded when it changes.",
+    )
+    bundle_verification_key: SecretStr | None = Field(
+        None,
+        description="The bundle file must be signed: a PEM public key (or its path), or the "
+        "HMAC secret, as `opa run --verification-key`.",
+    )
+    bundle_verification_key_id: str = Field(
+        "default", description="The key id the bundle file's signature names."
+    )
+    bundle_signing_alg: str = Field(
+        "RS256", description="The signature algorithm of the bundle file (RS256, ES256, HS256…)."
+    )
+    bundle_scope: str = Field("", description="The scope the bundle file's signature carries.")
+    instance_id: str | None = Field(
+        None,
+        description="This replica's id: labels.id in OPA status reports and decision-log "
+        "events (default: random per start, as OPA).",
+    )
+    fleet_stop_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="On stop, how long the decision-log uploader may spend sending what it "
+        "holds (the rest stays in its spool on disk for the next start).",
+    )
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     http_header_timeout_seconds: float = Field(
         10.0,
@@ -243,6 +277,15 @@ class Settings(BaseSettings):
 
             check_secret(value.get_secret_value())
         return value
+
+    @model_validator(mode="after")
+    def _one_policy_source(self) -> Settings:
+        if self.bundle is not None and "policy_paths" in self.model_fields_set:
+            raise ValueError(
+                "bundle and policy_paths both name the policy: give one (a bundle file holds "
+                "the whole policy)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _webhook_urls_signed(self) -> Settings:

@@ -28,8 +28,8 @@ from engine.policy import schema as policy_schema
 from engine.policy.opa_process import OpaProcess
 from engine.policy.rest import Opa
 from engine.policy.source import DATA_SUFFIXES, MODULE_PREFIX, PolicyBundle, read_bundle
-from engine.policy.source import _merge as merge
 from engine.policy.source import _read_data as read_data
+from engine.policy.source import merge_data as merge
 
 LOAD_TIMEOUT = 30.0
 LOAD_ERRORS_QUERY = "data.mcp.load_errors"

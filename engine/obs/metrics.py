@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from engine.notify.webhooks import EndpointStats
+    from engine.policy.fleet import Fleet
     from engine.policy.loader import Policy
     from engine.state.decision_log import DecisionLog
 
@@ -67,6 +68,79 @@ class _ReloadCollector(Collector):
         if self._policy.loaded and self._policy.revision:
             active.add_metric([self._policy.revision], 1.0)
         yield active
+
+
+class _FleetCollector(Collector):
+    """Bundles and the decision-log upload (OPA's plugins in the engine library), read at
+    scrape time."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        self._fleet = fleet
+
+    def collect(self) -> Iterator[Metric]:
+        active = GaugeMetricFamily(
+            "mcp_policy_bundle_active",
+            "The bundle revision active now, by bundle (1; none before the first activation).",
+            labels=["bundle", "revision"],
+        )
+        refused = CounterMetricFamily(
+            "mcp_policy_bundle_refused",
+            "Bundles downloaded and refused (bad signature, tampered, invalid policy): the "
+            "running revision kept serving.",
+            labels=["bundle"],
+        )
+        failed = CounterMetricFamily(
+            "mcp_policy_bundle_download_errors",
+            "Bundle downloads that failed (server unreachable, HTTP error, unreadable bundle).",
+            labels=["bundle"],
+        )
+        for name, state in sorted(self._fleet.bundles.items()):
+            if state.revision is not None:
+                active.add_metric([name, state.revision], 1.0)
+            refused.add_metric([name], state.refused)
+            failed.add_metric([name], state.download_errors)
+        yield active
+        yield refused
+        yield failed
+        if not self._fleet.uploads_enabled:
+            return
+        stats = self._fleet.stats()
+        uploads = self._fleet.uploads
+        queued = GaugeMetricFamily(
+            "mcp_policy_decision_upload_queued",
+            "Decisions waiting to be uploaded to the collector (in the spool on disk).",
+        )
+        queued.add_metric([], float(stats.get("queued", 0)))
+        yield queued
+        spool = GaugeMetricFamily(
+            "mcp_policy_decision_upload_spool_bytes",
+            "Bytes of decisions waiting in the spool (its cap: buffer_size_limit_bytes).",
+        )
+        spool.add_metric([], float(stats.get("spool_bytes", 0)))
+        yield spool
+        events = CounterMetricFamily(
+            "mcp_policy_decision_upload_events",
+            "Decisions by upload result: sent (acknowledged by the collector), dropped (the "
+            "spool's cap, an event larger than an upload, or the engine's queue full).",
+            labels=["result"],
+        )
+        events.add_metric(["sent"], float(stats.get("sent", 0)))
+        events.add_metric(
+            ["dropped"],
+            float(stats.get("dropped", 0)) + uploads.dropped_here + uploads.feed_errors,
+        )
+        yield events
+        failures = CounterMetricFamily(
+            "mcp_policy_decision_upload_failures", "Uploads the collector did not acknowledge."
+        )
+        failures.add_metric([], float(stats.get("upload_failures", 0)))
+        yield failures
+        failing = GaugeMetricFamily(
+            "mcp_policy_decision_upload_failing",
+            "1 while the last upload to the collector failed (decisions wait in the spool).",
+        )
+        failing.add_metric([], 1.0 if stats.get("failing") else 0.0)
+        yield failing
 
 
 STAGES = ("translate", "evaluate", "enforce", "log", "metrics")
@@ -307,6 +381,9 @@ class Metrics:
         """Export whether the state store answers (`status`, read at scrape time: the
         readiness watch checks it every second)."""
         self.registry.register(_StoreCollector(status))
+
+    def watch_fleet(self, fleet: Fleet) -> None:
+        self.registry.register(_FleetCollector(fleet))
 
     def watch_policy(self, policy: Policy) -> None:
         self.registry.register(_ReloadCollector(policy))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from engine.errors import PolicyRejected, PolicyUnavailable
 from engine.models import PolicyResult
 from engine.policy import schema as policy_schema
+from engine.policy.fleet import BundleVerification, read_bundle_file
 from engine.policy.inprocess import LOAD_ERRORS_QUERY, InProcessOpa
 from engine.policy.source import PolicyBundle, data_files, read_bundle
 
@@ -49,6 +50,25 @@ class ReloadStatus:
             "changed": self.changed,
             "errors": self.errors,
         }
+
+
+@dataclass(frozen=True)
+class BundleFile:
+    """A bundle file (`opa build`, `mcp-policy build`) as the policy's source, verified
+    with `verification` when one is given."""
+
+    path: Path
+    verification: BundleVerification | None = None
+
+    def read(self) -> PolicyBundle:
+        return read_bundle_file(self.path, self.verification)
+
+    def fingerprint(self) -> tuple[tuple[str, int, int], ...]:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return ()
+        return ((str(self.path), stat.st_mtime_ns, stat.st_size),)
 
 
 def _files_state(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
@@ -116,10 +136,24 @@ class Policy:
     holds decisions back while a change is pushed)."""
 
     def __init__(
-        self, opa: Opa | InProcessOpa, paths: list[Path], schema_path: Path | None = None
+        self,
+        opa: Opa | InProcessOpa,
+        paths: list[Path],
+        schema_path: Path | None = None,
+        *,
+        bundle_file: BundleFile | None = None,
+        pulled: bool = False,
     ) -> None:
         self.opa = opa
         self.paths = paths
+        # Where the policy comes from: directories (`paths`), one bundle file, or bundles
+        # pulled from a bundle server (`pulled`: handed to load() as they arrive).
+        self.bundle_file = bundle_file
+        self.pulled = pulled
+        # The bundles deciding now, by name, with their revisions (empty for directories).
+        self.bundle_revisions: dict[str, str] = {}
+        # Called with each new policy once it decides (the decision-log plugin's masking).
+        self.on_change: list[Callable[[PolicyBundle], Awaitable[None]]] = []
         self.bundle: PolicyBundle | None = None
         self.loaded = False
         self.last_reload: ReloadStatus | None = None
@@ -178,7 +212,8 @@ class Policy:
             return
         if next(policy_schema.problems(bundle.data, self._schema), None) is None:
             return
-        messages = policy_schema.explained(bundle.data, self._schema, data_files(self.paths))
+        files = [] if self.pulled or self.bundle_file else data_files(self.paths)
+        messages = policy_schema.explained(bundle.data, self._schema, files)
         if messages:
             raise PolicyRejected(
                 "the policy data does not match the schema: " + "; ".join(messages[:5]), messages
@@ -195,8 +230,8 @@ class Policy:
             now = datetime.now(UTC).isoformat(timespec="seconds")
             try:
                 if bundle is None:
-                    self._seen_files = await asyncio.to_thread(_files_state, self.paths)
-                    bundle = await asyncio.to_thread(read_bundle, self.paths)
+                    self._seen_files = await asyncio.to_thread(self._fingerprint)
+                    bundle = await asyncio.to_thread(self._read)
                 changed = self.bundle is None or bundle.revision != self.bundle.revision
                 if changed or not self.loaded:
                     self.validate(bundle)
@@ -212,11 +247,34 @@ class Policy:
             self.bundle = bundle
             self.loaded = True
             self.last_reload = ReloadStatus(now, True, bundle.revision, changed)
+            if changed:
+                for listener in self.on_change:
+                    try:
+                        await listener(bundle)
+                    except Exception:
+                        log.exception("a listener of policy changes failed")
             return bundle.revision
 
+    def _read(self) -> PolicyBundle:
+        """The policy as its source holds it now (directories or a bundle file)."""
+        if self.pulled:
+            message = "the policy comes from the bundle server: it is activated as it arrives"
+            raise PolicyRejected(message, [message])
+        if self.bundle_file is not None:
+            return self.bundle_file.read()
+        return read_bundle(self.paths)
+
+    def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
+        if self.bundle_file is not None:
+            return self.bundle_file.fingerprint()
+        return _files_state(self.paths)
+
     async def reload_if_changed(self) -> None:
-        """Reload when a file under `paths` changed since the last read (the watcher)."""
-        state = await asyncio.to_thread(_files_state, self.paths)
+        """Reload when a file under `paths` (or the bundle file) changed since the last
+        read (the watcher)."""
+        if self.pulled:
+            return
+        state = await asyncio.to_thread(self._fingerprint)
         if state == self._seen_files:
             return
         try:

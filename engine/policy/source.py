@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,16 @@ MODULE_PREFIX = "mcp-policy/"
 
 @dataclass(frozen=True)
 class PolicyBundle:
-    """Rego modules by id and the data document, with a revision over both."""
+    """Rego modules by id and the data document, with a revision: the one given (a
+    bundle's manifest revision), else a digest of both."""
 
     modules: dict[str, str]
     data: dict[str, Any]
-    revision: str = field(init=False)
+    revision: str = ""
 
     def __post_init__(self) -> None:
+        if self.revision:
+            return
         digest = hashlib.sha256()
         for module_id in sorted(self.modules):
             digest.update(module_id.encode())
@@ -41,10 +44,11 @@ class PolicyBundle:
         object.__setattr__(self, "revision", "sha256:" + digest.hexdigest()[:16])
 
 
-def _merge(into: dict[str, Any], new: dict[str, Any], where: str) -> None:
+def merge_data(into: dict[str, Any], new: dict[str, Any], where: str) -> None:
+    """Merge the data document `new` into `into`; PolicyRejected where both set a value."""
     for key, value in new.items():
         if key in into and isinstance(into[key], dict) and isinstance(value, dict):
-            _merge(into[key], value, f"{where}.{key}")
+            merge_data(into[key], value, f"{where}.{key}")
         elif key in into:
             raise PolicyRejected(
                 f"data conflict at {where}.{key}", [f"{where}.{key} is defined twice"]
@@ -74,7 +78,7 @@ def read_bundle(roots: list[Path]) -> PolicyBundle:
                 node = data
                 for part in relative.parent.parts:
                     node = node.setdefault(part, {})
-                _merge(node, doc, "data" + "".join(f".{p}" for p in relative.parent.parts))
+                merge_data(node, doc, "data" + "".join(f".{p}" for p in relative.parent.parts))
     for key, value in data.items():
         if not isinstance(value, dict):
             raise PolicyRejected(

@@ -408,6 +408,8 @@ def create_app(runtime: Runtime) -> FastAPI:
             "decision_log": runtime.decision_log.health(),
             "state_store": runtime.store_status,
         }
+        if runtime.fleet is not None:
+            body.update(runtime.fleet_status())
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.post(RELOAD_PATH, summary="Read rego/ and policies/ again and apply (operator)")

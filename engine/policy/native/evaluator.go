@@ -52,7 +52,7 @@ const (
 const maxErrorMessages = 10
 
 // The bundle mcp_opa_prepare takes.
-type bundle struct {
+type policyBundle struct {
 	Modules map[string]string `json:"modules"`
 	Data    map[string]any    `json:"data"`
 	Queries []string          `json:"queries"`
@@ -67,7 +67,9 @@ type problem struct {
 }
 
 type policy struct {
-	queries []rego.PreparedEvalQuery
+	queries  []rego.PreparedEvalQuery
+	compiler *ast.Compiler // for the decision_logs plugin's mask and drop (fleet.go)
+	store    storage.Store
 }
 
 // The prepared policies by handle. An evaluation holds its *policy, so releasing the
@@ -116,7 +118,7 @@ func problems(err error) []problem {
 
 // prepare parses and compiles the bundle once and prepares each of its queries.
 func prepare(raw []byte) (*policy, []problem) {
-	var b bundle
+	var b policyBundle
 	if err := util.UnmarshalJSON(raw, &b); err != nil {
 		return nil, []problem{{Message: "bundle is not valid JSON: " + err.Error()}}
 	}
@@ -162,7 +164,7 @@ func prepare(raw []byte) (*policy, []problem) {
 		return nil, problems(compiler.Errors)
 	}
 
-	p := &policy{}
+	p := &policy{compiler: compiler, store: store}
 	for _, q := range b.Queries {
 		prepared, err := rego.New(rego.Query(q), rego.Compiler(compiler), rego.Store(store)).
 			PrepareForEval(ctx)
