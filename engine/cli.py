@@ -19,6 +19,7 @@ from pydantic_settings import SettingsError
 
 from engine import approvals_cli, jsonstrict, translate
 from engine import status as status_view
+from engine.authoring import build as build_command
 from engine.authoring import migrate as migrate_command
 from engine.errors import (
     MAX_MESSAGE_CHARS,
@@ -155,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument(
         "dirs", nargs="+", type=Path, metavar="DIR", help="policy directories (or files)"
     )
+    bundle = commands.add_parser(
+        "build",
+        help=build_command.HELP,
+        description=build_command.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    build_command.add_arguments(bundle)
     add_proxy_commands(commands)
     add_identity_commands(commands)
     approvals_cli.add_approvals_command(commands)
@@ -295,6 +303,8 @@ def _run(args: argparse.Namespace) -> int:
         return approvals_cli.run(args)
     if args.command == "migrate":
         return migrate_command.run(args.dirs, check=args.check)
+    if args.command == "build":
+        return build_command.run(args)
     settings = _settings(args)  # a bad value: one line naming it (main)
     # doctor's report is its output: log lines only when asked for.
     level = settings.log_level if args.command != "doctor" else args.log_level or "WARNING"
