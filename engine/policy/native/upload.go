@@ -45,8 +45,9 @@ import (
 
 const (
 	spoolPluginName = "mcp_policy_spool"
-	// Bytes of a spool segment before the next one is started.
-	segmentBytes = 1 << 20
+	// Bytes of a spool segment before the next one is started (at most a quarter of the
+	// cap, so the cap drops a little at a time).
+	maxSegmentBytes = int64(1 << 20)
 	// The spool's cap when reporting.buffer_size_limit_bytes is not set.
 	defaultSpoolCap = int64(256 << 20)
 	minRetryDelay   = 100 * time.Millisecond
@@ -79,6 +80,7 @@ type uploader struct {
 	resource     string
 	uploadLimit  int64
 	spoolCap     int64
+	segmentBytes int64
 	minDelay     time.Duration
 	maxDelay     time.Duration
 	trigger      plugins.TriggerMode
@@ -152,6 +154,7 @@ func newUploader(raw []byte, manager *plugins.Manager, dir string) (*uploader, e
 	if cfg.Reporting.BufferSizeLimitBytes != nil && *cfg.Reporting.BufferSizeLimitBytes > 0 {
 		u.spoolCap = *cfg.Reporting.BufferSizeLimitBytes
 	}
+	u.segmentBytes = max(1, min(maxSegmentBytes, u.spoolCap/4))
 	if err := u.open(); err != nil {
 		return nil, err
 	}
@@ -285,7 +288,7 @@ func (u *uploader) Log(ctx context.Context, event logs.EventV1) error {
 	line = append(line, '\n')
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if u.file == nil || u.segments[u.writing] >= segmentBytes {
+	if u.file == nil || u.segments[u.writing] >= u.segmentBytes {
 		if err := u.roll(); err != nil {
 			return err
 		}
