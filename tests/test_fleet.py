@@ -16,6 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
+from engine.errors import PolicyRejected
+from engine.policy.fleet import merge_bundles
+from engine.policy.source import PolicyBundle
 from tests.conftest import copy_call
 from tests.fleet_world import (
     FleetServer,
@@ -396,3 +399,19 @@ def test_a_bundle_file_is_verified_loaded_and_reloaded(tmp_path: Path) -> None:
     )
     assert done.returncode == 2, done.stderr
     assert "digest" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_several_bundles_make_one_policy_and_may_not_overlap() -> None:
+    framework = PolicyBundle({"mcp/decision.rego": "package mcp\n"}, {}, "f1")
+    catalog = PolicyBundle({}, {"mcp_policy": {"default": {"action": "deny"}}}, "c7")
+    merged, revisions = merge_bundles({"framework": framework, "catalog": catalog})
+    assert revisions == {"catalog": "c7", "framework": "f1"}
+    assert list(merged.modules) == ["mcp-policy/bundles/framework/mcp/decision.rego"]
+    assert merged.data == {"mcp_policy": {"default": {"action": "deny"}}}
+    # The combined revision changes with either bundle's.
+    again, _ = merge_bundles(
+        {"framework": framework, "catalog": PolicyBundle({}, catalog.data, "c8")}
+    )
+    assert again.revision != merged.revision and merged.revision.startswith("bundles:")
+    with pytest.raises(PolicyRejected, match="mcp_policy.default.action"):
+        merge_bundles({"a": catalog, "b": PolicyBundle({}, catalog.data, "c9")})
