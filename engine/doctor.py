@@ -32,6 +32,7 @@ import aiohttp
 import engine
 from engine.authoring.validate import schema_errors, validate
 from engine.errors import EngineError, PolicyRejected
+from engine.policy.fleet import BundleVerification, ConfigRejected, load_config, read_bundle_file
 from engine.policy.inprocess import LOAD_ERRORS_QUERY, InProcessOpa, library_version
 from engine.policy.opa_process import OPA_VERSION, ToolMissing, find_opa
 from engine.policy.source import DATA_SUFFIXES, MODULE_PREFIX, PolicyBundle, read_bundle
@@ -311,6 +312,64 @@ async def _policy(report: Report, settings: Settings, compiler: str | None) -> N
     report.add("policy", "ok", f"{bundle.revision} ({counts}; loads, compiled by {by})", **facts)
 
 
+def _fleet(report: Report, settings: Settings) -> str:
+    """The OPA configuration file's line; where the policy comes from ("bundles", "file",
+    "directories")."""
+    if settings.opa_config is not None:
+        try:
+            config = load_config(settings.opa_config)
+        except ConfigRejected as exc:
+            report.add("opa config", "fail", str(exc), path=str(settings.opa_config))
+            return "bundles" if settings.bundle is None else "file"
+        parts = [f"{len(config.get('bundles') or {})} bundles"]
+        parts += [part for part in ("decision_logs", "status") if config.get(part)]
+        report.add(
+            "opa config",
+            "ok",
+            f"{settings.opa_config} ({', '.join(parts)})",
+            path=str(settings.opa_config),
+        )
+        if config.get("bundles"):
+            return "bundles"
+    return "file" if settings.bundle is not None else "directories"
+
+
+async def _bundle_file(report: Report, settings: Settings, compiler: str | None) -> None:
+    """The bundle file: read (and verified) and compiled as `serve --bundle` loads it."""
+    assert settings.bundle is not None
+    key = settings.bundle_verification_key
+    verification = (
+        BundleVerification(
+            key.get_secret_value(),
+            settings.bundle_verification_key_id,
+            settings.bundle_signing_alg,
+            settings.bundle_scope,
+        )
+        if key is not None
+        else None
+    )
+    try:
+        bundle = await asyncio.to_thread(read_bundle_file, settings.bundle, verification)
+    except (PolicyRejected, ToolMissing) as exc:
+        report.add("policy", "fail", exc.message, path=str(settings.bundle))
+        return
+    facts = {"revision": bundle.revision, "modules": len(bundle.modules)}
+    if settings.policy_schema is not None:
+        problems = schema_errors(bundle.data, settings.policy_schema, [])
+        if problems:
+            report.add("policy", "fail", _errors_line(problems), errors=problems, **facts)
+            return
+    if compiler != "inprocess":
+        report.add("policy", "warn", f"{bundle.revision} (read, not compiled here)", **facts)
+        return
+    errors = await _compile(bundle, settings, compiler)
+    if errors:
+        report.add("policy", "fail", _errors_line(errors), errors=errors, **facts)
+        return
+    signed = "verified" if verification else "not verified"
+    report.add("policy", "ok", f"{bundle.revision} ({settings.bundle}, {signed}; loads)", **facts)
+
+
 # --- the state store ----------------------------------------------------------------------
 
 
@@ -455,7 +514,12 @@ async def diagnose(settings: Settings) -> Report:
     report = Report()
     _package(report)
     compiler = await _engine(report, settings)
-    if _paths(report, settings):
+    source = _fleet(report, settings)
+    if source == "bundles":
+        report.add("policy", "ok", "pulled from the bundle server (checked as it arrives)")
+    elif source == "file":
+        await _bundle_file(report, settings, compiler)
+    elif _paths(report, settings):
         await _policy(report, settings, compiler)
     else:
         report.add("policy", "fail", "not loaded: a policy path or the schema is missing")

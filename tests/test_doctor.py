@@ -184,3 +184,33 @@ def test_an_exposed_host_without_tls_fails(tmp_path: Path) -> None:
     assert line(result, "exposure").startswith("FAIL  exposure     refusing to serve on 0.0.0.0")
     allowed = doctor(tmp_path, *FREE_PORTS, "--host", "0.0.0.0", "--insecure")
     assert allowed.returncode == 0, allowed.stdout
+
+
+def test_the_opa_configuration_and_a_bundle_file_are_checked(tmp_path: Path) -> None:
+    from tests.fleet_world import make_keys, opa_build, tamper
+
+    # A key OPA knows that the engine does not run: named, the check fails.
+    config = tmp_path / "opa.yaml"
+    config.write_text("services: {s: {url: 'http://127.0.0.1:9'}}\ndiscovery: {service: s}\n")
+    result = doctor(tmp_path, *FREE_PORTS, "--opa-config", str(config))
+    assert result.returncode == 1
+    assert "discovery: not a key this engine runs" in line(result, "opa config")
+    # Bundles from a server: the policy is checked as it arrives, not here.
+    config.write_text(
+        "services: {s: {url: 'http://127.0.0.1:9'}}\nbundles: {authz: {service: s}}\n"
+    )
+    result = doctor(tmp_path, *FREE_PORTS, "--opa-config", str(config))
+    assert "1 bundles" in line(result, "opa config") and line(result, "opa config")[:4] == "OK  "
+    assert "pulled from the bundle server" in line(result, "policy")
+    # A signed bundle file: verified and compiled; tampered: refused, naming why.
+    keys = make_keys(tmp_path)
+    rego, data = copy_policy(tmp_path)
+    bundle = opa_build([rego, data], tmp_path / "b.tar.gz", "b1", signing_key=keys.private)
+    key = {"MCP_POLICY_BUNDLE_VERIFICATION_KEY": str(keys.public)}
+    result = doctor(tmp_path, *FREE_PORTS, "--bundle", str(bundle), **key)
+    assert result.returncode == 0, result.stdout
+    assert "b1" in line(result, "policy") and "verified" in line(result, "policy")
+    tampered = tamper(bundle, tmp_path / "t.tar.gz")
+    result = doctor(tmp_path, *FREE_PORTS, "--bundle", str(tampered), **key)
+    assert result.returncode == 1
+    assert "digest mismatch" in line(result, "policy")
