@@ -35,6 +35,7 @@ from engine.policy.opa_process import ToolMissing
 from engine.proxy.cli import PROXY_COMMANDS, add_proxy_commands, run_proxy_command
 from engine.runtime import Runtime
 from engine.settings import Settings
+from engine.state import audit
 from engine.transports.tls import StartupRefused
 
 EXIT_POLICY_REJECTED = 2
@@ -166,6 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_proxy_commands(commands)
     add_identity_commands(commands)
     approvals_cli.add_approvals_command(commands)
+    decision_log = commands.add_parser("log", help="the decision log: check its hash chains")
+    log_commands = decision_log.add_subparsers(dest="log_command", required=True)
+    verify = log_commands.add_parser(
+        "verify", help=audit.VERIFY_HELP, description=audit.VERIFY_DESCRIPTION
+    )
+    verify.add_argument(
+        "--db", type=Path, help="the SQLite copy (default: decisions.sqlite3 in the state dir)"
+    )
+    verify.add_argument(
+        "--jsonl",
+        type=Path,
+        help="the JSONL log, its rotated files beside it read too (default: "
+        "MCP_POLICY_DECISION_LOG, else decisions.jsonl in the state dir)",
+    )
     return parser
 
 
@@ -301,6 +316,10 @@ def _run(args: argparse.Namespace) -> int:
         return _status(args)
     if args.command == "approvals":
         return approvals_cli.run(args)
+    if args.command == "log":  # (only `log verify`)
+        return audit.run(
+            args.db, args.jsonl, lambda: audit.configured(_settings(args).decision_log_settings)
+        )
     if args.command == "migrate":
         return migrate_command.run(args.dirs, check=args.check)
     if args.command == "build":

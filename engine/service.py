@@ -18,7 +18,7 @@ import secrets
 import time
 import unicodedata
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -327,7 +327,7 @@ class DecisionService:
             ).inc()
             self.metrics.decision_seconds.labels(transport).observe(elapsed)
         counted = time.perf_counter()
-        self.log.decision(
+        written = self.log.decision(
             decision,
             request,
             call,
@@ -339,6 +339,9 @@ class DecisionService:
             dry_run=request.dry_run,
             flood_key=_flood_key(request, result, decision),
         )
+        if written is not None:  # MCP_POLICY_DECISION_LOG_SYNC=always: an allow waits for it
+            at = input_doc["request"]["time"]
+            decision = await self._once_written(ctx, decision, written, at, transport, started)
         if self.upload is not None:
             self.upload(decision, input_doc, result, elapsed)
         self.metrics.stages.add(
@@ -348,6 +351,39 @@ class DecisionService:
             time.perf_counter() - counted,
             counted - enforced,
         )
+        return decision
+
+    async def _once_written(
+        self,
+        ctx: Ctx,
+        decision: Decision,
+        written: Awaitable[None],
+        at: str,
+        transport: str,
+        started: float,
+    ) -> Decision:
+        """The allow once its record is written; a deny (engine.state_unavailable, its
+        slots given back, logged) when it could not be: an allow not on record is not given."""
+        try:
+            await written
+        except StateUnavailable as exc:
+            await self._release_quietly(ctx.decision_id, ctx.outcome_token)
+            refused = self._refuse(
+                ctx,
+                Verdict.DENY,
+                RULE_STATE_UNAVAILABLE,
+                f"decision log unavailable, so the allow was not given: {exc}",
+            )
+            self.log.decision(
+                refused,
+                ctx.request,
+                ctx.call,
+                time=at,
+                transport=transport,
+                latency_ms=(time.perf_counter() - started) * 1000,
+                matched=[],
+            )
+            return refused
         return decision
 
     async def _evaluate(self, input_doc: dict[str, Any]) -> tuple[PolicyResult, str]:

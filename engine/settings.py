@@ -340,7 +340,12 @@ class Settings(BaseSettings):
     decision_log_redact: list[str] = Field(default_factory=list)
     decision_log_max_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     decision_log_backups: int = Field(5, ge=0, description="Rotated JSONL files kept.")
-    decision_log_retention_days: float = Field(30, gt=0, description="SQLite records kept.")
+    decision_log_retention_days: float = Field(
+        30,
+        gt=0,
+        description="Days records are kept: SQLite rows, and rotated JSONL files whose newest "
+        "record is older are deleted (their last hash anchored).",
+    )
     decision_log_db_max_bytes: int = Field(
         1024**3,
         ge=64 * 1024,
@@ -365,6 +370,13 @@ class Settings(BaseSettings):
         ge=0,
         description="Logged arguments (raw, redacted) larger than this, as JSON, are left "
         "out of the record; arguments_sha256 still identifies them.",
+    )
+    decision_log_sync: Literal["batch", "always"] = Field(
+        "batch",
+        description="batch: decisions are answered at once and logged within ~10 ms (a "
+        "crash loses what is queued). always: an allow is answered only once its record is "
+        "on disk in every sink (JSONL fsynced, SQLite committed with synchronous=FULL, "
+        "written in groups); one that cannot be written is denied (engine.state_unavailable).",
     )
     otel_exporter: Literal["none", "otlp", "console"] = Field(
         "none",
@@ -536,6 +548,7 @@ class Settings(BaseSettings):
             max_argument_bytes=self.decision_log_max_argument_bytes,
             invalid_requests_per_second=self.decision_log_invalid_requests_per_second,
             too_many_pending_per_second=self.decision_log_too_many_pending_per_second,
+            sync=self.decision_log_sync,
         )
 
     @property

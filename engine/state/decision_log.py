@@ -12,6 +12,44 @@ the JSONL file is rotated by size with a number of backups kept; SQLite rows old
 the retention are deleted as new ones arrive. The SQLite copy answers queries
 (`GET /v1/decisions`, `ListDecisions`) and the status summary.
 
+Hash chains (tamper-evident). Each store is a chain: every record carries the SHA-256 of
+the one before it, so an edit, a deletion or a reordering shows (`mcp-policy log verify`,
+engine/state/audit.py, checks either store streaming, in constant memory).
+
+- JSONL: each line ends with `"seq": n, "prev": "<hex>", "hash": "<hex>"`: its place in
+  the chain (1, 2, ...), the hash of the line before, and the SHA-256 of the line's own
+  ASCII text up to `,"hash"` (closed with `}`), which holds seq and prev. The first line
+  of a new file carries the last hash of the file before, so rotation never breaks the
+  chain. When a file goes (the oldest backup at rotation, or a rotated file whose newest
+  record is past the retention), the seq and hash of its last record are written first to
+  the anchor, `<stem>.anchor.json` beside the log (written atomically): a log that lost
+  its oldest records still verifies, from the anchor; one that lost its first kept record
+  does not. A record's own `seq`, `prev` or `hash` keys are replaced by the chain's.
+  Standard error ("-") gets no chain (nothing can be read back from it).
+- SQLite: columns `prev` and `hash` of each row, the hash over prev and every other column
+  but seq (`row_hash`); rows follow each other by seq without gaps. Records leave only
+  from the oldest end, and the same transaction records the last one removed in table
+  `anchor`. Each batch reads the head (the last row) inside its write transaction (BEGIN
+  IMMEDIATE), so replicas sharing one database extend one chain.
+- The record a decision has in SQLite is its JSONL line, chain fields and all (the same
+  record in both stores); its SQLite link is in the columns.
+- The chain continues across restarts: the JSONL head is read back from the last line at
+  open; a line cut by a crash (no newline) is removed then and the next record,
+  `{"event": "cut_line_removed", "bytes", "sha256"}`, says so. Logs written before the
+  chain existed verify as "unchained" up to where the chain starts.
+- Cost on the writer thread: one SHA-256 per record and store; on the event loop, none.
+
+Durability. `sync="batch"` (the default): a decision is answered at once and written
+within about BATCH_WAIT_SECONDS; a crash can lose the records still queued. `"always"`:
+an allow (not a dry run) is answered only once its record is in every sink. The writer
+writes a batch, fsyncs the JSONL file (and the directory when a file is created or
+rotated) and commits SQLite with synchronous=FULL, then settles every waiting decision of
+the batch with one `call_soon_threadsafe` per event loop (group commit). A record that
+could not be written, or not within SYNC_WAIT_SECONDS, raises StateUnavailable to the
+waiting decision, which the service then denies (`engine.state_unavailable`); such an
+allow record is not put into SQLite when the JSONL file refused it, so the deny logged
+next is the decision's row there (the JSONL may hold both: the later line is the answer).
+
 Hostile input. Records come from callers nobody vouches for, so before a record is
 written (by the writer thread, identically to every sink) it is made safe:
 
@@ -43,7 +81,8 @@ Failures. A SQLite batch that fails is rolled back and its records are tried one
 so one bad record never costs the others; a record that cannot be stored is counted as
 dropped. If a single record fails the way a failing database does (locked, full, I/O,
 read-only) the rest of the batch is not tried again. A JSONL line that cannot be written
-is tried once more on the file opened afresh (a cut line left behind is ended first);
+is tried once more on the file opened afresh (a cut part of it left behind is removed
+first, so the chain never holds half a line);
 standard error is not retried. The writer thread never stops on an error. Its health —
 `health()`: healthy (the writer runs and every sink's last write succeeded), records
 written, dropped, sanitised, truncated and suppressed, failed batches per sink, the last
@@ -68,17 +107,21 @@ one agent's flood spends no one else's budget), the rest summarised in
 `{"event": "decisions_suppressed", "count": k, "first_at", "last_at", "rules": {...},
 "agents": {agent: count, ...}}` (at most 32 agents named, the rest under "(others)").
 
-What bounds the history. The JSONL files hold at most max_bytes × (backups + 1) bytes, so
+What bounds the history. The JSONL files hold at most max_bytes × (backups + 1) bytes
+(with backups 0 the file is emptied when full, its last hash anchored), so
 at least that divided by the largest record: a decision record with every field at its
 bound is a few KiB (plus up to max_argument_bytes with raw arguments) and no line is ever
 over RECORD_MAX_BYTES, so the defaults keep 10 MiB × 6 / 64 KiB ≈ 960 records at the very
-least, and about 10^5 records of ordinary size (~500 bytes). Decisions are not
-throttled, so a caller that makes very many of them does rotate the files, one bounded
-record at a time. The SQLite copy is kept for retention_days and within db_max_bytes
-(1 GiB by default): when its records take more pages than that, the oldest tenth of them
-beyond it goes, oldest first (counted in `pruned_for_size`, /readyz), so heavy traffic
-shortens the history instead of filling the disk. Deleted pages are reused; the file does
-not shrink, and stays near the cap.
+least, and about 10^5 records of ordinary size (~600 bytes). Rotated files whose newest
+record is older than retention_days are deleted too (checked at open, at each rotation and
+every PRUNE_EVERY_SECONDS). Decisions are not throttled, so a caller that makes very many
+of them does rotate the files, one bounded record at a time. The SQLite copy is kept for
+retention_days and within db_max_bytes (1 GiB by default): when its records take more
+pages than that, the oldest tenth of them beyond it goes, oldest first (counted in
+`pruned_for_size`, /readyz), so heavy traffic shortens the history instead of filling the
+disk. Both stores delete from the oldest end only (a record is kept until every record
+before it is past the retention), so the chain stays whole. Deleted pages are reused; the
+file does not shrink, and stays near the cap.
 """
 
 from __future__ import annotations
@@ -86,17 +129,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import json
 import logging
-import logging.handlers
 import math
+import os
 import queue
+import re
 import sqlite3
 import sys
 import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -105,7 +151,7 @@ from typing import Any, Literal, TextIO
 
 from engine import jsonstrict
 from engine.errors import NotFound, StateUnavailable
-from engine.models import DecideRequest, Decision, ToolCall
+from engine.models import DecideRequest, Decision, ToolCall, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +162,22 @@ BATCH_MAX = 500
 IDLE_WAKE_SECONDS = 1.0
 SUMMARY_SECONDS = 1.0
 WARN_EVERY_SECONDS = 60.0
+# How often the writer looks for rotated JSONL files past the retention (also at each
+# rotation and at open).
+PRUNE_EVERY_SECONDS = 60.0
+# sync="always": how long an allow waits for its record to be written before it is denied.
+SYNC_WAIT_SECONDS = 10.0
 ArgumentMode = Literal["hash", "raw", "redacted"]
+SyncMode = Literal["batch", "always"]
+
+# The hash chains (see the module docstring).
+GENESIS = "0" * 64  # the prev of a chain's first record
+CHAIN_KEYS = frozenset({"seq", "prev", "hash"})
+# Room kept in every JSONL line for the chain: ',"seq":<digits>,"prev":"<64>","hash":"<64>"'.
+CHAIN_BYTES = 192
+_HASH_SUFFIX = re.compile(rb',"hash":"([0-9a-f]{64})"\}\Z')
+_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+TAIL_BLOCK = 64 * 1024
 
 # Bounds of a record (see the module docstring).
 NAME_MAX = 256
@@ -162,17 +223,31 @@ CREATE TABLE IF NOT EXISTS decisions (
     tool TEXT NOT NULL,
     verdict TEXT NOT NULL,
     rule TEXT NOT NULL,
-    record TEXT NOT NULL
+    record TEXT NOT NULL,
+    prev TEXT,
+    hash TEXT
 );
 CREATE INDEX IF NOT EXISTS decisions_ts ON decisions (ts);
 CREATE INDEX IF NOT EXISTS decisions_session ON decisions (session_id, seq);
 CREATE INDEX IF NOT EXISTS decisions_agent ON decisions (agent_id, seq);
 CREATE INDEX IF NOT EXISTS decisions_tool ON decisions (tool, seq);
 CREATE INDEX IF NOT EXISTS decisions_verdict ON decisions (verdict, seq);
+CREATE TABLE IF NOT EXISTS anchor (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    removed INTEGER NOT NULL,
+    at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 """
+# The anchor: the seq and hash of the last record removed (the first kept one's prev);
+# `removed` counts them, `reason` says why the anchor last moved: "start" (a new chain),
+# "unchained" (rows written before the chain, up to seq), "retention" or "size".
 INSERT = (
-    "INSERT OR IGNORE INTO decisions (decision_id, ts, session_id, agent_id, "
-    "user_id, server, tool, verdict, rule, record) VALUES (?,?,?,?,?,?,?,?,?,?)"
+    "INSERT OR IGNORE INTO decisions (seq, decision_id, ts, session_id, agent_id, "
+    "user_id, server, tool, verdict, rule, record, prev, hash) "
+    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 Row = tuple[str, float, str | None, str | None, str | None, str, str, str, str, str]
 
@@ -190,6 +265,13 @@ class LogSettings:
     max_argument_bytes: int = 16 * 1024  # logged arguments over this are left out
     invalid_requests_per_second: float = 20.0  # invalid_request events written; 0: none
     too_many_pending_per_second: float = 5.0  # such refusals written per agent; 0: none
+    sync: SyncMode = "batch"  # "always": an allow waits until its record is on disk
+
+
+# A decision waiting for its record to be written (sync="always"): its event loop, and
+# the future the writer settles (None: written; else why not).
+_Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[str | None]"]
+_Entry = tuple[dict[str, Any], _Waiter | None]
 
 
 @dataclass(frozen=True)
@@ -213,7 +295,7 @@ def redact(value: Any, fields: frozenset[str]) -> Any:
     return value
 
 
-def line(record: dict[str, Any]) -> str:
+def line(record: dict[str, Any] | list[Any]) -> str:
     """One record as one line: ASCII-only JSON, so no byte of it can end the line."""
     return json.dumps(record, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
@@ -348,6 +430,7 @@ class Prepared:
     text: str
     sanitised: bool
     truncated: bool
+    unreadable: bool = False  # the record could not be read: `record` is a stub naming why
 
 
 def prepare(record: dict[str, Any], *, max_argument_bytes: int) -> Prepared:
@@ -355,7 +438,8 @@ def prepare(record: dict[str, Any], *, max_argument_bytes: int) -> Prepared:
     bounder = _Bounder()
     if not isinstance(record, dict):
         record = {"event": "unknown", "value": record}
-    rest = {k: v for k, v in record.items() if k != "arguments"}
+    # The chain's fields are the writer's to set: a record's own are left out.
+    rest = {k: v for k, v in record.items() if k != "arguments" and k not in CHAIN_KEYS}
     out: dict[str, Any] = bounder.tree(rest, "", NAME_MAX, 0, True)
     if "arguments" in record:
         arguments = record["arguments"]
@@ -380,7 +464,7 @@ def prepare(record: dict[str, Any], *, max_argument_bytes: int) -> Prepared:
     if bounder.sanitised:
         out["sanitised"] = True
     text = line(out)
-    if len(text) > RECORD_MAX_BYTES:
+    if len(text) > RECORD_MAX_BYTES - CHAIN_BYTES:  # room for the chain's fields
         out = _identity(out, text)
         text = line(out)
     return Prepared(out, text, bounder.sanitised, bool(bounder.truncated))
@@ -407,7 +491,8 @@ def _identity(out: dict[str, Any], text: str) -> dict[str, Any]:
     kept["truncated"] = notes
     if out.get("sanitised"):
         kept["sanitised"] = True
-    if len(line(kept)) > RECORD_MAX_BYTES:  # not reachable with the bounds above; a floor
+    # Not reachable with the bounds above; a floor.
+    if len(line(kept)) > RECORD_MAX_BYTES - CHAIN_BYTES:
         kept = {
             k: kept[k] for k in ("event", "decision_id", "time") if isinstance(kept.get(k), str)
         }
@@ -447,6 +532,161 @@ def _row(record: dict[str, Any], text: str) -> Row:
         required(record.get("rule")),
         text,
     )
+
+
+# The hash chains (see the module docstring): what the writer and `mcp-policy log verify`
+# (engine/state/audit.py) share.
+
+
+def chain_line(text: str, seq: int, prev: str) -> tuple[str, str]:
+    """The JSONL line of the record `text` (a prepared line: a JSON object) as link `seq`
+    of the chain after `prev`, and the link's hash."""
+    fields = f'"seq":{seq},"prev":"{prev}"'
+    body = f"{text[:-1]}{',' if text != '{}' else ''}{fields}}}"
+    digest = hashlib.sha256(body.encode("ascii")).hexdigest()
+    return f'{body[:-1]},"hash":"{digest}"}}', digest
+
+
+@dataclass(frozen=True)
+class Link:
+    """A JSONL line read back as a link of its chain."""
+
+    seq: int
+    prev: str
+    hash: str
+    record: dict[str, Any]
+
+
+def read_link(text: bytes) -> Link | str:
+    """A JSONL line (without its newline) as a link, or why it is not one: "unchained" (a
+    JSON object without chain fields: written before the chain) or "changed" (anything
+    else, a line whose text does not match its hash among them)."""
+    found = _HASH_SUFFIX.search(text)
+    if found is None:
+        try:
+            record = json.loads(text)
+        except (ValueError, RecursionError):
+            return "changed"
+        if isinstance(record, dict) and not CHAIN_KEYS & record.keys():
+            return "unchained"
+        return "changed"
+    body = text[: found.start()] + b"}"
+    digest = found.group(1).decode("ascii")
+    if hashlib.sha256(body).hexdigest() != digest:
+        return "changed"
+    try:
+        record = json.loads(body)
+    except (ValueError, RecursionError):
+        return "changed"
+    if not isinstance(record, dict):
+        return "changed"
+    seq, prev = record.get("seq"), record.get("prev")
+    if type(seq) is not int or seq < 1 or not isinstance(prev, str) or not _HEX64.match(prev):
+        return "changed"
+    return Link(seq, prev, digest, record)
+
+
+def row_hash(prev: str, row: Sequence[Any]) -> str:
+    """The hash of a SQLite row: over `prev` and its columns but seq (a Row, in order)."""
+    return hashlib.sha256(f"{prev}\n{line(list(row))}".encode("ascii")).hexdigest()
+
+
+def rotated_files(path: Path) -> list[tuple[int, Path]]:
+    """The rotated files of the JSONL log `path` (`path.1`, `path.2`, ...), by number."""
+    prefix = path.name + "."
+    found = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            number = entry.name[len(prefix) :]
+            if (
+                entry.name.startswith(prefix)
+                and number.isascii()
+                and number.isdigit()
+                and not number.startswith("0")
+            ):
+                found.append((int(number), path.parent / entry.name))
+    return sorted(found)
+
+
+def anchor_path(path: Path) -> Path:
+    """Where the JSONL log `path` keeps its anchor: `<stem>.anchor.json` beside it (which
+    `<name>*` never matches)."""
+    return path.with_name(f"{path.stem}.anchor.json")
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """Where a chain starts: the seq and hash of the last record removed (0 and GENESIS:
+    nothing removed), and what else the anchor says (why, when, which file)."""
+
+    seq: int
+    hash: str
+    detail: dict[str, Any]
+
+
+def read_anchor(path: Path) -> Anchor | None:
+    """The JSONL log's anchor file; None when there is none. ValueError: not an anchor."""
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    doc = json.loads(text)
+    seq = doc.get("seq") if isinstance(doc, dict) else None
+    digest = doc.get("hash") if isinstance(doc, dict) else None
+    if type(seq) is not int or seq < 0 or not isinstance(digest, str) or not _HEX64.match(digest):
+        raise ValueError(f"{path}: not an anchor (an object with seq and hash)")
+    return Anchor(seq, digest, doc)
+
+
+# A longer line is none of the writer's (RECORD_MAX_BYTES at most): read no more of it.
+LINE_MAX = RECORD_MAX_BYTES + 1024
+
+
+def _newline_before(f: io.BufferedReader, end: int) -> int:
+    """The offset of the last newline before `end` in `f`; -1 when there is none."""
+    pos = end
+    while pos > 0:
+        step = min(pos, TAIL_BLOCK)
+        pos -= step
+        f.seek(pos)
+        found = f.read(step).rfind(b"\n")
+        if found != -1:
+            return pos + found
+    return -1
+
+
+def tail(path: Path) -> tuple[bytes | None, int, int]:
+    """The last whole line of a file (without its newline; None when it has none), where
+    what follows it starts (a line cut short when that is before the size), and the size."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        last = _newline_before(f, size)
+        if last == -1:
+            return None, 0, size
+        start = _newline_before(f, last) + 1
+        f.seek(start)
+        return f.read(min(last - start, LINE_MAX)), last + 1, size
+
+
+def _newest_time(path: Path) -> float | None:
+    """The time of a JSONL file's last record (epoch seconds); None when unknown."""
+    last, _, _ = tail(path)
+    if last is None:
+        return None
+    try:
+        record = json.loads(last)
+        return _epoch(record["time"])
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the creation, renaming or removal of a file in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _sink_level(exc: BaseException) -> bool:
@@ -582,40 +822,220 @@ class SinkHealth:
         }
 
 
-class _JsonlFile(logging.handlers.RotatingFileHandler):
-    """Size rotation from the standard library; a write that fails raises (to the writer,
-    which counts and reports it) instead of printing a traceback to standard error."""
+class _JsonlFile:
+    """The JSONL log: appends chained lines, rotates by size (the oldest backup dropped
+    with its last hash anchored), deletes rotated files past the retention. A write that
+    fails raises, to the writer, which counts and reports it; the chain's head moves only
+    with a line written whole."""
 
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - the API's name
-        exc = sys.exception()
-        if exc is not None:
-            raise exc
+    def __init__(self, path: Path, settings: LogSettings, warn: _Warnings) -> None:
+        self.path = path
+        self.anchor = anchor_path(path)
+        self.max_bytes = settings.max_bytes
+        self.backups = settings.backups
+        self.retention = settings.retention_days * 86400
+        self._warn = warn
+        self.stream: io.FileIO | None = None
+        self.size = 0
+        self.seq = 0  # the chain's head: the last line written
+        self.head = GENESIS
+
+    def open(self) -> dict[str, Any] | None:
+        """Open for appending where the chain left off. Returns the note of a line cut by a
+        crash that was removed (a record to log), if there was one."""
+        cut = self._mend()
+        self.seq, self.head = self._head()
+        self._open_stream()
+        self.prune_expired()
+        return cut
+
+    def _mend(self) -> dict[str, Any] | None:
+        """Remove what follows the file's last newline (a write a crash cut short): the
+        file then ends with a whole line, so the chain goes on from it. A whole record
+        that lacks only its newline gets it."""
+        if not self.path.is_file():
+            return None
+        _, start, size = tail(self.path)
+        if start == size:
+            return None
+        with open(self.path, "rb+") as f:
+            f.seek(start)
+            if size - start <= LINE_MAX and isinstance(read_link(f.read()), Link):
+                f.seek(size)
+                f.write(b"\n")
+                return None
+            digest = hashlib.sha256()
+            f.seek(start)
+            while block := f.read(TAIL_BLOCK):
+                digest.update(block)
+            f.truncate(start)
+        return {
+            "event": "cut_line_removed",
+            "file": self.path.name,
+            "bytes": size - start,
+            "sha256": digest.hexdigest(),
+        }
+
+    def _head(self) -> tuple[int, str]:
+        """The seq and hash of the last line written: the newest file's last line, or the
+        anchor's when no file holds a line (or the newest line has no chain: a new chain)."""
+        for path in [self.path, *(p for _, p in rotated_files(self.path))]:
+            if not path.is_file():
+                continue
+            last, _, _ = tail(path)
+            if last is None:
+                continue
+            link = read_link(last)
+            if isinstance(link, Link):
+                return link.seq, link.hash
+            break
+        try:
+            anchor = read_anchor(self.anchor)
+        except ValueError:
+            anchor = None
+        return (anchor.seq, anchor.hash) if anchor else (0, GENESIS)
+
+    def _open_stream(self) -> None:
+        created = not self.path.exists()
+        self.stream = open(self.path, "ab", buffering=0)  # noqa: SIM115 - kept open
+        self.size = os.fstat(self.stream.fileno()).st_size
+        if created:
+            _sync_directory(self.path.parent)
+
+    def append(self, text: str) -> str:
+        """Write the record `text` as the chain's next line (rotating first when the file
+        would grow past max_bytes); the line written."""
+        if self.stream is None:
+            self._open_stream()
+        full, digest = chain_line(text, self.seq + 1, self.head)
+        data = full.encode("ascii") + b"\n"
+        if self.size > 0 and self.size + len(data) > self.max_bytes:
+            self._rotate()
+        stream = self.stream
+        assert stream is not None
+        view = memoryview(data)
+        while view:
+            written = stream.write(view)
+            if not written:
+                raise OSError("the decision log file took no bytes")
+            view = view[written:]
+        self.size += len(data)
+        self.seq, self.head = self.seq + 1, digest
+        return full
+
+    def sync(self) -> None:
+        """Make what was written durable (fsync)."""
+        if self.stream is not None:
+            os.fsync(self.stream.fileno())
+
+    def _rotate(self) -> None:
+        """Rotate; one that fails is reported and the file written on past max_bytes
+        (records are not dropped for it)."""
+        try:
+            self._close_stream(sync=True)
+            if self.backups == 0:
+                self._drop(self.path, "rotation")
+            else:
+                for number, path in reversed(rotated_files(self.path)):
+                    if number >= self.backups:
+                        self._drop(path, "rotation")
+                for number in range(self.backups - 1, 0, -1):
+                    older = Path(f"{self.path}.{number}")
+                    if older.exists():
+                        os.replace(older, f"{self.path}.{number + 1}")
+                os.replace(self.path, f"{self.path}.1")
+            _sync_directory(self.path.parent)
+            self._open_stream()
+            self.prune_expired()
+        except OSError as exc:
+            self._warn("rotate", "decision log %s: rotation failed: %s", self.path, describe(exc))
+        if self.stream is None:
+            self._open_stream()
+
+    def prune_expired(self) -> None:
+        """Delete rotated files whose newest record is older than the retention, oldest
+        first (anchoring each), and stop at the first that is not."""
+        cutoff = time.time() - self.retention
+        dropped = False
+        for _, path in reversed(rotated_files(self.path)):
+            newest = _newest_time(path)
+            if newest is None or newest >= cutoff:
+                break
+            self._drop(path, "retention")
+            dropped = True
+        if dropped:
+            _sync_directory(self.path.parent)
+
+    def _drop(self, path: Path, reason: str) -> None:
+        """Delete one file, its last record's seq and hash anchored first."""
+        last, _, _ = tail(path)
+        link = read_link(last) if last is not None else None
+        if isinstance(link, Link):
+            self._set_anchor(link, path.name, reason)
+        path.unlink()
+
+    def _set_anchor(self, link: Link, file: str, reason: str) -> None:
+        try:
+            current = read_anchor(self.anchor)
+        except ValueError:
+            current = None
+        if current is not None and current.seq >= link.seq:
+            return
+        doc = {
+            "seq": link.seq,
+            "hash": link.hash,
+            "time": link.record.get("time"),
+            "file": file,
+            "reason": reason,
+            "at": now_iso(),
+        }
+        temporary = self.anchor.with_name(self.anchor.name + ".tmp")
+        with open(temporary, "wb") as f:
+            f.write(line(doc).encode("ascii") + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, self.anchor)
+        _sync_directory(self.anchor.parent)
 
     def reopen(self) -> None:
-        """Drop the stream; the next write opens the file again (ending a cut line)."""
-        stream = self.stream
-        self.stream = None
-        if stream is not None:
+        """Drop the stream after a failed write; the next write opens the file again. A
+        part of a line the failed write left is removed (the line is written again)."""
+        self._close_stream(sync=False)
+        with contextlib.suppress(OSError):
+            _, start, size = tail(self.path)
+            if start < size:
+                os.truncate(self.path, start)
+
+    def _close_stream(self, *, sync: bool) -> None:
+        stream, self.stream = self.stream, None
+        if stream is None:
+            return
+        try:
+            if sync and not stream.closed:
+                os.fsync(stream.fileno())
+        finally:
             with contextlib.suppress(Exception):
                 stream.close()
-        with contextlib.suppress(OSError), open(self.baseFilename, "rb+") as raw:
-            if raw.seek(0, 2) > 0:
-                raw.seek(-1, 2)
-                if raw.read(1) != b"\n":
-                    raw.write(b"\n")
+
+    def close(self) -> None:
+        self._close_stream(sync=True)
 
 
 class DecisionLog:
     def __init__(self, settings: LogSettings) -> None:
         self.settings = settings
         self._redact = frozenset(settings.redact)
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        # Records, each with the decision waiting for it to be written (sync="always");
+        # None: the writer stops.
+        self._queue: queue.Queue[_Entry | None] = queue.Queue()
         self._stream: TextIO | None = None
         self._file: _JsonlFile | None = None
         self._db: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decision-log-read")
         self._writer: threading.Thread | None = None
+        self._next_prune = 0.0  # when the writer next looks for JSONL files to delete
+        self._waiting: list[bool] = []  # the writer's batch: which records a decision awaits
         self._flood = _Flood(
             settings.invalid_requests_per_second,
             "invalid_requests_suppressed",
@@ -656,37 +1076,44 @@ class DecisionLog:
         return self._decision_flood.total
 
     def open(self) -> None:
-        """Open the sinks (raises StateUnavailable naming a file that cannot be used)."""
+        """Open the sinks (raises StateUnavailable naming a file that cannot be used),
+        each chain continuing where it left off."""
         target = self.settings.jsonl
         if target == "-":
             self._stream = sys.stderr
         elif target != "off":
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            self._file = _JsonlFile(
-                target,
-                maxBytes=self.settings.max_bytes,
-                backupCount=self.settings.backups,
-                encoding="utf-8",
-                delay=False,
-            )
-            self._file.setFormatter(logging.Formatter("%(message)s"))
+            path = Path(target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = _JsonlFile(path, self.settings, self._warn)
+            cut = self._file.open()
+            if cut is not None:
+                log.warning(
+                    "decision log %s: removed a last line cut short (%d bytes; a crash during "
+                    "a write): recorded in the next record",
+                    path,
+                    cut["bytes"],
+                )
+                self._queue.put(({**cut, "time": now_iso()}, None))
         if self.settings.database is not None:
             try:
-                self._db = self._connect(self.settings.database)
+                self._db = self._connect(self.settings.database, sync=self.settings.sync)
                 self._db.executescript(SCHEMA)
+                _migrate(self._db)
                 self._reader = self._connect(self.settings.database)
             except sqlite3.Error as exc:
                 raise StateUnavailable(f"decision log {self.settings.database}: {exc}") from exc
+        self._next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
         if self.enabled:
             self._writer = threading.Thread(target=self._drain, name="decision-log", daemon=True)
             self._writer.start()
 
     @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
+    def _connect(path: Path, *, sync: SyncMode = "batch") -> sqlite3.Connection:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
+        # FULL: a commit returns once the WAL is on disk (sync="always").
+        db.execute(f"PRAGMA synchronous={'FULL' if sync == 'always' else 'NORMAL'}")
         return db
 
     def close(self) -> None:
@@ -695,7 +1122,8 @@ class DecisionLog:
             self._writer.join()
             self._writer = None
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
         for db in (self._db, self._reader):
             if db is not None:
@@ -747,7 +1175,7 @@ class DecisionLog:
             "", record.get("time"), {"transports": _transport_name(record.get("transport"))}
         ):
             return
-        self._queue.put(record)
+        self._queue.put((record, None))
 
     def decision(
         self,
@@ -762,16 +1190,21 @@ class DecisionLog:
         shadow: list[dict[str, Any]] | None = None,
         dry_run: bool = False,
         flood_key: str | None = None,
-    ) -> None:
+    ) -> Coroutine[Any, Any, None] | None:
         """Log a decision. With `flood_key` (a refusal its caller can repeat at no cost:
         the key is its agent, "" for none) at most `too_many_pending_per_second` such
-        records per key are written each second; the rest go into a summary record."""
+        records per key are written each second; the rest go into a summary record.
+
+        With sync="always", an allow (not a dry run) returns what to await before the
+        allow may be given: it returns once the record is written to every sink, and
+        raises StateUnavailable saying why when it was not (or not within
+        SYNC_WAIT_SECONDS). Otherwise None: the record is written shortly."""
         if not self.enabled:
-            return
+            return None
         if flood_key is not None and not self._decision_flood.admit(
             flood_key, time, {"agents": flood_key or NO_AGENT, "rules": decision.rule}
         ):
-            return
+            return None
         principal = request.principal
         record: dict[str, Any] = {
             "event": "decision",
@@ -802,7 +1235,13 @@ class DecisionLog:
             record["shadow"] = shadow
         if dry_run:
             record["dry_run"] = True
-        self._queue.put(record)
+        if self.settings.sync != "always" or decision.verdict is not Verdict.ALLOW or dry_run:
+            self._queue.put((record, None))
+            return None
+        loop = asyncio.get_running_loop()
+        written: asyncio.Future[str | None] = loop.create_future()
+        self._queue.put((record, (loop, written)))
+        return _until_written(written)
 
     # The writer thread: it never stops on an error (each is counted, shown, logged).
 
@@ -810,33 +1249,43 @@ class DecisionLog:
         stopping = False
         while not stopping:
             batch = self._next_batch()
-            stopping = any(r is None for r in batch)
-            records = [r for r in batch if r is not None]
+            stopping = any(entry is None for entry in batch)
+            entries = [entry for entry in batch if entry is not None]
+            records = [record for record, _ in entries]
+            waiters = [waiter for _, waiter in entries]
+            why: list[str | None] = []
             try:
                 for flood in (self._flood, self._decision_flood):
                     summary = flood.summary(force=stopping)
                     if summary is not None:
                         records.append(summary)
+                        waiters.append(None)
+                self._prune_files()
+                self._waiting = [w is not None for w in waiters]
                 if records:
-                    self._store(records)
+                    why = self._store(records) or []  # (none: as if none was written)
             except Exception as exc:  # noqa: BLE001 - not expected; the writer outlives it
                 self.dropped += len(records)
+                why = [f"not written: {describe(exc)}"] * len(records)
                 self._warn(
                     "writer", "decision log: %d records lost: %s", len(records), describe(exc)
                 )
             finally:
+                _settle(waiters, why)
                 for _ in batch:
                     self._queue.task_done()
 
-    def _next_batch(self) -> list[dict[str, Any] | None]:
+    def _next_batch(self) -> list[_Entry | None]:
         try:
             first = self._queue.get(timeout=IDLE_WAKE_SECONDS)
         except queue.Empty:
             return []
         batch = [first]
-        if first is not None:
+        if first is not None and first[1] is None:
             # Let a few more records arrive: one wake-up and one transaction for many
-            # decisions costs the event loop's thread far less than one per decision.
+            # decisions costs the event loop's thread far less than one per decision. (A
+            # decision waiting to be written is not kept waiting for that: what arrives
+            # while its batch is written goes into the next one.)
             time.sleep(BATCH_WAIT_SECONDS)
         while len(batch) < BATCH_MAX:
             try:
@@ -845,28 +1294,53 @@ class DecisionLog:
                 break
         return batch
 
-    def _store(self, records: list[dict[str, Any]]) -> None:
+    def _prune_files(self) -> None:
+        """Every PRUNE_EVERY_SECONDS: rotated JSONL files past the retention go."""
+        if self._file is None or time.monotonic() < self._next_prune:
+            return
+        self._next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
+        try:
+            self._file.prune_expired()
+        except Exception as exc:  # noqa: BLE001 - reported; the files are tried again later
+            self._warn(
+                "retention", "decision log: old files could not be deleted: %s", describe(exc)
+            )
+
+    def _store(self, records: list[dict[str, Any]]) -> list[str | None]:
+        """Write the records to every sink; for each, None when every sink it goes to
+        took it, else why not. A record a decision waits for (`_waiting`) that the JSONL
+        file refused is not put into SQLite (its decision is denied, and that is logged)."""
+        waiting = self._waiting + [False] * (len(records) - len(self._waiting))
         prepared = [self._prepare(r) for r in records]
+        why: list[str | None] = [
+            "the record could not be read" if p.unreadable else None for p in prepared
+        ]
         lost = [False] * len(prepared)
+        texts = [p.text for p in prepared]
         if self._stream is not None or self._file is not None:
-            for i in self._write_jsonl([p.text for p in prepared]):
+            failed, texts = self._write_jsonl(texts)
+            for i in failed:
                 lost[i] = True
+                why[i] = f"file: {self.sinks['jsonl'].last_error}"
         if self._db is not None:
             rows: list[tuple[int, Row]] = []
             for i, p in enumerate(prepared):
-                if p.record.get("event") != "decision":
+                if p.record.get("event") != "decision" or (waiting[i] and lost[i]):
                     continue
                 try:
-                    rows.append((i, _row(p.record, p.text)))
+                    rows.append((i, _row(p.record, texts[i])))
                 except Exception as exc:  # noqa: BLE001 - not expected: _row takes anything
                     lost[i] = True
+                    why[i] = f"database: {describe(exc)}"
                     self._warn("row", "decision log database: record not stored: %s", describe(exc))
             if rows:
                 for i in self._write_db(rows):
                     lost[i] = True
+                    why[i] = why[i] or f"database: {self.sinks['database'].last_error}"
         dropped = sum(lost)
         self.dropped += dropped
         self.written += len(lost) - dropped
+        return why
 
     def _prepare(self, record: dict[str, Any]) -> Prepared:
         try:
@@ -874,7 +1348,7 @@ class DecisionLog:
         except Exception as exc:  # noqa: BLE001 - a record we cannot read still leaves a trace
             self._warn("unreadable", "decision log: a record could not be read: %s", describe(exc))
             stub = {"event": "unreadable_record", "time": now_iso(), "error": describe(exc)}
-            prepared = Prepared(stub, line(stub), sanitised=True, truncated=False)
+            prepared = Prepared(stub, line(stub), sanitised=True, truncated=False, unreadable=True)
         if prepared.sanitised:
             self.sanitised += 1
             self._warn(
@@ -887,35 +1361,39 @@ class DecisionLog:
             self.truncated += 1
         return prepared
 
-    def _write_jsonl(self, lines: list[str]) -> set[int]:
-        """Write the lines; the indexes of those that could not be written."""
+    def _write_jsonl(self, texts: list[str]) -> tuple[set[int], list[str]]:
+        """Write the records; the indexes of those that could not be written, and each
+        record's line as written (chained, to the file)."""
         failed: set[int] = set()
         error: Exception | None = None
+        lines = list(texts)
         if self._stream is not None:
             try:
-                self._stream.write("".join(text + "\n" for text in lines))
+                self._stream.write("".join(text + "\n" for text in texts))
                 self._stream.flush()
             except Exception as exc:  # noqa: BLE001 - reported below
-                failed, error = set(range(len(lines))), exc
+                failed, error = set(range(len(texts))), exc
         elif self._file is not None:
-            for i, text in enumerate(lines):
+            for i, text in enumerate(texts):
                 try:
-                    self._emit(text)
+                    lines[i] = self._file.append(text)
                 except Exception as exc:  # noqa: BLE001 - once more on a fresh file handle
                     error = exc
                     self._file.reopen()
                     try:
-                        self._emit(text)
+                        lines[i] = self._file.append(text)
                     except Exception as again:  # noqa: BLE001 - reported below
                         error = again
                         failed.add(i)
                         self._file.reopen()
+            if self.settings.sync == "always" and len(failed) < len(texts):
+                try:
+                    self._file.sync()
+                except Exception as exc:  # noqa: BLE001 - not known to be on disk: lost
+                    failed, error = set(range(len(texts))), exc
+                    self._file.reopen()
         self._report("jsonl", error, recovered=not failed)
-        return failed
-
-    def _emit(self, text: str) -> None:
-        assert self._file is not None
-        self._file.emit(logging.makeLogRecord({"msg": text}))
+        return failed, lines
 
     def _write_db(self, rows: list[tuple[int, Row]]) -> set[int]:
         """Insert the rows in one transaction or, if that fails, one by one."""
@@ -951,17 +1429,38 @@ class DecisionLog:
         return failed
 
     def _insert(self, rows: list[Row], *, prune: bool) -> None:
+        """Insert the rows as the next links of the chain, in one transaction that holds
+        the write lock from its start (the head it reads is still the head when it
+        commits, whoever else writes this database)."""
         db = self._db
         assert db is not None
         if db.in_transaction:  # never left open, but a stuck one must not block every batch
             db.execute("ROLLBACK")
-        db.execute("BEGIN")
-        db.executemany(INSERT, rows)
+        db.execute("BEGIN IMMEDIATE")
+        seq, prev = _db_head(db)
+        for row in rows:
+            digest = row_hash(prev, row)
+            if db.execute(INSERT, (seq + 1, *row, prev, digest)).rowcount == 1:
+                seq, prev = seq + 1, digest  # (a decision id already stored is no link)
         if prune:
-            cutoff = time.time() - self.settings.retention_days * 86400
-            db.execute("DELETE FROM decisions WHERE ts < ?", (cutoff,))
-            self._cap_size(db)
+            self._prune(db)
         db.execute("COMMIT")
+
+    def _prune(self, db: sqlite3.Connection) -> None:
+        """Delete the records past the retention, from the oldest end only: up to the
+        first (by seq) that is not (a record is kept until all before it are past it)."""
+        cutoff = time.time() - self.settings.retention_days * 86400
+        oldest = db.execute("SELECT ts FROM decisions ORDER BY seq LIMIT 1").fetchone()
+        if oldest is not None and oldest[0] < cutoff:
+            # In seq order from the oldest (no index: the scan stops at the first kept).
+            kept = db.execute(
+                "SELECT seq FROM decisions NOT INDEXED WHERE ts >= ? ORDER BY seq LIMIT 1",
+                (cutoff,),
+            ).fetchone()
+            if kept is None:
+                kept = db.execute("SELECT MAX(seq) + 1 FROM decisions").fetchone()
+            _remove_before(db, kept[0], "retention")
+        self._cap_size(db)
 
     def _cap_size(self, db: sqlite3.Connection) -> None:
         """Delete the oldest records while they take more than db_max_bytes: a share of the
@@ -978,7 +1477,7 @@ class DecisionLog:
             return
         share = min(1.0, (used - cap * 0.9) / used)
         below = first + max(1, math.ceil(share * (last - first + 1)))
-        deleted = db.execute("DELETE FROM decisions WHERE seq < ?", (below,)).rowcount
+        deleted = _remove_before(db, below, "size")
         self.pruned_for_size += deleted
         log.warning(
             "decision log database: %d oldest records deleted to stay within %d bytes "
@@ -1121,6 +1620,108 @@ class DecisionLog:
             "top_tools": [{"tool": t, "count": n} for t, n in tools],
             "recent_denials": [json.loads(row[0]) for row in recent],
         }
+
+
+async def _until_written(written: asyncio.Future[str | None]) -> None:
+    """Return once the writer wrote the record; StateUnavailable saying why it did not."""
+    try:
+        why = await asyncio.wait_for(asyncio.shield(written), SYNC_WAIT_SECONDS)
+    except TimeoutError:
+        raise StateUnavailable(
+            f"the record was not written within {SYNC_WAIT_SECONDS:g} s"
+        ) from None
+    if why is not None:
+        raise StateUnavailable(why)
+
+
+def _settle(waiters: list[_Waiter | None], why: list[str | None]) -> None:
+    """Tell the decisions waiting for a batch's records how their writes went (None:
+    written; else why not): one wake-up per event loop for the whole batch."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[str | None], str | None]]]
+    by_loop = {}
+    for i, waiter in enumerate(waiters):
+        if waiter is not None:
+            loop, written = waiter
+            reason = why[i] if i < len(why) else "not written"
+            by_loop.setdefault(loop, []).append((written, reason))
+    for loop, settled in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+            loop.call_soon_threadsafe(_resolve, settled)
+
+
+def _resolve(settled: list[tuple[asyncio.Future[str | None], str | None]]) -> None:
+    for written, why in settled:
+        if not written.done():  # (one that gave up waiting is cancelled)
+            written.set_result(why)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a database written before the chain up to it: the chain's columns, and an
+    anchor after the rows it holds (which verify as unchained). A database whose rows are
+    chained but whose anchor is gone is left so (verify reports it). Replicas opening one
+    database at once do this one at a time."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(decisions)")}
+        for name in ("prev", "hash"):
+            if name not in columns:
+                db.execute(f"ALTER TABLE decisions ADD COLUMN {name} TEXT")
+        if (
+            db.execute("SELECT 1 FROM anchor WHERE id = 1").fetchone() is None
+            and db.execute("SELECT 1 FROM decisions WHERE hash IS NOT NULL LIMIT 1").fetchone()
+            is None
+        ):
+            (last,) = db.execute("SELECT MAX(seq) FROM decisions").fetchone()
+            counter = db.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'decisions'"
+            ).fetchone()
+            db.execute(
+                "INSERT INTO anchor (id, seq, hash, removed, at, reason) VALUES (1, ?, ?, 0, ?, ?)",
+                (
+                    max(last or 0, counter[0] if counter else 0),
+                    GENESIS,
+                    time.time(),
+                    "start" if last is None else "unchained",
+                ),
+            )
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def _db_head(db: sqlite3.Connection) -> tuple[int, str]:
+    """The seq and hash of the chain's last link: the last row, or the anchor when no
+    row is after it."""
+    last = db.execute("SELECT seq, hash FROM decisions ORDER BY seq DESC LIMIT 1").fetchone()
+    anchor = db.execute("SELECT seq, hash FROM anchor WHERE id = 1").fetchone()
+    start: tuple[int, str] = (anchor[0], anchor[1]) if anchor else (0, GENESIS)
+    if last is None or last[0] <= start[0]:
+        return start
+    return last[0], last[1] if last[1] is not None else GENESIS
+
+
+def _remove_before(db: sqlite3.Connection, below: int, reason: str) -> int:
+    """Delete the records before seq `below`, the last of them becoming the anchor (in
+    the caller's transaction); how many were deleted."""
+    last = db.execute(
+        "SELECT seq, hash FROM decisions WHERE seq < ? ORDER BY seq DESC LIMIT 1", (below,)
+    ).fetchone()
+    if last is None:
+        return 0
+    deleted: int = db.execute("DELETE FROM decisions WHERE seq < ?", (below,)).rowcount
+    if last[1] is None:  # rows from before the chain: the anchor is already after them
+        db.execute("UPDATE anchor SET removed = removed + ? WHERE id = 1", (deleted,))
+    else:
+        db.execute(
+            "INSERT INTO anchor (id, seq, hash, removed, at, reason) VALUES (1, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash, "
+            "removed = anchor.removed + excluded.removed, at = excluded.at, "
+            "reason = excluded.reason WHERE excluded.seq > anchor.seq",
+            (last[0], last[1], deleted, time.time(), reason),
+        )
+    return deleted
 
 
 _DENIED = "IN ('deny', 'rate_limited')"
