@@ -320,8 +320,8 @@ class Runtime:
     async def _activate_bundle(self, bundle: PolicyBundle, revisions: dict[str, str]) -> None:
         """A bundle the fleet pulled and verified: validated and activated as policy
         directories are (PolicyRejected leaves the running revision serving)."""
+        self.policy.note_bundles(bundle.revision, revisions)
         await self.policy.load(bundle)
-        self.policy.bundle_revisions = revisions
 
     async def _mask_with(self, bundle: PolicyBundle) -> None:
         if self.fleet is not None:
@@ -335,7 +335,8 @@ class Runtime:
         elapsed: float,
     ) -> None:
         if self.fleet is not None:
-            self.fleet.decision(decision, input_doc, result, elapsed, self.policy.bundle_revisions)
+            bundles = self.policy.bundles_of(decision.policy_revision) or {}
+            self.fleet.decision(decision, input_doc, result, elapsed, bundles)
 
     async def _after_opa_restart(self) -> None:
         self.policy.mark_stale()

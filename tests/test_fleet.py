@@ -153,10 +153,15 @@ def test_signed_bundles_are_pulled_verified_and_refused_when_they_should_be(
     finally:
         serve.stop()
         server.stop()
-    # The local decision log says which revision decided.
+    # The local decision log says which bundle and revision decided.
     records = [json.loads(line) for line in (tmp_path / "decisions.jsonl").read_text().splitlines()]
-    revisions = {r["decision_id"]: r.get("policy_revision") for r in records if "decision_id" in r}
-    assert "r2" in revisions.values() and "r1" in revisions.values()
+    decided = [r for r in records if r.get("event") == "decision"]
+    assert {r["policy_revision"] for r in decided} >= {"r1", "r2", "none"}
+    for record in decided:
+        if record["policy_revision"] == "none":
+            assert "bundles" not in record  # denied before any bundle
+        else:
+            assert record["bundles"] == {"authz": record["policy_revision"]}
 
 
 def test_three_replicas_take_a_new_revision_and_every_decision_reaches_the_collector_once(

@@ -150,8 +150,9 @@ class Policy:
         # pulled from a bundle server (`pulled`: handed to load() as they arrive).
         self.bundle_file = bundle_file
         self.pulled = pulled
-        # The bundles deciding now, by name, with their revisions (empty for directories).
-        self.bundle_revisions: dict[str, str] = {}
+        # Which bundles (name: revision) made each recent policy revision (none for
+        # directories): what a decision's log record and uploaded event name.
+        self._bundle_sets: dict[str, dict[str, str]] = {}
         # Called with each new policy once it decides (the decision-log plugin's masking).
         self.on_change: list[Callable[[PolicyBundle], Awaitable[None]]] = []
         self.bundle: PolicyBundle | None = None
@@ -164,6 +165,17 @@ class Policy:
         self._lock = asyncio.Lock()
         self.gate = Gate()
         self._seen_files: tuple[tuple[str, int, int], ...] | None = None
+
+    def note_bundles(self, revision: str, bundles: dict[str, str]) -> None:
+        """Remember that policy `revision` is made of `bundles` (the last few are kept, for
+        decisions still being logged under an older one)."""
+        self._bundle_sets[revision] = dict(bundles)
+        while len(self._bundle_sets) > 8:
+            del self._bundle_sets[next(iter(self._bundle_sets))]
+
+    def bundles_of(self, revision: str) -> dict[str, str] | None:
+        """The bundles (name: revision) policy `revision` came from; None for directories."""
+        return self._bundle_sets.get(revision)
 
     @property
     def revision(self) -> str:

@@ -1190,6 +1190,7 @@ class DecisionLog:
         shadow: list[dict[str, Any]] | None = None,
         dry_run: bool = False,
         flood_key: str | None = None,
+        bundles: dict[str, str] | None = None,
     ) -> Coroutine[Any, Any, None] | None:
         """Log a decision. With `flood_key` (a refusal its caller can repeat at no cost:
         the key is its agent, "" for none) at most `too_many_pending_per_second` such
@@ -1227,6 +1228,8 @@ class DecisionLog:
             "approval_id": decision.approval.id if decision.approval else None,
             "latency_ms": round(latency_ms, 3),
         }
+        if bundles:
+            record["bundles"] = bundles  # which bundles (name: revision) made the revision
         if self.settings.arguments == "raw":
             record["arguments"] = call.arguments
         elif self.settings.arguments == "redacted":
