@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from engine.errors import PolicyRejected
-from engine.policy.fleet import merge_bundles
+from engine.policy.fleet import check_events, merge_bundles
 from engine.policy.source import PolicyBundle
 from tests.conftest import copy_call
 from tests.fleet_world import (
@@ -204,6 +204,10 @@ def test_three_replicas_take_a_new_revision_and_every_decision_reaches_the_colle
         server.stop()
     ids = server.received.ids()
     assert all(ids[d] == 1 for d in answered), "a decision arrived twice"
+    # Every event reads as OPA's own EventV1 (no field OPA does not know).
+    assert check_events(server.received.events) == len(server.received.events)
+    with pytest.raises(ValueError, match="unknown field"):
+        check_events([{**server.received.events[0], "verdict": "allow"}])
     events = {e["decision_id"]: e for e in server.received.events}
     for decision_id, (replica, decision) in answered.items():
         event = events[decision_id]

@@ -155,6 +155,7 @@ def _typed() -> Any:
     lib.mcp_fleet_stop.restype = None
     lib.mcp_fleet_log.argtypes = [*text, out, size]
     lib.mcp_bundle_read.argtypes = [*text, *text, out, size]
+    lib.mcp_fleet_check_events.argtypes = [*text, out, size]
     for name in (
         "mcp_fleet_start",
         "mcp_fleet_next",
@@ -163,6 +164,7 @@ def _typed() -> Any:
         "mcp_fleet_stats",
         "mcp_fleet_log",
         "mcp_bundle_read",
+        "mcp_fleet_check_events",
     ):
         getattr(lib, name).restype = ctypes.c_int
     return lib
@@ -188,6 +190,17 @@ def read_bundle_file(path: Path, verification: BundleVerification | None) -> Pol
         raise PolicyRejected(message, [message])
     read = json.loads(body)
     return _policy_bundle(read.get("modules") or {}, read.get("data"), read.get("revision", ""))
+
+
+def check_events(events: list[Any]) -> int:
+    """Read decision-log events with OPA's own type (EventV1), refusing a field OPA does not
+    know, as a collector built on OPA's code reads them; the count, or ValueError naming
+    the first problem."""
+    body = json.dumps(events).encode()
+    status, answer = _call_json(_typed().mcp_fleet_check_events, body, len(body))
+    if status != FLEET_OK:
+        raise ValueError(answer.decode("utf-8", "replace"))
+    return int(answer)
 
 
 @dataclass

@@ -36,6 +36,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/open-policy-agent/opa/v1/logging"
 	"github.com/open-policy-agent/opa/v1/plugins"
 	"github.com/open-policy-agent/opa/v1/plugins/logs"
 	"github.com/open-policy-agent/opa/v1/plugins/rest"
@@ -86,6 +87,7 @@ type uploader struct {
 	trigger      plugins.TriggerMode
 	pluginConfig []byte // the decision_logs plugin's own configuration
 	dir          string
+	logger       logging.Logger
 
 	mu       sync.Mutex
 	segments map[uint64]int64 // segment -> bytes written
@@ -145,6 +147,7 @@ func newUploader(raw []byte, manager *plugins.Manager, dir string) (*uploader, e
 		trigger:      *checked.Reporting.Trigger,
 		pluginConfig: pluginConfig,
 		dir:          dir,
+		logger:       manager.Logger(),
 		segments:     map[uint64]int64{},
 		lines:        map[uint64]int64{},
 		wake:         make(chan struct{}, 1),
@@ -341,6 +344,8 @@ func (u *uploader) capSpool() {
 			return
 		}
 		oldest := seqs[0]
+		u.logger.Warn("decision logs: the spool is past its cap of %d bytes (buffer_size_limit_bytes): "+
+			"the %d oldest decisions not uploaded were dropped", u.spoolCap, u.lines[oldest])
 		u.dropped += u.lines[oldest]
 		u.queued -= u.lines[oldest]
 		delete(u.segments, oldest)
@@ -690,5 +695,41 @@ func mcp_fleet_log(eventsJSON *C.char, n C.size_t, out **C.char, outlen *C.size_
 		fleetAnswer(out, outlen, failed)
 		return fleetError
 	}
+	return fleetOK
+}
+
+// mcp_fleet_check_events decodes a JSON array of decision-log events into OPA's own
+// EventV1, refusing any field OPA does not know: what a collector built on OPA's types
+// would read. *out is the first problem, or the count read.
+//
+//export mcp_fleet_check_events
+func mcp_fleet_check_events(eventsJSON *C.char, n C.size_t, out **C.char, outlen *C.size_t) C.int {
+	*out, *outlen = nil, 0
+	var raw []json.RawMessage
+	if err := json.Unmarshal(view(eventsJSON, n), &raw); err != nil {
+		reply(out, outlen, []byte(err.Error()))
+		return fleetError
+	}
+	for i, item := range raw {
+		var event logs.EventV1
+		decoder := json.NewDecoder(bytes.NewReader(item))
+		decoder.DisallowUnknownFields()
+		if err := decoder.Decode(&event); err != nil {
+			reply(out, outlen, fmt.Appendf(nil, "event %d: %v", i, err))
+			return fleetError
+		}
+		switch {
+		case event.DecisionID == "":
+			reply(out, outlen, fmt.Appendf(nil, "event %d: no decision_id", i))
+			return fleetError
+		case event.Timestamp.IsZero():
+			reply(out, outlen, fmt.Appendf(nil, "event %d: no timestamp", i))
+			return fleetError
+		case event.Labels["id"] == "" || event.Labels["version"] == "":
+			reply(out, outlen, fmt.Appendf(nil, "event %d: labels without id and version", i))
+			return fleetError
+		}
+	}
+	reply(out, outlen, fmt.Appendf(nil, "%d", len(raw)))
 	return fleetOK
 }
