@@ -20,7 +20,9 @@ from pydantic_settings import SettingsError
 from engine import approvals_cli, jsonstrict, translate
 from engine import status as status_view
 from engine.authoring import build as build_command
+from engine.authoring import init as init_command
 from engine.authoring import migrate as migrate_command
+from engine.authoring import testing as test_command
 from engine.errors import (
     MAX_MESSAGE_CHARS,
     EngineError,
@@ -164,6 +166,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     build_command.add_arguments(bundle)
+    starter = commands.add_parser(
+        "init",
+        help=init_command.HELP,
+        description=init_command.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    init_command.add_arguments(starter)
+    policy_test = commands.add_parser(
+        "test",
+        help=test_command.HELP,
+        description=test_command.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    test_command.add_arguments(policy_test)
     add_proxy_commands(commands)
     add_identity_commands(commands)
     approvals_cli.add_approvals_command(commands)
@@ -324,6 +340,10 @@ def _run(args: argparse.Namespace) -> int:
         return migrate_command.run(args.dirs, check=args.check)
     if args.command == "build":
         return build_command.run(args)
+    if args.command == "init":
+        return init_command.run(args)
+    if args.command == "test":
+        return test_command.run(args)
     settings = _settings(args)  # a bad value: one line naming it (main)
     # doctor's report is its output: log lines only when asked for.
     level = settings.log_level if args.command != "doctor" else args.log_level or "WARNING"
