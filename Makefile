@@ -38,6 +38,7 @@ help:
 	@echo "make bench  - decision throughput and latency vs raw OPA"
 	@echo "make bench-approvals - approval webhooks: latency to a receiver, cost to decisions"
 	@echo "make bench-decision-log - allows with the decision log synced to disk vs batched"
+	@echo "make bench-fleet - decisions with no --opa-config vs uploading to a collector (and it down)"
 	@echo "make fmt    - format Rego and Python"
 
 setup: $(STAMP) $(GENERATED) tools
@@ -233,6 +234,11 @@ bench-approvals: setup bench-tools
 bench-decision-log: setup bench-tools
 	$(PY) -m bench.decision_log_sync
 
+# Decision upload (bench/fleet.py): HTTP Decide with hey, no --opa-config beside
+# decision_logs to a loopback collector and to a closed port, then every decision counted.
+bench-fleet: setup bench-tools
+	$(PY) -m bench.fleet
+
 # The load tools bench/load.py drives the servers with (Go, so the load generator does not
 # eat the CPU the servers need), built with go install into .tools/bin at these versions.
 # A stamp per version: changing a version here rebuilds that tool.
@@ -246,7 +252,7 @@ OPA_ENVOY_PLUGIN_VERSION := 1.15.2-envoy
 BENCH_TOOLS := $(BIN)/.ghz-v$(GHZ_VERSION) $(BIN)/.hey-v$(HEY_VERSION) \
                $(BIN)/.opa-envoy-plugin-v$(OPA_ENVOY_PLUGIN_VERSION)
 
-.PHONY: bench-tools bench-approvals bench-decision-log
+.PHONY: bench-tools bench-approvals bench-decision-log bench-fleet
 bench-tools: $(BENCH_TOOLS)
 
 $(BIN)/.ghz-v$(GHZ_VERSION):

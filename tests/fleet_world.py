@@ -4,6 +4,7 @@ the pinned `opa build` (signed with keys made here)."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -74,11 +75,13 @@ def opa_build(
         target = staging / module_id.removeprefix(MODULE_PREFIX)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
-    args = [shutil.which("opa") or "opa", "build", "-b", str(staging), "-o", str(out)]
+    # Built from inside the staging directory, as operators run it: the files' paths in
+    # the bundle are relative (`/mcp/decision.rego`), the same from one build to the next.
+    args = [shutil.which("opa") or "opa", "build", "-b", ".", "-o", str(out.resolve())]
     args += ["--revision", revision]
     if signing_key is not None:
-        args += ["--signing-key", str(signing_key), "--signing-alg", "RS256"]
-    subprocess.run(args, check=True, capture_output=True, text=True)
+        args += ["--signing-key", str(signing_key.resolve()), "--signing-alg", "RS256"]
+    subprocess.run(args, check=True, capture_output=True, text=True, cwd=staging)
     shutil.rmtree(staging)
     return out
 
@@ -104,6 +107,29 @@ def tamper(bundle: Path, out: Path) -> Path:
     return out
 
 
+def members(bundle: Path) -> dict[str, bytes]:
+    """The files of a bundle tarball, by name."""
+    out: dict[str, bytes] = {}
+    with tarfile.open(bundle, "r:gz") as source:
+        for member in source.getmembers():
+            handle = source.extractfile(member)
+            if handle is not None:
+                out[member.name] = handle.read()
+    return out
+
+
+def tar_gz(files: dict[str, bytes]) -> bytes:
+    """A gzipped tarball of `files` (name -> content), the names written as given (a
+    hostile server's `../x.rego` included)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as target:
+        for name, content in files.items():
+            member = tarfile.TarInfo(name)
+            member.size = len(content)
+            target.addfile(member, io.BytesIO(content))
+    return buffer.getvalue()
+
+
 @dataclass
 class Received:
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -111,6 +137,9 @@ class Received:
     statuses: list[dict[str, Any]] = field(default_factory=list)
     bundle_requests: int = 0
     not_modified: int = 0
+    uploads_started: int = 0  # POSTs of decisions begun (held and refused ones too)
+    refused_posts: int = 0  # answered with collector_status, or left unanswered
+    unauthorized: int = 0  # requests without the bearer token the server wants
 
     def ids(self) -> Counter[str]:
         return Counter(str(e.get("decision_id")) for e in self.events)
@@ -120,14 +149,28 @@ class FleetServer:
     """Bundle server, collector and status service on one loopback port.
 
     `publish(path)` serves a new bundle (its ETag the digest of its bytes); `stop()` and
-    `start()` take the whole server down and up on the same port (a collector outage)."""
+    `start()` take the whole server down and up on the same port (a collector outage).
 
-    def __init__(self) -> None:
+    A hostile or broken server (tests/test_fleet_hostile.py) is a few attributes away:
+    `serve_bytes` serves any bytes (a fixed ETag, If-None-Match ignored), `bundle_status`
+    and `collector_status` answer with an error, `hang_bundles` / `hang_collector` (set)
+    hold requests unanswered until cleared (a held upload is then dropped unanswered, its
+    events not taken), `collector_delay` answers uploads late (their events taken), and
+    `bearer` wants that token on every request."""
+
+    def __init__(self, *, bearer: str | None = None) -> None:
         self.port = free_loopback_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.received = Received()
         self.bundle: bytes | None = None
         self.etag = ""
+        self.honour_etag = True
+        self.bearer = bearer
+        self.bundle_status = 200
+        self.collector_status = 200
+        self.collector_delay = 0.0
+        self.hang_bundles = threading.Event()
+        self.hang_collector = threading.Event()
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -137,6 +180,15 @@ class FleetServer:
         with self.lock:
             self.bundle = path.read_bytes() if path is not None else None
             self.etag = hashlib.sha256(self.bundle).hexdigest()[:16] if self.bundle else ""
+            self.honour_etag = True
+
+    def serve_bytes(self, body: bytes, etag: str | None = None) -> None:
+        """Serve `body` as the bundle; with `etag`, that ETag whatever the body, and
+        If-None-Match ignored (a server that always answers 200)."""
+        with self.lock:
+            self.bundle = body
+            self.etag = etag if etag is not None else hashlib.sha256(body).hexdigest()[:16]
+            self.honour_etag = etag is None
 
     def start(self) -> None:
         world = self
@@ -145,17 +197,42 @@ class FleetServer:
             def log_message(self, *args: Any) -> None:  # quiet
                 pass
 
+            def authorized(self) -> bool:
+                if world.bearer is None:
+                    return True
+                if self.headers.get("Authorization") == f"Bearer {world.bearer}":
+                    return True
+                with world.lock:
+                    world.received.unauthorized += 1
+                self.send_error(401)
+                return False
+
+            def held(self, hang: threading.Event) -> bool:
+                """Wait while `hang` is set; True when it was (the answer is dropped)."""
+                if not hang.is_set():
+                    return False
+                while hang.is_set() and world._server is not None:
+                    time.sleep(0.05)
+                self.close_connection = True
+                return True
+
             def do_GET(self) -> None:  # noqa: N802 - the API's name
                 if self.path != BUNDLE_PATH:
                     self.send_error(404)
                     return
+                if not self.authorized() or self.held(world.hang_bundles):
+                    return
                 with world.lock:
                     world.received.bundle_requests += 1
-                    body, etag = world.bundle, world.etag
+                    body, etag, honour = world.bundle, world.etag, world.honour_etag
+                    status = world.bundle_status
+                if status != 200:
+                    self.send_error(status)
+                    return
                 if body is None:
                     self.send_error(404)
                     return
-                if self.headers.get("If-None-Match") == etag:
+                if honour and self.headers.get("If-None-Match") == etag:
                     with world.lock:
                         world.received.not_modified += 1
                     self.send_response(304)
@@ -170,6 +247,20 @@ class FleetServer:
 
             def do_POST(self) -> None:  # noqa: N802 - the API's name
                 raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if not self.authorized():
+                    return
+                if self.path.startswith("/logs"):
+                    with world.lock:
+                        world.received.uploads_started += 1
+                    held = self.held(world.hang_collector)
+                    status = world.collector_status
+                    if held or status != 200:
+                        with world.lock:
+                            world.received.refused_posts += 1
+                        if not held:
+                            self.send_error(status)
+                        return
+                    time.sleep(world.collector_delay)
                 if self.headers.get("Content-Encoding") == "gzip":
                     raw = gzip.decompress(raw)
                 body = json.loads(raw)
@@ -179,9 +270,10 @@ class FleetServer:
                         world.received.events.extend(body)
                     elif self.path.startswith("/status"):
                         world.received.statuses.append(body)
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
+                with contextlib.suppress(OSError):  # a client that gave up on a slow answer
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
 
         server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         server.daemon_threads = True

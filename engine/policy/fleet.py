@@ -13,7 +13,9 @@ uploaded in OPA's format. This module is the Python side:
   downloaded is handed to the event loop, validated and activated exactly as policy
   directories are (`Policy.load`: schema, OPA's compile, data.mcp.load_errors), and the
   verdict goes back to the downloader and the status plugin. A refused bundle leaves the
-  running revision serving.
+  running revision serving. Before that, what only a bundle can get wrong is refused: a
+  file path that leaves the bundle, a policy with no decision for a plain call (data
+  without the Rego), other contents under the revision already running.
 - `Fleet.decision` queues a decision for the collector; a feeder thread hands them to the
   library in batches, never on the event loop.
 - `read_bundle_file` reads (and verifies) a bundle file, for `--bundle FILE`.
@@ -41,10 +43,18 @@ import jsonschema
 import jsonschema.exceptions
 import yaml
 
-from engine.errors import PolicyRejected
+from engine.errors import PolicyRejected, PolicyUnavailable
 from engine.models import Decision, PolicyResult
 from engine.policy import schema as policy_schema
-from engine.policy.inprocess import _Buffer, _library
+from engine.policy.inprocess import (
+    ADMIN_TIMEOUT,
+    DECISION_QUERY,
+    OK,
+    UNDEFINED,
+    _Buffer,
+    _library,
+)
+from engine.policy.result import checked_result
 from engine.policy.source import MODULE_PREFIX, PolicyBundle, merge_data
 from engine.state.decision_log import arguments_sha256, redact
 
@@ -59,6 +69,17 @@ MAX_QUEUED = 100_000
 FEED_BATCH = 500
 DECISION_PATH = "mcp/decision"
 _ENV = re.compile(r"\$\{([^}]+)\}")
+# Characters of a bundle's file path that would change the URL it is pushed to on an OPA
+# server (the REST engine names modules by their path), or that no file name needs.
+_UNSAFE_PATH = re.compile(r"[?#%\\\x00-\x1f\x7f]")
+# A plain call of a tool no policy knows, evaluated once on each bundle before it is
+# activated: the decision must be defined (and well formed) for it.
+PROBE_INPUT = {
+    "tool": {"server": "mcp-policy.probe", "name": "probe", "arguments": {}},
+    "principal": {"agent_id": "probe", "session_id": "probe", "roles": []},
+    "request": {"id": "probe", "time": "1970-01-01T00:00:00Z", "transport": "http"},
+    "context": {},
+}
 
 
 class ConfigRejected(ValueError):
@@ -77,11 +98,31 @@ def load_config(path: Path) -> dict[str, Any]:
         text = path.read_text("utf-8")
     except OSError as exc:
         raise ConfigRejected(f"{path}: {exc.strerror or exc}") from exc
-    text = _ENV.sub(lambda m: os.environ.get(m.group(1), ""), text)
+    values: dict[str, str] = {}  # what ${NAME} became, for messages that must not show it
+    unset: set[str] = set()
+
+    def env(match: re.Match[str]) -> str:
+        value = os.environ.get(match.group(1), "")
+        if value:
+            values[value] = match.group(1)
+        else:
+            unset.add(match.group(1))
+        return value
+
+    def rejected(message: str) -> ConfigRejected:
+        message = _hidden(message, values)
+        if unset:
+            names = ", ".join(f"${{{name}}}" for name in sorted(unset))
+            message += f" ({names}: not set in the environment, or empty)"
+        return ConfigRejected(message)
+
+    text = _ENV.sub(env, text)
     try:
         config = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigRejected(f"{path}: not YAML or JSON: {exc}") from exc
+        # From None: YAML's message (and so the chained exception) quotes the text, and
+        # the values of ${NAME}s (bearer tokens) are in it.
+        raise rejected(f"{path}: not YAML or JSON: {_yaml_problem(exc)}") from None
     if config is None:
         config = {}
     if not isinstance(config, dict):
@@ -92,8 +133,30 @@ def load_config(path: Path) -> dict[str, Any]:
         key=lambda e: list(map(str, e.absolute_path)),
     )
     if problems:
-        raise ConfigRejected("; ".join(_config_problem(e, path) for e in problems[:5]))
+        raise rejected("; ".join(_config_problem(e, path) for e in problems[:5]))
     return config
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and what, without the lines around it that YAML's own message shows."""
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return type(error).__name__
+    mark = error.problem_mark or error.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + "; ".join(str(part) for part in (error.context, error.problem) if part)
+
+
+def _hidden(message: str, values: dict[str, str]) -> str:
+    """`message` with every value taken from the environment shown as its ${NAME}, and any
+    quoted part of one (YAML quotes an alias name, say) left out."""
+    for value, name in sorted(values.items(), key=lambda item: -len(item[0])):
+        message = message.replace(value, f"${{{name}}}")
+
+    def quoted(match: re.Match[str]) -> str:
+        part = match.group(2)
+        return "'…'" if any(part in value for value in values) else match.group(0)
+
+    return re.sub(r"(['\"])([^'\"]{3,})\1", quoted, message)
 
 
 def _config_problem(error: jsonschema.ValidationError, path: Path) -> str:
@@ -171,11 +234,26 @@ def _typed() -> Any:
 
 
 def _policy_bundle(modules: dict[str, str], data: Any, revision: str) -> PolicyBundle:
-    """A bundle's contents, its module ids its file paths (OPA's: `/x.rego`)."""
+    """A bundle's contents, its module ids its file paths (OPA's: `/x.rego`); PolicyRejected
+    for a path that could name a module outside the bundle."""
     if not isinstance(data, dict):
         data = {}
-    ids = {path.lstrip("/"): text for path, text in modules.items()}
+    ids = {_module_path(path): text for path, text in modules.items()}
     return PolicyBundle(modules=ids, data=data, revision=revision)
+
+
+def _module_path(path: str) -> str:
+    """A module's file path in a bundle, without its leading `/`, when it stays inside the
+    bundle: a `..` or `.` segment, an empty one, or a character that changes a URL is
+    refused (the REST engine pushes each module to OPA's /v1/policies/<id>, where
+    `mcp-policy/bundles/b/../../../x.rego` would land outside the modules it manages)."""
+    relative = path.lstrip("/")
+    if any(part in ("", ".", "..") for part in relative.split("/")) or _UNSAFE_PATH.search(
+        relative
+    ):
+        message = f"bundle file path {path!r} is not a plain path inside the bundle"
+        raise PolicyRejected(message, [message])
+    return relative
 
 
 def read_bundle_file(path: Path, verification: BundleVerification | None) -> PolicyBundle:
@@ -422,9 +500,20 @@ class Fleet:
             name: (contents if name == state.name else other.contents)
             for name, other in self.bundles.items()
         }
+        running = state.contents is not None and contents.revision == state.revision
+        if running and state.contents != contents:
+            # Decisions name the revision that gave them: one name, one policy.
+            message = (
+                f"revision {contents.revision} is active with other contents: a changed "
+                "bundle needs a new revision"
+            )
+            raise PolicyRejected(message, [message])
         merged, revisions = merge_bundles(
             {name: c for name, c in candidates.items() if c is not None}
         )
+        if not running and all(c is not None for c in candidates.values()):
+            # Every configured bundle is in (until then, the others may bring the Rego).
+            _check_decides(merged)
         assert self._loop is not None and self._activate is not None
         future = asyncio.run_coroutine_threadsafe(self._activate(merged, revisions), self._loop)
         future.result()
@@ -505,6 +594,39 @@ class Fleet:
                 self.uploads.feed_errors += len(items)
                 self.uploads.last_feed_error = answer.decode("utf-8", "replace")[:300]
                 log.error("decision logs: %s", self.uploads.last_feed_error)
+
+
+def _check_decides(bundle: PolicyBundle) -> None:
+    """PolicyRejected unless `bundle` gives a well-formed data.mcp.decision for a plain
+    call (PROBE_INPUT): a bundle of data without the policy's Rego (or with a decision
+    that is not one) would deny every call, so it never replaces the policy deciding.
+    A bundle OPA cannot compile passes here: its activation says why, as for any policy."""
+    library = _library()
+    payload = {"modules": bundle.modules, "data": bundle.data, "queries": [DECISION_QUERY]}
+    handle = library.prepare(json.dumps(payload).encode())
+    if not isinstance(handle, int):
+        return
+    try:
+        probe = json.dumps(PROBE_INPUT).encode()
+        status, body = library.eval(handle, 0, probe, int(ADMIN_TIMEOUT * 1e9))
+    finally:
+        library.release(handle)
+    problem = None
+    if status == UNDEFINED:
+        problem = "is undefined"
+    elif status != OK:
+        problem = f"cannot be evaluated: {body.decode('utf-8', 'replace')[:300]}"
+    else:
+        try:
+            checked_result(json.loads(body))
+        except PolicyUnavailable as exc:
+            problem = f"is malformed: {exc}"
+    if problem is not None:
+        message = (
+            f"{DECISION_QUERY} {problem} for a plain call: the bundle does not carry the "
+            "policy's Rego (rego/), or its decision rule is broken"
+        )
+        raise PolicyRejected(message, [message])
 
 
 def merge_bundles(

@@ -274,6 +274,8 @@ func (f *fleet) downloaded(name string) func(context.Context, download.Update) e
 		f.mu.Unlock()
 		f.reportBundles()
 		if err != nil {
+			// Refused before the engine saw it (a delta bundle): said as every refusal is.
+			f.emit(fleetEvent{Kind: "refused", Name: name, Message: err.Error()})
 			return err
 		}
 		if !done.OK {

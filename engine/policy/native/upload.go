@@ -367,8 +367,10 @@ func (u *uploader) saveCursor() {
 // A chunk read from the spool: events to send and where the cursor goes when they are.
 type chunk struct {
 	events [][]byte
+	start  cursor
 	next   cursor
-	done   []uint64 // segments wholly sent once the chunk is
+	done   []uint64         // segments wholly sent once the chunk is
+	counts map[uint64]int64 // events of the chunk by segment
 }
 
 // readChunk reads whole events from the cursor on, up to about what fits in one upload.
@@ -379,7 +381,7 @@ func (u *uploader) readChunk() (*chunk, error) {
 	writing := u.writing
 	u.mu.Unlock()
 	budget := u.uploadLimit * 8 // JSON compresses about tenfold; trimmed after compressing
-	c := &chunk{next: at}
+	c := &chunk{start: at, next: at, counts: map[uint64]int64{}}
 	var size int64
 	for _, seq := range seqs {
 		if seq < at.Segment {
@@ -407,6 +409,7 @@ func (u *uploader) readChunk() (*chunk, error) {
 			offset += int64(len(line))
 			size += int64(len(line))
 			c.events = append(c.events, bytes.TrimSuffix(line, []byte("\n")))
+			c.counts[seq]++
 			c.next = cursor{Segment: seq, Offset: offset}
 		}
 		f.Close()
@@ -487,10 +490,8 @@ func (u *uploader) sendOne(ctx context.Context) (bool, error) {
 
 // prefix is the chunk cut after its first n events: the cursor stops after them.
 func (u *uploader) prefix(c *chunk, n int) *chunk {
-	u.mu.Lock()
-	at := u.at
-	u.mu.Unlock()
-	out := &chunk{events: c.events[:n], next: at}
+	at := c.start
+	out := &chunk{events: c.events[:n], start: at, next: at, counts: map[uint64]int64{}}
 	seq, offset := at.Segment, at.Offset
 	for i := 0; i < n; i++ {
 		// Events are read in order: walk them, starting a new segment where one ends.
@@ -503,6 +504,7 @@ func (u *uploader) prefix(c *chunk, n int) *chunk {
 			seq, offset = seq+1, 0
 		}
 		offset += int64(len(c.events[i])) + 1
+		out.counts[seq]++
 	}
 	out.next = cursor{Segment: seq, Offset: offset}
 	return out
@@ -515,28 +517,30 @@ func (u *uploader) segmentSize(seq uint64) int64 {
 }
 
 // advance moves the cursor past a sent (or skipped) chunk of n events and removes the
-// segments it finished.
+// segments it finished. The cap may have dropped some of the chunk's segments while it
+// was being sent: their events were counted dropped then (and are no longer queued).
 func (u *uploader) advance(c *chunk, n int64, skipped bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if c.next.Segment < u.at.Segment { // the cap dropped them meanwhile
-		return
-	}
-	remaining := n
-	for _, seq := range u.orderedLocked() {
-		if remaining == 0 {
-			break
+	var gone int64 // events of the chunk in segments the cap dropped meanwhile
+	for seq, count := range c.counts {
+		if _, ok := u.segments[seq]; ok {
+			u.lines[seq] -= count
+		} else {
+			gone += count
 		}
-		take := min(remaining, u.lines[seq])
-		u.lines[seq] -= take
-		remaining -= take
 	}
-	u.queued -= n
+	u.queued -= n - gone
 	if skipped {
-		u.dropped += n
+		u.dropped += n - gone
 	} else if n > 0 {
+		// The collector has them all: those the cap dropped arrived after all.
 		u.sent += n
+		u.dropped -= gone
 		u.failing, u.lastErr, u.lastOK = false, "", time.Now()
+	}
+	if c.next.Segment < u.at.Segment { // the cap dropped up to the chunk's end meanwhile
+		return
 	}
 	for _, seq := range c.done {
 		if seq == u.writing {
@@ -550,15 +554,6 @@ func (u *uploader) advance(c *chunk, n int64, skipped bool) {
 		u.at = c.next
 		u.saveCursor()
 	}
-}
-
-func (u *uploader) orderedLocked() []uint64 {
-	seqs := make([]uint64, 0, len(u.segments))
-	for seq := range u.segments {
-		seqs = append(seqs, seq)
-	}
-	sort.Slice(seqs, func(i, j int) bool { return seqs[i] < seqs[j] })
-	return seqs
 }
 
 // flush sends everything queued; the first error stops it.
