@@ -21,7 +21,8 @@ from engine.settings import PROJECT_ROOT
 from tests.conftest import copy_policy
 from tests.processes import CLI
 
-SHIPPED_REVISION = read_bundle([PROJECT_ROOT / "rego", PROJECT_ROOT / "policies"]).revision
+SHIPPED = read_bundle([PROJECT_ROOT / "rego", PROJECT_ROOT / "policies"])
+SHIPPED_REVISION = SHIPPED.revision
 
 
 def doctor(tmp: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -66,7 +67,9 @@ def test_a_good_setup_is_all_ok_and_exits_0(tmp_path: Path) -> None:
     assert line(result, "opa") == f"OK    opa          {CHECKOUT_OPA} (OPA {OPA_VERSION})"
     assert f"OK    policy path  {PROJECT_ROOT / 'rego'}" in result.stdout.splitlines()
     assert f"OK    policy path  {PROJECT_ROOT / 'policies'}" in result.stdout.splitlines()
-    assert line(result, "policy").startswith(f"OK    policy       {SHIPPED_REVISION} (6 Rego")
+    assert line(result, "policy").startswith(
+        f"OK    policy       {SHIPPED_REVISION} ({len(SHIPPED.modules)} Rego"
+    )
     assert line(result, "store") == f"OK    store        sqlite in {tmp_path / 'state'}: writable"
     assert line(result, "http") == "OK    http         127.0.0.1:(any free port), TLS off: free"
     assert result.stdout.splitlines()[-1].endswith("everything the service needs is usable")

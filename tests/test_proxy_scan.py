@@ -1,18 +1,25 @@
 """`mcp-policy scan` writes a server's catalog file from its live tools, which merges with
-the shipped policy; `mcp-policy validate` accepts that, and reports broken Rego and YAML
-with file and line, schema errors by their most specific reason, load errors, and a
-catalog still in the 0.1 form."""
+the shipped policy: category and risk guessed from the tools' annotations, else from their
+names (the real HealthImaging server's 39 tools, which have no annotations), each marked
+as a guess; `--skip-catalogued` leaves out what the policy catalogues already, and
+`--cases` writes starter table tests that pass on the policy. `mcp-policy validate`
+accepts that, and reports broken Rego and YAML with file and line, schema errors by their
+most specific reason, load errors, and a catalog still in the 0.1 form."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import mcp_types as types
 import yaml
 
-from engine.authoring.scan import Scanned, scaffold
+from engine.authoring import tables
+from engine.authoring.offline import OfflinePolicy
+from engine.authoring.scan import Scanned, classify, placeholder, scaffold, starter_cases, target
 from engine.authoring.validate import schema_errors
 from engine.models import DecideRequest, Principal, Verdict
 from engine.runtime import Runtime
@@ -25,17 +32,20 @@ from tests.conftest import (
     copy_policy,
     settings_for,
 )
+from tests.fixtures import real_server as real
 from tests.fixtures.proxy_harness import FIXTURE, PROXY, HttpFixture, clean_env
 
 
-async def cli(*args: str, timeout: float = 60) -> tuple[int, str, str]:
+async def cli(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
     """Run `mcp-policy <args>`; its status, stdout and stderr."""
     proc = await asyncio.create_subprocess_exec(
         *PROXY,
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=clean_env(),
+        env=clean_env() if env is None else env,
         cwd=str(PROJECT_ROOT),
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -91,20 +101,25 @@ async def test_scan_writes_a_catalog_file_of_the_server_alone(tmp_path: Path) ->
     doc = yaml.safe_load(text)
     # Only the server's part of the catalog: nothing that would clash with
     # policies/rules.yaml when the files are merged. The fixture declares its tools as the
-    # real server does, without annotations: no hint says read-only or destructive, so
-    # every tool is guessed a medium-risk write.
+    # real server does, without annotations: the verb of each name is the guess, marked
+    # as one.
     assert doc == {
         "mcp_policy": {
             "catalog": {
                 HEALTHIMAGING: {
-                    "copy_image_set": {"category": "write", "risk": "medium"},
-                    "delete_datastore": {"category": "write", "risk": "medium"},
-                    "list_datastores": {"category": "write", "risk": "medium"},
-                    "start_dicom_export_job": {"category": "write", "risk": "medium"},
+                    "copy_image_set": {"category": "write", "risk": "medium", "guessed": True},
+                    "delete_datastore": {"category": "delete", "risk": "high", "guessed": True},
+                    "list_datastores": {"category": "read", "risk": "low", "guessed": True},
+                    "start_dicom_export_job": {
+                        "category": "write",
+                        "risk": "medium",
+                        "guessed": True,
+                    },
                 }
             }
         }
     }
+    assert "category: read  # guessed: the name says it reads (list)" in text
     # Descriptions and parameters as comments.
     assert "#   Copy an image set." in text
     assert "#     datastore_id: string, required" in text
@@ -140,13 +155,18 @@ async def test_scanned_servers_merge_with_the_shipped_policy_and_decide(tmp_path
         "scan", "--out", str(own_dir / "notes.yaml"), "--", *other_server(tmp_path, NOTES)
     )
     assert status == 0, err
-    assert yaml.safe_load((own_dir / "notes.yaml").read_text())["mcp_policy"]["catalog"] == {
+    notes = (own_dir / "notes.yaml").read_text()
+    assert yaml.safe_load(notes)["mcp_policy"]["catalog"] == {
         NOTES: {
-            "read_note": {"category": "read", "risk": "low"},
-            "purge_notes": {"category": "delete", "risk": "high"},
-            "copy_image_set": {"category": "write", "risk": "medium"},
+            "read_note": {"category": "read", "risk": "low", "guessed": True},
+            "purge_notes": {"category": "delete", "risk": "high", "guessed": True},
+            "copy_image_set": {"category": "write", "risk": "medium", "guessed": True},
         }
     }
+    # The server's own annotations come first; a tool without them, by its name.
+    assert "category: read  # guessed: annotation readOnlyHint=true" in notes
+    assert "category: delete  # guessed: annotation destructiveHint=true" in notes
+    assert "category: write  # guessed: the name says it writes (copy)" in notes
 
     status, out, _ = await cli("validate", str(rego), str(data), str(own_dir))
     assert status == 0, out
@@ -188,13 +208,10 @@ async def test_scanned_servers_merge_with_the_shipped_policy_and_decide(tmp_path
         await runtime.stop()
     assert got == {
         # The guessed risk picks the shipped risk default...
-        (STAGING, "list_datastores"): (
-            Verdict.APPROVAL_REQUIRED,
-            "catalog.risk_default.medium",
-        ),
+        (STAGING, "list_datastores"): (Verdict.ALLOW, "catalog.risk_default.low"),
         (STAGING, "delete_datastore"): (
             Verdict.APPROVAL_REQUIRED,
-            "catalog.risk_default.medium",
+            "catalog.risk_default.high",
         ),
         (NOTES, "read_note"): (Verdict.ALLOW, "catalog.risk_default.low"),
         (NOTES, "purge_notes"): (Verdict.APPROVAL_REQUIRED, "catalog.risk_default.high"),
@@ -220,6 +237,234 @@ async def test_scan_of_a_server_without_tools_writes_an_empty_catalog(tmp_path: 
     assert status == 0, text
 
 
+# --- guesses, --skip-catalogued, starter table tests ------------------------------------
+
+
+def catalog_of(text: str) -> dict[str, dict[str, Any]]:
+    """server -> tool -> entry of a scanned file."""
+    found: dict[str, dict[str, Any]] = yaml.safe_load(text)["mcp_policy"]["catalog"]
+    return found
+
+
+async def test_scan_guesses_the_real_servers_tools_and_its_starter_cases_pass(
+    tmp_path: Path,
+) -> None:
+    """The real HealthImaging server (39 tools, no annotations) is no longer all
+    write/medium: each tool is guessed from its name and marked as a guess; the tool the
+    shipped catalog has (copy_image_set) is left out with its place; the file merges with
+    the shipped policy; the starter cases expect what that policy decides."""
+    recorder = real.Recorder()
+    rego, data = copy_policy(tmp_path)
+    out, cases = data / "healthimaging.yaml", tmp_path / "tests" / "healthimaging.cases.yaml"
+    try:
+        env = real.aws_env(clean_env(), recorder.url, tmp_path)
+        status, _, err = await cli(
+            "scan",
+            "--policy",
+            str(rego),
+            "--policy",
+            str(data),
+            "--skip-catalogued",
+            "--out",
+            str(out),
+            "--cases",
+            str(cases),
+            "--",
+            *real.command(),
+            env=env,
+            timeout=180,
+        )
+    finally:
+        recorder.stop()
+    assert status == 0, err
+    assert recorder.requests == [], "listing tools reaches no AWS endpoint"
+    text = out.read_text()
+    entries = catalog_of(text)[HEALTHIMAGING]
+    assert len(entries) == 38  # 39 tools, copy_image_set already catalogued
+    assert "copy_image_set" not in entries
+    assert f"# copy_image_set: already catalogued ({data / 'catalog.yaml'}:" in text
+    assert all(entry["guessed"] is True for entry in entries.values())
+    kinds = {(e["category"], e["risk"]) for e in entries.values()}
+    assert kinds == {("read", "low"), ("write", "medium"), ("write", "high"), ("delete", "high")}
+    guessed = {name: (e["category"], e["risk"]) for name, e in entries.items()}
+    for name, expected in {
+        "get_datastore": ("read", "low"),
+        "list_datastores": ("read", "low"),
+        "search_image_sets": ("read", "low"),
+        "create_datastore": ("write", "medium"),
+        "update_image_set_metadata": ("write", "medium"),
+        "start_dicom_import_job": ("write", "medium"),
+        "tag_resource": ("write", "medium"),
+        "delete_datastore": ("delete", "high"),
+        "remove_series_from_image_set": ("delete", "high"),
+        "bulk_delete_by_criteria": ("delete", "high"),
+        "bulk_update_patient_metadata": ("write", "high"),
+    }.items():
+        assert guessed[name] == expected, name
+
+    status, report, _ = await cli("validate", str(rego), str(data))
+    assert status == 0, report
+
+    case_file = tables.read_case_file(cases)
+    assert case_file.broken == []
+    assert sorted(case.name for case in case_file.cases) == sorted(entries)
+    async with await OfflinePolicy.load([rego, data]) as policy:
+        results = [tables.run_case(policy, case) for case in case_file.cases]
+    assert [r.problems for r in results if not r.passed] == []
+    expected_rules = {case.name: case.expect.rule for case in case_file.cases}
+    assert expected_rules["get_datastore"] == "catalog.risk_default.low"
+    assert expected_rules["delete_datastore"] == "catalog.risk_default.high"
+    assert expected_rules["create_datastore"] == "catalog.risk_default.medium"
+
+
+def annotated(name: str, **hints: bool) -> types.Tool:
+    annotations = types.ToolAnnotations(**hints) if hints else None
+    return types.Tool(name=name, input_schema={"type": "object"}, annotations=annotations)
+
+
+def test_scan_guesses_from_annotations_first_then_the_name() -> None:
+    cases = [
+        # The server's own hints come first...
+        (annotated("delete_everything", readOnlyHint=True), ("read", "low")),
+        (annotated("get_thing", destructiveHint=True), ("delete", "high")),
+        # ...a tool it says is not read-only is never guessed a read...
+        (annotated("get_thing", readOnlyHint=False), ("write", "medium")),
+        (annotated("get_thing", readOnlyHint=False, destructiveHint=False), ("write", "medium")),
+        (annotated("delete_thing", readOnlyHint=False), ("delete", "high")),
+        # ...and hints that say neither leave it to the name.
+        (annotated("get_thing", idempotentHint=True, openWorldHint=True), ("read", "low")),
+        (annotated("listThings"), ("read", "low")),
+        (annotated("github_list_issues"), ("read", "low")),
+        (annotated("describe-stack"), ("read", "low")),
+        (annotated("Delete.Repo"), ("delete", "high")),
+        (annotated("purge_notes"), ("delete", "high")),
+        (annotated("bulk_delete_by_criteria"), ("delete", "high")),
+        (annotated("bulk_update_patient_metadata"), ("write", "high")),
+        (annotated("create_user"), ("write", "medium")),
+        # Nothing to go by: a write, as before.
+        (annotated("frobnicate"), ("write", "medium")),
+        (annotated("getaway_car"), ("write", "medium")),
+        (annotated("bulk"), ("write", "medium")),
+    ]
+    for tool, expected in cases:
+        guess = classify(tool)
+        assert (guess.category, guess.risk) == expected, (tool.name, guess)
+
+
+async def test_scan_without_skip_warns_and_the_clash_names_both_places(tmp_path: Path) -> None:
+    rego, data = copy_policy(tmp_path)
+    beside = data / "healthimaging.yaml"
+    status, _, err = await cli("scan", "--out", str(beside), "--", *FIXTURE)
+    assert status == 0, err
+    assert "already catalogues 1 of these tools" in err
+    assert "copy_image_set" in err and "--skip-catalogued" in err
+
+    status, out, _ = await cli("validate", str(rego), str(data))
+    assert status == 2, out
+    shipped = data / "catalog.yaml"
+    first = shipped.read_text().splitlines().index("      copy_image_set:") + 2
+    scanned = beside.read_text().splitlines().index("      copy_image_set:") + 2
+    assert error_lines(out) == [
+        f"{shipped}:{first}:19: data.mcp_policy.catalog.{HEALTHIMAGING}.copy_image_set.category"
+        f" is defined twice (also at {beside}:{scanned}:19)"
+    ]
+
+
+async def test_scan_leaves_out_tools_catalogued_for_any_server(tmp_path: Path) -> None:
+    rego, data = copy_policy(tmp_path)
+    (data / "any.yaml").write_text(
+        "mcp_policy:\n"
+        "  catalog:\n"
+        '    "*":\n'
+        "      list_datastores: {category: read, risk: low}\n"
+        "      delete_datastore: {category: delete, risk: critical}\n"
+        "      start_dicom_export_job: {category: write, risk: high}\n"
+    )
+    out = data / "healthimaging.yaml"
+    status, _, err = await cli(
+        "scan", "--policy", str(rego), "--policy", str(data), "--skip-catalogued",
+        "--out", str(out), "--", *FIXTURE,
+    )  # fmt: skip
+    assert status == 0, err
+    text = out.read_text()
+    # Every tool is catalogued (copy_image_set for this server, the others under "*"):
+    # an empty map, which merges.
+    assert catalog_of(text) == {HEALTHIMAGING: {}}
+    assert f'# list_datastores: already catalogued ({data / "any.yaml"}:4:24 under "*")' in text
+    assert "# copy_image_set: already catalogued" in text
+    status, report, _ = await cli("validate", str(rego), str(data))
+    assert status == 0, report
+
+
+async def test_scan_refuses_a_policy_it_cannot_read(tmp_path: Path) -> None:
+    out = tmp_path / "scanned.yaml"
+    status, stdout, err = await cli(
+        "scan", "--policy", str(tmp_path / "nowhere"), "--out", str(out), "--", *FIXTURE
+    )
+    assert status == 2
+    assert stdout == ""
+    assert f"the policy cannot be read: {tmp_path / 'nowhere'}" in err
+    assert not out.exists()
+
+
+def test_starter_placeholders_come_from_the_input_schema() -> None:
+    assert placeholder({"type": "string"}) == "example"
+    assert placeholder({"type": ["null", "integer"]}) == 1
+    assert placeholder({"anyOf": [{"type": "null"}, {"type": "boolean"}]}) is False
+    assert placeholder({"type": "string", "default": "d", "enum": ["a"]}) == "d"
+    assert placeholder({"type": "string", "enum": ["a", "b"]}) == "a"
+    assert placeholder({"type": "number", "default": float("nan")}) == 1
+    assert placeholder({"type": "array"}) == []
+    nested = {
+        "type": "object",
+        "properties": {"inner": {"type": "object", "properties": {"x": {}}, "required": ["x"]}},
+        "required": ["inner", "not-a-property"],
+    }
+    assert placeholder(nested) == {"inner": {"x": "example"}}
+    deep: dict[str, Any] = {"type": "string"}
+    for _ in range(50):
+        deep = {"type": "object", "properties": {"a": deep}, "required": ["a"]}
+    depth, value = 0, placeholder(deep)
+    while isinstance(value, dict):
+        depth, value = depth + 1, value["a"]
+    assert depth <= 6
+
+
+async def test_starter_cases_keep_hostile_names_and_leave_out_calls_the_service_refuses() -> None:
+    names = ["true", "1e3", 'q"\\', "é😀", "a\nmcp_policy:\n  rules: {}", "x" * 300]
+    tools = [
+        types.Tool(
+            name=name,
+            input_schema={
+                "type": "object",
+                "properties": {"p\nq: 1": {"type": "string", "default": "v\u2028w"}},
+                "required": ["p\nq: 1"],
+            },
+        )
+        for name in names
+    ]
+    deep: Any = "bottom"
+    for _ in range(40):  # a default nested deeper than the service takes arguments
+        deep = {"d": deep}
+    schema = {"type": "object", "properties": {"p": {"default": deep}}, "required": ["p"]}
+    tools.append(types.Tool(name="deep", input_schema=schema))
+    scanned = Scanned(server="srv\nrules: {}", version="1", tools=tools)
+    text = await starter_cases(scanned, "srv\nrules: {}", target([]), {}, now=datetime.now(UTC))
+    assert text is not None
+    doc = yaml.safe_load(text)
+    # A case for each tool the catalog file holds (names the catalog takes), the server
+    # and arguments read back exactly as the server sent them.
+    assert [case["call"]["tool"] for case in doc["cases"]] == ["true", "1e3"]
+    for case in doc["cases"]:
+        assert case["call"]["server"] == "srv\nrules: {}"
+        assert case["call"]["arguments"] == {"p\nq: 1": "v\u2028w"}
+        expected = {"action": "require_approval", "rule": "catalog.risk_default.medium"}
+        assert case["expect"] == expected
+    # A call the service would refuse gets no case, and a comment that says why.
+    assert "# deep: guessed write/medium" in text
+    assert "#   no case: the service would not decide this call: " in text
+
+
 def test_scaffold_keeps_hostile_names_inside_their_strings_and_comments() -> None:
     names = ["true", "null", "1e3", "a\nmcp_policy:\n  rules: {}", "x\u2028y", 'q"\\', "é😀"]
     tools = [
@@ -235,7 +480,11 @@ def test_scaffold_keeps_hostile_names_inside_their_strings_and_comments() -> Non
     assert list(doc) == ["mcp_policy"]
     assert list(doc["mcp_policy"]) == ["catalog"]
     assert list(doc["mcp_policy"]["catalog"]) == ["srv\nrules: {}"]
-    assert list(doc["mcp_policy"]["catalog"]["srv\nrules: {}"]) == names
+    # Names the catalog takes (MCP's: 1-128 of [A-Za-z0-9_.-]) are kept as they are, the
+    # others left out, each named (escaped) in a comment: the file always loads.
+    assert list(doc["mcp_policy"]["catalog"]["srv\nrules: {}"]) == ["true", "null", "1e3"]
+    assert "# a\\x0amcp_policy:\\x0a  rules: {}: not a tool name the catalog takes" in text
+    assert schema_errors(doc, SCHEMA, []) == []
 
 
 async def test_scan_a_server_at_a_url(tmp_path: Path) -> None:

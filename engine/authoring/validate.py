@@ -8,8 +8,14 @@ risks, malformed limits), each problem named by its data path, placed in the YAM
 that holds it and narrowed to its most specific reason. The Rego modules (tests
 excluded, as the service loads them) and the data are then loaded into a real OPA
 (started for the check), whose compiler errors come back as `file:row:col: message`
-with the module's path on disk. Last, as at every load, `data.mcp.load_errors` is
-evaluated once: each message a rule package reports about the data is an error.
+with the module's path on disk. Then, as at every load, `data.mcp.load_errors` is
+evaluated once: each message a rule package reports about the data is an error. Last,
+the decision entry point the service asks (`data.mcp.decision`) must be defined: a team's
+own directories without the framework's Rego are reported as such, with the fix.
+
+Every problem is reported, not the first: every syntax error, every place the schema
+refuses (each problem of a rule on its own line), every load error, and a value two files
+both set with both places.
 """
 
 from __future__ import annotations
@@ -27,12 +33,19 @@ from engine.errors import EngineError, PolicyRejected, PolicyUnavailable
 from engine.policy import schema as policy_schema
 from engine.policy.opa_process import OpaProcess
 from engine.policy.rest import Opa
-from engine.policy.source import DATA_SUFFIXES, MODULE_PREFIX, PolicyBundle, read_bundle
-from engine.policy.source import _read_data as read_data
-from engine.policy.source import merge_data as merge
+from engine.policy.source import (
+    DATA_SUFFIXES,
+    MODULE_PREFIX,
+    MergedFile,
+    PolicyBundle,
+    merge_file,
+    read_bundle,
+)
+from engine.settings import DEFAULT_POLICY_PATHS
 
 LOAD_TIMEOUT = 30.0
 LOAD_ERRORS_QUERY = "data.mcp.load_errors"
+DECISION_QUERY = "data.mcp.decision"
 
 
 @dataclass
@@ -139,6 +152,8 @@ async def validate(
             report.errors += [
                 _place_load_error(message, data_files) for message in await load_errors(opa.url)
             ]
+        if not await has_decision(opa.url):
+            report.errors.append(no_framework(paths))
     except PolicyRejected as exc:
         report.errors += [_with_paths(message, module_paths) for message in exc.errors]
     except EngineError as exc:
@@ -170,6 +185,37 @@ async def load_errors(opa_url: str) -> list[str]:
     return sorted(str(message) for message in result)
 
 
+async def has_decision(opa_url: str) -> bool:
+    """Whether the policy OPA holds defines the decision entry point (data.mcp.decision,
+    defined for any input when the framework's Rego is loaded). PolicyUnavailable when
+    OPA cannot answer."""
+    url = f"{opa_url.rstrip('/')}/v1/{DECISION_QUERY.replace('.', '/')}"
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=LOAD_TIMEOUT)) as http,
+            http.post(url, json={"input": {}}) as response,
+        ):
+            response.raise_for_status()
+            body = await response.json()
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+        raise PolicyUnavailable(f"could not evaluate {DECISION_QUERY}: {exc}") from exc
+    return isinstance(body, dict) and body.get("result") is not None
+
+
+def no_framework(paths: list[Path]) -> str:
+    """The error for a policy without the decision entry point, with the command that
+    checks it together with the framework (its Rego as this installation has it)."""
+    framework = DEFAULT_POLICY_PATHS[0]
+    given = " ".join(str(path) for path in paths)
+    return (
+        f"no decision entry point: nothing in {given} defines {DECISION_QUERY}, which the "
+        "service asks for every call. The framework's Rego is missing: include it, e.g. "
+        f"mcp-policy validate {framework} {given} (the framework's rego/ of this "
+        "installation; with its shipped policy data too, add "
+        f"{DEFAULT_POLICY_PATHS[1]})"
+    )
+
+
 # "mcp.rules.catalog: mcp_policy.rules[\"x\"]: ..." -> the data path it names.
 _DATA_PATH = re.compile(r'^[\w.]+: mcp_policy\.(\w+)(?:\[("(?:[^"\\]|\\.)*")\])?')
 
@@ -195,13 +241,12 @@ def _bundle_of_files(
     """The bundle when single files were named: their data merged at the top, as
     `read_bundle` merges the files of one directory."""
     data: dict[str, Any] = {}
+    merged: list[MergedFile] = []
     for _, path in files:
         if path.suffix not in DATA_SUFFIXES:
             continue
         try:
-            merge(data, read_data(path), "data")
+            merge_file(data, path, [], merged)
         except PolicyRejected as exc:
-            report.errors += [
-                error if error.startswith(str(path)) else f"{path}: {error}" for error in exc.errors
-            ]
+            report.errors += exc.errors
     return PolicyBundle(modules=modules, data=data)

@@ -39,15 +39,18 @@ def explained(data: dict[str, Any], schema: dict[str, Any], files: list[Path]) -
     reason: into the oneOf branch written for the value's type (the unknown action, not
     "is not valid under any of the given schemas"), and the schema's if/then rules said in
     words ("action rate_limit needs a rate_limit"). What `mcp-policy validate` prints and
-    what a refused load or reload says."""
+    what a refused load or reload says. Every problem of a value is said, not only the
+    first (a rule with a bad reason and a bad limit: both)."""
     out = []
     for _, error in problems(data, schema):
-        best = _narrow(error, schema)
-        message = (_no_branch(best, schema) if best.context else None) or _explain(best, schema)
-        path: list[str | int] = [KEY, *best.absolute_path]
-        where = locate(path, files)
-        what = "data." + ".".join(str(part) for part in path)
-        out.append(f"{where + ': ' if where else ''}{what}: {message}")
+        for best in _narrow(error, schema):
+            message = (_no_branch(best, schema) if best.context else None) or _explain(best, schema)
+            path: list[str | int] = [KEY, *best.absolute_path]
+            where = locate(path, files)
+            what = "data." + ".".join(str(part) for part in path)
+            line = f"{where + ': ' if where else ''}{what}: {message}"
+            if line not in out:
+                out.append(line)
     return out
 
 
@@ -110,28 +113,58 @@ def _fits(error: ValidationError, root: dict[str, Any]) -> bool:
     return True
 
 
-def _narrow(error: ValidationError, root: dict[str, Any]) -> ValidationError:
-    """The most specific error under `error`: into the one oneOf/anyOf branch written for
-    the value's type (a branch fits unless it refuses the value itself for its type),
-    then that branch's deepest error, preferring one not under an if/then (whose `if`
-    may hold only because the value is wrong elsewhere). `error` itself when no single
+def _narrow(error: ValidationError, root: dict[str, Any]) -> list[ValidationError]:
+    """The most specific errors under `error`: into the one oneOf/anyOf branch written
+    for the value's type (a branch fits unless it refuses the value itself for its type),
+    then every error of that branch, each narrowed in turn, less those of an if/then
+    whose `if` holds only because its key is missing (`{reason: x}` lacks an action; it
+    does not also need the rate_limit of action rate_limit). [`error`] when no single
     branch fits."""
-    while error.context:
-        branches: dict[Any, list[ValidationError]] = {}
-        for sub in error.context:
-            branches.setdefault(sub.relative_schema_path[0], []).append(sub)
-        fitting = [
-            errors
-            for errors in branches.values()
-            if all(sub.relative_path or _fits(sub, root) for sub in errors)
-        ]
-        if len(fitting) != 1:
-            return error
-        error = min(
-            fitting[0],
-            key=lambda sub: (-len(sub.path), "then" in sub.relative_schema_path),
-        )
-    return error
+    if not error.context:
+        return [error]
+    branches: dict[Any, list[ValidationError]] = {}
+    for sub in error.context:
+        branches.setdefault(sub.relative_schema_path[0], []).append(sub)
+    fitting = [
+        errors
+        for errors in branches.values()
+        if all(sub.relative_path or _fits(sub, root) for sub in errors)
+    ]
+    if len(fitting) != 1:
+        return [error]
+    kept = [sub for sub in fitting[0] if not _vacuous(sub, root)] or fitting[0]
+    ordered = sorted(kept, key=lambda sub: (list(map(str, sub.path)), sub.message))
+    return [best for sub in ordered for best in _narrow(sub, root)]
+
+
+def _vacuous(error: ValidationError, root: dict[str, Any]) -> bool:
+    """An error of an if/then whose `if` tests a key the value does not have."""
+    found = _rule_of(error, root)
+    if found is None:
+        return False
+    condition = _condition(found)
+    return (
+        condition is not None
+        and isinstance(error.instance, dict)
+        and condition[0] not in error.instance
+    )
+
+
+def _rule_of(error: ValidationError, root: dict[str, Any]) -> Any:
+    """The if/then member of the schema an error of its `then` comes from; None for any
+    other error."""
+    path = list(error.relative_schema_path)
+    if "then" not in path:
+        return None
+    at = len(path) - 1 - path[::-1].index("then")
+    node: Any = error.parent.validator_value if error.parent is not None else root
+    for part in path[:at]:
+        node = _resolve(root, node)
+        try:
+            node = node[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return _resolve(root, node)
 
 
 def _condition(member: Any) -> tuple[str, Any, bool] | None:
@@ -152,18 +185,9 @@ def _condition(member: Any) -> tuple[str, Any, bool] | None:
 def _explain(error: ValidationError, root: dict[str, Any]) -> str:
     """The message for `error`; for the schema's if/then rules ("action rate_limit ->
     required rate_limit") a sentence saying so instead of jsonschema's wording."""
-    path = list(error.relative_schema_path)
-    if "then" not in path:
+    member = _rule_of(error, root)
+    if member is None:
         return error.message
-    at = len(path) - 1 - path[::-1].index("then")
-    node: Any = error.parent.validator_value if error.parent is not None else root
-    for part in path[:at]:
-        node = _resolve(root, node)
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            return error.message
-    member = _resolve(root, node)
     condition = _condition(member)
     then = member.get("then") if isinstance(member, dict) else None
     if condition is None or not isinstance(then, dict):

@@ -3,6 +3,7 @@
 Data files are placed the way `opa test rego/ policies/` and `opa run` place them: a
 file's top-level object is merged at the data path of its directory relative to the
 root it was found under, so what the service loads is exactly what `opa test` tested.
+Two files that set one value are refused with both places (`file:line:col` in each).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import yaml
 
 from engine.errors import PolicyRejected
+from engine.policy.schema import locate
 
 DATA_SUFFIXES = (".yaml", ".yml", ".json")
 # Ids of the modules this service manages in OPA; others (a shared OPA) are left alone.
@@ -44,23 +46,102 @@ class PolicyBundle:
         object.__setattr__(self, "revision", "sha256:" + digest.hexdigest()[:16])
 
 
+class DataConflict(PolicyRejected):
+    """Two data documents set the value at one path: `keys`, below `where`."""
+
+    def __init__(self, where: str, keys: list[str]) -> None:
+        what = where + "".join(f".{key}" for key in keys)
+        super().__init__(f"data conflict at {what}", [f"{what} is defined twice"])
+        self.keys = keys
+
+
 def merge_data(into: dict[str, Any], new: dict[str, Any], where: str) -> None:
-    """Merge the data document `new` into `into`; PolicyRejected where both set a value."""
+    """Merge the data document `new` into `into`; DataConflict where both set a value."""
+    _merge(into, new, where, [])
+
+
+def _merge(into: dict[str, Any], new: dict[str, Any], where: str, keys: list[str]) -> None:
     for key, value in new.items():
         if key in into and isinstance(into[key], dict) and isinstance(value, dict):
-            merge_data(into[key], value, f"{where}.{key}")
+            _merge(into[key], value, where, [*keys, key])
         elif key in into:
-            raise PolicyRejected(
-                f"data conflict at {where}.{key}", [f"{where}.{key} is defined twice"]
-            )
+            raise DataConflict(where, [*keys, key])
         else:
             into[key] = value
+
+
+@dataclass(frozen=True)
+class MergedFile:
+    """A data file merged: where it is placed (its directory's parts). Its document is read
+    again only to place a conflict (what was merged is part of the merged data now)."""
+
+    path: Path
+    parts: list[str]
+
+
+def merge_file(data: dict[str, Any], path: Path, parts: list[str], read: list[MergedFile]) -> None:
+    """Merge the data file `path` into `data` at the path `parts` (its directory, relative
+    to its root), after the files in `read` (to which it is added). PolicyRejected for a
+    value that an earlier file sets too, naming both places: `file:line:col: data.<path>
+    is defined twice (also at file:line:col)`, the earlier file first."""
+    doc = _read_data(path)
+    node = data
+    for depth, part in enumerate(parts):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise _placed(parts[: depth + 1], path, parts, read)
+        node = child
+    try:
+        merge_data(node, doc, "data" + "".join(f".{p}" for p in parts))
+    except DataConflict as exc:
+        raise _placed([*parts, *exc.keys], path, parts, read) from None
+    read.append(MergedFile(path, parts))
+
+
+def _placed(
+    keys: list[str], path: Path, parts: list[str], read: list[MergedFile]
+) -> PolicyRejected:
+    """The conflict at data `keys` between `path` and the first earlier file that sets it."""
+    what = "data" + "".join(f".{key}" for key in keys)
+    here = _place(keys, path, parts)
+    earlier = next((r for r in read if _sets(r, keys)), None)
+    if earlier is None:  # not found again: name this file only
+        line = f"{here}: {what} is defined twice"
+    else:
+        first = _place(keys, earlier.path, earlier.parts)
+        line = f"{first}: {what} is defined twice (also at {here})"
+    return PolicyRejected(f"data conflict at {what}", [line])
+
+
+def _sets(read: MergedFile, keys: list[str]) -> bool:
+    """Whether the file `read` puts a value at data `keys` (or is placed below them)."""
+    if len(read.parts) >= len(keys):
+        return read.parts[: len(keys)] == keys
+    if keys[: len(read.parts)] != read.parts:
+        return False
+    try:
+        node: Any = _read_data(read.path)
+    except PolicyRejected:
+        return False
+    for key in keys[len(read.parts) :]:
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def _place(keys: list[str], path: Path, parts: list[str]) -> str:
+    """`file:line:col` of data `keys` in the YAML file `path` (placed at `parts`), else
+    the file's name."""
+    inside: list[str | int] = list(keys[len(parts) :])
+    return (locate(inside, [path]) if inside else None) or str(path)
 
 
 def read_bundle(roots: list[Path]) -> PolicyBundle:
     """Collect `*.rego` (tests excluded) and data files under `roots`."""
     modules: dict[str, str] = {}
     data: dict[str, Any] = {}
+    read: list[MergedFile] = []
     for root in roots:
         if not root.is_dir():
             raise PolicyRejected(f"policy directory {root} does not exist", [str(root)])
@@ -74,11 +155,7 @@ def read_bundle(roots: list[Path]) -> PolicyBundle:
                         "utf-8"
                     )
             elif path.suffix in DATA_SUFFIXES:
-                doc = _read_data(path)
-                node = data
-                for part in relative.parent.parts:
-                    node = node.setdefault(part, {})
-                merge_data(node, doc, "data" + "".join(f".{p}" for p in relative.parent.parts))
+                merge_file(data, path, list(relative.parent.parts), read)
     for key, value in data.items():
         if not isinstance(value, dict):
             raise PolicyRejected(

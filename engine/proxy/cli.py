@@ -423,12 +423,36 @@ def add_proxy_commands(subparsers: Any) -> None:
         "scan",
         help="list an MCP server's tools and write a policy scaffold for them",
         description="Connect to an MCP server (a command after --, or --url URL), list its "
-        "tools and write a policy YAML scaffold (catalog + rules) for them.",
+        "tools and write the policy catalog for them: category and risk guessed from each "
+        "tool's annotations, else its name, each marked as a guess; with --cases, starter "
+        "table tests too.",
     )
     _upstream_options(scanner)
-    scanner.add_argument("--out", type=Path, help="write the scaffold here (default: stdout)")
+    scanner.add_argument("--out", type=Path, help="write the catalog file here (default: stdout)")
     scanner.add_argument("--server-name", help="server name in the catalog (default: reported)")
     scanner.add_argument("--timeout", type=_seconds, default=60.0, help="give up after (s)")
+    scanner.add_argument(
+        "--policy",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="a directory of the policy the tools join (repeat for several; default: the "
+        "shipped rego/ and policies/); the framework's Rego is added when none has it",
+    )
+    scanner.add_argument(
+        "--skip-catalogued",
+        action="store_true",
+        help="leave out the tools the --policy data already catalogues for this server (or "
+        'for any server, "*"), so the file merges without a clash',
+    )
+    scanner.add_argument(
+        "--cases",
+        type=Path,
+        metavar="FILE",
+        help="also write a starter table-test file (*.cases.yaml, outside the policy "
+        "directories) with a case per catalogued tool, expecting what the policy decides",
+    )
     scanner.set_defaults(proxy_main=_scan)
 
     checker = subparsers.add_parser(
@@ -646,7 +670,7 @@ def _resource_server(args: argparse.Namespace) -> ResourceServer | None | int:
 
 
 def _scan(args: argparse.Namespace) -> int:
-    from engine.authoring.scan import scaffold, scan
+    from engine.authoring.scan import Scanned, scan, write
 
     problem = _upstream_problem(args)
     if problem is not None:
@@ -654,24 +678,21 @@ def _scan(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     upstream = _upstream(args)
 
-    async def main() -> str:
+    async def main() -> Scanned:
         async with asyncio.timeout(args.timeout):
-            scanned = await scan(upstream.command, upstream.url, upstream.headers)
-        return scaffold(scanned, server=args.server_name)
+            return await scan(upstream.command, upstream.url, upstream.headers)
 
     try:
-        text = asyncio.run(main())
+        scanned = asyncio.run(main())
     except Exception as exc:  # the server could not be started, reached or listed
         reason = exc.exceptions[0] if isinstance(exc, BaseExceptionGroup) else exc
         print(f"mcp-policy scan: could not list the server's tools: {reason!r}", file=sys.stderr)
         return EXIT_CANNOT_CONNECT
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, "utf-8")
-        print(f"mcp-policy scan: wrote {args.out}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
-    return 0
+    try:
+        return asyncio.run(write(scanned, args, sys.stderr))
+    except ToolMissing as exc:
+        print(f"mcp-policy scan: {exc.message}", file=sys.stderr)
+        return EXIT_TOOL_MISSING
 
 
 def _validate(args: argparse.Namespace) -> int:

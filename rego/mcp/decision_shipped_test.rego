@@ -1,9 +1,12 @@
 package mcp_test
 
 import data.mcp
+import data.mcp.shipped_test
 
-# End to end: the shipped rule packages and the shipped policies/*.yaml, as
-# `opa test rego/ policies/` loads them.
+# End to end: the shipped rule packages and the shipped policy data. The data is
+# given (_shipped: what policies/*.yaml loads), never taken from whatever is
+# loaded, so these tests hold when a team's own data is loaded beside policies/
+# or in its place.
 
 _hi := "awslabs.healthimaging-mcp-server"
 
@@ -31,6 +34,9 @@ _request(server, name, args) := {
 
 _copy(extra) := _request(_hi, "copy_image_set", object.union(_args, extra))
 
+# The shipped policy data, given to every decision below.
+_shipped := shipped_test.policy
+
 _shipped_limit := {
 	"rule": "catalog.rule.copy_image_set",
 	"max": 10,
@@ -57,7 +63,7 @@ _copy_tool := {"known": true, "category": "write", "risk": "medium"}
 
 test_shipped_rate_limit_when_valid_copy_on_either_server if {
 	every server in [_hi, _valkey] {
-		d := mcp.decision with input as _request(server, "copy_image_set", _args)
+		d := mcp.decision with data.mcp_policy as _shipped with input as _request(server, "copy_image_set", _args)
 		d == {
 			"action": "rate_limit",
 			"rule": "catalog.rule.copy_image_set",
@@ -77,13 +83,13 @@ test_shipped_agent_limit_same_whatever_the_session if {
 	limits := {json.marshal(d.rate_limits) |
 		some sid in ["s-1", "s-2", "s-3"]
 		request := json.patch(_copy({}), [{"op": "replace", "path": "/principal/session_id", "value": sid}])
-		d := mcp.decision with input as request
+		d := mcp.decision with data.mcp_policy as _shipped with input as request
 	}
 	limits == {json.marshal(_shipped_limits)}
 }
 
 test_shipped_one_shared_limit_when_no_agent_named if {
-	d := mcp.decision with input as json.remove(_copy({}), ["principal/agent_id"])
+	d := mcp.decision with data.mcp_policy as _shipped with input as json.remove(_copy({}), ["principal/agent_id"])
 	d.action == "rate_limit"
 	d.rate_limits == [_shipped_limit, object.union(_agent_limit, {
 		"scope": "global",
@@ -93,7 +99,7 @@ test_shipped_one_shared_limit_when_no_agent_named if {
 
 test_shipped_require_approval_when_copy_into_existing_image_set if {
 	info := object.union(_info, {"destinationImageSet": {"imageSetId": _other_set, "latestVersionId": "2"}})
-	d := mcp.decision with input as _copy({"copy_image_set_information": info})
+	d := mcp.decision with data.mcp_policy as _shipped with input as _copy({"copy_image_set_information": info})
 	reason := sprintf("copy_image_set copies into the existing image set %s of datastore %s, changing it", [
 		_other_set,
 		_dest,
@@ -112,7 +118,8 @@ test_shipped_require_approval_when_copy_into_existing_image_set if {
 }
 
 test_shipped_deny_when_copy_image_set_information_missing if {
-	d := mcp.decision with input as _request(_hi, "copy_image_set", object.remove(_args, ["copy_image_set_information"]))
+	d := mcp.decision with data.mcp_policy as _shipped
+		with input as _request(_hi, "copy_image_set", object.remove(_args, ["copy_image_set_information"]))
 	d.action == "deny"
 	d.rule == "copy_image_set.copy_image_set_information_invalid"
 	d.reason == `copy_image_set: argument "copy_image_set_information" is required`
@@ -122,7 +129,7 @@ test_shipped_deny_when_copy_image_set_information_missing if {
 
 test_shipped_deny_when_copy_image_set_information_malformed if {
 	info := {"sourceImageSet": {"latestVersionId": "latest"}, "destinationImageSet": "ffee"}
-	d := mcp.decision with input as _copy({"copy_image_set_information": info})
+	d := mcp.decision with data.mcp_policy as _shipped with input as _copy({"copy_image_set_information": info})
 	d.action == "deny"
 	d.rule == "copy_image_set.copy_image_set_information_invalid"
 	d.reason == concat("; ", [
@@ -133,7 +140,8 @@ test_shipped_deny_when_copy_image_set_information_malformed if {
 }
 
 test_shipped_deny_when_copy_on_unknown_server if {
-	d := mcp.decision with input as _request("awslabs.s3-mcp-server", "copy_image_set", _args)
+	d := mcp.decision with data.mcp_policy as _shipped
+		with input as _request("awslabs.s3-mcp-server", "copy_image_set", _args)
 	d == {
 		"action": "deny",
 		"rule": "catalog.default",
@@ -154,7 +162,7 @@ test_shipped_deny_as_unknown_when_name_is_a_lookalike if {
 		"copy\u200d_image_set", # zero-width joiner
 		"copy_image_set\u200b", # trailing zero-width space
 	] {
-		d := mcp.decision with input as _request(_hi, name, _args)
+		d := mcp.decision with data.mcp_policy as _shipped with input as _request(_hi, name, _args)
 		d.action == "deny"
 		d.tool == {"known": false}
 		"catalog.default" in d.matched
@@ -169,7 +177,7 @@ test_shipped_deny_as_unknown_when_server_is_a_lookalike if {
 		"awslabs.healthimaging\u200d-mcp-server",
 	]
 	every server in lookalikes {
-		d := mcp.decision with input as _request(server, "copy_image_set", _args)
+		d := mcp.decision with data.mcp_policy as _shipped with input as _request(server, "copy_image_set", _args)
 		d.action == "deny"
 		d.rule == "catalog.default"
 		d.tool == {"known": false}
@@ -177,12 +185,12 @@ test_shipped_deny_as_unknown_when_server_is_a_lookalike if {
 }
 
 test_shipped_tool_name_invalid_when_name_not_ascii if {
-	d := mcp.decision with input as _request(_hi, "ｃｏｐｙ_image_set", _args)
+	d := mcp.decision with data.mcp_policy as _shipped with input as _request(_hi, "ｃｏｐｙ_image_set", _args)
 	d.matched == ["catalog.default", "input.tool_name_invalid"]
 }
 
 test_shipped_require_approval_with_limit_when_force_true if {
-	d := mcp.decision with input as _copy({"force": true})
+	d := mcp.decision with data.mcp_policy as _shipped with input as _copy({"force": true})
 	d == {
 		"action": "require_approval",
 		"rule": "copy_image_set.force_overwrite",
@@ -200,20 +208,20 @@ test_shipped_require_approval_with_limit_when_force_true if {
 }
 
 test_shipped_rate_limit_when_force_false if {
-	d := mcp.decision with input as _copy({"force": false})
+	d := mcp.decision with data.mcp_policy as _shipped with input as _copy({"force": false})
 	d.action == "rate_limit"
 	d.rate_limits == _shipped_limits
 }
 
 test_shipped_deny_when_force_not_boolean if {
-	d := mcp.decision with input as _copy({"force": "yes"})
+	d := mcp.decision with data.mcp_policy as _shipped with input as _copy({"force": "yes"})
 	d.action == "deny"
 	d.rule == "copy_image_set.force_invalid"
 	d.rate_limits == []
 }
 
 test_shipped_require_approval_when_cross_datastore if {
-	d := mcp.decision with input as _copy({"source_datastore_id": _other_store})
+	d := mcp.decision with data.mcp_policy as _shipped with input as _copy({"source_datastore_id": _other_store})
 	d.action == "require_approval"
 	d.rule == "copy_image_set.cross_datastore"
 	d.approval.rule == "copy_image_set.cross_datastore"
@@ -221,20 +229,21 @@ test_shipped_require_approval_when_cross_datastore if {
 }
 
 test_shipped_rate_limit_when_source_datastore_is_destination if {
-	d := mcp.decision with input as _copy({"source_datastore_id": _dest})
+	d := mcp.decision with data.mcp_policy as _shipped with input as _copy({"source_datastore_id": _dest})
 	d.action == "rate_limit"
 	d.matched == ["catalog.rule.copy_image_set", "copy_image_set.agent_limit"]
 }
 
 # The real tool's source_datastore_id is a string or null: null is a copy inside datastore_id.
 test_shipped_rate_limit_when_source_datastore_null if {
-	d := mcp.decision with input as _copy({"source_datastore_id": null})
+	d := mcp.decision with data.mcp_policy as _shipped with input as _copy({"source_datastore_id": null})
 	d.action == "rate_limit"
 	d.matched == ["catalog.rule.copy_image_set", "copy_image_set.agent_limit"]
 }
 
 test_shipped_approval_lists_both_reasons_when_force_and_cross_datastore if {
-	d := mcp.decision with input as _copy({"force": true, "source_datastore_id": _other_store})
+	d := mcp.decision with data.mcp_policy as _shipped
+		with input as _copy({"force": true, "source_datastore_id": _other_store})
 	d.action == "require_approval"
 	d.rule == "copy_image_set.cross_datastore"
 	d.reason == concat("; ", [
@@ -245,7 +254,8 @@ test_shipped_approval_lists_both_reasons_when_force_and_cross_datastore if {
 }
 
 test_shipped_deny_when_required_arguments_invalid if {
-	d := mcp.decision with input as _request(_hi, "copy_image_set", {"datastore_id": "DS-1"})
+	d := mcp.decision with data.mcp_policy as _shipped
+		with input as _request(_hi, "copy_image_set", {"datastore_id": "DS-1"})
 	d.action == "deny"
 	d.rule == "copy_image_set.copy_image_set_information_invalid"
 	d.reason == concat("; ", [
@@ -258,7 +268,8 @@ test_shipped_deny_when_required_arguments_invalid if {
 }
 
 test_shipped_deny_beats_approval_when_force_and_bad_source_datastore if {
-	d := mcp.decision with input as _copy({"force": true, "source_datastore_id": "nope"})
+	d := mcp.decision with data.mcp_policy as _shipped
+		with input as _copy({"force": true, "source_datastore_id": "nope"})
 	d.action == "deny"
 	d.rule == "copy_image_set.source_datastore_id_invalid"
 	not d.approval
@@ -275,7 +286,8 @@ test_shipped_limits_stack_when_user_package_adds_limit if {
 
 	# mcp.rules.extra stands for a package a user adds; it does not exist in this repository.
 	# regal ignore:unresolved-reference
-	d := mcp.decision with input as _copy({}) with mcp.rules.extra.rate_limit as {per_user}
+	d := mcp.decision with mcp.rules.extra.rate_limit as {per_user}
+		with data.mcp_policy as _shipped with input as _copy({})
 	d.action == "rate_limit"
 	d.rule == "catalog.rule.copy_image_set"
 	d.rate_limits == [_shipped_limit, _agent_limit, per_user]
@@ -295,7 +307,8 @@ test_shipped_user_package_limit_carries_cost_when_given if {
 
 	# mcp.rules.extra stands for a package a user adds; it does not exist in this repository.
 	# regal ignore:unresolved-reference
-	d := mcp.decision with input as _copy({}) with mcp.rules.extra.rate_limit as {images}
+	d := mcp.decision with mcp.rules.extra.rate_limit as {images}
+		with data.mcp_policy as _shipped with input as _copy({})
 	d.action == "rate_limit"
 	d.rule == "catalog.rule.copy_image_set"
 	d.rate_limits == [_shipped_limit, _agent_limit, images]
@@ -315,7 +328,8 @@ test_shipped_user_package_limit_invalid_when_cost_malformed if {
 
 		# mcp.rules.extra stands for a package a user adds; it does not exist in this repository.
 		# regal ignore:unresolved-reference
-		d := mcp.decision with input as _copy({}) with mcp.rules.extra.rate_limit as {images}
+		d := mcp.decision with mcp.rules.extra.rate_limit as {images}
+			with data.mcp_policy as _shipped with input as _copy({})
 		d.action == "deny"
 		d.rule == "decision.invalid_contribution"
 		d.reason == "policy package mcp.rules.extra produced a malformed rate_limit contribution"
@@ -329,7 +343,8 @@ test_shipped_user_package_deny_wins_when_added if {
 
 	# mcp.rules.extra stands for a package a user adds; it does not exist in this repository.
 	# regal ignore:unresolved-reference
-	d := mcp.decision with input as _copy({}) with mcp.rules.extra.deny as {night}
+	d := mcp.decision with mcp.rules.extra.deny as {night}
+		with data.mcp_policy as _shipped with input as _copy({})
 	d.action == "deny"
 	d.rule == "extra.no_copies_at_night"
 	d.rate_limits == []
@@ -340,7 +355,8 @@ test_shipped_user_package_allow_loses_when_catalog_denies if {
 
 	# mcp.rules.extra stands for a package a user adds; it does not exist in this repository.
 	# regal ignore:unresolved-reference
-	d := mcp.decision with input as _request(_hi, "delete_datastore", {}) with mcp.rules.extra.allow as {yes}
+	d := mcp.decision with mcp.rules.extra.allow as {yes}
+		with data.mcp_policy as _shipped with input as _request(_hi, "delete_datastore", {})
 	d.action == "deny"
 	d.rule == "catalog.default"
 }
@@ -357,13 +373,14 @@ test_shipped_risk_defaults_when_catalogued_tool_has_no_rule if {
 		"delete_datastore": ["deny", "catalog.risk_default.critical"],
 	}
 	every name, expected in want {
-		d := mcp.decision with input as _request(_hi, name, {}) with data.mcp_policy.catalog as entries
+		policy := object.union(_shipped, {"catalog": entries})
+		d := mcp.decision with data.mcp_policy as policy with input as _request(_hi, name, {})
 		[d.action, d.rule] == expected
 	}
 }
 
 test_shipped_deny_when_input_missing if {
-	d := mcp.decision
+	d := mcp.decision with data.mcp_policy as _shipped
 	d.action == "deny"
 	d.rule == "catalog.default"
 	d.rate_limits == []
@@ -389,14 +406,14 @@ test_shipped_deny_when_input_ill_typed if {
 		{"tool": {"server": 1, "name": "copy_image_set", "arguments": _args}, "principal": {"session_id": "s"}},
 		{"tool": {"server": _hi, "name": ["copy_image_set"], "arguments": _args}, "principal": {"session_id": "s"}},
 	] {
-		d := mcp.decision with input as bad
+		d := mcp.decision with data.mcp_policy as _shipped with input as bad
 		d.action == "deny"
 		d.rate_limits == []
 	}
 }
 
 test_shipped_deny_when_session_missing_on_valid_copy if {
-	d := mcp.decision with input as json.remove(_copy({}), ["principal/session_id"])
+	d := mcp.decision with data.mcp_policy as _shipped with input as json.remove(_copy({}), ["principal/session_id"])
 	d.action == "deny"
 	d.rule == "input.session_id_invalid"
 	d.tool == _copy_tool
@@ -404,7 +421,7 @@ test_shipped_deny_when_session_missing_on_valid_copy if {
 
 test_shipped_decision_always_has_required_fields if {
 	every request in [_copy({}), _copy({"force": true}), {}, _request("x", "y", {})] {
-		d := mcp.decision with input as request
+		d := mcp.decision with data.mcp_policy as _shipped with input as request
 		every key in ["action", "rule", "reason", "rate_limits", "matched", "shadow", "tool"] {
 			key in object.keys(d)
 		}
@@ -414,7 +431,7 @@ test_shipped_decision_always_has_required_fields if {
 
 test_shipped_shadow_empty_when_shipped_policy if {
 	every request in [_copy({}), _copy({"force": true}), _copy({"force": "yes"}), {}, _request("x", "y", {})] {
-		d := mcp.decision with input as request
+		d := mcp.decision with data.mcp_policy as _shipped with input as request
 		d.shadow == []
 	}
 }
@@ -431,7 +448,8 @@ test_shipped_limit_enforced_and_trial_limit_listed_when_user_package_adds_shadow
 
 	# mcp.rules.extra stands for a package a user adds; it does not exist in this repository.
 	# regal ignore:unresolved-reference
-	d := mcp.decision with input as _copy({}) with mcp.rules.extra.rate_limit as {trial}
+	d := mcp.decision with mcp.rules.extra.rate_limit as {trial}
+		with data.mcp_policy as _shipped with input as _copy({})
 	d == {
 		"action": "rate_limit",
 		"rule": "catalog.rule.copy_image_set",
@@ -446,11 +464,11 @@ test_shipped_limit_enforced_and_trial_limit_listed_when_user_package_adds_shadow
 
 test_shipped_denies_tool_only_for_denies_that_hold_whatever_the_arguments if {
 	critical := {"tool": {"name": "drop", "server": "srv", "arguments": {}}, "principal": {"session_id": "s-1"}}
-	policy := object.union(data.mcp_policy, {"catalog": {"srv": {"drop": {"category": "delete", "risk": "critical"}}}})
+	policy := object.union(_shipped, {"catalog": {"srv": {"drop": {"category": "delete", "risk": "critical"}}}})
 	d := mcp.decision with data.mcp_policy as policy with input as critical
 	d.rule == "catalog.risk_default.critical"
 	d.denies_tool == true
-	bad := mcp.decision with input as _request(_hi, "copy_image_set", {})
+	bad := mcp.decision with data.mcp_policy as _shipped with input as _request(_hi, "copy_image_set", {})
 	bad.action == "deny"
 	bad.denies_tool == false
 }

@@ -1,6 +1,7 @@
 package mcp.catalog_test
 
 import data.mcp.catalog
+import data.mcp.shipped_test
 
 _call(server, name) := {"tool": {"server": server, "name": name, "arguments": {}}}
 
@@ -61,12 +62,13 @@ test_tool_unknown_when_input_missing if {
 
 test_shipped_catalog_lists_copy_image_set_on_both_servers if {
 	every server in ["awslabs.healthimaging-mcp-server", "awslabs.valkey-mcp-server"] {
-		catalog.tool == {"known": true, "category": "write", "risk": "medium"} with input as _call(server, "copy_image_set")
+		catalog.tool == {"known": true, "category": "write", "risk": "medium"} with data.mcp_policy as shipped_test.policy
+			with input as _call(server, "copy_image_set")
 	}
 }
 
 test_shipped_catalog_describes_copy_image_set if {
-	descriptions := {e.copy_image_set.description | some e in data.mcp_policy.catalog}
+	descriptions := {e.copy_image_set.description | some e in shipped_test.policy.catalog}
 	descriptions == {concat("", [
 		"AWS HealthImaging CopyImageSet: copy an image set, ",
 		"optionally into another datastore / over an existing destination",

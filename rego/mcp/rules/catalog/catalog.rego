@@ -20,6 +20,15 @@
 #   When the chain has no rule that is not shadow, the call is denied
 #   (catalog.missing_rule), as when no rule applies at all (fail closed).
 #
+#   Roles: a rule with `roles: [<role>, ...]` is only for callers that have one
+#   of those roles, proven (data.mcp.principal.roles: a verified credential, or
+#   a principal asserted by an authenticated proxy or gateway; a caller that is
+#   not identified has no roles that count). For any other caller the walk
+#   passes over it as if it were not there (listed in `skipped`), and the next
+#   rule of the chain decides; none left is catalog.missing_rule. So "only
+#   imaging-admin may call it" is the tool's own rule {action: allow, roles:
+#   [imaging-admin]} with a risk whose default denies (critical, as shipped).
+#
 #   Cost: per call, the chain's rules are read by key (never a whole section
 #   of the policy data), so a call costs the same at any catalog size. The
 #   policy data is checked once, when it is loaded: by
@@ -37,12 +46,6 @@
 package mcp.rules.catalog
 
 import data.mcp.catalog
-
-_actions := {"allow", "deny", "rate_limit", "require_approval"}
-
-_scopes := {"session", "agent", "user", "global"}
-
-_unit_seconds := {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 
 _verbs := {
 	"allow": "is allowed",
@@ -68,7 +71,8 @@ _subject := sprintf("tool %q on server %q", [input.tool.name, input.tool.server]
 
 # The links of the chain, each {"at", "id", "rule"}: at 0 the tool's own
 # rule, at 1 its risk default (both only for a catalogued tool), at 2 the
-# default (only for any other tool). A link is undefined when its rule is.
+# default (only for any other tool). A link is undefined when its rule is;
+# roles do not change which links there are (see _not_for_caller).
 _own := {"at": 0, "id": concat("", ["catalog.rule.", input.tool.name]), "rule": rule} if {
 	catalog.known
 	rule := data.mcp_policy.rules[input.tool.name]
@@ -84,26 +88,31 @@ _fallback := {"at": 2, "id": "catalog.default", "rule": rule} if {
 	rule := data.mcp_policy.default
 }
 
-# A rule written with shadow: true (a bare action name never is).
-default _is_shadow(_) := false
+# The links of the chain that exist, in chain order (at most two).
+_links := array.concat(array.concat([_own | _own], [_by_risk | _by_risk]), [_fallback | _fallback])
 
-_is_shadow(rule) if rule.shadow == true
-
-# The links that contribute, in chain order: the walk stops at the first rule
-# that is not shadow (a chain has at most two links).
-default _reached := []
-
-_reached := [_own] if {
-	not _is_shadow(_own.rule)
-} else := [_own, _by_risk] if {
-	_by_risk
-} else := [_own] if {
-	_own
-} else := [_by_risk] if {
-	_by_risk
-} else := [_fallback] if {
-	_fallback
+# The walk stops before link i: an earlier link is for this caller and not shadow.
+_stopped_before(i) if {
+	some j, l in _links
+	j < i
+	not _not_for_caller(l.rule)
+	not _is_shadow(l.rule)
 }
+
+# The links that contribute, in chain order: the walk passes over the rules
+# not for this caller and stops at the first rule that is not shadow.
+_reached := [l |
+	some i, l in _links
+	not _not_for_caller(l.rule)
+	not _stopped_before(i)
+]
+
+# The links the walk passed over (not for this caller), in chain order.
+_passed_over := [l |
+	some i, l in _links
+	_not_for_caller(l.rule)
+	not _stopped_before(i)
+]
 
 # The reached links by id (the ids in a chain are distinct).
 _entry[c.id] := c if some c in _reached
@@ -123,6 +132,15 @@ _where_of(c) := _where[c.at] if c.at == 2
 _origin_of(c) := sprintf(_origin[c.at], [catalog.entry.risk]) if c.at == 1
 
 _origin_of(c) := _origin[c.at] if c.at != 1
+
+# METADATA
+# title: The YAML rules of the chain that are not for this caller
+# description: |
+#   The rules the walk passed over because they name roles the caller does not
+#   have, proven; each {"id", "where", "roles"}, in chain order. They contribute
+#   nothing. Empty when there is none.
+# scope: document
+skipped := [{"id": c.id, "where": _where_of(c), "roles": c.rule.roles} | some c in _passed_over]
 
 # METADATA
 # title: The YAML rules that contribute to this call
@@ -155,49 +173,6 @@ applied := c if {
 	not c.shadow
 }
 
-# A rule as an object: a bare action name is shorthand for {action: <name>}.
-# Undefined for anything else.
-_as_rule(raw) := raw if is_object(raw)
-
-_as_rule(raw) := {"action": raw} if is_string(raw)
-
-_has(obj, key) if key in object.keys(obj)
-
-_show(value) := json.marshal(value)
-
-# An integer >= 1 (10 and 10.0 both count).
-_is_count(x) if {
-	is_number(x)
-	floor(x) == x
-	x >= 1
-}
-
-_is_name(x) if {
-	is_string(x)
-	x != ""
-}
-
-# The limit of a rule, {"max", "window_seconds", "scope"}, from either form of
-# rate_limit: {max: 10, window: 60, scope: session} or "10/minute" (scope
-# session). Undefined for a rule without rate_limit or with a malformed string.
-_limit_of(rule) := {
-	"max": object.get(rule.rate_limit, "max", null),
-	"window_seconds": object.get(rule.rate_limit, "window", null),
-	"scope": object.get(rule.rate_limit, "scope", "session"),
-} if {
-	is_object(rule.rate_limit)
-} else := {
-	"max": to_number(parts[1]),
-	"window_seconds": _unit_seconds[parts[2]],
-	"scope": "session",
-} if {
-	is_string(rule.rate_limit)
-	some parts in regex.find_all_string_submatch_n(
-		`^\s*([0-9]+)\s*/\s*(second|minute|hour|day)s?\s*$`,
-		rule.rate_limit, 1,
-	)
-}
-
 # METADATA
 # title: Rate limits of the contributing rules
 # description: |
@@ -206,56 +181,6 @@ _limit_of(rule) := {
 #   document-scope annotation on a rule whose ref has a variable.)
 # scope: rule
 limit[c.id] := _limit_of(_as_rule(c.rule)) if some c in _reached
-
-# A rule (as written) as this package reads it: [the rule as an object, its
-# limit or null without rate_limit]. Defined only for a rule it can use: a
-# known action, and a readable limit with a whole max >= 1 and a known scope
-# when it has one (action rate_limit must).
-_read(raw) := [rule, null] if {
-	rule := _as_rule(raw)
-	rule.action in {"allow", "deny", "require_approval"}
-	not _has(rule, "rate_limit")
-}
-
-_read(raw) := [rule, lim] if {
-	rule := _as_rule(raw)
-	rule.action in _actions
-	lim := _limit_of(rule)
-	_is_count(lim.max)
-	lim.scope in _scopes
-}
-
-_usable(rule) if _read(rule)
-
-# What keeps a rule (as written) from being used, one message per problem;
-# empty exactly when _usable. Only what the reading above needs: the schema
-# checks the rest at load.
-_rule_problems(raw) := {"must be an action name or a map with an action"} if {
-	not _as_rule(raw)
-} else := _action_problems(_as_rule(raw)) | _limit_problems(_as_rule(raw))
-
-_action_problems(rule) := set() if {
-	rule.action in _actions
-} else := {sprintf(
-	"unknown action %s; use one of allow, deny, rate_limit, require_approval",
-	[_show(object.get(rule, "action", null))],
-)}
-
-_limit_problems(rule) := {"action rate_limit needs a rate_limit, e.g. {max: 10, window: 60}"} if {
-	rule.action == "rate_limit"
-	not _has(rule, "rate_limit")
-} else := set() if {
-	not _has(rule, "rate_limit")
-} else := {sprintf(
-	"rate_limit %s cannot be read; write {max, window, scope} or <max>/<unit>, e.g. \"10/minute\"",
-	[_show(rule.rate_limit)],
-)} if {
-	not _limit_of(rule)
-} else := {sprintf("rate_limit max must be an integer >= 1, got %s", [_show(_limit_of(rule).max)])} if {
-	not _is_count(_limit_of(rule).max)
-} else := {"rate_limit scope must be one of session, agent, user, global"} if {
-	not _limit_of(rule).scope in _scopes
-} else := set()
 
 # The contributing rules this package can use, each read once, in chain
 # order: [link, the rule as an object, its limit or null].
@@ -272,13 +197,6 @@ _usable_links := [[c, r[0], r[1]] |
 #   allow anything: each is a catalog.invalid_rule deny.
 # scope: document
 unusable := {c.id | some c in _reached} - {l[0].id | some l in _usable_links}
-
-# The argument a weighted limit counts (the object form of rate_limit with
-# increment_from; the string form never has one), as written.
-_weight_of(rule) := rule.rate_limit.increment_from if {
-	is_object(rule.rate_limit)
-	_has(rule.rate_limit, "increment_from")
-}
 
 # METADATA
 # title: Cost of this call under the weighted rate limits
@@ -342,8 +260,15 @@ _by(rule) := {"by": rule.approval.by} if {
 	_has(rule.approval, "by")
 } else := {}
 
-# Why no rule is enforced: none applies, or every rule of the chain is shadow.
-_missing_reason := sprintf("%s has risk %s in the policy catalog, but risk_defaults has no rule for it", [
+# Why no rule is enforced: rules not for this caller, none applies, or every
+# rule of the chain is shadow.
+_missing_reason := sprintf("%s has no enforced policy rule for this caller: %s%s", [
+	_subject,
+	concat("; ", [_why_not(c) | some i, c in _links; not _stopped_before(i)]),
+	_no_risk_default,
+]) if {
+	count(_passed_over) > 0
+} else := sprintf("%s has risk %s in the policy catalog, but risk_defaults has no rule for it", [
 	_subject,
 	_risk,
 ]) if {
@@ -364,7 +289,16 @@ _risk := _show(object.get(catalog.entry, "risk", null))
 # For a catalogued tool (see _missing_reason).
 default _no_risk_default := ""
 
-_no_risk_default := sprintf("; risk_defaults has no rule for risk %s", [_risk]) if not _by_risk
+_no_risk_default := sprintf("; risk_defaults has no rule for risk %s", [_risk]) if {
+	catalog.known
+	not _by_risk
+}
+
+# Why a link of the chain walked does not decide (when none does): it is not
+# for this caller, or it is shadow.
+_why_not(c) := sprintf("%s is only for the roles %s, proven", [_where_of(c), concat(", ", c.rule.roles)]) if {
+	_not_for_caller(c.rule)
+} else := sprintf("%s is shadow", [_where_of(c)])
 
 # METADATA
 # title: Deny contributions

@@ -1,6 +1,7 @@
 package mcp.rules.catalog_test
 
 import data.mcp.rules.catalog
+import data.mcp.shipped_test
 
 # Weighted rate limits: rate_limit {..., increment_from: <argument>} makes each
 # call cost the value of that tool argument instead of 1.
@@ -107,11 +108,12 @@ test_no_cost_when_string_form if {
 }
 
 test_no_cost_when_shipped_copy_image_set if {
-	out := _out with input as {"tool": {
+	call := {"tool": {
 		"server": "awslabs.healthimaging-mcp-server",
 		"name": "copy_image_set",
 		"arguments": {"amount": 5},
 	}}
+	out := _out with data.mcp_policy as shipped_test.policy with input as call
 	out.rate_limit == {_limit(10, 60, "session", "at most 10 calls per 60 seconds per session")}
 }
 

@@ -1,6 +1,7 @@
 package mcp.rules.catalog_test
 
 import data.mcp.rules.catalog
+import data.mcp.shipped_test
 
 # Policy data this package cannot use. The schema and load_errors reject it
 # when it is loaded; a policy that skipped those checks (an `opa eval` of
@@ -151,8 +152,8 @@ test_load_errors_folded_with_package_name_by_decision if {
 }
 
 test_load_errors_none_when_shipped_files if {
-	count(catalog.load_errors) == 0
-	count(data.mcp.load_errors) == 0
+	count(catalog.load_errors) == 0 with data.mcp_policy as shipped_test.policy
+	count(data.mcp.load_errors) == 0 with data.mcp_policy as shipped_test.policy
 }
 
 # --- the sections of the policy data ---------------------------------------------------

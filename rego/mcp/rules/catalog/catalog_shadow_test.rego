@@ -1,6 +1,7 @@
 package mcp.rules.catalog_test
 
 import data.mcp.rules.catalog
+import data.mcp.shipped_test
 
 # shadow: true in a YAML rule: the rule is tried, not enforced. The chain
 # rules[<tool>] -> risk_defaults[<risk>] (catalogued tool) or default (any other
@@ -329,8 +330,8 @@ _copy_tool := {"known": true, "category": "write", "risk": "medium"}
 test_decision_shipped_risk_default_and_shadow_limit_when_copy_rule_shadow if {
 	rule := {"action": "rate_limit", "rate_limit": {"max": 50, "window": 60}, "shadow": true}
 	call := json.patch(_valid_copy, [{"op": "replace", "path": "/tool/server", "value": _hi}])
-	rules := object.union(data.mcp_policy.rules, {"copy_image_set": rule})
-	d := data.mcp.decision with data.mcp_policy.rules as rules with input as call
+	policy := object.union(shipped_test.policy, {"rules": {"copy_image_set": rule}})
+	d := data.mcp.decision with data.mcp_policy as policy with input as call
 	d == {
 		"action": "require_approval",
 		"rule": "catalog.risk_default.medium",

@@ -1,6 +1,7 @@
 package mcp.rules.catalog_test
 
 import data.mcp.rules.catalog
+import data.mcp.shipped_test
 
 # A catalog with one tool per risk class on server "srv", plus copy_image_set.
 _catalog := {"srv": {
@@ -316,13 +317,15 @@ test_exact_name_when_variants_of_copy_image_set if {
 
 test_shipped_copy_image_set_rate_limited_when_on_either_server if {
 	every server in ["awslabs.healthimaging-mcp-server", "awslabs.valkey-mcp-server"] {
-		out := _out with input as {"tool": {"server": server, "name": "copy_image_set", "arguments": {}}}
+		call := {"tool": {"server": server, "name": "copy_image_set", "arguments": {}}}
+		out := _out with data.mcp_policy as shipped_test.policy with input as call
 		out == _only("rate_limit", _limit(10, 60, "session", "at most 10 calls per 60 seconds per session"))
 	}
 }
 
 test_shipped_default_denies_when_tool_unknown if {
-	out := _out with input as {"tool": {"server": "awslabs.valkey-mcp-server", "name": "get", "arguments": {}}}
+	call := {"tool": {"server": "awslabs.valkey-mcp-server", "name": "get", "arguments": {}}}
+	out := _out with data.mcp_policy as shipped_test.policy with input as call
 	out == _only("deny", {
 		"rule": "catalog.default",
 		"reason": `tool "get" on server "awslabs.valkey-mcp-server" is denied (not in the policy catalog)`,
@@ -332,8 +335,8 @@ test_shipped_default_denies_when_tool_unknown if {
 test_shipped_risk_defaults_when_tool_has_no_rule if {
 	want := {"low": "allow", "medium": "require_approval", "high": "require_approval", "critical": "deny"}
 	every risk, level in want {
-		catalog_entries := {"srv": {"t": {"category": "x", "risk": risk}}}
-		out := _out with data.mcp_policy.catalog as catalog_entries with input as _call("t")
+		policy := object.union(shipped_test.policy, {"catalog": {"srv": {"t": {"category": "x", "risk": risk}}}})
+		out := _out with data.mcp_policy as policy with input as _call("t")
 		{c.rule | some c in out[level]} == {sprintf("catalog.risk_default.%s", [risk])}
 		((count(out.deny) + count(out.require_approval)) + count(out.rate_limit)) + count(out.allow) == 1
 	}

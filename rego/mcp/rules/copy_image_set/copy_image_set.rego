@@ -29,6 +29,8 @@
 #   (copy_image_set.agent_limit).
 package mcp.rules.copy_image_set
 
+import data.mcp.principal
+
 _applies if input.tool.name == "copy_image_set"
 
 default _args := {}
@@ -179,13 +181,6 @@ _info_problems contains sprintf("%s must be %s", [path, text]) if {
 # The role that may overwrite (force) a destination image set.
 _force_role := "imaging-admin"
 
-# Callers are identified when the principal was proven (a verified token or key) or was
-# asserted by an authenticated proxy. With neither (loopback, nothing configured: one
-# user), roles say nothing and the role rule does not apply.
-_identified if input.principal.authenticated == true
-
-_identified if is_string(input.principal.asserted_by)
-
 # METADATA
 # title: Deny contributions
 # description: |
@@ -239,8 +234,12 @@ deny contains {
 } if {
 	_applies
 	_args.force == true
-	_identified
-	not _force_role in input.principal.roles
+
+	# Only once callers are identified (data.mcp.principal): with nothing proven
+	# (loopback, nothing configured: one user) roles say nothing, and this rule
+	# does not apply.
+	principal.identified
+	not _force_role in principal.roles
 }
 
 # METADATA
