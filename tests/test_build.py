@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import tarfile
 from collections.abc import AsyncIterator, Callable
@@ -506,3 +507,18 @@ def test_a_missing_opa_says_how_to_get_it(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "OPA not found" in lines[0], result.stderr
     assert not out.exists()
+
+
+def test_a_teams_directories_are_built_with_the_installed_framework(tmp_path: Path) -> None:
+    """A team's repository holds its data and rule packages, not the framework: the bundle
+    of its directories carries the installed framework's Rego too, so it decides alone."""
+    team = tmp_path / "team"
+    shutil.copytree(DEFAULT_POLICY_PATHS[1], team / "policies")
+    out = tmp_path / "bundle.tar.gz"
+    result = run_build(team / "policies", "-o", out)
+    assert result.returncode == 0, result.stderr
+    files = {name for names in inspect(out)["namespaces"].values() for name in names}
+    assert any(name.endswith("/mcp/decision.rego") for name in files), files
+    whole = read_bundle([DEFAULT_POLICY_PATHS[0], team / "policies"])
+    assert bundle_data(out) == as_json(whole.data)
+    assert str(len(whole.modules)) + " Rego modules" in result.stdout

@@ -1,8 +1,10 @@
 """`mcp-policy build`: the policy `serve` would load, as one OPA bundle made by the pinned OPA.
 
 The directories are the ones `serve` loads: by default the shipped rego/ and policies/ (or
-MCP_POLICY_POLICY_PATHS), and directories given on the command line take their place,
-as `serve --policy DIR` does. They are read and checked as `serve` checks them at a load,
+MCP_POLICY_POLICY_PATHS). Directories given on the command line are a team's policy: the
+installed framework's Rego is added when none of them holds the decision entry point,
+and the shipped data when none holds data (`source.with_framework`), so the bundle holds
+everything needed to decide. They are read and checked as `serve` checks them at a load,
 and a policy with any problem is refused whole, each problem on one line with its place,
 and nothing is written:
 
@@ -52,7 +54,13 @@ from engine.policy.inprocess import (
 )
 from engine.policy.opa_process import ToolMissing, find_opa
 from engine.policy.schema import locate
-from engine.policy.source import DATA_SUFFIXES, MODULE_PREFIX, PolicyBundle, read_bundle
+from engine.policy.source import (
+    DATA_SUFFIXES,
+    MODULE_PREFIX,
+    PolicyBundle,
+    read_bundle,
+    with_framework,
+)
 
 # `mcp-policy validate`'s checks (engine.authoring.validate), whose messages these are, are
 # imported where a build uses them: they bring an OPA REST client that every other command
@@ -70,7 +78,8 @@ Check the policy the way `serve` does when it loads it, then build it with the p
 `opa build` into one bundle (.tar.gz) that holds all of it: the Rego modules (no tests)
 and the data as JSON, the data document exactly the one `serve` loads. The directories
 default to what `serve` loads (the shipped rego/ and policies/, or MCP_POLICY_POLICY_PATHS);
-directories given take their place, as `serve --policy DIR` does. Any problem is printed
+directories given are combined with the installed framework's Rego when none of them has
+it (and with the shipped data when they hold none). Any problem is printed
 with its place, and nothing is written (exit 1). The revision defaults to the policy's
 own (sha256:...), the one `serve` reports for the same files.
 """
@@ -423,7 +432,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="*",
         type=Path,
         metavar="DIR",
-        help="policy directories (default: what serve loads, the shipped rego/ and policies/)",
+        help="policy directories, with the installed framework's Rego added when none has it "
+        "(default: what serve loads, the shipped rego/ and policies/)",
     )
     parser.add_argument(
         "-o", "--output", type=Path, required=True, help="the bundle to write (.tar.gz)"
@@ -465,7 +475,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     try:
         built = asyncio.run(
             build(
-                list(args.dirs) or list(settings.policy_paths),
+                with_framework(list(args.dirs)) if args.dirs else list(settings.policy_paths),
                 args.output,
                 schema=settings.policy_schema,
                 opa_binary=args.opa_binary or settings.opa_binary,

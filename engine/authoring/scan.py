@@ -52,8 +52,8 @@ from mcp.client.streamable_http import streamable_http_client
 from engine.errors import EngineError, PolicyRejected, PolicyUnavailable
 from engine.policy.schema import load as load_schema
 from engine.policy.schema import locate
-from engine.policy.source import PolicyBundle, data_files, merge_data, read_bundle
-from engine.settings import DEFAULT_POLICY_PATHS, DEFAULT_POLICY_SCHEMA
+from engine.policy.source import PolicyBundle, data_files, merge_data, read_bundle, with_framework
+from engine.settings import DEFAULT_POLICY_SCHEMA
 
 if TYPE_CHECKING:
     from engine.authoring.offline import OfflinePolicy
@@ -423,27 +423,11 @@ class Target:
     files: list[Path] = field(default_factory=list)
 
 
-_DECISION_PACKAGE = re.compile(r"^package\s+mcp\s*$", re.MULTILINE)
-
-
 def target(dirs: Sequence[Path]) -> Target:
     """The policy of `dirs` (default: the shipped rego/ and policies/); PolicyRejected
     when it cannot be read (a directory missing, a data conflict with both places)."""
-    paths = list(dirs) or list(DEFAULT_POLICY_PATHS)
-    framework, shipped_data = DEFAULT_POLICY_PATHS
-    if not any(_has_decision_package(path) for path in paths):
-        paths.insert(0, framework)
-    if not data_files(paths):
-        paths.append(shipped_data)
+    paths = with_framework(list(dirs))
     return Target(paths, read_bundle(paths), data_files(paths))
-
-
-def _has_decision_package(root: Path) -> bool:
-    return root.is_dir() and any(
-        _DECISION_PACKAGE.search(path.read_text("utf-8", errors="replace"))
-        for path in root.rglob("*.rego")
-        if path.is_file() and not path.name.endswith("_test.rego")
-    )
 
 
 def catalogued(policy: Target, server: str, tools: Sequence[types.Tool]) -> dict[str, str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,3 +196,30 @@ def _read_data(path: Path) -> dict[str, Any]:
         )
         raise PolicyRejected(line, [line])
     return doc
+
+
+_DECISION_PACKAGE = re.compile(r"^package\s+mcp\s*$", re.MULTILINE)
+
+
+def has_framework(root: Path) -> bool:
+    """Whether `root` holds the decision entry point (a module of `package mcp`)."""
+    return root.is_dir() and any(
+        _DECISION_PACKAGE.search(path.read_text("utf-8", errors="replace"))
+        for path in root.rglob("*.rego")
+        if path.is_file() and not path.name.endswith("_test.rego")
+    )
+
+
+def with_framework(dirs: list[Path]) -> list[Path]:
+    """A team's policy directories made whole: the installed framework's Rego first when
+    none of them holds the decision entry point, the shipped policy data last when none
+    holds data. Empty: the shipped rego/ and policies/."""
+    from engine.settings import DEFAULT_POLICY_PATHS
+
+    framework, shipped_data = DEFAULT_POLICY_PATHS
+    paths = list(dirs) or [framework, shipped_data]
+    if not any(has_framework(path) for path in paths):
+        paths.insert(0, framework)
+    if not data_files(paths):
+        paths.append(shipped_data)
+    return paths
