@@ -20,8 +20,10 @@ from pydantic_settings import SettingsError
 from engine import approvals_cli, jsonstrict, translate
 from engine import status as status_view
 from engine.authoring import build as build_command
+from engine.authoring import explain as explain_command
 from engine.authoring import init as init_command
 from engine.authoring import migrate as migrate_command
+from engine.authoring import replay as replay_command
 from engine.authoring import testing as test_command
 from engine.errors import (
     MAX_MESSAGE_CHARS,
@@ -166,6 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     build_command.add_arguments(bundle)
+    explainer = commands.add_parser(
+        "explain",
+        help=explain_command.HELP,
+        description=explain_command.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    explain_command.add_arguments(explainer)
+    replayer = commands.add_parser(
+        "replay",
+        help=replay_command.HELP,
+        description=replay_command.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    replay_command.add_arguments(replayer)
     starter = commands.add_parser(
         "init",
         help=init_command.HELP,
@@ -340,6 +356,10 @@ def _run(args: argparse.Namespace) -> int:
         return migrate_command.run(args.dirs, check=args.check)
     if args.command == "build":
         return build_command.run(args)
+    if args.command == "explain":
+        return explain_command.run(args)
+    if args.command == "replay":
+        return replay_command.run(args)
     if args.command == "init":
         return init_command.run(args)
     if args.command == "test":

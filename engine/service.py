@@ -339,6 +339,8 @@ class DecisionService:
             dry_run=request.dry_run,
             flood_key=_flood_key(request, result, decision),
             bundles=self.policy.bundles_of(decision.policy_revision),
+            input_doc=input_doc,
+            result=result,
         )
         if written is not None:  # MCP_POLICY_DECISION_LOG_SYNC=always: an allow waits for it
             at = input_doc["request"]["time"]

@@ -371,6 +371,13 @@ class Settings(BaseSettings):
         description="Logged arguments (raw, redacted) larger than this, as JSON, are left "
         "out of the record; arguments_sha256 still identifies them.",
     )
+    decision_log_input: bool = Field(
+        False,
+        description="Keep each decision's exact policy input in the decision log (its tool "
+        "arguments as decision_log_arguments says: hash keeps only their SHA-256, which "
+        "replay and explain cannot evaluate exactly) and what the policy answered: what "
+        "`mcp-policy explain --decision-id` and `mcp-policy replay` read.",
+    )
     decision_log_sync: Literal["batch", "always"] = Field(
         "batch",
         description="batch: decisions are answered at once and logged within ~10 ms (a "
@@ -549,6 +556,7 @@ class Settings(BaseSettings):
             invalid_requests_per_second=self.decision_log_invalid_requests_per_second,
             too_many_pending_per_second=self.decision_log_too_many_pending_per_second,
             sync=self.decision_log_sync,
+            input=self.decision_log_input,
         )
 
     @property

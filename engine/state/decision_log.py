@@ -66,6 +66,13 @@ written (by the writer thread, identically to every sink) it is made safe:
 - Arguments (`raw`, `redacted`) whose JSON is over `LogSettings.max_argument_bytes` are
   left out: `"truncated": {"arguments": {"bytes": n, "sha256": <arguments_sha256>}}` (the
   hash of the call's canonical arguments, which every record carries anyway).
+- The policy input (`LogSettings.input`: `"input"`, the exact document the policy was
+  given, its `tool.arguments` as the argument setting says: raw, redacted, or for hash
+  their SHA-256 as a string, named by `"input_arguments"`; beside it `"policy"`, what the
+  policy answered: action, rule, rate_limits, approval) is kept exactly as it was, never
+  cut field by field: only sanitised like the arguments. A record it would take over the
+  line's bound is written without it: `"truncated": {"input": {"bytes": n, "sha256":
+  <of its JSON>}}` (replay and explain then say the input was not kept).
 - Whole line. A line is never over `RECORD_MAX_BYTES` (64 KiB); a record that would be is
   cut to its identifying fields (event, ids, time, principal, server, tool, verdict, rule,
   reason, revision, argument hash) with `"truncated": {"record": {"bytes": n, "sha256":
@@ -151,7 +158,7 @@ from typing import Any, Literal, TextIO
 
 from engine import jsonstrict
 from engine.errors import NotFound, StateUnavailable
-from engine.models import DecideRequest, Decision, ToolCall, Verdict
+from engine.models import DecideRequest, Decision, PolicyResult, ToolCall, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +273,7 @@ class LogSettings:
     invalid_requests_per_second: float = 20.0  # invalid_request events written; 0: none
     too_many_pending_per_second: float = 5.0  # such refusals written per agent; 0: none
     sync: SyncMode = "batch"  # "always": an allow waits until its record is on disk
+    input: bool = False  # keep each decision's exact policy input (and the policy's answer)
 
 
 # A decision waiting for its record to be written (sync="always"): its event loop, and
@@ -439,7 +447,7 @@ def prepare(record: dict[str, Any], *, max_argument_bytes: int) -> Prepared:
     if not isinstance(record, dict):
         record = {"event": "unknown", "value": record}
     # The chain's fields are the writer's to set: a record's own are left out.
-    rest = {k: v for k, v in record.items() if k != "arguments" and k not in CHAIN_KEYS}
+    rest = {k: v for k, v in record.items() if k not in _EXACT_FIELDS and k not in CHAIN_KEYS}
     out: dict[str, Any] = bounder.tree(rest, "", NAME_MAX, 0, True)
     if "arguments" in record:
         arguments = record["arguments"]
@@ -459,15 +467,32 @@ def prepare(record: dict[str, Any], *, max_argument_bytes: int) -> Prepared:
                 except (TypeError, ValueError, RecursionError):
                     digest = None
             bounder.truncated["arguments"] = {"bytes": size, "sha256": digest}
+    if "input" in record:  # exact: sanitised only, never cut
+        out["input"] = bounder.tree(record["input"], "input", NAME_MAX, 0, False)
     if bounder.truncated:
         out["truncated"] = bounder.truncated
     if bounder.sanitised:
         out["sanitised"] = True
     text = line(out)
+    if "input" in out and len(text) > RECORD_MAX_BYTES - CHAIN_BYTES:
+        # The input goes first: the rest of the record is what the audit needs.
+        kept = line(out.pop("input"))
+        out["truncated"] = {
+            **out.get("truncated", {}),
+            "input": {
+                "bytes": len(kept),
+                "sha256": hashlib.sha256(kept.encode("ascii")).hexdigest(),
+            },
+        }
+        text = line(out)
     if len(text) > RECORD_MAX_BYTES - CHAIN_BYTES:  # room for the chain's fields
         out = _identity(out, text)
         text = line(out)
     return Prepared(out, text, bounder.sanitised, bool(bounder.truncated))
+
+
+# Fields of a record kept exactly (not cut field by field; see the module docstring).
+_EXACT_FIELDS = frozenset({"arguments", "input"})
 
 
 def _identity(out: dict[str, Any], text: str) -> dict[str, Any]:
@@ -1191,6 +1216,8 @@ class DecisionLog:
         dry_run: bool = False,
         flood_key: str | None = None,
         bundles: dict[str, str] | None = None,
+        input_doc: dict[str, Any] | None = None,
+        result: PolicyResult | None = None,
     ) -> Coroutine[Any, Any, None] | None:
         """Log a decision. With `flood_key` (a refusal its caller can repeat at no cost:
         the key is its agent, "" for none) at most `too_many_pending_per_second` such
@@ -1199,7 +1226,11 @@ class DecisionLog:
         With sync="always", an allow (not a dry run) returns what to await before the
         allow may be given: it returns once the record is written to every sink, and
         raises StateUnavailable saying why when it was not (or not within
-        SYNC_WAIT_SECONDS). Otherwise None: the record is written shortly."""
+        SYNC_WAIT_SECONDS). Otherwise None: the record is written shortly.
+
+        With `LogSettings.input`, the record keeps `input_doc` (the policy's input, its
+        arguments as the argument setting says) and what the policy answered (`result`:
+        none when it gave no answer)."""
         if not self.enabled:
             return None
         if flood_key is not None and not self._decision_flood.admit(
@@ -1234,6 +1265,8 @@ class DecisionLog:
             record["arguments"] = call.arguments
         elif self.settings.arguments == "redacted":
             record["arguments"] = redact(call.arguments, self._redact)
+        if self.settings.input and input_doc is not None:
+            record.update(self._input_fields(input_doc, record["arguments_sha256"], result))
         if shadow:
             record["shadow"] = shadow
         if dry_run:
@@ -1245,6 +1278,27 @@ class DecisionLog:
         written: asyncio.Future[str | None] = loop.create_future()
         self._queue.put((record, (loop, written)))
         return _until_written(written)
+
+    def _input_fields(
+        self, input_doc: dict[str, Any], digest: str, result: PolicyResult | None
+    ) -> dict[str, Any]:
+        """The record's `input` (its arguments as the argument setting says), how they
+        were kept, and what the policy answered."""
+        mode = self.settings.arguments
+        tool = input_doc.get("tool")
+        tool = dict(tool) if isinstance(tool, dict) else {}
+        arguments = tool.get("arguments")
+        if mode == "hash":
+            tool["arguments"] = digest
+        elif mode == "redacted":
+            tool["arguments"] = redact(arguments, self._redact)
+        fields: dict[str, Any] = {"input": {**input_doc, "tool": tool}, "input_arguments": mode}
+        if result is not None:
+            answer = result.model_dump(
+                mode="json", include={"action", "rule", "rate_limits", "approval"}
+            )
+            fields["policy"] = {k: v for k, v in answer.items() if v is not None}
+        return fields
 
     # The writer thread: it never stops on an error (each is counted, shown, logged).
 

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from engine import approver_auth, jsonstrict
+from engine.authoring.explain import LiveExplainer
 from engine.errors import (
     MAX_FIELD_CHARS,
     MAX_MESSAGE_CHARS,
@@ -372,6 +373,22 @@ def create_app(runtime: Runtime) -> FastAPI:
         decision_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)],
     ) -> dict[str, Any]:
         return await service.get_decision(decision_id)
+
+    explainer = LiveExplainer(settings.policy_schema)
+
+    @app.get(
+        "/v1/decisions/{decision_id}/explain",
+        summary="Why a logged decision got its answer, by the running policy (operator)",
+    )
+    async def explain_decision(
+        _: Operator,
+        decision_id: Annotated[str, Path(min_length=1, max_length=MAX_ID_CHARS)],
+    ) -> dict[str, Any]:
+        """The running policy's explanation of the decision's logged input (404: no such
+        decision; 409: its record holds no input that can be evaluated, see
+        MCP_POLICY_DECISION_LOG_INPUT)."""
+        record = await service.get_decision(decision_id)
+        return await explainer.explain(runtime.policy.bundle, record)
 
     @app.get("/v1/status", summary="Summary: calls, denials by rule, top tools, approvals")
     async def status(
