@@ -21,6 +21,7 @@ from engine import approvals_cli, jsonstrict, translate
 from engine import status as status_view
 from engine.authoring import build as build_command
 from engine.authoring import explain as explain_command
+from engine.authoring import import_intercept as import_command
 from engine.authoring import init as init_command
 from engine.authoring import migrate as migrate_command
 from engine.authoring import replay as replay_command
@@ -182,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     replay_command.add_arguments(replayer)
+    importer = commands.add_parser(
+        "import",
+        help=import_command.HELP,
+        description=import_command.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    import_command.add_arguments(importer)
     starter = commands.add_parser(
         "init",
         help=init_command.HELP,
@@ -360,6 +368,8 @@ def _run(args: argparse.Namespace) -> int:
         return explain_command.run(args)
     if args.command == "replay":
         return replay_command.run(args)
+    if args.command == "import":
+        return import_command.run(args)
     if args.command == "init":
         return init_command.run(args)
     if args.command == "test":
