@@ -357,7 +357,11 @@ def _open_files(stack: contextlib.ExitStack, path: Path) -> list[tuple[Path, io.
     for attempt in range(OPEN_ATTEMPTS):
         listing = _listing(path)
         if not listing:
-            raise Unverifiable(f"{path}: no such file (nor rotated ones beside it)")
+            # None, or the log renamed to .1 between listing the rotated files and it.
+            if attempt == OPEN_ATTEMPTS - 1:
+                raise Unverifiable(f"{path}: no such file (nor rotated ones beside it)")
+            time.sleep(OPEN_RETRY_SECONDS)
+            continue
         with contextlib.ExitStack() as opening:
             files = []
             try:
