@@ -17,6 +17,7 @@ import httpx
 from engine.policy.opa_process import free_loopback_port
 
 CLI = [sys.executable, "-m", "engine.cli"]
+PORT_ATTEMPTS = 3
 
 
 class Serve:
@@ -29,41 +30,54 @@ class Serve:
         measured: bool = True,
     ) -> None:
         """`measured=False`: no coverage in this process (replicas under load, whose code
-        the in-process tests cover, would spend the run's CPU on tracing it)."""
-        self.http_port = free_loopback_port()
-        self.grpc_port = free_loopback_port()
-        args = [
-            *CLI,
-            "serve",
-            "--http-port",
-            str(self.http_port),
-            "--grpc-port",
-            str(self.grpc_port),
-            "--state-dir",
-            str(tmp / "state"),
-            "--decision-log",
-            str(tmp / "decisions.jsonl"),
-        ]
-        for path in policy:
-            args += ["--policy", str(path)]
-        args += extra
+        the in-process tests cover, would spend the run's CPU on tracing it).
+
+        The ports are free ones found just before; another process on a busy machine may
+        take one first, and then the service refuses to start: it is started again on
+        other ports (a few times), nothing else being retried."""
         environment = {k: v for k, v in os.environ.items() if not k.startswith("MCP_POLICY_")}
         if not measured:
             environment.pop("COVERAGE_PROCESS_CONFIG", None)
-        self.proc = subprocess.Popen(
-            args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**environment, **env},
-        )
-        self.lines: list[str] = []
-        # The log is read all along (a full pipe would block the service on a write),
-        # into `lines` and, for `wait_for`, a queue.
-        self._unread: queue.Queue[str | None] = queue.Queue()
-        self._reader = threading.Thread(target=self._read, name="serve-log", daemon=True)
-        self._reader.start()
-        self.wait_for("HTTP on")
+        for attempt in range(PORT_ATTEMPTS):
+            self.http_port = free_loopback_port()
+            self.grpc_port = free_loopback_port()
+            args = [
+                *CLI,
+                "serve",
+                "--http-port",
+                str(self.http_port),
+                "--grpc-port",
+                str(self.grpc_port),
+                "--state-dir",
+                str(tmp / "state"),
+                "--decision-log",
+                str(tmp / "decisions.jsonl"),
+            ]
+            for path in policy:
+                args += ["--policy", str(path)]
+            args += extra
+            self.proc = subprocess.Popen(
+                args,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**environment, **env},
+            )
+            self.lines: list[str] = []
+            # The log is read all along (a full pipe would block the service on a write),
+            # into `lines` and, for `wait_for`, a queue.
+            self._unread: queue.Queue[str | None] = queue.Queue()
+            self._reader = threading.Thread(target=self._read, name="serve-log", daemon=True)
+            self._reader.start()
+            try:
+                self.wait_for("HTTP on")
+            except AssertionError:
+                taken = any("cannot listen" in line for line in self.lines)
+                if not taken or attempt == PORT_ATTEMPTS - 1:
+                    raise
+                self.proc.wait(timeout=20)
+                continue
+            break
         self.url = f"http://127.0.0.1:{self.http_port}"
 
     def _read(self) -> None:
