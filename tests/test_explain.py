@@ -355,3 +355,29 @@ async def test_hostile_calls_get_one_clear_line(tmp_path: Path, world: World) ->
     assert b"\x1b" not in shown.stdout and b"\x07" not in shown.stdout
     assert "\u202e".encode() not in shown.stdout
     assert b"srv\\x1b[2J" in shown.stdout
+
+
+def test_a_teams_repository_is_explained_on_the_installed_framework(
+    tmp_path: Path,
+) -> None:
+    """In a repository `mcp-policy init` wrote (no framework of its own), --policy rego
+    --policy policies is explained with the installed framework added (replay too)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_POLICY_")}
+    subprocess.run([*CLI, "init", str(tmp_path / "repo")], check=True, env=env, timeout=60)
+    call = {
+        "server": "mail",
+        "tool": "send_email",
+        "arguments": {"to": ["eve@elsewhere.org"]},
+        "principal": {"agent_id": "a", "session_id": "s", "user_id": "ana"},
+    }
+    done = subprocess.run(
+        [*CLI, "explain", "--json", "--policy", "rego", "--policy", "policies"],
+        input=json.dumps(call),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path / "repo",
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "outbound_mail.external_recipient" in done.stdout

@@ -51,7 +51,7 @@ from engine.errors import (
     PolicyUnavailable,
 )
 from engine.policy.opa_process import ToolMissing
-from engine.policy.source import PolicyBundle
+from engine.policy.source import PolicyBundle, with_framework
 from engine.state.decision_log import Link, read_link, rotated_files, row_hash
 
 EXPLAIN_QUERY = "data.mcp.explain.explanation"
@@ -398,7 +398,8 @@ async def _explain(args: argparse.Namespace, settings: Any, text: bytes | None) 
         assert text is not None
         when = parse_time(args.time, "--time") if args.time else None
         doc, notes = _call_input(text, when, settings.max_json_depth), []
-    paths = list(args.policy or settings.policy_paths)
+    # A team's directories: the installed framework's Rego added when none holds it.
+    paths = with_framework(list(args.policy)) if args.policy else list(settings.policy_paths)
     async with await OfflinePolicy.load(
         paths, schema=settings.policy_schema, queries=(EXPLAIN_QUERY,)
     ) as policy:

@@ -67,6 +67,7 @@ from typing import IO, Any, TextIO, cast
 from engine.errors import EngineError, PolicyRejected, PolicyUnavailable
 from engine.models import PolicyResult
 from engine.policy.opa_process import ToolMissing
+from engine.policy.source import with_framework
 from engine.state.decision_log import (
     LINE_MAX,
     Link,
@@ -1013,7 +1014,9 @@ async def _run(args: argparse.Namespace, out: TextIO) -> int:
     items, source = _items(args, window, chain)
     defaults: dict[str, Any] = {}
     schema = Settings(**defaults).policy_schema  # MCP_POLICY_*: as serve checks it
-    async with await OfflinePolicy.load(list(args.policy), schema=schema) as policy:
+    # A team's directories: the installed framework's Rego added when none holds it.
+    paths = with_framework(list(args.policy))
+    async with await OfflinePolicy.load(paths, schema=schema) as policy:
         report = Report(policy.revision, source, chain=chain)
         await asyncio.to_thread(replay, items, policy.evaluate_json, report, workers=args.workers)
     report.check(names)
