@@ -121,12 +121,12 @@ func (l *engineLogger) send(level, format string, a ...any) {
 	}
 }
 
-func (l *engineLogger) Debug(string, ...any)           {}
-func (l *engineLogger) Info(string, ...any)            {}
-func (l *engineLogger) Warn(f string, a ...any)        { l.send("warning", f, a...) }
-func (l *engineLogger) Error(f string, a ...any)       { l.send("error", f, a...) }
-func (l *engineLogger) SetLevel(logging.Level)         {}
-func (l *engineLogger) GetLevel() logging.Level        { return logging.Info }
+func (l *engineLogger) Debug(string, ...any)     {}
+func (l *engineLogger) Info(string, ...any)      {}
+func (l *engineLogger) Warn(f string, a ...any)  { l.send("warning", f, a...) }
+func (l *engineLogger) Error(f string, a ...any) { l.send("error", f, a...) }
+func (l *engineLogger) SetLevel(logging.Level)   {}
+func (l *engineLogger) GetLevel() logging.Level  { return logging.Info }
 func (l *engineLogger) WithFields(f map[string]any) logging.Logger {
 	merged := map[string]any{}
 	for k, v := range l.fields {
@@ -392,6 +392,9 @@ func (f *fleet) useCompiler(p *policy) error {
 		}
 	}
 	compiler := p.compiler
+	if f.upload != nil {
+		f.upload.masking.Store(masks(compiler, f.upload))
+	}
 	params := storage.WriteParams
 	params.Context = storage.NewContext()
 	plugins.SetCompilerOnContext(params.Context, compiler)

@@ -34,8 +34,10 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/open-policy-agent/opa/v1/ast"
 	"github.com/open-policy-agent/opa/v1/logging"
 	"github.com/open-policy-agent/opa/v1/plugins"
 	"github.com/open-policy-agent/opa/v1/plugins/logs"
@@ -86,6 +88,9 @@ type uploader struct {
 	maxDelay     time.Duration
 	trigger      plugins.TriggerMode
 	pluginConfig []byte // the decision_logs plugin's own configuration
+	maskPath     string // where the policy's mask and drop rules would be
+	dropPath     string
+	masking      atomic.Bool // the policy has them: events go through the plugin
 	dir          string
 	logger       logging.Logger
 
@@ -146,6 +151,8 @@ func newUploader(raw []byte, manager *plugins.Manager, dir string) (*uploader, e
 		maxDelay:     time.Duration(*checked.Reporting.MaxDelaySeconds),
 		trigger:      *checked.Reporting.Trigger,
 		pluginConfig: pluginConfig,
+		maskPath:     "/system/log/mask",
+		dropPath:     "/system/log/drop",
 		dir:          dir,
 		logger:       manager.Logger(),
 		segments:     map[uint64]int64{},
@@ -153,6 +160,12 @@ func newUploader(raw []byte, manager *plugins.Manager, dir string) (*uploader, e
 		wake:         make(chan struct{}, 1),
 		stopReq:      make(chan context.Context),
 		stopped:      make(chan struct{}),
+	}
+	if cfg.MaskDecision != nil {
+		u.maskPath = *cfg.MaskDecision
+	}
+	if cfg.DropDecision != nil {
+		u.dropPath = *cfg.DropDecision
 	}
 	if cfg.Reporting.BufferSizeLimitBytes != nil && *cfg.Reporting.BufferSizeLimitBytes > 0 {
 		u.spoolCap = *cfg.Reporting.BufferSizeLimitBytes
@@ -639,14 +652,30 @@ func (u *uploader) stats() map[string]any {
 type loggedDecision struct {
 	DecisionID string            `json:"decision_id"`
 	Path       string            `json:"path"`
-	Input      any               `json:"input"`
-	Result     any               `json:"result"`
+	Input      json.RawMessage   `json:"input"`
+	Result     json.RawMessage   `json:"result"`
 	Timestamp  time.Time         `json:"timestamp"`
 	Bundles    map[string]string `json:"bundles"`
 	Metrics    map[string]any    `json:"metrics"`
 }
 
-// mcp_fleet_log hands a JSON array of decisions to the decision_logs plugin.
+// masks says whether the policy has rules at the decision_logs plugin's mask or drop
+// path (default data.system.log.mask / .drop): only then must an event go through the
+// plugin, which converts it to Rego values to evaluate them. Without them the plugin
+// would hand on the event as it is, so it is built here and spooled as it is — its input
+// and result the engine's JSON text, never parsed.
+func masks(compiler *ast.Compiler, u *uploader) bool {
+	for _, path := range []string{u.maskPath, u.dropPath} {
+		ref, err := ast.PtrRef(ast.DefaultRootDocument, path)
+		if err != nil || len(compiler.GetRulesWithPrefix(ref)) > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// mcp_fleet_log hands a JSON array of decisions to the decision_logs plugin (or, when the
+// policy neither masks nor drops, straight to the spool, as the plugin would).
 //
 //export mcp_fleet_log
 func mcp_fleet_log(eventsJSON *C.char, n C.size_t, out **C.char, outlen *C.size_t) (status C.int) {
@@ -666,23 +695,31 @@ func mcp_fleet_log(eventsJSON *C.char, n C.size_t, out **C.char, outlen *C.size_
 		return fleetError
 	}
 	var decisions []loggedDecision
-	if err := util.UnmarshalJSON(view(eventsJSON, n), &decisions); err != nil {
+	if err := json.Unmarshal(view(eventsJSON, n), &decisions); err != nil {
 		reply(out, outlen, []byte(err.Error()))
 		return fleetError
 	}
+	direct := !f.upload.masking.Load()
+	labels := f.manager.Labels()
 	var failed []string
 	for i := range decisions {
 		d := &decisions[i]
-		bundles := make(map[string]server.BundleInfo, len(d.Bundles))
-		for name, revision := range d.Bundles {
-			bundles[name] = server.BundleInfo{Revision: revision}
-		}
-		info := &server.Info{
-			DecisionID: d.DecisionID, Path: d.Path, Timestamp: d.Timestamp,
-			Input: &d.Input, Results: &d.Result, Bundles: bundles,
-		}
 		ctx := context.WithValue(context.Background(), eventMetricsKey{}, d.Metrics)
-		if err := f.logs.Log(ctx, info); err != nil {
+		var err error
+		if direct {
+			bundles := make(map[string]logs.BundleInfoV1, len(d.Bundles))
+			for name, revision := range d.Bundles {
+				bundles[name] = logs.BundleInfoV1{Revision: revision}
+			}
+			var input, result any = d.Input, d.Result
+			err = f.upload.Log(ctx, logs.EventV1{
+				Labels: labels, DecisionID: d.DecisionID, Bundles: bundles, Path: d.Path,
+				Input: &input, Result: &result, Timestamp: d.Timestamp,
+			})
+		} else {
+			err = f.logThroughPlugin(ctx, d)
+		}
+		if err != nil {
 			failed = append(failed, d.DecisionID+": "+err.Error())
 		}
 	}
@@ -691,6 +728,25 @@ func mcp_fleet_log(eventsJSON *C.char, n C.size_t, out **C.char, outlen *C.size_
 		return fleetError
 	}
 	return fleetOK
+}
+
+// logThroughPlugin hands one decision to OPA's decision_logs plugin (masking, dropping).
+func (f *fleet) logThroughPlugin(ctx context.Context, d *loggedDecision) error {
+	var input, result any
+	if err := util.UnmarshalJSON(d.Input, &input); err != nil {
+		return err
+	}
+	if err := util.UnmarshalJSON(d.Result, &result); err != nil {
+		return err
+	}
+	bundles := make(map[string]server.BundleInfo, len(d.Bundles))
+	for name, revision := range d.Bundles {
+		bundles[name] = server.BundleInfo{Revision: revision}
+	}
+	return f.logs.Log(ctx, &server.Info{
+		DecisionID: d.DecisionID, Path: d.Path, Timestamp: d.Timestamp,
+		Input: &input, Results: &result, Bundles: bundles,
+	})
 }
 
 // mcp_fleet_check_events decodes a JSON array of decision-log events into OPA's own
