@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -49,14 +48,12 @@ from bench.load import (
     build_inputs,
     copy_policy,
     find_tool,
-    http_ok,
     run_case,
-    spawn,
-    stop,
     tool_version,
-    wait_for,
 )
-from engine.policy.opa_process import free_loopback_port
+from bench.load import (
+    start_service as load_service,
+)
 from engine.state import audit
 
 MODES = ("batch", "always")
@@ -81,47 +78,15 @@ async def start_service(
     sync: str,
 ) -> Service:
     """`mcp-policy serve` as bench/load.py starts it, with MCP_POLICY_DECISION_LOG_SYNC."""
-    http_port, grpc_port = free_loopback_port(), free_loopback_port()
-    script = Path(sys.executable).with_name("mcp-policy")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "engine.cli"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_POLICY_")}
-    env.update(
-        MCP_POLICY_ENGINE=engine,
-        MCP_POLICY_STATE_STORE="memory",
-        MCP_POLICY_APPROVER_TOKEN=secrets.token_hex(16),
-        MCP_POLICY_DECISION_LOG_SYNC=sync,
+    return await load_service(
+        stack,
+        session,
+        policy,
+        work,
+        engine,
+        env={"MCP_POLICY_DECISION_LOG_SYNC": sync},
+        name=f"the service (sync={sync})",
     )
-    (work / "state").mkdir(parents=True)
-    log = work / "service.log"
-    proc = spawn(
-        [
-            *command,
-            "serve",
-            "--http-port",
-            str(http_port),
-            "--grpc-port",
-            str(grpc_port),
-            "--state-dir",
-            str(work / "state"),
-            *(flag for path in policy for flag in ("--policy", str(path))),
-            "--decision-log",
-            str(work / "decisions.jsonl"),
-            "--log-level",
-            "WARNING",
-        ],
-        log=log,
-        env=env,
-    )
-    stack.callback(stop, proc)
-    url = f"http://127.0.0.1:{http_port}"
-
-    async def ready() -> bool:
-        return "HTTP on" in log.read_text(errors="replace") and await http_ok(
-            session, f"{url}/readyz"
-        )
-
-    await wait_for(f"the service (sync={sync})", ready, proc, log)
-    return Service(proc, url, f"127.0.0.1:{grpc_port}", engine, log)
 
 
 def target(session: aiohttp.ClientSession, service: Service, body: Path, sync: str) -> Target:

@@ -28,7 +28,6 @@ import contextlib
 import gzip
 import json
 import os
-import secrets
 import shutil
 import sys
 import tempfile
@@ -56,12 +55,9 @@ from bench.load import (
     build_inputs,
     copy_policy,
     find_tool,
-    http_ok,
     run_case,
-    spawn,
-    stop,
+    start_service,
     tool_version,
-    wait_for,
 )
 from engine.policy.opa_process import free_loopback_port
 
@@ -131,31 +127,9 @@ async def start(
 ) -> Service:
     """`mcp-policy serve` as bench/load.py starts it, with `extra` arguments."""
     work.mkdir()
-    (work / "state").mkdir()
-    http_port, grpc_port = free_loopback_port(), free_loopback_port()
-    script = Path(sys.executable).with_name("mcp-policy")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "engine.cli"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_POLICY_")}
-    env.update(
-        MCP_POLICY_ENGINE=engine,
-        MCP_POLICY_STATE_STORE="memory",
-        MCP_POLICY_APPROVER_TOKEN=secrets.token_hex(16),
+    return await start_service(
+        stack, session, policy, work, engine, extra=extra, name=f"the service ({work.name})"
     )
-    log = work / "service.log"
-    argv = [*command, "serve", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
-    argv += ["--state-dir", str(work / "state"), "--decision-log", str(work / "decisions.jsonl")]
-    argv += [flag for path in policy for flag in ("--policy", str(path))]
-    proc = spawn([*argv, *extra, "--log-level", "WARNING"], log=log, env=env)
-    stack.callback(stop, proc)
-    url = f"http://127.0.0.1:{http_port}"
-
-    async def ready() -> bool:
-        return "HTTP on" in log.read_text(errors="replace") and await http_ok(
-            session, f"{url}/readyz"
-        )
-
-    await wait_for(f"the service ({work.name})", ready, proc, log)
-    return Service(proc, url, f"127.0.0.1:{grpc_port}", engine, log)
 
 
 async def scrape(session: aiohttp.ClientSession, service: Service) -> str:

@@ -359,38 +359,29 @@ async def start_service(
     policy: list[Path],
     work: Path,
     engine: str,
+    *,
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    name: str = "the service (mcp-policy serve)",
 ) -> Service:
+    """`mcp-policy serve` on free loopback ports with a memory store, its log in `work`;
+    `extra` arguments and `env` settings on top (the other benchmarks' variants)."""
     http_port, grpc_port = free_loopback_port(), free_loopback_port()
     script = Path(sys.executable).with_name("mcp-policy")
     command = [str(script)] if script.is_file() else [sys.executable, "-m", "engine.cli"]
-    policy_flags = [flag for path in policy for flag in ("--policy", str(path))]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MCP_POLICY_")}
-    env.update(
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MCP_POLICY_")}
+    environment.update(
         MCP_POLICY_ENGINE=engine,
         MCP_POLICY_STATE_STORE="memory",
         MCP_POLICY_APPROVER_TOKEN=secrets.token_hex(16),
     )
-    (work / "state").mkdir()
+    environment.update(env or {})
+    (work / "state").mkdir(parents=True)
     log = work / "service.log"
-    proc = spawn(
-        [
-            *command,
-            "serve",
-            "--http-port",
-            str(http_port),
-            "--grpc-port",
-            str(grpc_port),
-            "--state-dir",
-            str(work / "state"),
-            *policy_flags,
-            "--decision-log",
-            str(work / "decisions.jsonl"),
-            "--log-level",
-            "WARNING",
-        ],
-        log=log,
-        env=env,
-    )
+    argv = [*command, "serve", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
+    argv += ["--state-dir", str(work / "state"), "--decision-log", str(work / "decisions.jsonl")]
+    argv += [flag for path in policy for flag in ("--policy", str(path))]
+    proc = spawn([*argv, *(extra or []), "--log-level", "WARNING"], log=log, env=environment)
     stack.callback(stop, proc)
     url = f"http://127.0.0.1:{http_port}"
 
@@ -399,7 +390,7 @@ async def start_service(
             session, f"{url}/readyz"
         )
 
-    await wait_for("the service (mcp-policy serve)", ready, proc, log)
+    await wait_for(name, ready, proc, log)
     return Service(proc, url, f"127.0.0.1:{grpc_port}", engine, log)
 
 
