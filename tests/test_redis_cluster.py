@@ -333,6 +333,7 @@ async def burst(urls: list[str], bodies: list[dict[str, Any]]) -> list[str]:
 PROBE_SERVER = "probe-mcp"
 PROBE_TOOLS = [f"probe_{i}" for i in range(9)]
 PER_SESSION = 20
+WINDOW_SECONDS = 60
 
 
 def probe_policy(tmp: Path) -> tuple[Path, Path]:
@@ -347,7 +348,7 @@ def probe_policy(tmp: Path) -> tuple[Path, Path]:
         rules={
             tool: {
                 "action": "rate_limit",
-                "rate_limit": {"max": PER_SESSION, "window": 60, "scope": "session"},
+                "rate_limit": {"max": PER_SESSION, "window": WINDOW_SECONDS, "scope": "session"},
             }
             for tool in PROBE_TOOLS
         },
@@ -403,6 +404,7 @@ async def test_a_node_killed_under_load_denies_its_calls_and_no_limit_slips(
     assert kept, f"every probe tool on node {victim}: {node_of}"
 
     results: list[tuple[str, str, float, int, dict[str, Any]]] = []
+    answered_at: list[float] = []
     servers = await start_servers(settings)
     try:
         limits = httpx.Limits(max_connections=64)
@@ -415,6 +417,7 @@ async def test_a_node_killed_under_load_denies_its_calls_and_no_limit_slips(
                     response = await raw.post("/v1/decide", json=probe_call(tool, session_id))
                     decision: dict[str, Any] = response.json()
                     results.append((tool, session_id, started, response.status_code, decision))
+                    answered_at.append(time.monotonic())
                     return decision
 
             flowing = {tool: session() for tool in PROBE_TOOLS}
@@ -466,7 +469,19 @@ async def test_a_node_killed_under_load_denies_its_calls_and_no_limit_slips(
 
     assert {status for *_, status, _ in results} == {200}, "the service kept answering"
     allowed = Counter((tool, sid) for tool, sid, _, _, d in results if d["verdict"] == "allow")
-    assert max(allowed.values()) <= PER_SESSION, "no session past its limit"
+    # No limit slips: no PER_SESSION + 1 allows of one session within one window. Each
+    # call was decided between its start and its answer; on a loaded machine a session's
+    # calls can span more than a window, so a count over the whole test would not say it.
+    spans: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for (tool, sid, started, _, d), answered in zip(results, answered_at, strict=True):
+        if d["verdict"] == "allow":
+            spans.setdefault((tool, sid), []).append((started, answered))
+    for key, calls in spans.items():
+        calls.sort()
+        for first in range(len(calls) - PER_SESSION):
+            group = calls[first : first + PER_SESSION + 1]
+            latest = max(end for _, end in group)
+            assert latest - group[0][0] >= WINDOW_SECONDS, f"{key}: past its limit in a window"
     assert any(allowed[(tool, flowing[tool])] for tool in lost), "calls flowed before the kill"
 
     lost_after = [
@@ -479,8 +494,16 @@ async def test_a_node_killed_under_load_denies_its_calls_and_no_limit_slips(
         d["verdict"] == "deny" and d["rule"] == "engine.state_unavailable" for d in lost_after
     ), "a dead node's calls are denied"
     for tool in kept:
-        assert allowed[(tool, fresh[tool])] == PER_SESSION, f"{tool}: exact on a surviving node"
-        assert counted[tool] == PER_SESSION, f"{tool}: slots of unheld reservations given back"
+        fresh_calls = spans.get((tool, fresh[tool]), [])
+        within_a_window = fresh_calls[-1][1] - fresh_calls[0][0] < WINDOW_SECONDS
+        if within_a_window:  # else the window slid while they ran: more may pass
+            assert allowed[(tool, fresh[tool])] == PER_SESSION, f"{tool}: exact on a node"
+        else:
+            assert allowed[(tool, fresh[tool])] >= PER_SESSION, f"{tool}: not below its limit"
+        if within_a_window:
+            assert counted[tool] == PER_SESSION, f"{tool}: slots of unheld reservations given back"
+        else:
+            assert counted[tool] <= PER_SESSION, f"{tool}: no slot left taken past its limit"
     kept_fresh = [d for tool, sid, *_, d in results if tool in kept and sid == fresh[tool]]
     refused = Counter(d["rule"] for d in kept_fresh if d["verdict"] != "allow")
     assert refused["engine.state_unavailable"] > 0, "some reservations were on the dead node"
