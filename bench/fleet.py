@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import gzip
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -53,8 +52,10 @@ from bench.load import (
     Stages,
     Target,
     build_inputs,
+    case_options,
     copy_policy,
     find_tool,
+    parsed_cases,
     run_case,
     start_service,
     tool_version,
@@ -294,26 +295,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per case (10)")
-    parser.add_argument("--warmup", type=float, default=2.0, help="discarded warm-up (2 s)")
-    parser.add_argument("--concurrency", default="1,16", help="comma-separated (1,16)")
-    parser.add_argument(
-        "--engine",
-        choices=["inprocess", "opa"],
-        default=os.environ.get("MCP_POLICY_ENGINE", "inprocess"),
-        help="the services' policy engine (MCP_POLICY_ENGINE; default inprocess)",
-    )
-    parser.add_argument(
-        "--client-cpus", type=int, default=1, help="hey -cpus (default 1, as bench/load.py)"
-    )
-    args = parser.parse_args(argv)
-    try:
-        args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    except ValueError:
-        parser.error("--concurrency: comma-separated whole numbers, e.g. 1,16")
-    if not args.levels or min(args.levels) < 1 or args.duration <= 0 or args.warmup < 0:
-        parser.error("concurrencies must be >= 1, --duration > 0, --warmup >= 0")
-    return args
+    case_options(parser)
+    return parsed_cases(parser, argv)
 
 
 async def run(args: argparse.Namespace) -> int:

@@ -1013,12 +1013,9 @@ def print_goals(results: list[Result], rate: float | None) -> None:
 # ---------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.load",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def case_options(parser: argparse.ArgumentParser) -> None:
+    """The options every HTTP/gRPC load benchmark takes: --duration, --warmup,
+    --concurrency, --engine, --client-cpus."""
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per case (10)")
     parser.add_argument(
         "--warmup", type=float, default=2.0, help="seconds of discarded warm-up per case (2)"
@@ -1039,10 +1036,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="GOMAXPROCS of the load tools (hey -cpus, ghz --cpus; default 1: a tool never "
         "takes more than one of the cores the servers need)",
     )
-    parser.add_argument(
-        "--grpc-connections", type=int, default=1, help="ghz --connections (default 1)"
-    )
-    parser.add_argument("--no-fixed-rate", action="store_true", help="skip the fixed-rate part")
+
+
+def parsed_cases(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The arguments, with `levels` (the concurrencies) checked."""
     args = parser.parse_args(argv)
     try:
         args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -1051,6 +1048,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.levels or min(args.levels) < 1 or args.duration <= 0 or args.warmup < 0:
         parser.error("concurrencies must be >= 1, --duration > 0, --warmup >= 0")
     return args
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.load",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    case_options(parser)
+    parser.add_argument(
+        "--grpc-connections", type=int, default=1, help="ghz --connections (default 1)"
+    )
+    parser.add_argument("--no-fixed-rate", action="store_true", help="skip the fixed-rate part")
+    return parsed_cases(parser, argv)
 
 
 async def run(args: argparse.Namespace) -> int:
