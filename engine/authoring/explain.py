@@ -212,8 +212,7 @@ class LiveExplainer:
     compiled for each explanation (about 0.1 s for the shipped policy; one at a time) with
     the explain query, beside the engine that decides, and released after."""
 
-    def __init__(self, schema: Path | None) -> None:
-        self.schema = schema
+    def __init__(self) -> None:
         self._lock = asyncio.Lock()
 
     async def explain(self, bundle: PolicyBundle | None, record: dict[str, Any]) -> dict[str, Any]:
@@ -226,8 +225,10 @@ class LiveExplainer:
             raise PolicyUnavailable("no policy is loaded yet")
         async with self._lock:
             try:
+                # The running bundle was checked against the schema when it was loaded:
+                # not again here, on the event loop of a serving replica.
                 policy = await OfflinePolicy.load(
-                    [], schema=self.schema, queries=(EXPLAIN_QUERY,), bundle=bundle
+                    [], schema=None, queries=(EXPLAIN_QUERY,), bundle=bundle
                 )
             except ToolMissing as exc:
                 raise PolicyUnavailable(

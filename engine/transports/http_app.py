@@ -374,7 +374,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     ) -> dict[str, Any]:
         return await service.get_decision(decision_id)
 
-    explainer = LiveExplainer(settings.policy_schema)
+    explainer = LiveExplainer()
 
     @app.get(
         "/v1/decisions/{decision_id}/explain",
