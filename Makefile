@@ -200,7 +200,7 @@ test-rego:
 # pyproject.toml), and fails under PY_COVERAGE_FLOOR percent. The data file lives in
 # .tools/ (ignored by git).
 UNIT_TESTS := tests/test_units.py tests/test_proxy_units.py tests/test_migrate.py \
-              tests/test_examples.py tests/test_wire_rules.py
+              tests/test_examples.py tests/test_wire_rules.py tests/test_redaction.py
 PY_COVERAGE_FLOOR := 90
 TEST_WORKERS ?= 3
 TEST_TIMEOUT ?= 300
