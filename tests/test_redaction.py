@@ -758,6 +758,7 @@ def test_short_numbers_are_not_swept_out_of_uids_but_long_ones_are() -> None:
     assert "61.2" in key
     assert applied.counts == (1, 3)
 
+
 def test_the_sweep_and_patterns_reach_into_encoded_documents() -> None:
     """A redacted value (or a pattern's match) inside a base64+gzip blob that no path
     touches: the blob is rewritten all the same."""

@@ -142,6 +142,8 @@ def redactions_of(entries: Sequence[Any]) -> list[Redaction]:
         replacement = entry.get("replacement", DEFAULT_REPLACEMENT)
         if not isinstance(replacement, str):
             raise BadRedaction(f"{where}: replacement is not a string")
+        if not isinstance(entry.get("block_if_found", False), bool):
+            raise BadRedaction(f"{where}: block_if_found is not a boolean")
         path, pattern = entry.get("path"), entry.get("pattern")
         try:
             if has_path:
