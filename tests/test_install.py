@@ -166,7 +166,11 @@ def test_validate_with_no_paths_checks_the_packaged_policy(installed: Installed)
     modules = [
         p for p in (PROJECT_ROOT / "rego").rglob("*.rego") if not p.name.endswith("_test.rego")
     ]
-    assert f"mcp-policy validate: ok ({len(modules)} Rego modules, 2 data files in " in done.stdout
+    data_files = list((PROJECT_ROOT / "policies").glob("*.yaml"))
+    assert (
+        f"mcp-policy validate: ok ({len(modules)} Rego modules, {len(data_files)} data files in "
+        in done.stdout
+    )
     assert str(installed.site / "engine" / "_data" / "rego") in done.stdout
     assert str(PROJECT_ROOT / "rego") not in done.stdout
 

@@ -609,10 +609,15 @@ def check_real_server(
     assert connect["ok"] is True, f"{where}: {connect}"
     assert connect["result"]["serverInfo"]["name"] == HEALTHIMAGING
 
-    # tools/list passed the client's validation; all but the two catalogued tools are hidden.
+    # tools/list passed the client's validation; all but the catalogued tools are hidden.
     assert listing["ok"] is True, f"{where}: {listing}"
     tools = {tool["name"]: tool for tool in listing["result"]["tools"]}
-    assert sorted(tools) == [COPY_TOOL, "list_datastores"]
+    assert sorted(tools) == [
+        COPY_TOOL,
+        "get_image_set_metadata",
+        "list_datastores",
+        "search_image_sets",
+    ]
     assert sorted(tools[COPY_TOOL]["outputSchema"]["required"]) == [
         "datastore_id",
         "destination_image_set_properties",

@@ -250,9 +250,10 @@ async def test_scan_guesses_the_real_servers_tools_and_its_starter_cases_pass(
     tmp_path: Path,
 ) -> None:
     """The real HealthImaging server (39 tools, no annotations) is no longer all
-    write/medium: each tool is guessed from its name and marked as a guess; the tool the
-    shipped catalog has (copy_image_set) is left out with its place; the file merges with
-    the shipped policy; the starter cases expect what that policy decides."""
+    write/medium: each tool is guessed from its name and marked as a guess; the tools the
+    shipped catalog has (copy_image_set, get_image_set_metadata, search_image_sets) are
+    left out with their places; the file merges with the shipped policy; the starter cases
+    expect what that policy decides."""
     recorder = real.Recorder()
     rego, data = copy_policy(tmp_path)
     out, cases = data / "healthimaging.yaml", tmp_path / "tests" / "healthimaging.cases.yaml"
@@ -280,9 +281,11 @@ async def test_scan_guesses_the_real_servers_tools_and_its_starter_cases_pass(
     assert recorder.requests == [], "listing tools reaches no AWS endpoint"
     text = out.read_text()
     entries = catalog_of(text)[HEALTHIMAGING]
-    assert len(entries) == 38  # 39 tools, copy_image_set already catalogued
-    assert "copy_image_set" not in entries
-    assert f"# copy_image_set: already catalogued ({data / 'catalog.yaml'}:" in text
+    shipped = ("copy_image_set", "get_image_set_metadata", "search_image_sets")
+    assert len(entries) == 36  # 39 tools, 3 already catalogued
+    for name in shipped:
+        assert name not in entries
+        assert f"# {name}: already catalogued ({data / 'catalog.yaml'}:" in text
     assert all(entry["guessed"] is True for entry in entries.values())
     kinds = {(e["category"], e["risk"]) for e in entries.values()}
     assert kinds == {("read", "low"), ("write", "medium"), ("write", "high"), ("delete", "high")}
@@ -290,7 +293,7 @@ async def test_scan_guesses_the_real_servers_tools_and_its_starter_cases_pass(
     for name, expected in {
         "get_datastore": ("read", "low"),
         "list_datastores": ("read", "low"),
-        "search_image_sets": ("read", "low"),
+        "list_image_set_versions": ("read", "low"),
         "create_datastore": ("write", "medium"),
         "update_image_set_metadata": ("write", "medium"),
         "start_dicom_import_job": ("write", "medium"),

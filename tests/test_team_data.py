@@ -25,6 +25,7 @@ POLICIES = PROJECT_ROOT / "policies"
 # Every tool and server name the shipped tests call, so the team's data touches all of them.
 TOOLS = [
     *("copy_image_set", "delete_datastore", "list_datastores", "search_image_sets"),
+    "get_image_set_metadata",
     *("update_image_set_metadata", "unlisted", "read_thing", "write_thing", "odd_thing"),
     *("drop_thing", "admin_thing", "pay", "t", "t2", "other", "Other", "s", "get", "drop"),
     *("odd", "nope", "y", "Copy_Image_Set", "COPY_IMAGE_SET", "whoami"),
@@ -81,7 +82,12 @@ def more_data(root: Path) -> list[Path]:
     name the shipped tests use, on any server and on theirs, critical, denied."""
     catalog: dict[str, Any] = {"*": dict.fromkeys(TOOLS, CRITICAL)}
     catalog.update({server: dict.fromkeys(TOOLS, CRITICAL) for server in SERVERS})
-    catalog["awslabs.healthimaging-mcp-server"] = dict.fromkeys(TOOLS[1:], CRITICAL)
+    # Not the tools the shipped catalog has on these servers: the same tool on the same
+    # server in two files is an error.
+    shipped = {"copy_image_set", "get_image_set_metadata", "search_image_sets"}
+    catalog["awslabs.healthimaging-mcp-server"] = {
+        name: CRITICAL for name in TOOLS if name not in shipped
+    }
     catalog["awslabs.valkey-mcp-server"] = dict.fromkeys(TOOLS[1:], CRITICAL)
     rules = {name: {"action": "deny", "reason": "the team says no"} for name in TOOLS[1:]}
     return team_directories(root, {"catalog": catalog, "rules": rules})

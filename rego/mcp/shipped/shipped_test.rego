@@ -20,12 +20,116 @@ _copy_image_set := {
 	]),
 }
 
+_get_image_set_metadata := {
+	"category": "read",
+	"risk": "low",
+	"description": "AWS HealthImaging GetImageSetMetadata: an image set's DICOM metadata (base64 of gzip'd JSON)",
+}
+
+_search_image_sets := {
+	"category": "read",
+	"risk": "low",
+	"description": "AWS HealthImaging SearchImageSets: image sets matching search criteria, with their DICOM tags",
+}
+
+# The DICOM keywords of policies/results.yaml (phi.attributes), in its order.
+_phi_attributes := [
+	"PatientName",
+	"PatientID",
+	"IssuerOfPatientID",
+	"PatientBirthDate",
+	"PatientBirthTime",
+	"PatientBirthDateInAlternativeCalendar",
+	"PatientDeathDateInAlternativeCalendar",
+	"PatientAlternativeCalendar",
+	"PatientSex",
+	"PatientInsurancePlanCodeSequence",
+	"OtherPatientIDs",
+	"OtherPatientNames",
+	"OtherPatientIDsSequence",
+	"PatientBirthName",
+	"PatientAge",
+	"PatientSize",
+	"PatientWeight",
+	"PatientAddress",
+	"InsurancePlanIdentification",
+	"PatientMotherBirthName",
+	"MilitaryRank",
+	"BranchOfService",
+	"MedicalRecordLocator",
+	"MedicalAlerts",
+	"Allergies",
+	"CountryOfResidence",
+	"RegionOfResidence",
+	"PatientTelephoneNumbers",
+	"PatientTelecomInformation",
+	"EthnicGroup",
+	"Occupation",
+	"SmokingStatus",
+	"AdditionalPatientHistory",
+	"PregnancyStatus",
+	"LastMenstrualDate",
+	"PatientReligiousPreference",
+	"PatientSexNeutered",
+	"ResponsiblePerson",
+	"ResponsibleOrganization",
+	"PatientComments",
+	"AccessionNumber",
+	"AdmittingDiagnosesDescription",
+	"AdmissionID",
+	"SpecialNeeds",
+	"PatientInstitutionResidence",
+	"PatientState",
+]
+
+_results := {
+	"phi": {
+		"roles": ["phi-reader"],
+		"replacement": "[REDACTED]",
+		"tools": {
+			"awslabs.healthimaging-mcp-server": ["get_image_set_metadata", "copy_image_set", "search_image_sets"],
+			"awslabs.valkey-mcp-server": ["copy_image_set"],
+		},
+		"attributes": _phi_attributes,
+		"search_keys": [
+			"DICOMPatientName",
+			"DICOMPatientId",
+			"DICOMPatientBirthDate",
+			"DICOMPatientSex",
+			"DICOMAccessionNumber",
+		],
+	},
+	"secrets": {
+		"aws_access_key": {
+			"description": "an AWS access key id",
+			"regex": concat("", [
+				`(?:^|[^A-Za-z0-9_]|\\[bfnrt]|\\u[0-9A-Fa-f]{4})`,
+				`(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?:$|[^A-Za-z0-9_])`,
+			]),
+			"hints": [`(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}`],
+		},
+		"aws_secret_key": {
+			"description": "an AWS secret access key",
+			"regex": concat("", [
+				`(?:secret|Secret|SECRET)[ _-]?(?:(?:access|Access|ACCESS)[ _-]?)?(?:key|Key|KEY)`,
+				`(?:[\s"'\\:=>,]|\\[bfnrt]|\\u[0-9A-Fa-f]{4}){1,32}`,
+				`[A-Za-z0-9/+]{40}(?:$|[^A-Za-z0-9/+=])`,
+			]),
+			"hints": ["secret", "Secret", "SECRET"],
+		},
+	},
+}
+
 # METADATA
 # title: data.mcp_policy as policies/*.yaml ships it
 # scope: document
 policy := {
 	"catalog": {
-		"awslabs.healthimaging-mcp-server": {"copy_image_set": _copy_image_set},
+		"awslabs.healthimaging-mcp-server": {
+			"copy_image_set": _copy_image_set,
+			"get_image_set_metadata": _get_image_set_metadata,
+			"search_image_sets": _search_image_sets,
+		},
 		"awslabs.valkey-mcp-server": {"copy_image_set": _copy_image_set},
 	},
 	"rules": {"copy_image_set": {
@@ -39,4 +143,5 @@ policy := {
 		"critical": {"action": "deny"},
 	},
 	"default": {"action": "deny"},
+	"results": _results,
 }
