@@ -83,8 +83,10 @@ class Principal(BaseModel):
     roles: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=64)
 
 
-class DecideRequest(BaseModel):
-    """One tool call to decide: `tool` + `arguments`, or the raw JSON-RPC `message`."""
+class CallRequest(BaseModel):
+    """The fields that name one tool call and who makes it: `tool` + `arguments`, or the
+    raw JSON-RPC `message`. Shared by the call decision (`DecideRequest`) and the decision
+    on its result (`DecideResultRequest`), so both are read and checked alike."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -98,7 +100,6 @@ class DecideRequest(BaseModel):
         description="The raw MCP JSON-RPC 2.0 `tools/call` request (object or its JSON text).",
     )
     principal: Principal
-    approval_id: Id | None = None
     context: dict[str, Any] = Field(default_factory=dict)
     dry_run: StrictBool = Field(
         default=False,
@@ -118,6 +119,95 @@ class DecideRequest(BaseModel):
         "from a caller it has authenticated (a client token or certificate): from any other "
         "caller the call is denied (rule identity.unproven_caller), never decided on a "
         "principal weaker than the one the caller proved.",
+    )
+
+
+class DecideRequest(CallRequest):
+    """One tool call to decide: `tool` + `arguments`, or the raw JSON-RPC `message`."""
+
+    approval_id: Id | None = None
+
+
+class DecideResultRequest(CallRequest):
+    """The result of one tool call to decide on (POST /v1/decide-result, DecideResult): the
+    call as it was decided (the same fields as DecideRequest but `approval_id`) and the
+    `CallToolResult` the tool answered. Its shape (`content` a list, `isError` a boolean,
+    `structuredContent` and `_meta` objects) and its strings are checked by
+    `translate.tool_result`, as `arguments` is by `translate.tool_call`."""
+
+    decision_id: Id | None = Field(
+        default=None,
+        description="The call decision's id, when the caller has it: recorded beside the "
+        "result decision (`input.request.call_decision_id`), trusted for nothing.",
+    )
+    result: dict[str, Any] = Field(
+        description="The MCP CallToolResult exactly as the tool answered it (`content`, "
+        "`structuredContent`?, `isError`?, `_meta`?, any other keys)."
+    )
+
+
+class ResultAction(StrEnum):
+    PASS = "pass"
+    REDACT = "redact"
+    BLOCK = "block"
+
+
+class RedactionCount(BaseModel):
+    """One redaction a result decision applied: its rule, what it replaced (a JSON path or a
+    text pattern) and how many values it replaced. Never the values."""
+
+    rule: str
+    path: str | None = None
+    pattern: str | None = None
+    count: int = 0
+
+
+class ResultShadowSpec(BaseModel):
+    """A shadow contribution to a result decision: reported, never enforced."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    level: Literal["pass", "redact", "block"]
+    rule: str
+    reason: str = ""
+
+
+class ResultPolicyResult(BaseModel):
+    """What `data.mcp.result_decision` must look like; anything else is a malformed answer.
+    The redaction entries are checked where they are read (`policy.redaction.redactions_of`)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    action: ResultAction
+    rule: Annotated[str, Field(min_length=1)]
+    reason: str = ""
+    redactions: list[Any] = Field(default_factory=list)
+    matched: list[str] = Field(default_factory=list)
+    shadow: list[ResultShadowSpec] = Field(default_factory=list)
+
+
+class ResultDecision(BaseModel):
+    """The answer about one tool result: pass it on as it is, pass the rewritten `result`
+    (redact), or hand the agent the refusal in `result` instead (block)."""
+
+    decision_id: str
+    action: ResultAction
+    rule: str
+    reason: str
+    policy_revision: str
+    redactions: list[RedactionCount] = Field(
+        default_factory=list,
+        description="On redact: each redaction that replaced something (rule, path or "
+        "pattern, how many values); never the values.",
+    )
+    matched: list[str] = Field(default_factory=list)
+    shadow: list[ResultShadowSpec] = Field(default_factory=list)
+    dry_run: bool | None = Field(default=None, description="True when the request was a dry run.")
+    result: dict[str, Any] | None = Field(
+        default=None,
+        description="What to hand to the agent: null on pass (the tool's result as it is); "
+        "on redact the rewritten result, on block a refusal (the reason as text, `isError` "
+        'true); both carry the decision under `_meta["mcp-policy/result-decision"]`.',
     )
 
 

@@ -20,7 +20,7 @@ from engine.errors import bounded
 from engine.identity.base import Identity
 from engine.identity.callers import AgentCredentials, DecisionClients
 from engine.identity.jwt import JwtVerifier
-from engine.models import Approval, ApprovalStatus, Decision, PolicyResult
+from engine.models import Approval, ApprovalStatus, Decision, PolicyResult, ResultDecision
 from engine.notify.events import ApprovalEvents
 from engine.notify.relay import RedisEventRelay
 from engine.notify.webhooks import WebhookDispatcher, endpoints_from
@@ -68,9 +68,10 @@ class Runtime:
         self.approver_auth = ApproverAuth.from_settings(settings, self._approver_token)
         self.opa_process: OpaProcess | None = None
         timeout = settings.opa_timeout_ms / 1000
+        result_timeout = settings.result_timeout_ms / 1000
         self.opa: Opa | InProcessOpa
         if settings.opa_url is None and settings.engine == "inprocess":
-            self.opa = InProcessOpa(timeout=timeout)
+            self.opa = InProcessOpa(timeout=timeout, result_timeout=result_timeout)
         else:
             opa_url = settings.opa_url
             if opa_url is None:
@@ -79,7 +80,7 @@ class Runtime:
             from engine.policy.rest import Opa  # the REST client, for this engine only
 
             opa_token = settings.opa_token.get_secret_value() if settings.opa_token else None
-            self.opa = Opa(opa_url, timeout=timeout, token=opa_token)
+            self.opa = Opa(opa_url, timeout=timeout, token=opa_token, result_timeout=result_timeout)
         fleet_config = load_config(settings.opa_config) if settings.opa_config else None
         pulled = bool(fleet_config and fleet_config.get("bundles"))
         if pulled and (settings.bundle is not None or "policy_paths" in settings.model_fields_set):
@@ -151,6 +152,7 @@ class Runtime:
                 grant_ttl=settings.grant_ttl_seconds,
                 max_json_depth=settings.max_json_depth,
                 rate_limit_fail_open=settings.rate_limit_fail_mode == "open",
+                result_max_bytes=settings.result_max_bytes,
             ),
             metrics=self.metrics,
             tracer=tracing.tracer_from(self.tracer_provider),
@@ -162,6 +164,7 @@ class Runtime:
             self.metrics.watch_fleet(self.fleet)
             if self.fleet.uploads_enabled:
                 self.service.upload = self._upload
+                self.service.upload_result = self._upload_result
                 self.policy.on_change.append(self._mask_with)
         self.store_status: dict[str, Any] = {
             "store": settings.store,
@@ -337,6 +340,13 @@ class Runtime:
         if self.fleet is not None:
             bundles = self.policy.bundles_of(decision.policy_revision) or {}
             self.fleet.decision(decision, input_doc, result, elapsed, bundles)
+
+    def _upload_result(
+        self, decision: ResultDecision, input_doc: dict[str, Any], digest: str, elapsed: float
+    ) -> None:
+        if self.fleet is not None:
+            bundles = self.policy.bundles_of(decision.policy_revision) or {}
+            self.fleet.result_decision(decision, input_doc, digest, elapsed, bundles)
 
     async def _after_opa_restart(self) -> None:
         self.policy.mark_stale()

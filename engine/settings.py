@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     opa_token: SecretStr | None = Field(None, description="Bearer token for an external OPA.")
     opa_binary: str = Field("opa", description="OPA binary to run when no opa_url is given.")
     opa_timeout_ms: int = Field(250, ge=1, description="Deadline of one policy evaluation.")
+    result_timeout_ms: int = Field(
+        2000,
+        ge=1,
+        description="Deadline of one result policy evaluation (a tool result can be a MiB).",
+    )
     policy_paths: list[Path] = Field(
         default_factory=lambda: list(DEFAULT_POLICY_PATHS),
         description="Directories of Rego modules and YAML/JSON data loaded into OPA.",
@@ -122,6 +127,15 @@ class Settings(BaseSettings):
         "holds (the rest stays in its spool on disk for the next start).",
     )
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    result_max_bytes: int = Field(
+        1024 * 1024,
+        ge=1,
+        description="Tool results up to this size (UTF-8 bytes of their compact JSON) are "
+        "decided on; the result policy sees it as input.result_info.max_bytes (the shipped "
+        "rule size.result_too_large blocks larger ones). POST /v1/decide-result and "
+        "DecideResult take a request of up to max_body_bytes more than this: a larger one "
+        "is refused (413, RESOURCE_EXHAUSTED).",
+    )
     http_header_timeout_seconds: float = Field(
         10.0,
         gt=0,

@@ -7,6 +7,7 @@ policy denies, not a malformed request.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -14,12 +15,12 @@ from typing import Any
 from engine import jsonstrict
 from engine.errors import InvalidRequest
 from engine.identity.base import Identity
-from engine.models import DecideRequest, Principal, ToolCall
+from engine.models import CallRequest, DecideRequest, DecideResultRequest, Principal, ToolCall
 
 TOOLS_CALL = "tools/call"
 
 
-def tool_call(request: DecideRequest, *, max_depth: int) -> ToolCall:
+def tool_call(request: CallRequest, *, max_depth: int) -> ToolCall:
     """Validate the call part of `request`: exactly one of `tool` or `message`.
 
     Every string that reaches the policy is checked to be valid Unicode here, whichever
@@ -59,12 +60,13 @@ def tool_call(request: DecideRequest, *, max_depth: int) -> ToolCall:
     return parse_tools_call(message, server=request.server)
 
 
-def _check_strings(request: DecideRequest) -> None:
+def _check_strings(request: CallRequest) -> None:
     principal = request.principal
     for what, text in (
         ("server", request.server),
         ("tool", request.tool),
-        ("approval_id", request.approval_id),
+        ("approval_id", request.approval_id if isinstance(request, DecideRequest) else None),
+        ("decision_id", request.decision_id if isinstance(request, DecideResultRequest) else None),
         ("principal.agent_id", principal.agent_id),
         ("principal.session_id", principal.session_id),
         ("principal.user_id", principal.user_id),
@@ -140,9 +142,33 @@ def proven_principal(asserted: Principal, identity: Identity | None) -> Principa
     )
 
 
+def tool_result(result: Any, *, max_depth: int) -> dict[str, Any]:
+    """Validate a tool's answer as an MCP `CallToolResult`: an object whose `content` is a
+    list, `isError` a boolean and `structuredContent` and `_meta` objects when present;
+    every string valid Unicode, no non-finite number, nesting within `max_depth`. Its
+    content is the tool's own business (the result policy's): a block of an unknown type
+    is no malformed request. Raises InvalidRequest naming the field."""
+    if not isinstance(result, dict):
+        raise InvalidRequest("`result` must be a JSON object (a CallToolResult)", field="result")
+    content = result.get("content")
+    if not isinstance(content, list):
+        raise InvalidRequest(
+            "`result.content` must be a list of content blocks"
+            + (" (it is missing)" if "content" not in result else ""),
+            field="result.content",
+        )
+    if "isError" in result and not isinstance(result["isError"], bool):
+        raise InvalidRequest("`result.isError` must be true or false", field="result.isError")
+    for key in ("structuredContent", "_meta"):
+        if key in result and not isinstance(result[key], dict):
+            raise InvalidRequest(f"`result.{key}` must be a JSON object", field=f"result.{key}")
+    jsonstrict.check_value(result, max_depth=max_depth, what="result")
+    return result
+
+
 def input_document(
     call: ToolCall,
-    request: DecideRequest,
+    request: CallRequest,
     *,
     decision_id: str,
     now: datetime,
@@ -179,3 +205,26 @@ def input_document(
         },
         "context": request.context,
     }
+
+
+def result_document(
+    input_doc: dict[str, Any], call_decision_id: str | None, *, size_bytes: int, max_bytes: int
+) -> dict[str, Any]:
+    """The input of `data.mcp.result_decision` but its `result` (see DESIGN.md): the call's
+    input document, `request.call_decision_id` (when the caller gave it) and `result_info`.
+    The result itself is added to the JSON text as it was encoded once (`result_input`)."""
+    request = dict(input_doc["request"])
+    if call_decision_id is not None:
+        request["call_decision_id"] = call_decision_id
+    return {
+        **input_doc,
+        "request": request,
+        "result_info": {"size_bytes": size_bytes, "max_bytes": max_bytes},
+    }
+
+
+def result_input(document: dict[str, Any], result_json: bytes) -> bytes:
+    """The JSON text of `document` with `"result": <result_json>` added: the result encoded
+    once (its size and digest are taken from the same bytes), never again per use."""
+    head = json.dumps(document, separators=(",", ":")).encode()
+    return head[:-1] + b',"result":' + result_json + b"}"

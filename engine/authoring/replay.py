@@ -66,6 +66,7 @@ from typing import IO, Any, TextIO, cast
 
 from engine.errors import EngineError, PolicyRejected, PolicyUnavailable
 from engine.models import PolicyResult
+from engine.policy.fleet import RESULT_DECISION_PATH
 from engine.policy.opa_process import ToolMissing
 from engine.policy.source import with_framework
 from engine.state.decision_log import (
@@ -236,6 +237,8 @@ def _record_item(record: Any, where: str) -> Item | None:
     event = record.get("event")
     if event is not None and event != "decision":
         return None
+    if event is None and record.get("path") == RESULT_DECISION_PATH:
+        return None  # a collector's event of a decision on a result: no call to replay
     if event is None and not ("input" in record or "result" in record):
         return Skip("neither a decision record nor an OPA decision-log event", where)
     decision_id = record.get("decision_id")

@@ -1,8 +1,13 @@
 """Prometheus metrics, served at GET /metrics.
 
-Label values come only from bounded sets: verdicts, rule ids (from the policy), and tool
-names the policy catalog knows (any other tool is counted as "(unknown)", so an agent
-inventing tool names cannot grow the series without bound).
+Label values come only from bounded sets: verdicts, result actions, rule ids (from the
+policy), and tool names the policy catalog knows (any other tool is counted as "(unknown)",
+so an agent inventing tool names cannot grow the series without bound).
+
+Results (`DecisionService.decide_result`): `mcp_policy_result_decisions_total{action,rule}`,
+`mcp_policy_result_redactions_total{rule}` (values replaced), the result policy's
+evaluation in `mcp_policy_result_opa_seconds` beside the call's `mcp_policy_opa_seconds`,
+and `mcp_policy_result_decision_seconds{transport}` end to end.
 
 The decision log's series are read from it at scrape time:
 `mcp_policy_decision_log_records_total{result}` — written (to every sink), dropped (lost
@@ -304,6 +309,34 @@ class Metrics:
         self.opa_seconds = Histogram(
             "mcp_policy_opa_seconds",
             "Time OPA took to evaluate the decision.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.result_decisions = Counter(
+            "mcp_policy_result_decisions",
+            "Decisions on tool results by action (pass, redact, block) and deciding rule "
+            "(the policy's, or result.unavailable, result.malformed_answer, "
+            "result.unredactable when the engine blocked).",
+            ["action", "rule"],
+            registry=r,
+        )
+        self.result_redactions = Counter(
+            "mcp_policy_result_redactions",
+            "Values replaced in tool results, by the redaction's rule.",
+            ["rule"],
+            registry=r,
+        )
+        self.result_decision_seconds = Histogram(
+            "mcp_policy_result_decision_seconds",
+            "Time to decide on one tool result, end to end (redaction included).",
+            ["transport"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.result_opa_seconds = Histogram(
+            "mcp_policy_result_opa_seconds",
+            "Time OPA took to evaluate the result decision (beside mcp_policy_opa_seconds, "
+            "the call decision's).",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

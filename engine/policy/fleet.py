@@ -16,8 +16,9 @@ uploaded in OPA's format. This module is the Python side:
   running revision serving. Before that, what only a bundle can get wrong is refused: a
   file path that leaves the bundle, a policy with no decision for a plain call (data
   without the Rego), other contents under the revision already running.
-- `Fleet.decision` queues a decision for the collector; a feeder thread hands them to the
-  library in batches, never on the event loop.
+- `Fleet.decision` queues a decision for the collector (`Fleet.result_decision` a decision
+  on a tool's result: path mcp/result_decision, never the result itself); a feeder thread
+  hands them to the library in batches, never on the event loop.
 - `read_bundle_file` reads (and verifies) a bundle file, for `--bundle FILE`.
 """
 
@@ -44,7 +45,7 @@ import jsonschema.exceptions
 import yaml
 
 from engine.errors import PolicyRejected, PolicyUnavailable
-from engine.models import Decision, PolicyResult
+from engine.models import Decision, PolicyResult, ResultDecision
 from engine.policy import schema as policy_schema
 from engine.policy.inprocess import (
     ADMIN_TIMEOUT,
@@ -68,6 +69,7 @@ NEXT_WAIT_MS = 500
 MAX_QUEUED = 100_000
 FEED_BATCH = 500
 DECISION_PATH = "mcp/decision"
+RESULT_DECISION_PATH = "mcp/result_decision"
 _ENV = re.compile(r"\$\{([^}]+)\}")
 # Characters of a bundle's file path that would change the URL it is pushed to on an OPA
 # server (the REST engine names modules by their path), or that no file name needs.
@@ -321,6 +323,20 @@ class UploadCounters:
 
 
 _Queued = tuple[Decision, dict[str, Any], "PolicyResult | None", float, dict[str, str]]
+
+
+@dataclass(frozen=True)
+class _QueuedResult:
+    """A decision on a tool's result, as queued: its input is the policy's input without
+    the result (`result_info` says its size), and `result_sha256` names the result."""
+
+    decision: ResultDecision
+    input_doc: dict[str, Any]
+    result_sha256: str
+    elapsed: float
+    bundles: dict[str, str]
+
+
 Activate = Callable[[PolicyBundle, dict[str, str]], Coroutine[Any, Any, None]]
 
 
@@ -349,7 +365,7 @@ class Fleet:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: threading.Thread | None = None
         self._feeder: threading.Thread | None = None
-        self._queue: queue.Queue[_Queued | None] = queue.Queue()
+        self._queue: queue.Queue[_Queued | _QueuedResult | None] = queue.Queue()
         self._running = False
 
     @property
@@ -544,8 +560,26 @@ class Fleet:
         self.uploads.queued_here += 1
         self._queue.put((decision, input_doc, result, elapsed, bundles))
 
-    def _event(self, item: _Queued) -> dict[str, Any]:
-        decision, input_doc, result, elapsed, bundles = item
+    def result_decision(
+        self,
+        decision: ResultDecision,
+        input_doc: dict[str, Any],
+        result_sha256: str,
+        elapsed: float,
+        bundles: dict[str, str],
+    ) -> None:
+        """Queue one decision on a tool's result for the collector (`input_doc` without
+        the result: it is never uploaded), as `decision` queues a call's."""
+        if not self.uploads_enabled or not self._running:
+            return
+        if self._queue.qsize() >= MAX_QUEUED:
+            self.uploads.dropped_here += 1
+            return
+        self.uploads.queued_here += 1
+        self._queue.put(_QueuedResult(decision, input_doc, result_sha256, elapsed, bundles))
+
+    def _tool(self, input_doc: dict[str, Any]) -> dict[str, Any]:
+        """The input's `tool`, its arguments as the local decision log keeps them."""
         tool = dict(input_doc.get("tool") or {})
         arguments = tool.get("arguments")
         if self.arguments == "redacted":
@@ -553,6 +587,28 @@ class Fleet:
         elif self.arguments == "hash":
             tool.pop("arguments", None)
             tool["arguments_sha256"] = arguments_sha256(arguments)
+        return tool
+
+    def _result_event(self, item: _QueuedResult) -> dict[str, Any]:
+        decision = item.decision
+        answer = decision.model_dump(mode="json", exclude={"result"}, exclude_none=True)
+        answer["result_sha256"] = item.result_sha256
+        doc = {k: v for k, v in item.input_doc.items() if k != "result"}
+        return {
+            "decision_id": decision.decision_id,
+            "path": RESULT_DECISION_PATH,
+            "input": {**doc, "tool": self._tool(doc)},
+            "result": answer,
+            "timestamp": (doc.get("request") or {}).get("time"),
+            "bundles": item.bundles,
+            "metrics": {"timer_mcp_policy_result_decision_ns": int(item.elapsed * 1e9)},
+        }
+
+    def _event(self, item: _Queued | _QueuedResult) -> dict[str, Any]:
+        if isinstance(item, _QueuedResult):
+            return self._result_event(item)
+        decision, input_doc, result, elapsed, bundles = item
+        tool = self._tool(input_doc)
         verdict = decision.model_dump(mode="json", exclude_none=True)
         if result is not None:
             verdict["policy"] = result.model_dump(mode="json", exclude_none=True)

@@ -32,7 +32,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from engine.errors import MAX_MESSAGE_CHARS, PolicyRejected, PolicyUnavailable, bounded
-from engine.models import PolicyResult
+from engine.models import PolicyResult, ResultPolicyResult
 from engine.policy.opa_process import (
     CHECKOUT_ROOT,
     IN_CHECKOUT,
@@ -40,7 +40,12 @@ from engine.policy.opa_process import (
     OPA_VERSION,
     ToolMissing,
 )
-from engine.policy.result import checked_result
+from engine.policy.result import (
+    NO_RESULT_DECISION,
+    checked_result,
+    checked_result_decision,
+    consistent,
+)
 from engine.policy.source import PolicyBundle
 
 LIBRARY_ENV = "MCP_POLICY_OPA_LIBRARY"
@@ -65,6 +70,9 @@ else:
         f"{GO_BUILD} {LIBRARY_NAME} .`, or set {LIBRARY_ENV}"
     )
 DECISION_QUERY = "data.mcp.decision"
+# The decision on a tool's result (prepared beside DECISION_QUERY at every load of a
+# serving policy: `Policy._apply`); a policy without it still loads.
+RESULT_DECISION_QUERY = "data.mcp.result_decision"
 # Problems in the policy data the rule packages report, evaluated once per load (no input).
 LOAD_ERRORS_QUERY = "data.mcp.load_errors"
 
@@ -246,8 +254,10 @@ def _json(body: bytes) -> Any:
 class InProcessOpa:
     """OPA's evaluator in this process, loaded with one policy bundle at a time."""
 
-    def __init__(self, *, timeout: float) -> None:
+    def __init__(self, *, timeout: float, result_timeout: float | None = None) -> None:
         self.timeout = timeout
+        # A tool's result can be a MiB: its decision gets a deadline of its own.
+        self.result_timeout = timeout if result_timeout is None else result_timeout
         self._lib: _Library | None = None
         self._loaded: _Loaded | None = None
         self._load_lock = asyncio.Lock()
@@ -340,6 +350,28 @@ class InProcessOpa:
             )
         return _decision(body), revision
 
+    def evaluate_result_json(self, input_json: bytes) -> tuple[ResultPolicyResult, str]:
+        """`data.mcp.result_decision` for an input in JSON text: the answer and the revision
+        that gave it. Blocking (one ctypes call, the GIL released while OPA evaluates): the
+        service calls it inline for small inputs, on a worker thread for large ones.
+        PolicyUnavailable when the answer is undefined (kind undefined: the policy has no
+        result_decision), malformed, or not given within the deadline."""
+        try:
+            body, revision = self._call(
+                RESULT_DECISION_QUERY, input_json, timeout=self.result_timeout
+            )
+        except ValueError as exc:  # loaded without it (not by Policy, which always asks)
+            raise PolicyUnavailable(
+                f"{RESULT_DECISION_QUERY} was not prepared with this policy", kind="error"
+            ) from exc
+        if body is None:
+            raise PolicyUnavailable(NO_RESULT_DECISION, kind="undefined")
+        try:
+            answer = ResultPolicyResult.model_validate_json(body)
+        except ValidationError:
+            answer = checked_result_decision(_json(body))
+        return consistent(answer), revision
+
     async def query(self, name: str, input_doc: Any = None) -> Any:
         """The value of another prepared query of the running bundle (None: undefined), for
         load-time checks; evaluated on a worker thread, with no input when `input_doc` is
@@ -375,18 +407,20 @@ class InProcessOpa:
             return None, revision
         return [_json(body)], revision
 
-    def _call(self, query: int | str, input_json: bytes | None) -> tuple[bytes | None, str]:
+    def _call(
+        self, query: int | str, input_json: bytes | None, *, timeout: float | None = None
+    ) -> tuple[bytes | None, str]:
         """(the value as JSON text, revision), or (None, revision) when undefined;
-        PolicyUnavailable for every other answer."""
+        PolicyUnavailable for every other answer. `timeout`: the deadline, when not the
+        call decision's."""
+        deadline = self.timeout if timeout is None else timeout
         while True:
             loaded = self._loaded
             lib = self._lib
             if loaded is None or lib is None:
                 raise PolicyUnavailable("no policy is loaded into the in-process OPA")
             index = query if isinstance(query, int) else loaded.queries.index(query)
-            status, body = lib.eval(
-                loaded.handle, index, input_json, int(self.timeout * 1_000_000_000)
-            )
+            status, body = lib.eval(loaded.handle, index, input_json, int(deadline * 1_000_000_000))
             if status == UNKNOWN_HANDLE and self._loaded is not loaded:
                 continue  # released by a load between reading it and the call: use the new
             break
@@ -396,7 +430,7 @@ class InProcessOpa:
             return None, loaded.revision
         if status == CANCELLED:
             raise PolicyUnavailable(
-                f"OPA did not answer within {self.timeout * 1000:.0f} ms", kind="timeout"
+                f"OPA did not answer within {deadline * 1000:.0f} ms", kind="timeout"
             )
         if status == EVAL_ERROR:
             raise PolicyUnavailable(f"the policy failed: {_message(body)}", kind="error")

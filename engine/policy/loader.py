@@ -18,10 +18,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import PolicyRejected, PolicyUnavailable
-from engine.models import PolicyResult
+from engine.models import PolicyResult, ResultPolicyResult
 from engine.policy import schema as policy_schema
 from engine.policy.fleet import BundleVerification, read_bundle_file
-from engine.policy.inprocess import LOAD_ERRORS_QUERY, InProcessOpa
+from engine.policy.inprocess import (
+    DECISION_QUERY,
+    LOAD_ERRORS_QUERY,
+    RESULT_DECISION_QUERY,
+    InProcessOpa,
+)
 from engine.policy.source import PolicyBundle, data_files, read_bundle
 
 if TYPE_CHECKING:
@@ -194,11 +199,31 @@ class Policy:
         async with self.gate.evaluating(wait=self.opa.timeout):
             return await self.opa.evaluate(input_doc), self.revision
 
+    async def evaluate_result(
+        self, input_doc: dict[str, Any], input_json: bytes, *, in_thread: bool = False
+    ) -> tuple[ResultPolicyResult, str]:
+        """`data.mcp.result_decision` for the input (`input_doc`, and the same as JSON text:
+        `input_json`) and the revision it was evaluated with; PolicyUnavailable on any
+        failure. In this process the JSON text is evaluated as it is: inline, or with
+        `in_thread` on a worker thread (a large input: the event loop is not held while OPA
+        reads it); an OPA server is sent the document."""
+        if isinstance(self.opa, InProcessOpa):
+            if in_thread:
+                return await asyncio.to_thread(self.opa.evaluate_result_json, input_json)
+            return self.opa.evaluate_result_json(input_json)
+        async with self.gate.evaluating(wait=self.opa.timeout):
+            answer = await self.opa.evaluate_result(input_doc)
+            return answer, self.revision
+
     async def _apply(self, bundle: PolicyBundle) -> None:
         """Make the engine run `bundle`, checked by data.mcp.load_errors, or raise
-        PolicyRejected with the running policy unchanged."""
+        PolicyRejected with the running policy unchanged. In this process the result
+        decision is prepared beside the call's: a bundle without it loads all the same (its
+        results are then blocked: `NO_RESULT_DECISION`)."""
         if isinstance(self.opa, InProcessOpa):
-            await self.opa.load(bundle, check=LOAD_ERRORS_QUERY)
+            await self.opa.load(
+                bundle, (DECISION_QUERY, RESULT_DECISION_QUERY), check=LOAD_ERRORS_QUERY
+            )
             return
         async with self.gate.changing():
             await self.opa.load(bundle)

@@ -18,14 +18,15 @@ from opa_client import AsyncOpaClient
 from opa_client.errors import RegoParseError
 
 from engine.errors import PolicyRejected, PolicyUnavailable
-from engine.models import PolicyResult
-from engine.policy.result import checked_result
+from engine.models import PolicyResult, ResultPolicyResult
+from engine.policy.result import NO_RESULT_DECISION, checked_result, checked_result_decision
 from engine.policy.source import MODULE_PREFIX, PolicyBundle
 
 log = logging.getLogger(__name__)
 
 DECISION_PACKAGE = "mcp"
 DECISION_RULE = "decision"
+RESULT_DECISION_RULE = "result_decision"
 ADMIN_TIMEOUT_SECONDS = 10.0
 
 
@@ -56,9 +57,18 @@ def _opa_errors(exc: RegoParseError) -> list[str]:
 class Opa:
     """One OPA server, queried for decisions and loaded with policy bundles."""
 
-    def __init__(self, url: str, *, timeout: float, token: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout: float,
+        token: str | None = None,
+        result_timeout: float | None = None,
+    ) -> None:
         self.url = url
         self.timeout = timeout
+        # A tool's result can be a MiB: its decision gets a deadline of its own.
+        self.result_timeout = timeout if result_timeout is None else result_timeout
         self._token = token
         self._decide: AsyncOpaClient | None = None
         self._admin: AsyncOpaClient | None = None
@@ -82,25 +92,42 @@ class Opa:
 
     async def evaluate(self, input_doc: dict[str, Any]) -> PolicyResult:
         """Evaluate `data.mcp.decision` for `input_doc`; PolicyUnavailable on any failure."""
-        client = self._decide
-        if client is None:
-            raise PolicyUnavailable("OPA client is not open")
-        try:
-            async with asyncio.timeout(self.timeout):
-                body = await client.query_rule(input_doc, DECISION_PACKAGE, DECISION_RULE)
-        except TimeoutError as exc:
-            raise PolicyUnavailable(
-                f"OPA did not answer within {self.timeout * 1000:.0f} ms", kind="timeout"
-            ) from exc
-        except aiohttp.ClientResponseError as exc:
-            raise PolicyUnavailable(f"OPA answered HTTP {exc.status}", kind="http") from exc
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
-            raise PolicyUnavailable(f"OPA unreachable: {type(exc).__name__}") from exc
+        body = await self._query(input_doc, DECISION_RULE)
         if not isinstance(body, dict) or "result" not in body:
             raise PolicyUnavailable(
                 "the policy gave no decision (data.mcp.decision is undefined)", kind="undefined"
             )
         return checked_result(body["result"])
+
+    async def evaluate_result(self, input_doc: dict[str, Any]) -> ResultPolicyResult:
+        """Evaluate `data.mcp.result_decision` for `input_doc` (the call's input with the
+        tool's result); PolicyUnavailable on any failure, kind undefined when the policy has
+        no result_decision."""
+        body = await self._query(input_doc, RESULT_DECISION_RULE, self.result_timeout)
+        if not isinstance(body, dict) or "result" not in body:
+            raise PolicyUnavailable(NO_RESULT_DECISION, kind="undefined")
+        return checked_result_decision(body["result"])
+
+    async def _query(
+        self, input_doc: dict[str, Any], rule: str, timeout: float | None = None
+    ) -> Any:
+        """OPA's answer body for `data.mcp.<rule>`, under the evaluation deadline (`timeout`
+        when given, else the call decision's)."""
+        deadline = self.timeout if timeout is None else timeout
+        client = self._decide
+        if client is None:
+            raise PolicyUnavailable("OPA client is not open")
+        try:
+            async with asyncio.timeout(deadline):
+                return await client.query_rule(input_doc, DECISION_PACKAGE, rule)
+        except TimeoutError as exc:
+            raise PolicyUnavailable(
+                f"OPA did not answer within {deadline * 1000:.0f} ms", kind="timeout"
+            ) from exc
+        except aiohttp.ClientResponseError as exc:
+            raise PolicyUnavailable(f"OPA answered HTTP {exc.status}", kind="http") from exc
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            raise PolicyUnavailable(f"OPA unreachable: {type(exc).__name__}") from exc
 
     async def load_errors(self) -> list[str]:
         """`data.mcp.load_errors` of the policy OPA holds now (sorted; [] when undefined)."""

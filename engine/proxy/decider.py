@@ -16,7 +16,13 @@ from engine.errors import EngineError
 
 if TYPE_CHECKING:
     from engine.identity.base import Identity
-    from engine.models import ApprovalRef, DecideRequest, Decision
+    from engine.models import (
+        ApprovalRef,
+        DecideRequest,
+        DecideResultRequest,
+        Decision,
+        ResultDecision,
+    )
 
 
 class DecisionUnavailable(EngineError):
@@ -38,6 +44,16 @@ class Decider(Protocol):
     async def decide(
         self, request: DecideRequest, identity: Identity | None = None
     ) -> Decision: ...
+
+    async def decide_result(
+        self, request: DecideResultRequest, identity: Identity | None = None
+    ) -> ResultDecision:
+        """The decision on an allowed call's result (`identity` as for `decide`): pass,
+        redact (`result` is the rewritten result) or block (`result` is the refusal).
+        Raises InvalidRequest for a request the service refuses (a result that is no
+        CallToolResult, say), DecisionUnavailable when the service cannot be asked: the
+        proxy then hands the agent no part of the result."""
+        ...
 
     async def require_known(self) -> None:
         """Before a listener that verifies agents (--auth-*) opens: ProxyUnknown when the

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from engine.errors import EngineError, NotFound
 from engine.identity.base import Identity
-from engine.models import ApprovalRef, DecideRequest, Decision
+from engine.models import ApprovalRef, DecideRequest, DecideResultRequest, Decision, ResultDecision
 from engine.proxy.decider import DecisionUnavailable
 from engine.runtime import Runtime
 from engine.settings import Settings
@@ -32,6 +32,13 @@ class EmbeddedDecider:
 
     async def decide(self, request: DecideRequest, identity: Identity | None = None) -> Decision:
         return await self.runtime.service.decide(request, transport=TRANSPORT, identity=identity)
+
+    async def decide_result(
+        self, request: DecideResultRequest, identity: Identity | None = None
+    ) -> ResultDecision:
+        return await self.runtime.service.decide_result(
+            request, transport=TRANSPORT, identity=identity
+        )
 
     async def require_known(self) -> None:
         """The service is in this process: the identity goes to it as proven."""

@@ -12,7 +12,7 @@ import grpc
 
 from engine.errors import EngineError, InvalidRequest, NotFound
 from engine.identity.base import Identity
-from engine.models import ApprovalRef, DecideRequest, Decision
+from engine.models import ApprovalRef, DecideRequest, DecideResultRequest, Decision, ResultDecision
 from engine.proxy.decider import DecisionUnavailable, ProxyUnknown
 from engine.translate import proven_principal
 from engine.transports import wire
@@ -28,6 +28,13 @@ def decision_from_message(response: Any) -> Decision:
     """The domain Decision for a protobuf DecideResponse (see `engine.transports.wire`: a verdict
     this proxy does not know is a deny)."""
     return wire.decision_from_proto(response)
+
+
+# What the channel takes: a result decision's answer carries the rewritten result, which
+# redaction can make larger than the result sent (a replacement longer than what it
+# replaces). Sending is bounded by the service (RESOURCE_EXHAUSTED past its limit).
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = (("grpc.max_receive_message_length", MAX_ANSWER_BYTES),)
 
 
 class GrpcDecider:
@@ -57,14 +64,14 @@ class GrpcDecider:
             return value if value is None or isinstance(value, bytes) else value.read_bytes()
 
         if tls_ca is None and tls_cert is None:
-            self._channel = grpc.aio.insecure_channel(target)
+            self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         else:
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=pem(tls_ca),
                 private_key=pem(tls_key),
                 certificate_chain=pem(tls_cert),
             )
-            self._channel = grpc.aio.secure_channel(target, credentials)
+            self._channel = grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
         self._stub = decision_pb2_grpc.DecisionServiceStub(self._channel)
 
     def _error(self, exc: grpc.aio.AioRpcError, what: str) -> EngineError:
@@ -123,6 +130,34 @@ class GrpcDecider:
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, "decide") from exc
         return decision_from_message(response)
+
+    async def decide_result(
+        self, request: DecideResultRequest, identity: Identity | None = None
+    ) -> ResultDecision:
+        """DecideResult, the result sent as JSON text; `identity` as for `decide` (the
+        proven principal, `principal_verified`). An answer this proxy cannot read is
+        DecisionUnavailable (the result is then handed on to nobody)."""
+        if identity is not None:
+            request = request.model_copy(
+                update={
+                    "principal": proven_principal(request.principal, identity),
+                    "principal_verified": True,
+                }
+            )
+        try:
+            response = await self._stub.DecideResult(
+                wire.decide_result_request_to_proto(request),
+                timeout=self.timeout,
+                metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc, "decide on the result") from exc
+        try:
+            return wire.result_decision_from_proto(response)
+        except InvalidRequest as exc:
+            raise DecisionUnavailable(
+                f"decision service at {self.target} answered a result it cannot read: {exc.message}"
+            ) from exc
 
     async def report_outcome(
         self, decision_id: str, outcome_token: str, *, succeeded: bool

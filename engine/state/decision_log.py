@@ -101,6 +101,13 @@ back); a sink that writes again after failing is logged once too.
 
 Event records (`write()`) that carry no `time` are given the time they were logged.
 
+Decisions on tool results (`result_decision()`, event `result_decision`) are records of
+the JSONL log like its other events (chained, rotated, kept by the same bounds): they name
+the call's decision, what was decided and redacted (rules, paths or patterns, counts) and
+the SHA-256 and size of the result, never the result nor a value of it. The SQLite copy
+keeps call decisions only, so GET /v1/decisions, ListDecisions and the status summary
+never count a result decision as a call.
+
 Floods. Decisions are all kept: they are the audit trail. `invalid_request` events, which
 any caller can produce without limit, are written at most
 `LogSettings.invalid_requests_per_second` per second (a token bucket holding as many);
@@ -158,7 +165,16 @@ from typing import Any, Literal, TextIO
 
 from engine import jsonstrict
 from engine.errors import NotFound, StateUnavailable
-from engine.models import DecideRequest, Decision, PolicyResult, ToolCall, Verdict
+from engine.models import (
+    CallRequest,
+    DecideRequest,
+    Decision,
+    PolicyResult,
+    ResultAction,
+    ResultDecision,
+    ToolCall,
+    Verdict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -205,11 +221,15 @@ IDENTITY_FIELDS = (
     "server",
     "tool",
     "verdict",
+    "action",
     "rule",
     "reason",
     "policy_revision",
     "approval_id",
+    "call_decision_id",
     "arguments_sha256",
+    "result_sha256",
+    "size_bytes",
     "latency_ms",
     "dry_run",
     "status",
@@ -1272,6 +1292,83 @@ class DecisionLog:
         if dry_run:
             record["dry_run"] = True
         if self.settings.sync != "always" or decision.verdict is not Verdict.ALLOW or dry_run:
+            self._queue.put((record, None))
+            return None
+        loop = asyncio.get_running_loop()
+        written: asyncio.Future[str | None] = loop.create_future()
+        self._queue.put((record, (loop, written)))
+        return _until_written(written)
+
+    def result_decision(
+        self,
+        decision: ResultDecision,
+        request: CallRequest,
+        call: ToolCall,
+        *,
+        call_decision_id: str | None,
+        time: str,
+        transport: str,
+        latency_ms: float,
+        result_sha256: str,
+        size_bytes: int,
+        bundles: dict[str, str] | None = None,
+        input_doc: dict[str, Any] | None = None,
+    ) -> Coroutine[Any, Any, None] | None:
+        """Log a decision on a tool's result: event `result_decision`, with the call's ids
+        (`call_decision_id` as the caller gave it), principal, server, tool and argument
+        hash as a call's record has them, the action, rule, reason, matched and shadow
+        rules, each redaction (rule, path or pattern, how many values it replaced), and
+        the result's SHA-256 and size (of its compact JSON). Never the result nor any
+        value of it: with `LogSettings.input`, `input` is the policy's input without
+        `result` (its arguments as the argument setting says). JSONL only, like the
+        log's other events: the SQLite copy (GET /v1/decisions, ListDecisions, status)
+        holds call decisions.
+
+        With sync="always", a result handed on (pass or redact, not a dry run) returns
+        what to await before it may be: as `decision` does for an allow."""
+        if not self.enabled:
+            return None
+        principal = request.principal
+        record: dict[str, Any] = {
+            "event": "result_decision",
+            "decision_id": decision.decision_id,
+            "call_decision_id": call_decision_id,
+            "time": time,
+            "transport": transport,
+            "principal": {
+                "agent_id": principal.agent_id,
+                "session_id": principal.session_id,
+                "user_id": principal.user_id,
+            },
+            "server": call.server,
+            "tool": call.name,
+            "arguments_sha256": arguments_sha256(call.arguments),
+            "action": decision.action.value,
+            "rule": decision.rule,
+            "reason": decision.reason,
+            "matched": decision.matched,
+            "redactions": [r.model_dump(exclude_none=True) for r in decision.redactions],
+            "result_sha256": result_sha256,
+            "size_bytes": size_bytes,
+            "policy_revision": decision.policy_revision,
+            "latency_ms": round(latency_ms, 3),
+        }
+        if bundles:
+            record["bundles"] = bundles
+        if decision.shadow:
+            record["shadow"] = [spec.model_dump() for spec in decision.shadow]
+        if decision.dry_run:
+            record["dry_run"] = True
+        if self.settings.input and input_doc is not None:
+            fields = self._input_fields(
+                {k: v for k, v in input_doc.items() if k != "result"},
+                record["arguments_sha256"],
+                None,
+            )
+            fields["policy"] = {"action": decision.action.value, "rule": decision.rule}
+            record.update(fields)
+        forwarded = decision.action is not ResultAction.BLOCK
+        if self.settings.sync != "always" or not forwarded or decision.dry_run:
             self._queue.put((record, None))
             return None
         loop = asyncio.get_running_loop()

@@ -13,6 +13,7 @@ is INTERNAL with a fixed message. No status ever carries an internal exception's
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -33,6 +34,7 @@ from engine.errors import (
     PermissionDenied,
     PolicyRejected,
     PolicyUnavailable,
+    RequestTooLarge,
     StateUnavailable,
     Unauthenticated,
     bounded,
@@ -41,6 +43,7 @@ from engine.identity.base import Identity
 from engine.models import OutcomeAck
 from engine.obs.metrics import Metrics
 from engine.runtime import Runtime
+from engine.service import RESULT_THREAD_BYTES
 from engine.transports import extauthz, wire
 from engine.transports.tls import ClientNameInterceptor, ServerTls, load_server_tls, peer_identity
 from mcppolicy.v1 import approval_pb2, approval_pb2_grpc, decision_pb2, decision_pb2_grpc
@@ -48,6 +51,8 @@ from mcppolicy.v1 import approval_pb2, approval_pb2_grpc, decision_pb2, decision
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 GRPC_IDLE_MS = 5 * 60 * 1000
+
+DECIDE_RESULT_METHOD = "/mcppolicy.v1.DecisionService/DecideResult"
 
 SERVICE_NAMES = (
     decision_pb2.DESCRIPTOR.services_by_name["DecisionService"].full_name,
@@ -58,6 +63,8 @@ SERVICE_NAMES = (
 
 def status_for(exc: EngineError) -> grpc.StatusCode:
     """The one mapping from engine errors to gRPC status codes."""
+    if isinstance(exc, RequestTooLarge):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, InvalidRequest):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, Unauthenticated):
@@ -126,7 +133,18 @@ class StrictDecoding(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     here too, since the decoded message no longer shows it, and so is a message that breaks
     a buf.validate rule of its proto: every RPC, before the handler or any credential check
     runs, at the cost of a few microseconds.
+
+    With `max_bytes`, a request over it is RESOURCE_EXHAUSTED naming the limit, before it
+    is decoded: the server's receive limit is the largest method's (`larger`: DecideResult
+    takes a tool's result besides the call), every other method keeps `max_bytes`.
     """
+
+    def __init__(self, max_bytes: int | None = None, larger: dict[str, int] | None = None):
+        self._max_bytes = max_bytes
+        self._larger = larger or {}
+
+    def _limit(self, method: str) -> int | None:
+        return self._larger.get(method, self._max_bytes)
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: Any
@@ -136,8 +154,21 @@ class StrictDecoding(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return handler
         decode = handler.request_deserializer
         behaviour = handler.unary_unary
+        limit = self._limit(details.method)
 
         def deserialize(data: bytes) -> Any:
+            if limit is not None and len(data) > limit:
+                return _Refused(
+                    RequestTooLarge(
+                        f"the request is {len(data)} bytes; {details.method} takes at most "
+                        f"{limit} (MCP_POLICY_MAX_BODY_BYTES"
+                        + (
+                            " + MCP_POLICY_RESULT_MAX_BYTES)"
+                            if details.method in self._larger
+                            else ")"
+                        )
+                    )
+                )
             try:
                 message = decode(data)
             except Exception:  # noqa: BLE001 - any failure to decode is the caller's
@@ -191,6 +222,32 @@ class DecisionServicer(decision_pb2_grpc.DecisionServiceServicer):
             except BaseException:
                 await self._runtime.service.abandon(decision)  # never delivered
                 raise
+
+        return await _answer(context, work(), self._runtime.metrics)
+
+    async def DecideResult(  # noqa: N802
+        self, request: decision_pb2.DecideResultRequest, context: grpc.aio.ServicerContext
+    ) -> decision_pb2.DecideResultResponse:
+        async def work() -> decision_pb2.DecideResultResponse:
+            caller = self._caller(context)
+            depth = self._runtime.settings.max_json_depth
+            # A large result is read and written (tens of ms for a MiB, more as a Struct)
+            # on a worker thread, not on the event loop.
+            large = request.ByteSize() > RESULT_THREAD_BYTES
+            if large:
+                parsed, as_json = await asyncio.to_thread(
+                    wire.decide_result_request_from_proto, request, max_depth=depth
+                )
+            else:
+                parsed, as_json = wire.decide_result_request_from_proto(request, max_depth=depth)
+            decision = await self._runtime.service.decide_result(
+                parsed, transport="grpc", asserted_by=caller
+            )
+            if large:
+                return await asyncio.to_thread(
+                    wire.result_decision_to_proto, decision, as_json=as_json
+                )
+            return wire.result_decision_to_proto(decision, as_json=as_json)
 
         return await _answer(context, work(), self._runtime.metrics)
 
@@ -337,13 +394,19 @@ def create_server(
     """
     if tls is None:
         tls = load_server_tls(runtime.settings)
-    interceptors: list[grpc.aio.ServerInterceptor] = [StrictDecoding()]
+    settings = runtime.settings
+    largest = settings.max_body_bytes + settings.result_max_bytes
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        StrictDecoding(settings.max_body_bytes, {DECIDE_RESULT_METHOD: largest})
+    ]
     if tls is not None and tls.client_ca is not None:
         interceptors.insert(0, ClientNameInterceptor(tls.client_names))
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
-            ("grpc.max_receive_message_length", runtime.settings.max_body_bytes),
+            # The largest request any method takes (DecideResult: a tool's result and the
+            # call); StrictDecoding holds every other method to max_body_bytes.
+            ("grpc.max_receive_message_length", largest),
             # A connection that has had no call for this long is closed (with GOAWAY);
             # clients reconnect on their own. grpc's handshake timeout bounds one that
             # never gets as far as a call.

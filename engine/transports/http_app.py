@@ -8,6 +8,8 @@ validation, routing, an unexpected fault), answers one shape,
 bound and never an internal detail.
 """
 
+import asyncio
+import json
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypeVar
@@ -48,12 +50,15 @@ from engine.models import (
     ApprovalStatus,
     ApprovalWait,
     DecideRequest,
+    DecideResultRequest,
     Decision,
     OutcomeAck,
     OutcomeReport,
+    ResultDecision,
     Verdict,
 )
 from engine.runtime import Runtime
+from engine.service import RESULT_THREAD_BYTES, small
 from engine.state.approvals import ApprovalCursor
 from engine.transports import paging
 from engine.transports.guard import HttpGuard, listener_guard
@@ -133,13 +138,24 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def read_json(request: Request, limit: int, max_depth: int) -> Any:
-    return jsonstrict.loads(await read_body(request, limit), max_depth=max_depth)
+    """The body parsed strictly; a large one (a tool's result) on a worker thread, so the
+    event loop is not held for the tens of ms a MiB of JSON takes."""
+    body = await read_body(request, limit)
+    if len(body) > RESULT_THREAD_BYTES:
+        return await asyncio.to_thread(jsonstrict.loads, body, max_depth=max_depth)
+    return jsonstrict.loads(body, max_depth=max_depth)
+
+
+def _json_bytes(body: dict[str, Any]) -> bytes:
+    """`body` as JSONResponse encodes it."""
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
 # Bodies that are read by the strict parser rather than by FastAPI; their schemas are added
 # to the OpenAPI document by hand.
 BODY_MODELS: tuple[type[BaseModel], ...] = (
     DecideRequest,
+    DecideResultRequest,
     OutcomeReport,
     ApprovalAction,
     ApprovalWait,
@@ -206,8 +222,9 @@ def create_app(runtime: Runtime) -> FastAPI:
             runtime.metrics.unauthenticated_callers.labels("http").inc()
             raise
 
-    async def read_model(request: Request, model: type[M]) -> M:
-        raw = await read_json(request, settings.max_body_bytes, settings.max_json_depth)
+    async def read_model(request: Request, model: type[M], limit: int | None = None) -> M:
+        limit = settings.max_body_bytes if limit is None else limit
+        raw = await read_json(request, limit, settings.max_json_depth)
         if not isinstance(raw, dict):
             raise InvalidRequest("request body must be a JSON object")
         try:
@@ -232,6 +249,36 @@ def create_app(runtime: Runtime) -> FastAPI:
         except BaseException:
             await service.abandon(decision)  # never delivered: it holds nothing
             raise
+
+    @app.post(
+        "/v1/decide-result",
+        response_model=ResultDecision,
+        response_model_exclude_none=True,
+        openapi_extra=_body_schema(DecideResultRequest),
+        summary="Decide on the result of one MCP tools/call: pass, redact or block",
+    )
+    async def decide_result(request: Request) -> Response:
+        """The call as /v1/decide takes it (but `approval_id`), `result` (the tool's
+        CallToolResult) and, optionally, the call's `decision_id`. The body may be
+        MCP_POLICY_RESULT_MAX_BYTES larger than /v1/decide's (413 past that). `result` in
+        the answer is what to hand the agent (null on pass: the tool's result as it is)."""
+        caller = decision_client(request)
+        limit = settings.max_body_bytes + settings.result_max_bytes
+        decision = await service.decide_result(
+            await read_model(request, DecideResultRequest, limit),
+            transport="http",
+            asserted_by=caller,
+        )
+        # The result (up to a MiB) goes into the answer as it is, not through the model,
+        # encoded on a worker thread when it is large.
+        body = decision.model_dump(mode="json", exclude={"result"}, exclude_none=True)
+        if decision.result is None:
+            return JSONResponse(body)
+        body["result"] = decision.result
+        if small(decision.result, RESULT_THREAD_BYTES):
+            return JSONResponse(body)
+        text = await asyncio.to_thread(_json_bytes, body)
+        return Response(text, media_type="application/json")
 
     @app.get("/v1/whoami", summary="Who this service takes the decision API's caller for")
     async def who_am_i(request: Request) -> dict[str, Any]:

@@ -48,15 +48,22 @@ from engine.models import (
     ApprovalRef,
     ApprovalStatus,
     ApprovalWait,
+    CallRequest,
     DecideRequest,
+    DecideResultRequest,
     Decision,
     OutcomeAck,
     OutcomeReport,
     Principal,
     PrincipalProof,
     RateLimitInfo,
+    RedactionCount,
+    ResultAction,
+    ResultDecision,
+    ResultShadowSpec,
     Verdict,
 )
+from engine.policy.result import refusal
 from engine.state.approvals import ApprovalCursor, ApprovalPage
 from engine.state.decision_log import DecisionQuery
 from engine.transports import paging
@@ -276,10 +283,22 @@ def principal_from_proto(message: types_pb2.Principal) -> Principal:
 # -- Decide -------------------------------------------------------------------------------
 
 
+_CallMessage = decision_pb2.DecideRequest | decision_pb2.DecideResultRequest
+
+
 def decide_request_to_proto(request: DecideRequest) -> decision_pb2.DecideRequest:
     """The message for `request`: the call as `tool` (+ `arguments`) or `message` text (a
     message object is sent as its JSON text). Both or neither: InvalidRequest, as the
     service would answer."""
+    message = decision_pb2.DecideRequest()
+    _call_to_proto(request, message)
+    if request.approval_id is not None:
+        message.approval_id = request.approval_id
+    return message
+
+
+def _call_to_proto(request: CallRequest, message: _CallMessage) -> None:
+    """Set the call's fields (the same in DecideRequest and DecideResultRequest)."""
     has_tool, has_message = request.tool is not None, request.message is not None
     if has_tool == has_message:
         raise InvalidRequest(
@@ -287,12 +306,10 @@ def decide_request_to_proto(request: DecideRequest) -> decision_pb2.DecideReques
             + ("both" if has_tool else "neither"),
             field="tool" if has_tool else "message",
         )
-    message = decision_pb2.DecideRequest(
-        server=request.server,
-        principal=principal_to_proto(request.principal),
-        dry_run=request.dry_run,
-        principal_verified=request.principal_verified,
-    )
+    message.server = request.server
+    message.principal.CopyFrom(principal_to_proto(request.principal))
+    message.dry_run = request.dry_run
+    message.principal_verified = request.principal_verified
     if request.tool is not None:
         message.tool = request.tool
     else:
@@ -307,28 +324,35 @@ def decide_request_to_proto(request: DecideRequest) -> decision_pb2.DecideReques
         message.message = text
     if request.arguments is not None:  # with `message` too: the service refuses that
         message.arguments.CopyFrom(_request_struct(request.arguments, "arguments"))
-    if request.approval_id is not None:
-        message.approval_id = request.approval_id
     if request.context:
         message.context.CopyFrom(_request_struct(request.context, "context"))
     if request.credential is not None:
         message.credential = request.credential
-    return message
 
 
 def decide_request_from_proto(
     message: decision_pb2.DecideRequest, *, max_depth: int
 ) -> DecideRequest:
     try:
-        return _decide_request(message, max_depth)
+        fields = _call_fields(message, max_depth)
     except DecodeError as exc:  # protobuf's own nesting limit, met while reading a Struct
-        raise InvalidRequest(
-            f"request could not be decoded (nests deeper than {max_depth} levels?)",
-            syntax=True,
-        ) from exc
+        raise _too_deep(max_depth) from exc
+    if message.HasField("approval_id"):
+        fields["approval_id"] = message.approval_id
+    try:
+        return DecideRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise from_validation(exc) from exc
 
 
-def _decide_request(message: decision_pb2.DecideRequest, max_depth: int) -> DecideRequest:
+def _too_deep(max_depth: int) -> InvalidRequest:
+    return InvalidRequest(
+        f"request could not be decoded (nests deeper than {max_depth} levels?)", syntax=True
+    )
+
+
+def _call_fields(message: _CallMessage, max_depth: int) -> dict[str, Any]:
+    """The call's fields of a DecideRequest or DecideResultRequest, as the model takes them."""
     fields: dict[str, Any] = {
         "server": message.server,
         "dry_run": message.dry_run,
@@ -341,17 +365,155 @@ def _decide_request(message: decision_pb2.DecideRequest, max_depth: int) -> Deci
         fields["message"] = message.message
     if message.HasField("arguments"):
         fields["arguments"] = _struct_to_dict(message.arguments, "arguments", max_depth)
-    if message.HasField("approval_id"):
-        fields["approval_id"] = message.approval_id
     if message.HasField("context"):
         fields["context"] = _struct_to_dict(message.context, "context", max_depth)
     if message.HasField("credential"):
         fields["credential"] = message.credential
     fields["principal"] = _principal_fields(message.principal)
+    return fields
+
+
+# -- DecideResult -------------------------------------------------------------------------
+
+# How deep a result read back from the service may nest (it never nests deeper than the
+# request the service took: MCP_POLICY_MAX_JSON_DEPTH, at most 30).
+RESULT_READ_DEPTH = 64
+_RESULT_ACTIONS: dict[ResultAction, decision_pb2.ResultAction] = {
+    ResultAction.PASS: decision_pb2.RESULT_ACTION_PASS,
+    ResultAction.REDACT: decision_pb2.RESULT_ACTION_REDACT,
+    ResultAction.BLOCK: decision_pb2.RESULT_ACTION_BLOCK,
+}
+_RESULT_ACTIONS_FROM_PROTO: dict[int, ResultAction] = {
+    int(v): k for k, v in _RESULT_ACTIONS.items()
+}
+
+
+def decide_result_request_to_proto(
+    request: DecideResultRequest,
+) -> decision_pb2.DecideResultRequest:
+    """The message for `request`, its result as JSON text (`result_json`: integers exact,
+    and encoded at C speed). InvalidRequest as the service would answer it, for the call
+    or for a result JSON cannot carry."""
+    message = decision_pb2.DecideResultRequest()
+    _call_to_proto(request, message)
+    if request.decision_id is not None:
+        message.decision_id = request.decision_id
     try:
-        return DecideRequest.model_validate(fields)
+        message.result_json = _MESSAGE_JSON.encode(request.result)
+    except (TypeError, ValueError, RecursionError) as exc:  # not JSON, or not UTF-8
+        raise InvalidRequest("result holds a value JSON cannot", field="result") from exc
+    return message
+
+
+def decide_result_request_from_proto(
+    message: decision_pb2.DecideResultRequest, *, max_depth: int
+) -> tuple[DecideResultRequest, bool]:
+    """The request, and whether its result came as JSON text (the answer then carries
+    its result the same way). The result's JSON is read strictly; its shape and strings
+    are the service's to check (`translate.tool_result`), as for every transport."""
+    try:
+        fields = _call_fields(message, max_depth)
+        as_json = message.WhichOneof("tool_result") == "result_json"
+        if as_json:
+            try:
+                fields["result"] = jsonstrict.loads(
+                    message.result_json, max_depth=max_depth, what="result_json"
+                )
+            except InvalidRequest as exc:
+                raise InvalidRequest(exc.message, field="result_json", syntax=True) from exc
+        elif message.HasField("result"):
+            fields["result"] = _struct_to_dict(message.result, "result")
+    except DecodeError as exc:
+        raise _too_deep(max_depth) from exc
+    if message.HasField("decision_id"):
+        fields["decision_id"] = message.decision_id
+    try:
+        return DecideResultRequest.model_validate(fields), as_json
     except ValidationError as exc:
         raise from_validation(exc) from exc
+
+
+def result_action_to_proto(action: ResultAction) -> decision_pb2.ResultAction:
+    return _RESULT_ACTIONS[action]
+
+
+def result_decision_to_proto(
+    decision: ResultDecision, *, as_json: bool
+) -> decision_pb2.DecideResultResponse:
+    """The response for `decision`; its result (on redact and block) as JSON text when
+    `as_json`, else as a Struct."""
+    response = decision_pb2.DecideResultResponse(
+        decision_id=decision.decision_id,
+        action=result_action_to_proto(decision.action),
+        reason=decision.reason,
+        rule=decision.rule,
+        policy_revision=decision.policy_revision,
+        matched=decision.matched,
+        dry_run=bool(decision.dry_run),
+    )
+    for applied in decision.redactions:
+        entry = response.redactions.add(rule=applied.rule, count=applied.count)
+        if applied.path is not None:
+            entry.path = applied.path
+        elif applied.pattern is not None:
+            entry.pattern = applied.pattern
+    for spec in decision.shadow:
+        response.shadow.add(level=spec.level, rule=spec.rule, reason=spec.reason)
+    if decision.result is not None:
+        if as_json:
+            response.mcp_result_json = _MESSAGE_JSON.encode(decision.result)
+        else:
+            response.mcp_result.CopyFrom(_dict_to_struct(decision.result))
+    return response
+
+
+def result_decision_from_proto(response: decision_pb2.DecideResultResponse) -> ResultDecision:
+    """The domain ResultDecision for a DecideResultResponse. Fails closed: an action this
+    client does not know (RESULT_ACTION_UNSPECIFIED, or a newer one) is a block, and so is
+    a redact without its rewritten result; a block without its refusal gets one made from
+    the reason. A shadow entry of a level this client does not know is left out."""
+    action = _RESULT_ACTIONS_FROM_PROTO.get(response.action)
+    shadow = [
+        ResultShadowSpec.model_validate({"level": s.level, "rule": s.rule, "reason": s.reason})
+        for s in response.shadow
+        if s.level in ("pass", "redact", "block")
+    ]
+    decision = ResultDecision(
+        decision_id=response.decision_id,
+        action=action or ResultAction.BLOCK,
+        rule=response.rule,
+        reason=response.reason,
+        policy_revision=response.policy_revision,
+        redactions=[
+            RedactionCount(
+                rule=r.rule,
+                path=r.path if r.HasField("path") else None,
+                pattern=r.pattern if r.HasField("pattern") else None,
+                count=r.count,
+            )
+            for r in response.redactions
+        ],
+        matched=list(response.matched),
+        shadow=shadow,
+        dry_run=True if response.dry_run else None,
+    )
+    form = response.WhichOneof("forward")
+    if action is None or action is ResultAction.PASS or form is None:
+        if decision.action is not ResultAction.PASS:
+            decision.action = ResultAction.BLOCK
+            decision.reason = decision.reason or "result withheld (the decision named no result)"
+            decision.result = refusal(decision)
+        return decision
+    if form == "mcp_result_json":
+        value = jsonstrict.loads(
+            response.mcp_result_json, max_depth=RESULT_READ_DEPTH, what="mcp_result_json"
+        )
+        if not isinstance(value, dict):
+            raise InvalidRequest("mcp_result_json: not a JSON object", field="mcp_result_json")
+        decision.result = value
+    else:
+        decision.result = _struct_to_dict(response.mcp_result, "mcp_result")
+    return decision
 
 
 def who_am_i_to_proto(caller: str | None, *, callers_required: bool) -> decision_pb2.WhoAmIResponse:
