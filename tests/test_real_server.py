@@ -30,6 +30,7 @@ from tests.conftest import (
     copy_policy,
 )
 from tests.fixtures import real_server as real
+from tests.fixtures.imaging_server import IMAGE_SETS_ENV
 from tests.fixtures.proxy_harness import (
     FIXTURE,
     INTEROP_ENV,
@@ -40,8 +41,10 @@ from tests.fixtures.proxy_harness import (
     stdio_session,
 )
 
-# The real server's tools that the fixture serves (a subset: the real one has 39).
+# The real server's tools that the fixture serves (a subset: the real one has 39), and the
+# two read tools its image-set variant (IMAGING_FIXTURE_IMAGE_SETS) serves besides.
 SERVED = ["copy_image_set", "delete_datastore", "list_datastores", "start_dicom_export_job"]
+IMAGE_SET_TOOLS = ["get_image_set_metadata", "search_image_sets"]
 
 
 @pytest.fixture
@@ -127,6 +130,24 @@ async def test_the_interop_variant_adds_only_a_tool_the_real_server_lacks(
         assert ours["tools"][name] == theirs["tools"][name], name
 
 
+async def test_the_image_set_variant_serves_two_more_of_the_real_servers_tools(
+    tmp_path: Path, recorder: real.Recorder
+) -> None:
+    """IMAGING_FIXTURE_IMAGE_SETS (the result-policy tests) adds get_image_set_metadata and
+    search_image_sets, declared as the real server declares them: their outputs (the
+    base64 metadata blob, the DICOM tag summaries) are what the result policy rewrites."""
+    env = real.aws_env(clean_env(), recorder.url, tmp_path)
+    theirs = await listing(real.command(), env, tmp_path / "real.log")
+    ours = await listing(FIXTURE, clean_env(**{IMAGE_SETS_ENV: "1"}), tmp_path / "fixture.log")
+
+    assert sorted(ours["tools"]) == sorted([*SERVED, *IMAGE_SET_TOOLS])
+    for name in ours["tools"]:
+        assert ours["tools"][name] == theirs["tools"][name], name
+    blob = theirs["tools"]["get_image_set_metadata"]["outputSchema"]["properties"]
+    assert sorted(blob) == ["content_encoding", "content_type", "image_set_metadata_blob"]
+    assert recorder.requests == []
+
+
 # -- behind the proxy ------------------------------------------------------------------
 
 
@@ -191,8 +212,12 @@ async def test_the_shipped_policy_decides_the_real_servers_copies(
         }
         allowed = await session.call_tool("copy_image_set", copy(source_datastore_id=DATASTORE))
 
-    # Only the catalogued tool is listed, as the real server declares it.
-    assert [tool.name for tool in listed.tools] == ["copy_image_set"]
+    # Only the catalogued tools are listed, as the real server declares them.
+    assert sorted(tool.name for tool in listed.tools) == [
+        "copy_image_set",
+        "get_image_set_metadata",
+        "search_image_sets",
+    ]
     for what, (_, verdict, rule) in refused.items():
         answer = answers[what]
         assert answer.is_error is True, what

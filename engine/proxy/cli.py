@@ -37,6 +37,9 @@ EXIT_USAGE = 2
 EXIT_TOOL_MISSING = 2  # a program the proxy runs (OPA) is not installed
 EXIT_POLICY_REJECTED = 2
 EXIT_CANNOT_CONNECT = 1
+# --result-policy: its values (engine.proxy.core.RESULT_POLICIES) and its variable.
+RESULT_POLICIES = ("enforce", "dry-run")
+RESULT_POLICY_ENV = "MCP_PROXY_RESULT_POLICY"
 
 PROXY_EPILOG = """\
 examples:
@@ -51,6 +54,12 @@ console when a call needs approval, and the call goes through once it is approve
 clients read the refusal: call the same tool again, unchanged, once approved (the proxy
 uses the granted approval), or pass the approval id in
 params._meta["mcp-policy/approval_id"].
+
+The server's answer to an allowed call goes through the result policy before the agent
+sees it: passed as it came, redacted (e.g. patient attributes in DICOM metadata), or
+withheld with the reason (isError); when the result decision cannot be had, it is withheld.
+--result-policy dry-run asks for the result decision as a dry run (the decision log shows
+what would have happened) and forwards every answer as it came: for rolling out result rules.
 """
 
 
@@ -308,7 +317,8 @@ def add_proxy_commands(subparsers: Any) -> None:
         "proxy",
         help="enforce decisions in front of an MCP server (stdio or streamable HTTP)",
         description="Relay MCP between an agent and a server; every tools/call is decided "
-        "first. The agent talks MCP on stdin/stdout, or over streamable HTTP with --listen. "
+        "first, and the answer to an allowed one before the agent sees it. The agent talks "
+        "MCP on stdin/stdout, or over streamable HTTP with --listen. "
         "The server is a command after --, or --upstream URL.",
         epilog=PROXY_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -409,6 +419,15 @@ def add_proxy_commands(subparsers: Any) -> None:
         default=60.0,
         metavar="SECONDS",
         help="how long a tools/call may take upstream (default 60)",
+    )
+    proxy.add_argument(
+        "--result-policy",
+        choices=RESULT_POLICIES,
+        default=None,
+        help="enforce: hand the agent each allowed call's answer as the result policy says "
+        "(passed, redacted or withheld); dry-run: ask for the result decision as a dry run "
+        "(logged: what would have happened) and forward every answer as it came, to try "
+        f"result rules before enforcing them (default: ${RESULT_POLICY_ENV}, else enforce)",
     )
     proxy.add_argument(
         "--show-all-tools",
@@ -556,6 +575,14 @@ def _proxy(args: argparse.Namespace) -> int:
     elicitation = _elicitation(args)
     if isinstance(elicitation, int):
         return elicitation
+    result_policy = args.result_policy or os.environ.get(RESULT_POLICY_ENV) or "enforce"
+    if result_policy not in RESULT_POLICIES:
+        print(
+            f"mcp-policy proxy: {RESULT_POLICY_ENV} must be {' or '.join(RESULT_POLICIES)}, "
+            f"not {result_policy!r}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     _logging(args.log_level or "WARNING")
     options = ProxyOptions(
         server_name=args.server_name,
@@ -565,6 +592,7 @@ def _proxy(args: argparse.Namespace) -> int:
         approval_poll=args.approval_poll,
         upstream_timeout=args.upstream_timeout,
         filter_tools=not args.show_all_tools,
+        result_policy=result_policy,
         elicitation=elicitation,
     )
     if settings is not None:

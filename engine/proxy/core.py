@@ -27,8 +27,23 @@ Messages travel through the core as `Frame`s: the message as a JSON object and, 
 came as text the core may pass on as it is (a stdio line), that text. A message the proxy
 does not act on is relayed as those very bytes, without building an SDK model; the SDK's
 transports (streamable HTTP) get and give models, built only when one of them needs it.
-The answer to a forwarded call that succeeded goes to the agent as soon as it arrives,
-from the task that reads the upstream; its outcome report comes after, off that path.
+
+The upstream's answer to an allowed call goes through the result policy before the agent
+sees it (`Decider.decide_result`, with the call's own fields and decision id): `pass` hands
+the agent the answer as it came (the server's very bytes), `redact` the result the policy
+rewrote (the answer as it came when the redactions found nothing to replace), `block` the
+refusal (`isError: true`, the reason as text, the result decision under
+`_meta["mcp-policy/result-decision"]`). A JSON-RPC error answer is checked too (its
+message can carry a secret as well as a result can): as the CallToolResult
+`{"content": [message, data as JSON text], "isError": true}`; pass hands on the error
+itself, redact or block that result. When the result decision cannot be had (the service
+unreachable or slow, or the result not one it can read) the agent gets a refusal, never
+the answer (rules `result.unavailable`, `result.malformed`). With `result_policy`
+"dry-run" (rolling out result rules) the decision is asked for as a dry run, logged there,
+and the answer forwarded as it came whatever it says. The result decision runs in the
+call's own task, never in the one that reads the upstream: a slow one holds up nothing
+but its own answer. The outcome report comes after the answer (a success) or before it (a
+failure), off the relay path either way.
 
 The core knows neither the transports (it gets message streams and an `Upstream`) nor
 where decisions come from (a `Decider`).
@@ -74,10 +89,15 @@ from engine.models import (
     ApprovalRef,
     ApprovalStatus,
     DecideRequest,
+    DecideResultRequest,
     Decision,
     Principal,
+    ResultAction,
+    ResultDecision,
     Verdict,
 )
+from engine.policy import result as policy_result
+from engine.policy.result import RESULT_META_KEY
 from engine.proxy import elicitation
 from engine.proxy.decider import Decider
 from engine.proxy.elicitation import ElicitationOptions, Retry, StateRefused
@@ -92,6 +112,15 @@ APPROVAL_META_KEY = "mcp-policy/approval_id"
 RULE_DECISION_UNAVAILABLE = "proxy.decision_unavailable"
 RULE_SERVER_UNKNOWN = "proxy.server_unknown"
 RULE_ELICITATION_DECLINED = "proxy.elicitation_declined"
+# The result policy (see the module's docstring).
+RULE_RESULT_UNAVAILABLE = "result.unavailable"
+RULE_RESULT_MALFORMED = "result.malformed"
+RESULT_ENFORCE: Final = "enforce"
+RESULT_DRY_RUN: Final = "dry-run"
+RESULT_POLICIES = (RESULT_ENFORCE, RESULT_DRY_RUN)
+# The proxy's own bound on one result decision, past the decider's deadlines (the gRPC
+# call's, the service's evaluation deadline): the answer is withheld, never passed.
+RESULT_DECISION_TIMEOUT = 30.0
 # JSON-RPC codes of the proxy's own errors (the implementation-defined range).
 UPSTREAM_CLOSED = -32000
 UPSTREAM_TIMEOUT = REQUEST_TIMEOUT  # -32001
@@ -135,6 +164,9 @@ class ProxyOptions:
     approval_poll: float | None = None
     upstream_timeout: float = 60.0
     filter_tools: bool = True
+    # RESULT_ENFORCE: the result policy's decision is applied to every allowed call's
+    # answer; RESULT_DRY_RUN: asked as a dry run (logged), the answer forwarded as it came.
+    result_policy: str = RESULT_ENFORCE
     # Messages nested deeper are refused (the service's default; --embedded: its setting).
     max_json_depth: int = int(Settings.model_fields["max_json_depth"].default)
     elicitation: ElicitationOptions = field(default_factory=ElicitationOptions)
@@ -390,6 +422,52 @@ def refusal(rule: str, reason: str) -> dict[str, Any]:
     return mcp_result(decision)
 
 
+def result_refusal(rule: str, reason: str) -> dict[str, Any]:
+    """A CallToolResult withholding a tool's answer for a reason of the proxy's own (the
+    result decision could not be had), as the service refuses a result it blocks."""
+    decision = ResultDecision(
+        decision_id="", action=ResultAction.BLOCK, rule=rule, reason=reason, policy_revision=""
+    )
+    return policy_result.refusal(decision)
+
+
+def tool_result_of(answer: Frame) -> dict[str, Any]:
+    """The CallToolResult the result policy looks at for an upstream answer: a response's
+    result as it is; for a JSON-RPC error, a result made of it, `{"content": [message, data
+    as JSON text], "isError": true}` (data as a block of its own, so that the policy's
+    paths apply inside it as in any JSON text)."""
+    if answer.kind == RESPONSE:
+        return answer.result
+    error = answer.value.get("error")
+    error = error if isinstance(error, dict) else {}
+    message = error.get("message")
+    content = [{"type": "text", "text": message if isinstance(message, str) else ""}]
+    if "data" in error:
+        content.append({"type": "text", "text": encode(error["data"]).decode()})
+    return {"content": content, "isError": True}
+
+
+def unchanged(result: dict[str, Any], rewritten: dict[str, Any]) -> bool:
+    """Whether the result policy's `rewritten` result is `result` itself but for the result
+    decision it carries in `_meta` (a redaction that found nothing to replace). Never when
+    `result` has a result decision of its own in `_meta`: the rewrite replaced it."""
+
+    def meta_of(value: dict[str, Any]) -> Any:
+        meta = value.get("_meta", {})
+        if not isinstance(meta, dict):
+            return meta
+        return {key: item for key, item in meta.items() if key != RESULT_META_KEY}
+
+    own = result.get("_meta")
+    if isinstance(own, dict) and RESULT_META_KEY in own:
+        return False
+    if meta_of(result) != meta_of(rewritten):
+        return False
+    return {k: v for k, v in result.items() if k != "_meta"} == {
+        k: v for k, v in rewritten.items() if k != "_meta"
+    }
+
+
 def call_failed(answer: Frame | JSONRPCResponse | JSONRPCError) -> bool:
     """Whether an upstream answer to tools/call counts as failed for the rate limits.
 
@@ -624,11 +702,14 @@ class ProxySession:
             return False
         if call.forwarded:
             # The agent no longer waits; the call may still have run, so its slot stays
-            # used (no outcome report).
+            # used (no outcome report). Once the server has answered (the result is being
+            # decided) there is nothing left upstream to cancel, nor an answer to wait for.
             call.answered = True
-            self._abandoned.add(id_key(request_id))
+            answered_upstream = call.answer is not None
+            if not answered_upstream:
+                self._abandoned.add(id_key(request_id))
             call.scope.cancel()
-            return False
+            return answered_upstream
         call.answered = True
         call.scope.cancel()
         return True
@@ -651,15 +732,10 @@ class ProxySession:
                 call = self._calls.get(key)
                 if call is not None and call.forwarded:
                     self._abandoned.discard(key)  # (given up on, it was still answered)
+                    # The call's own task has the result decided and answers the agent
+                    # (never this task: one slow result decision would hold up everything
+                    # the server sends after it).
                     call.answer = frame
-                    if not call.answered and not call_failed(frame):
-                        # A success goes to the agent at once; the call's task reports
-                        # it afterwards. (A failure gives its slots back first: the task
-                        # answers it.)
-                        call.answered = True
-                        self._untrack_progress(request_id)
-                        await self._to_agent(frame)
-                        self._release(call)
                     call.arrived.set()
                     continue
                 if key in self._abandoned:
@@ -936,7 +1012,7 @@ class ProxySession:
             # Never the agent's text: the server gets the JSON of exactly what was
             # evaluated, written by the proxy.
             forward = Frame.request(request_id, TOOLS_CALL, params)
-        return await self._forward(call, forward, decision)
+        return await self._forward(call, forward, decide, decision)
 
     @staticmethod
     def _result(request_id: RequestId, result: dict[str, Any]) -> Frame:
@@ -1208,8 +1284,10 @@ class ProxySession:
         return elicitation_id
 
     async def _forward(
-        self, call: _Call, request: Frame, decision: Decision
+        self, call: _Call, request: Frame, decide: DecideRequest, decision: Decision
     ) -> tuple[Frame, tuple[Decision, bool] | None]:
+        """Send the allowed call upstream and wait for its answer: the answer as the result
+        policy lets the agent have it, and the outcome to report."""
         request_id = request.id
         if self._closed is not None:
             return Frame.error(
@@ -1239,7 +1317,10 @@ class ProxySession:
         answer = call.answer
         if answer is not None:
             self._untrack_progress(request_id)
-            return answer, (decision, not call_failed(answer))
+            # The outcome is the upstream's: a result the policy blocks or redacts still
+            # ran, so a success keeps its rate-limit slots (only a failure gives them back).
+            succeeded = not call_failed(answer)
+            return await self._checked(decide, decision, answer), (decision, succeeded)
         if timed_out:
             self._abandoned.add(id_key(request_id))
             self._untrack_progress(request_id)
@@ -1260,3 +1341,86 @@ class ProxySession:
             UPSTREAM_CLOSED,
             f"upstream MCP server {self._closed} before answering tools/call {call.tool!r}",
         ), (decision, False)
+
+    # The result policy.
+
+    async def _checked(self, decide: DecideRequest, decision: Decision, answer: Frame) -> Frame:
+        """The upstream's `answer` to an allowed call, as the result policy lets the agent
+        have it (see the module's docstring). Never the answer unless the policy passed it
+        (or the policy runs as a dry run)."""
+        request_id = answer.id
+        dry_run = self.options.result_policy == RESULT_DRY_RUN
+        result = tool_result_of(answer)
+        checked = await self._decide_result(decide, decision, result, dry_run)
+        if dry_run:
+            if isinstance(checked, ResultDecision):
+                log.info(
+                    "result of tools/call %.80r: %s (%s), forwarded as it came (dry run)",
+                    request_id,
+                    checked.action.value,
+                    checked.rule,
+                )
+            else:  # nothing to enforce either way: said, and forwarded
+                log.warning(
+                    "result of tools/call %.80r not checked (dry run): %s",
+                    request_id,
+                    checked[1],
+                )
+            return answer
+        if isinstance(checked, tuple):
+            return self._result(request_id, result_refusal(*checked))
+        if checked.action is ResultAction.PASS:
+            return answer
+        replacement = checked.result
+        if not isinstance(replacement, dict):
+            # A redact or block with nothing to hand on: the service's answer is broken.
+            reason = f"the result policy answered {checked.action.value} without a result"
+            return self._result(request_id, result_refusal(RULE_RESULT_UNAVAILABLE, reason))
+        if checked.action is ResultAction.BLOCK:
+            return self._result(request_id, replacement)
+        if unchanged(result, replacement):
+            # The redactions found nothing to replace: the answer goes on as it came.
+            return answer
+        return Frame.response(request_id, replacement)
+
+    async def _decide_result(
+        self, decide: DecideRequest, decision: Decision, result: dict[str, Any], dry_run: bool
+    ) -> ResultDecision | tuple[str, str]:
+        """The result decision on `result`, or (rule, reason) when it cannot be had."""
+        try:
+            request = DecideResultRequest(
+                server=decide.server,
+                message=decide.message,
+                principal=decide.principal,
+                context=decide.context,
+                decision_id=decision.decision_id or None,
+                result=result,
+                dry_run=dry_run,
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            log.warning("a tool result the result policy cannot take: %s: %s", where, first["msg"])
+            return RULE_RESULT_MALFORMED, f"the tool's result cannot be checked: {first['msg']}"
+        try:
+            with anyio.fail_after(RESULT_DECISION_TIMEOUT):
+                identity = self.identity
+                if identity is None:
+                    return await self.decider.decide_result(request)
+                return await self.decider.decide_result(request, identity)
+        except InvalidRequest as exc:
+            log.warning("a tool result the result policy refused to read: %s", exc.message)
+            return RULE_RESULT_MALFORMED, f"the tool's result cannot be checked: {exc.message}"
+        except EngineError as exc:
+            log.error("no result decision: %s", exc.message)
+            return RULE_RESULT_UNAVAILABLE, f"result policy unavailable: {exc.message}"
+        except TimeoutError:
+            log.error("no result decision within %g s", RESULT_DECISION_TIMEOUT)
+            return (
+                RULE_RESULT_UNAVAILABLE,
+                f"result policy unavailable: no answer within {RESULT_DECISION_TIMEOUT:g} s",
+            )
+        except Exception:
+            # The traceback is for the proxy's log; the agent learns nothing of its internals.
+            log.exception("the result of a tools/call of %s could not be checked", decide.server)
+            return RULE_RESULT_UNAVAILABLE, "result policy unavailable: internal proxy error"
