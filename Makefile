@@ -39,6 +39,7 @@ help:
 	@echo "make bench-approvals - approval webhooks: latency to a receiver, cost to decisions"
 	@echo "make bench-decision-log - allows with the decision log synced to disk vs batched"
 	@echo "make bench-fleet - decisions with no --opa-config vs uploading to a collector (and it down)"
+	@echo "make bench-results - tool results decided (redacted, passed) beside the call decision"
 	@echo "make fmt    - format Rego and Python"
 
 setup: $(STAMP) $(GENERATED) tools
@@ -239,6 +240,12 @@ bench-decision-log: setup bench-tools
 bench-fleet: setup bench-tools
 	$(PY) -m bench.fleet
 
+# The result policy (bench/result_policy.py): POST /v1/decide-result (hey) and DecideResult
+# (ghz) of get_image_set_metadata results (the fixture's, redacted; 30 KB plain; 1 MiB) and
+# of one that passes, beside the call decision; then each step's p50 in process.
+bench-results: setup bench-tools
+	$(PY) -m bench.result_policy
+
 # The load tools bench/load.py drives the servers with (Go, so the load generator does not
 # eat the CPU the servers need), built with go install into .tools/bin at these versions.
 # A stamp per version: changing a version here rebuilds that tool.
@@ -252,7 +259,7 @@ OPA_ENVOY_PLUGIN_VERSION := 1.15.2-envoy
 BENCH_TOOLS := $(BIN)/.ghz-v$(GHZ_VERSION) $(BIN)/.hey-v$(HEY_VERSION) \
                $(BIN)/.opa-envoy-plugin-v$(OPA_ENVOY_PLUGIN_VERSION)
 
-.PHONY: bench-tools bench-approvals bench-decision-log bench-fleet
+.PHONY: bench-tools bench-approvals bench-decision-log bench-fleet bench-results
 bench-tools: $(BENCH_TOOLS)
 
 $(BIN)/.ghz-v$(GHZ_VERSION):
