@@ -263,14 +263,7 @@ class DecisionService:
             try:
                 call = translate.tool_call(request, max_depth=self.limits.max_json_depth)
             except EngineError as exc:
-                self.log.write(
-                    {
-                        "event": "invalid_request",
-                        "decision_id": decision_id,
-                        "transport": transport,
-                        "error": exc.message,
-                    }
-                )
+                self._log_invalid(decision_id, transport, exc)
                 raise
             span.set_attribute("mcp.server", call.server)
             span.set_attribute("mcp.tool", call.name)
@@ -407,6 +400,17 @@ class DecisionService:
         else:
             self.metrics.unauthenticated_callers.labels(transport).inc()
 
+    def _log_invalid(self, decision_id: str, transport: str, exc: EngineError) -> None:
+        """A request refused as invalid, in the log (what was wrong, never the request)."""
+        self.log.write(
+            {
+                "event": "invalid_request",
+                "decision_id": decision_id,
+                "transport": transport,
+                "error": exc.message,
+            }
+        )
+
     async def decide_result(
         self,
         request: DecideResultRequest,
@@ -446,14 +450,7 @@ class DecisionService:
                 else:
                     result, result_json = _checked(request.result, self.limits.max_json_depth)
             except EngineError as exc:
-                self.log.write(
-                    {
-                        "event": "invalid_request",
-                        "decision_id": decision_id,
-                        "transport": transport,
-                        "error": exc.message,
-                    }
-                )
+                self._log_invalid(decision_id, transport, exc)
                 raise
             span.set_attribute("mcp.server", call.server)
             span.set_attribute("mcp.tool", call.name)

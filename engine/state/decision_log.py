@@ -357,6 +357,22 @@ def _original(value: str) -> dict[str, Any]:
     return {"length": len(value), "sha256": digest}
 
 
+def _call_fields(request: CallRequest, call: ToolCall) -> dict[str, Any]:
+    """Who called what, as a decision record (a call's or a result's) names it: the
+    principal's ids, server, tool and the hash of the arguments (never the arguments)."""
+    principal = request.principal
+    return {
+        "principal": {
+            "agent_id": principal.agent_id,
+            "session_id": principal.session_id,
+            "user_id": principal.user_id,
+        },
+        "server": call.server,
+        "tool": call.name,
+        "arguments_sha256": arguments_sha256(call.arguments),
+    }
+
+
 def arguments_sha256(arguments: Any) -> str:
     """The SHA-256 of the canonical JSON of `arguments`, whatever strings they hold."""
     try:
@@ -1257,20 +1273,12 @@ class DecisionLog:
             flood_key, time, {"agents": flood_key or NO_AGENT, "rules": decision.rule}
         ):
             return None
-        principal = request.principal
         record: dict[str, Any] = {
             "event": "decision",
             "decision_id": decision.decision_id,
             "time": time,
             "transport": transport,
-            "principal": {
-                "agent_id": principal.agent_id,
-                "session_id": principal.session_id,
-                "user_id": principal.user_id,
-            },
-            "server": call.server,
-            "tool": call.name,
-            "arguments_sha256": arguments_sha256(call.arguments),
+            **_call_fields(request, call),
             "verdict": decision.verdict.value,
             "rule": decision.rule,
             "reason": decision.reason,
@@ -1328,21 +1336,13 @@ class DecisionLog:
         what to await before it may be: as `decision` does for an allow."""
         if not self.enabled:
             return None
-        principal = request.principal
         record: dict[str, Any] = {
             "event": "result_decision",
             "decision_id": decision.decision_id,
             "call_decision_id": call_decision_id,
             "time": time,
             "transport": transport,
-            "principal": {
-                "agent_id": principal.agent_id,
-                "session_id": principal.session_id,
-                "user_id": principal.user_id,
-            },
-            "server": call.server,
-            "tool": call.name,
-            "arguments_sha256": arguments_sha256(call.arguments),
+            **_call_fields(request, call),
             "action": decision.action.value,
             "rule": decision.rule,
             "reason": decision.reason,
