@@ -247,3 +247,26 @@ async def test_a_package_named_mcp_is_not_the_entry_point(tmp_path: Path) -> Non
     status, out, _ = await cli("validate", str(team / "rego"), str(team / "policies"))
     assert status == 2, out
     assert error_lines(out)[0].startswith("no decision entry point: ")
+
+
+async def test_a_load_error_in_results_data_names_the_file_that_holds_it(tmp_path: Path) -> None:
+    """A secret pattern of the team's own that is not RE2 (the schema checks its shape, the
+    result rules its syntax, at load): the error points at the team's file and the pattern,
+    not at the first file that has `results` (the shipped results.yaml)."""
+    rego, data = copy_policy(tmp_path)
+    mine = tmp_path / "team" / "secrets.yaml"
+    mine.parent.mkdir()
+    mine.write_text(
+        "mcp_policy:\n"
+        "  results:\n"
+        "    secrets:\n"
+        "      team_token:\n"
+        "        description: a team token\n"
+        "        regex: '(?<=token)-[0-9]+'\n"
+    )
+    status, out, _ = await cli("validate", str(rego), str(data), str(mine.parent))
+    assert status == 2, out
+    assert error_lines(out) == [
+        f"{mine}:5:9: data.mcp.load_errors: mcp.result_rules.secrets: "
+        'mcp_policy.results.secrets["team_token"]: regex is not a valid RE2 regular expression'
+    ]

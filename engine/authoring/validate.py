@@ -217,21 +217,26 @@ def no_framework(paths: list[Path]) -> str:
 
 
 # "mcp.rules.catalog: mcp_policy.rules[\"x\"]: ..." -> the data path it names.
-_DATA_PATH = re.compile(r'^[\w.]+: mcp_policy\.(\w+)(?:\[("(?:[^"\\]|\\.)*")\])?')
+_DATA_PATH = re.compile(r'^[\w.]+: mcp_policy\.(\w+(?:\.\w+)*)(?:\[("(?:[^"\\]|\\.)*")\])?')
 
 
 def _place_load_error(message: str, files: list[Path]) -> str:
-    """A load error with the YAML place of the data it names, when it names one."""
+    """A load error with the YAML place of the data it names, when it names one: the file
+    that holds the whole path (`mcp_policy.results.secrets["x"]`: the file with that
+    pattern, not the first file with `results`), else the first with its top key."""
     found = _DATA_PATH.match(message)
     where = None
     if found is not None:
-        path: list[str | int] = ["mcp_policy", found[1]]
+        keys = found[1].split(".")
+        path: list[str | int] = ["mcp_policy", *keys]
         if found[2] is not None:
             try:
                 path.append(json.loads(found[2]))
             except ValueError:
                 pass
         where = policy_schema.locate(path, files)
+        if where is None and len(keys) > 1:  # (a single key: as before, where it is or none)
+            where = policy_schema.locate(["mcp_policy", keys[0]], files)
     return f"{where + ': ' if where else ''}{LOAD_ERRORS_QUERY}: {message}"
 
 
