@@ -31,7 +31,7 @@ transports (streamable HTTP) get and give models, built only when one of them ne
 The upstream's answer to an allowed call goes through the result policy before the agent
 sees it (`Decider.decide_result`, with the call's own fields and decision id): `pass` hands
 the agent the answer as it came (the server's very bytes), `redact` the result the policy
-rewrote (the answer as it came when the redactions found nothing to replace), `block` the
+rewrote (a redaction that finds nothing is answered as a pass), `block` the
 refusal (`isError: true`, the reason as text, the result decision under
 `_meta["mcp-policy/result-decision"]`). A JSON-RPC error answer is checked too (its
 message can carry a secret as well as a result can): as the CallToolResult
@@ -97,7 +97,6 @@ from engine.models import (
     Verdict,
 )
 from engine.policy import result as policy_result
-from engine.policy.result import RESULT_META_KEY
 from engine.proxy import elicitation
 from engine.proxy.decider import Decider
 from engine.proxy.elicitation import ElicitationOptions, Retry, StateRefused
@@ -445,27 +444,6 @@ def tool_result_of(answer: Frame) -> dict[str, Any]:
     if "data" in error:
         content.append({"type": "text", "text": encode(error["data"]).decode()})
     return {"content": content, "isError": True}
-
-
-def unchanged(result: dict[str, Any], rewritten: dict[str, Any]) -> bool:
-    """Whether the result policy's `rewritten` result is `result` itself but for the result
-    decision it carries in `_meta` (a redaction that found nothing to replace). Never when
-    `result` has a result decision of its own in `_meta`: the rewrite replaced it."""
-
-    def meta_of(value: dict[str, Any]) -> Any:
-        meta = value.get("_meta", {})
-        if not isinstance(meta, dict):
-            return meta
-        return {key: item for key, item in meta.items() if key != RESULT_META_KEY}
-
-    own = result.get("_meta")
-    if isinstance(own, dict) and RESULT_META_KEY in own:
-        return False
-    if meta_of(result) != meta_of(rewritten):
-        return False
-    return {k: v for k, v in result.items() if k != "_meta"} == {
-        k: v for k, v in rewritten.items() if k != "_meta"
-    }
 
 
 def call_failed(answer: Frame | JSONRPCResponse | JSONRPCError) -> bool:
@@ -1378,9 +1356,6 @@ class ProxySession:
             return self._result(request_id, result_refusal(RULE_RESULT_UNAVAILABLE, reason))
         if checked.action is ResultAction.BLOCK:
             return self._result(request_id, replacement)
-        if unchanged(result, replacement):
-            # The redactions found nothing to replace: the answer goes on as it came.
-            return answer
         return Frame.response(request_id, replacement)
 
     async def _decide_result(
