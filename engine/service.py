@@ -267,15 +267,8 @@ class DecisionService:
                 raise
             span.set_attribute("mcp.server", call.server)
             span.set_attribute("mcp.tool", call.name)
-            request, identity, rejected = await self._principal(request, identity, asserted_by)
-            input_doc = translate.input_document(
-                call,
-                request,
-                decision_id=decision_id,
-                now=now,
-                transport=transport,
-                identity=identity,
-                asserted_by=asserted_by,
+            request, identity, rejected, input_doc = await self._call_input(
+                call, request, identity, asserted_by, decision_id, now, transport
             )
             proof: PrincipalProof = "none"
             if identity is not None:
@@ -370,6 +363,30 @@ class DecisionService:
         )
         return decision
 
+    async def _call_input(
+        self,
+        call: ToolCall,
+        request: _Call,
+        identity: Identity | None,
+        asserted_by: str | None,
+        decision_id: str,
+        now: datetime,
+        transport: str,
+    ) -> tuple[_Call, Identity | None, _Rejected | None, dict[str, Any]]:
+        """The principal as `_principal` establishes it, and the call's input document on
+        it: what a call decision and a result decision both start from."""
+        request, identity, rejected = await self._principal(request, identity, asserted_by)
+        input_doc = translate.input_document(
+            call,
+            request,
+            decision_id=decision_id,
+            now=now,
+            transport=transport,
+            identity=identity,
+            asserted_by=asserted_by,
+        )
+        return request, identity, rejected, input_doc
+
     async def _principal(
         self, request: _Call, identity: Identity | None, asserted_by: str | None
     ) -> tuple[_Call, Identity | None, _Rejected | None]:
@@ -454,15 +471,8 @@ class DecisionService:
                 raise
             span.set_attribute("mcp.server", call.server)
             span.set_attribute("mcp.tool", call.name)
-            request, identity, rejected = await self._principal(request, identity, asserted_by)
-            input_doc = translate.input_document(
-                call,
-                request,
-                decision_id=decision_id,
-                now=now,
-                transport=transport,
-                identity=identity,
-                asserted_by=asserted_by,
+            request, identity, rejected, input_doc = await self._call_input(
+                call, request, identity, asserted_by, decision_id, now, transport
             )
             document = translate.result_document(
                 input_doc,

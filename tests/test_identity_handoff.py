@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import subprocess
 import uuid
 from collections.abc import AsyncIterator
@@ -46,6 +45,7 @@ from tests.fixtures.proxy_harness import (
     decision_of,
     embedded_args,
     http_session,
+    proxy_process,
 )
 from tests.test_callers import WHOAMI, policy_saw
 from tests.test_faults import add_rule_package
@@ -104,34 +104,6 @@ async def service(tmp: Path, **overrides: Any) -> AsyncIterator[Servers]:
         await running.stop()
 
 
-@contextlib.asynccontextmanager
-async def proxy(args: list[str], env: dict[str, str]) -> AsyncIterator[str]:
-    """`mcp-policy proxy --listen … --auth-* …` started as a user starts it; its MCP URL."""
-    proc = await asyncio.create_subprocess_exec(
-        *PROXY,
-        "proxy",
-        *args,
-        "--listen",
-        "127.0.0.1:0",
-        "--",
-        *FIXTURE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        cwd=str(PROJECT_ROOT),
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    try:
-        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-        if "MCP on " not in line:
-            raise AssertionError((await proc.stderr.read()).decode())
-        yield line.split("MCP on ", 1)[1].split(" ", 1)[0]
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.wait(), 30)
-
-
 def auth_args(issuer: Issuer) -> list[str]:
     return ["--auth-issuer", issuer.issuer, "--auth-audience", AUDIENCE]
 
@@ -158,7 +130,7 @@ def viewer(issuer: Issuer) -> str:
 async def test_embedded(tmp_path: Path, issuer: Issuer) -> None:
     """In one process: the token's principal is the decision's, proven."""
     args = [*embedded_args(tmp_path, policy(tmp_path)), *auth_args(issuer)]
-    async with proxy(args, clean_env()) as url:
+    async with proxy_process(args, clean_env()) as url:
         seen, forced = await through(url, viewer(issuer))
     assert seen["authenticated"] is True and seen["method"] == "jwt"
     assert seen["roles"] == ["viewer"]
@@ -170,7 +142,7 @@ async def test_grpc_with_a_client_token(tmp_path: Path, issuer: Issuer) -> None:
     token = add_entry(clients, "client_token", PROXY_NAME)
     async with service(tmp_path, clients_file=clients) as running:
         args = ["--decision-url", running.grpc_target, *auth_args(issuer)]
-        async with proxy(args, clean_env(MCP_POLICY_CLIENT_TOKEN=token)) as url:
+        async with proxy_process(args, clean_env(MCP_POLICY_CLIENT_TOKEN=token)) as url:
             seen, forced = await through(url, viewer(issuer))
     assert seen["asserted_by"] == PROXY_NAME and seen["authenticated"] is False
     assert seen["roles"] == ["viewer"]
@@ -186,7 +158,7 @@ async def test_grpc_with_mtls(tmp_path: Path, issuer: Issuer, pki: dict[str, Pat
             "--decision-cert", str(pki["client"]), "--decision-key", str(pki["client_key"]),
             *auth_args(issuer),
         ]  # fmt: skip
-        async with proxy(args, clean_env()) as url:
+        async with proxy_process(args, clean_env()) as url:
             seen, forced = await through(url, viewer(issuer))
     assert seen["asserted_by"] == f"tls:{CERT_NAME}"
     assert forced["rule"] == "copy_image_set.force_needs_role"
